@@ -1,0 +1,148 @@
+//! Types shared by the eBPF programs (`agent-ebpf`) and the userspace agent.
+//!
+//! Everything here is `#[repr(C)]`, `Copy`, and free of padding the verifier could
+//! trip over: both sides read and write these bytes through BPF maps.
+#![no_std]
+
+/// Address family values as the kernel uses them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Default SO_MARK set on the agent's own upstream sockets; connects carrying it are
+/// never redirected (no loop). Configurable in the agent config.
+pub const DEFAULT_AGENT_MARK: u32 = 0x7068_6701;
+
+/// Capacity of the LRU maps that hold in-flight connect state. Entries are removed on
+/// accept (by-peer map) and on socket release (by-cookie map); the LRU bound covers the
+/// cases where neither happens (agent dead, connect refused).
+pub const CONN_MAP_CAPACITY: u32 = 65_536;
+/// Capacity of each protected-destination LPM trie.
+pub const DEST_MAP_CAPACITY: u32 = 4_096;
+
+/// Map names, shared so userspace looks up exactly what the programs declare.
+pub mod maps {
+    pub const DESTS_V4: &str = "PHIGATE_DESTS_V4";
+    pub const DESTS_V6: &str = "PHIGATE_DESTS_V6";
+    pub const SETTINGS: &str = "PHIGATE_SETTINGS";
+    pub const BY_COOKIE: &str = "PHIGATE_BY_COOKIE";
+    pub const BY_PEER: &str = "PHIGATE_BY_PEER";
+    pub const COUNTERS: &str = "PHIGATE_COUNTERS";
+}
+
+/// Program names (the Rust fn names in agent-ebpf).
+pub mod programs {
+    pub const CONNECT4: &str = "phigate_connect4";
+    pub const CONNECT6: &str = "phigate_connect6";
+    pub const GETPEERNAME4: &str = "phigate_getpeername4";
+    pub const GETPEERNAME6: &str = "phigate_getpeername6";
+    pub const SOCKOPS: &str = "phigate_sockops";
+    pub const SOCK_RELEASE: &str = "phigate_sock_release";
+}
+
+/// Indices into the per-CPU counters array.
+pub mod counters {
+    pub const REDIRECTED: u32 = 0;
+    pub const EXEMPT_MARK: u32 = 1;
+    pub const PASSED_AGENT_DOWN: u32 = 2;
+    pub const ESTABLISHED: u32 = 3;
+    pub const RELEASED: u32 = 4;
+    /// A native IPv6 connect matched a protected destination but the agent has no IPv6
+    /// listener (`Settings::listen_v6_port == 0`): left untouched.
+    pub const V6_NO_LISTENER: u32 = 5;
+    /// A connect was redirected but its [`super::ConnectInfo`] could not be stored (the
+    /// agent will refuse the connection: fail closed).
+    pub const STORE_FAILED: u32 = 6;
+    pub const COUNT: u32 = 8;
+}
+
+/// Key of the IPv4 destination trie: port first so a prefix covers "this port, this
+/// CIDR" (prefix length = 16 + CIDR bits). Both fields are in network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestKeyV4 {
+    pub port: [u8; 2],
+    pub addr: [u8; 4],
+}
+
+/// Key of the IPv6 destination trie; same layout idea as [`DestKeyV4`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestKeyV6 {
+    pub port: [u8; 2],
+    pub addr: [u8; 16],
+}
+
+/// Value of both destination tries.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DestValue {
+    /// Index of the destination in the agent's config (stable for one config load).
+    pub dest_id: u32,
+    pub flags: u32,
+}
+
+/// Global settings the agent writes at start and on reload (array map, one entry).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// Agent IPv4 listener, address in network byte order, port in host byte order.
+    pub listen_v4_addr: u32,
+    pub listen_v4_port: u16,
+    /// Agent IPv6 listener port (host order); 0 = no IPv6 listener.
+    pub listen_v6_port: u16,
+    /// Agent IPv6 listener address, network byte order.
+    pub listen_v6_addr: [u32; 4],
+    /// SO_MARK of the agent's own sockets (exempt from redirect).
+    pub agent_mark: u32,
+    /// 1 = fail open: when no agent listens, connects pass through untouched.
+    pub fail_open: u32,
+    /// 0 until the agent has written valid settings; programs do nothing before that.
+    pub enabled: u32,
+    pub _pad: u32,
+}
+
+/// What the kernel attested at connect time, plus the original destination.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectInfo {
+    /// Original destination address, network byte order; IPv4 in `orig_addr[0]`.
+    pub orig_addr: [u32; 4],
+    /// Original destination port, host byte order.
+    pub orig_port: u16,
+    /// AF_INET or AF_INET6 of the original destination (a v4-mapped v6 connect is AF_INET).
+    pub family: u16,
+    pub dest_id: u32,
+    /// Thread-group id (what userspace calls the pid) and thread id.
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub socket_cookie: u64,
+    pub netns_cookie: u64,
+    /// bpf_ktime_get_ns() at connect.
+    pub connect_ns: u64,
+    pub comm: [u8; 16],
+}
+
+/// Key of the by-peer map: the client's local address as the agent sees it on accept.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PeerKey {
+    /// Network byte order; IPv4 in `addr[0]`, rest zero.
+    pub addr: [u32; 4],
+    /// Host byte order.
+    pub port: u16,
+    pub family: u16,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and any bit pattern is valid.
+    unsafe impl aya::Pod for super::DestKeyV4 {}
+    unsafe impl aya::Pod for super::DestKeyV6 {}
+    unsafe impl aya::Pod for super::DestValue {}
+    unsafe impl aya::Pod for super::Settings {}
+    unsafe impl aya::Pod for super::ConnectInfo {}
+    unsafe impl aya::Pod for super::PeerKey {}
+}

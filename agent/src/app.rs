@@ -1,0 +1,248 @@
+//! Wiring: config -> preflight -> listeners -> eBPF redirect -> data plane, then
+//! signals (SIGHUP reload, SIGTERM drain).
+
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use crate::config::{Config, FailMode};
+use crate::http::forward::Forwarder;
+use crate::identity::IdentityResolver;
+use crate::pipeline::Pipeline;
+use crate::preflight;
+use crate::proxy::Proxy;
+use crate::record::{JsonLinesSink, RecordSink};
+use crate::redirect::bpf::DestEntry;
+use crate::redirect::{RedirectSettings, Redirector};
+use crate::tls::{CertAuthority, LeafMinter, UpstreamTls};
+
+/// Runs the agent until SIGTERM/SIGINT. Returns after open connections drained.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    preflight::check_capabilities()?;
+    let cgroup = preflight::resolve_cgroup(config.agent.cgroup.as_deref())?;
+
+    make_private_dir(&config.agent.state_dir)?;
+    make_private_dir(&config.agent.records_dir)?;
+
+    // Listen before attaching: the redirect must never point at a port we do not hold.
+    let mut listeners = vec![bind(config.agent.listen_v4)?];
+    if let Some(v6) = config.agent.listen_v6 {
+        listeners.push(bind(v6)?);
+    }
+
+    let settings = redirect_settings(&config, cgroup.clone());
+    let redirector = Arc::new(Redirector::attach(&settings)?);
+    redirector.set_destinations(&dest_entries(&config))?;
+    info!(
+        cgroup = %cgroup.display(),
+        fail_mode = ?config.agent.fail_mode,
+        destinations = config.destinations.len(),
+        "redirect attached"
+    );
+
+    let records = Arc::new(
+        JsonLinesSink::new(config.agent.records_dir.clone()).with_context(|| {
+            format!(
+                "cannot open records directory {}",
+                config.agent.records_dir.display()
+            )
+        })?,
+    );
+    let ca = Arc::new(load_ca(&config)?);
+    let minter = Arc::new(LeafMinter::new(ca, config.tls.leaf_cache_size)?);
+    let pipeline = build_pipeline(&config, records.clone())?;
+    let cgroup_root = crate::redirect::bpf::cgroup2_root()?;
+    let config_path = config.source.clone();
+    let drain = config.timeouts.drain;
+    let proxy = Arc::new(Proxy {
+        config: ArcSwap::from_pointee(config),
+        lookup: redirector.clone(),
+        identity: IdentityResolver::new(cgroup_root),
+        records,
+        pipeline: ArcSwap::from_pointee(pipeline),
+        minter,
+        stop_accepting: CancellationToken::new(),
+        force_close: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+
+    let mut serving = Vec::new();
+    for l in listeners {
+        info!(addr = %l.local_addr()?, "listening");
+        serving.push(tokio::spawn(Arc::clone(&proxy).serve(l)));
+    }
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => reload(&config_path, &proxy, &redirector),
+        }
+    }
+
+    info!(drain = ?drain, "stopping: no new connections, draining open ones");
+    proxy.stop_accepting.cancel();
+    for s in serving {
+        let _ = s.await;
+    }
+    proxy.tasks.close();
+    if tokio::time::timeout(drain, proxy.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(
+            open = proxy.tasks.len(),
+            "drain bound reached; closing open connections"
+        );
+        proxy.force_close.cancel();
+        // Closing is prompt; the bound only guards against a stuck record write.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), proxy.tasks.wait()).await;
+    }
+    info!("stopped; redirect stays attached (fail_mode decides what protected connects get)");
+    Ok(())
+}
+
+/// SIGHUP: the whole file is validated first; a bad file changes nothing.
+fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            error!(error = %e, "config reload rejected; the running config stays");
+            return;
+        }
+    };
+    let old = proxy.config.load();
+    if new.agent != old.agent {
+        warn!("[agent] settings changed; they take effect at the next restart (destinations and timeouts reload now)");
+    }
+    let mut next = new;
+    next.agent = old.agent.clone();
+    next.tls = old.tls.clone();
+    let pipeline = match build_pipeline(&next, proxy.records.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            error!(error = %e, "config reload rejected; the running config stays");
+            return;
+        }
+    };
+    if let Err(e) = redirector.set_destinations(&dest_entries(&next)) {
+        error!(error = %e, "updating the redirect maps failed; the running config stays");
+        return;
+    }
+    info!(destinations = next.destinations.len(), "config reloaded");
+    proxy.pipeline.store(Arc::new(pipeline));
+    proxy.config.store(Arc::new(next));
+}
+
+/// The operator's CA when configured, else phigate's own in state_dir (created once).
+pub fn load_ca(config: &Config) -> anyhow::Result<CertAuthority> {
+    let supplied = config
+        .tls
+        .ca
+        .as_ref()
+        .map(|(c, k)| (c.as_path(), k.as_path()));
+    Ok(CertAuthority::load_or_create(
+        &config.agent.state_dir,
+        supplied,
+    )?)
+}
+
+/// The HTTP pipeline for a config: upstream trust per destination (system roots plus
+/// its `upstream_ca`), pools, limits.
+pub fn build_pipeline(config: &Config, records: Arc<dyn RecordSink>) -> anyhow::Result<Pipeline> {
+    let tls = config
+        .destinations
+        .iter()
+        .map(|d| {
+            UpstreamTls::new(d.upstream_ca.as_deref())
+                .map(Arc::new)
+                .with_context(|| format!("destination `{}`: upstream trust roots", d.name))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Pipeline {
+        forwarder: Forwarder::new(
+            tls,
+            config.agent.mark,
+            config.timeouts.connect,
+            config.timeouts.tls_handshake,
+        ),
+        records,
+        limits: config.limits.clone(),
+        request_timeout: config.timeouts.request,
+    })
+}
+
+pub fn redirect_settings(config: &Config, cgroup: PathBuf) -> RedirectSettings {
+    let v4 = match config.agent.listen_v4 {
+        SocketAddr::V4(a) => a,
+        SocketAddr::V6(_) => unreachable!("config validation keeps listen_v4 IPv4"),
+    };
+    let v6 = match config.agent.listen_v6 {
+        Some(SocketAddr::V6(a)) => Some(a),
+        _ => None,
+    };
+    RedirectSettings {
+        cgroup,
+        pin_dir: config.agent.bpf_pin_dir.clone(),
+        listen_v4: v4,
+        listen_v6: v6,
+        mark: config.agent.mark,
+        fail_open: config.agent.fail_mode == FailMode::Open,
+    }
+}
+
+pub fn dest_entries(config: &Config) -> Vec<DestEntry> {
+    config
+        .destinations
+        .iter()
+        .enumerate()
+        .flat_map(|(i, d)| {
+            d.addresses.iter().map(move |a| DestEntry {
+                dest_id: i as u32,
+                net: a.net,
+                port: a.port,
+            })
+        })
+        .collect()
+}
+
+fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into()).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::AddrInUse {
+            anyhow::anyhow!("cannot listen on {addr}: address already in use; another phigate or another service holds it (see `ss -ltnp 'sport = :{}'`); stop it or change [agent] listen", addr.port())
+        } else if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            anyhow::anyhow!("cannot listen on {addr}: address not available on this host (is the loopback interface up, and IPv6 enabled for [::1]?)")
+        } else {
+            anyhow::anyhow!("cannot listen on {addr}: {e}")
+        }
+    })?;
+    socket.listen(4096)?;
+    Ok(TcpListener::from_std(socket.into())?)
+}
+
+fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create directory {}", dir.display()))
+}

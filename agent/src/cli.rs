@@ -1,0 +1,156 @@
+//! The `phigate` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
+
+#[derive(Parser)]
+#[command(
+    name = "phigate",
+    version,
+    about = "Transparent, auditable gateway for APIs that return protected health information"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent in the foreground (what the systemd unit starts).
+    Run {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Remove the redirect programs this config attached (they stay pinned after the agent stops).
+    Detach {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Remove every phigate pin under the config's bpf_pin_dir, for all cgroups.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// The local certificate authority clients must trust.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate (PEM), creating the CA on first use.
+    Export {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Add the CA certificate to the host's trust store (Debian: update-ca-certificates).
+    Install {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file; errors name file:line and the key.
+    Check { file: PathBuf },
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("phigate: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Run { config } => {
+            let config = Config::load(&config)?;
+            init_logging(config.agent.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("phigate")
+                .build()?;
+            rt.block_on(crate::app::run(config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Detach { config, all } => {
+            let config = Config::load(&config)?;
+            let cgroup = if all {
+                None
+            } else {
+                Some(crate::preflight::resolve_cgroup(
+                    config.agent.cgroup.as_deref(),
+                )?)
+            };
+            let report =
+                crate::redirect::detach_pinned(&config.agent.bpf_pin_dir, cgroup.as_deref())?;
+            if report.removed.is_empty() {
+                println!(
+                    "nothing attached under {}",
+                    config.agent.bpf_pin_dir.display()
+                );
+            }
+            for p in &report.removed {
+                println!("detached {}", p.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ca { command } => {
+            let (config, install) = match command {
+                CaCommand::Export { config } => (config, false),
+                CaCommand::Install { config } => (config, true),
+            };
+            let config = Config::load(&config)?;
+            let ca = crate::app::load_ca(&config)?;
+            if install {
+                let path = crate::tls::install_into_trust_store(ca.cert_pem())?;
+                println!(
+                    "installed the phigate CA as {} and refreshed the system trust store",
+                    path.display()
+                );
+            } else {
+                print!("{}", ca.cert_pem());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config {
+            command: ConfigCommand::Check { file },
+        } => {
+            let c = Config::load(&file)?;
+            println!(
+                "{}: ok ({} destination{})",
+                file.display(),
+                c.destinations.len(),
+                if c.destinations.len() == 1 { "" } else { "s" }
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("PHIGATE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}

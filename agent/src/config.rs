@@ -1,0 +1,858 @@
+//! The agent's TOML configuration: parsing, defaults, and validation with errors that
+//! name the file, line and key.
+//!
+//! A config is parsed and validated as a whole before anything uses it, so a bad file
+//! on reload is rejected and the running config stays.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A config error, pointing at where in which file it is.
+#[derive(Debug)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line, when the error has a location.
+    pub line: Option<usize>,
+    /// Dotted key path, e.g. `destinations[1].addresses[0]`.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// What a destination speaks, and so what phigate does with its connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Protocol {
+    /// Bidirectional byte pass-through, recorded per connection.
+    Tcp,
+    /// TLS terminated with a minted certificate, HTTP inside, verified TLS upstream.
+    Https,
+    /// Plain HTTP on both sides.
+    Http,
+    /// The client speaks plain HTTP; phigate originates verified TLS upstream.
+    HttpToHttps,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Https => "https",
+            Protocol::Http => "http",
+            Protocol::HttpToHttps => "http-to-https",
+        }
+    }
+}
+
+/// What happens to protected connects while no agent listens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailMode {
+    /// The programs stay attached: protected connects are refused.
+    #[default]
+    Closed,
+    /// Protected connects go to the original destination untouched.
+    Open,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// One CIDR + port the redirect protects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtectedAddr {
+    pub net: IpNet,
+    pub port: u16,
+}
+
+impl fmt::Display for ProtectedAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.net {
+            IpNet::V6(n) if n.prefix_len() == 128 => write!(f, "[{}]:{}", n.addr(), self.port),
+            IpNet::V4(n) if n.prefix_len() == 32 => write!(f, "{}:{}", n.addr(), self.port),
+            IpNet::V6(n) => write!(f, "[{n}]:{}", self.port),
+            IpNet::V4(n) => write!(f, "{n}:{}", self.port),
+        }
+    }
+}
+
+impl ProtectedAddr {
+    /// Parses `1.2.3.4:443`, `10.0.0.0/8:443`, `[::1]:443`, `[fd00::/8]:443`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let (host, port) = s
+            .rsplit_once(':')
+            .ok_or_else(|| format!("`{s}` has no port; write ADDRESS[/PREFIX]:PORT"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("`{port}` in `{s}` is not a port number"))?;
+        if port == 0 {
+            return Err(format!("port 0 in `{s}` is not a valid destination port"));
+        }
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let net = if host.contains('/') {
+            let net: IpNet = host
+                .parse()
+                .map_err(|_| format!("`{host}` in `{s}` is not a CIDR block"))?;
+            if net.trunc() != net {
+                return Err(format!(
+                    "`{host}` has host bits set; did you mean `{}`?",
+                    net.trunc()
+                ));
+            }
+            net
+        } else {
+            let ip: IpAddr = host
+                .parse()
+                .map_err(|_| format!("`{host}` in `{s}` is not an IP address (names are not resolved; use an address or CIDR)"))?;
+            IpNet::from(ip)
+        };
+        Ok(ProtectedAddr { net, port })
+    }
+
+    pub fn contains(&self, addr: SocketAddr) -> bool {
+        let ip = match addr.ip() {
+            IpAddr::V6(v6) => v6
+                .to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6)),
+            v4 => v4,
+        };
+        addr.port() == self.port && self.net.contains(&ip)
+    }
+}
+
+/// Timeouts of the data path. HIPAA's automatic logoff is `max_connection_lifetime`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub tls_handshake: Duration,
+    pub idle: Duration,
+    pub request: Duration,
+    pub max_connection_lifetime: Duration,
+    /// How long SIGTERM waits for open connections before closing them.
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(5),
+            tls_handshake: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            request: Duration::from_secs(300),
+            max_connection_lifetime: Duration::from_secs(8 * 3600),
+            drain: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Size limits of the HTTP path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Request line + headers: 431 beyond it.
+    pub max_header_bytes: usize,
+    /// Request body: 413 beyond it.
+    pub max_request_body_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_request_body_bytes: 1 << 30,
+        }
+    }
+}
+
+/// A protected destination, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Destination {
+    pub name: String,
+    pub addresses: Vec<ProtectedAddr>,
+    pub protocol: Protocol,
+    /// Extra CA bundle (PEM) trusted for this destination's upstream, beside the system roots.
+    pub upstream_ca: Option<PathBuf>,
+    /// SNI names not intercepted (certificate-pinning clients): passed as TCP, recorded uninspected.
+    pub passthrough_hosts: Vec<String>,
+    /// ALPN protocols offered to clients, in preference order (`h2`, `http/1.1`).
+    pub alpn: Vec<String>,
+}
+
+/// The agent's whole configuration, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    /// The file this came from (errors and reload refer to it).
+    pub source: PathBuf,
+    pub agent: AgentSection,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub tls: TlsSection,
+    pub destinations: Vec<Destination>,
+}
+
+/// The local CA. By default phigate creates one in `state_dir`; an operator may
+/// supply their own instead.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TlsSection {
+    /// Operator-supplied CA certificate and key (PEM); both or neither.
+    pub ca: Option<(PathBuf, PathBuf)>,
+    /// Bound of the minted-leaf cache.
+    pub leaf_cache_size: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSection {
+    pub listen_v4: SocketAddr,
+    pub listen_v6: Option<SocketAddr>,
+    pub state_dir: PathBuf,
+    pub records_dir: PathBuf,
+    pub policies_dir: PathBuf,
+    /// The cgroup v2 directory the programs attach to; `None` = the cgroup2 root.
+    pub cgroup: Option<PathBuf>,
+    pub fail_mode: FailMode,
+    /// SO_MARK of the agent's upstream sockets.
+    pub mark: u32,
+    /// Where links are pinned in bpffs (a per-cgroup subdirectory is used below it).
+    pub bpf_pin_dir: PathBuf,
+    pub log_format: LogFormat,
+}
+
+// ---- raw, as written in TOML -------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    agent: Option<Spanned<RawAgent>>,
+    timeouts: Option<RawTimeouts>,
+    limits: Option<RawLimits>,
+    tls: Option<Spanned<RawTls>>,
+    #[serde(default)]
+    destinations: Vec<Spanned<RawDestination>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAgent {
+    /// A string or a list of strings (untagged enums lose spans, so it is read raw).
+    listen: Option<Spanned<toml::Value>>,
+    state_dir: Option<PathBuf>,
+    records_dir: Option<PathBuf>,
+    policies_dir: Option<PathBuf>,
+    cgroup: Option<Spanned<PathBuf>>,
+    #[serde(default)]
+    fail_mode: FailMode,
+    mark: Option<Spanned<u32>>,
+    bpf_pin_dir: Option<PathBuf>,
+    #[serde(default)]
+    log_format: LogFormat,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTimeouts {
+    connect_ms: Option<Spanned<u64>>,
+    tls_handshake_ms: Option<Spanned<u64>>,
+    idle_secs: Option<Spanned<u64>>,
+    request_secs: Option<Spanned<u64>>,
+    max_connection_lifetime_secs: Option<Spanned<u64>>,
+    drain_secs: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    ca_cert: Option<PathBuf>,
+    ca_key: Option<PathBuf>,
+    leaf_cache_size: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLimits {
+    max_header_bytes: Option<Spanned<u64>>,
+    max_request_body_bytes: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    name: Spanned<String>,
+    addresses: Spanned<Vec<Spanned<String>>>,
+    protocol: Protocol,
+    upstream_ca: Option<PathBuf>,
+    #[serde(default)]
+    passthrough_hosts: Vec<String>,
+    alpn: Option<Spanned<Vec<String>>>,
+}
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/phigate/phigate.toml";
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_owned(),
+            line: None,
+            key: None,
+            message: format!("cannot read config: {e}"),
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Parses and validates config text; `path` is used for errors and relative paths.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let err = |span: Option<std::ops::Range<usize>>, key: Option<String>, message: String| {
+            ConfigError {
+                file: path.to_owned(),
+                line: span.map(|s| line_of(text, s.start)),
+                key,
+                message,
+            }
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's message is multi-line with a source excerpt; keep its first line.
+            let message = e
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("invalid TOML")
+                .to_owned();
+            err(e.span(), None, message)
+        })?;
+
+        let raw_agent = raw.agent.map(Spanned::into_inner).unwrap_or_default();
+        let (listen_v4, listen_v6) = match raw_agent.listen {
+            None => (
+                "127.0.0.1:15001".parse().expect("valid literal"),
+                Some("[::1]:15001".parse().expect("valid literal")),
+            ),
+            Some(listen) => {
+                let span = listen.span();
+                let not_strings = || {
+                    err(
+                        Some(span.clone()),
+                        Some("agent.listen".into()),
+                        "must be a string or a list of strings like \"127.0.0.1:15001\"".into(),
+                    )
+                };
+                let items: Vec<String> = match listen.into_inner() {
+                    toml::Value::String(s) => vec![s],
+                    toml::Value::Array(a) => a
+                        .into_iter()
+                        .map(|v| v.as_str().map(str::to_owned).ok_or_else(not_strings))
+                        .collect::<Result<_, _>>()?,
+                    _ => return Err(not_strings()),
+                };
+                let mut v4 = None;
+                let mut v6 = None;
+                for item in items {
+                    let addr: SocketAddr = item.parse().map_err(|_| {
+                        err(
+                            Some(span.clone()),
+                            Some("agent.listen".into()),
+                            format!(
+                                "`{item}` is not ADDRESS:PORT (e.g. \"127.0.0.1:15001\" or \"[::1]:15001\")"
+                            ),
+                        )
+                    })?;
+                    if addr.port() == 0 {
+                        return Err(err(
+                            Some(span.clone()),
+                            Some("agent.listen".into()),
+                            "the listener needs a fixed port (the redirect points at it)".into(),
+                        ));
+                    }
+                    let slot = if addr.is_ipv4() { &mut v4 } else { &mut v6 };
+                    if slot.replace(addr).is_some() {
+                        return Err(err(
+                            Some(span.clone()),
+                            Some("agent.listen".into()),
+                            "at most one IPv4 and one IPv6 listener".into(),
+                        ));
+                    }
+                }
+                let v4 = v4.ok_or_else(|| {
+                    err(
+                        None,
+                        Some("agent.listen".into()),
+                        "an IPv4 listener is required (IPv4 and IPv4-mapped connects go to it)"
+                            .into(),
+                    )
+                })?;
+                (v4, v6)
+            }
+        };
+        for addr in std::iter::once(listen_v4).chain(listen_v6) {
+            if !addr.ip().is_loopback() {
+                return Err(err(
+                    None,
+                    Some("agent.listen".into()),
+                    format!("{addr} is not a loopback address; the agent listens on loopback only so redirected traffic never leaves the host"),
+                ));
+            }
+        }
+
+        let state_dir = raw_agent
+            .state_dir
+            .unwrap_or_else(|| PathBuf::from("/var/lib/phigate"));
+        let records_dir = raw_agent
+            .records_dir
+            .unwrap_or_else(|| state_dir.join("records"));
+        let policies_dir = raw_agent
+            .policies_dir
+            .unwrap_or_else(|| PathBuf::from("/etc/phigate/policies"));
+        let cgroup = match raw_agent.cgroup {
+            None => None,
+            Some(c) => {
+                if !c.get_ref().is_absolute() {
+                    return Err(err(
+                        Some(c.span()),
+                        Some("agent.cgroup".into()),
+                        "must be an absolute path to a cgroup v2 directory".into(),
+                    ));
+                }
+                Some(c.into_inner())
+            }
+        };
+        let mark = match raw_agent.mark {
+            None => phigate_common::DEFAULT_AGENT_MARK,
+            Some(m) if *m.get_ref() == 0 => {
+                return Err(err(
+                    Some(m.span()),
+                    Some("agent.mark".into()),
+                    "0 is every unmarked socket's mark; choose a non-zero mark".into(),
+                ))
+            }
+            Some(m) => m.into_inner(),
+        };
+
+        let timeouts = match raw.timeouts {
+            None => Timeouts::default(),
+            Some(t) => {
+                let d = Timeouts::default();
+                let pos = |v: Option<Spanned<u64>>,
+                           key: &str,
+                           unit: fn(u64) -> Duration,
+                           default: Duration|
+                 -> Result<Duration, ConfigError> {
+                    match v {
+                        None => Ok(default),
+                        Some(v) if *v.get_ref() == 0 => Err(err(
+                            Some(v.span()),
+                            Some(format!("timeouts.{key}")),
+                            "must be greater than 0".into(),
+                        )),
+                        Some(v) => Ok(unit(v.into_inner())),
+                    }
+                };
+                Timeouts {
+                    connect: pos(t.connect_ms, "connect_ms", Duration::from_millis, d.connect)?,
+                    tls_handshake: pos(
+                        t.tls_handshake_ms,
+                        "tls_handshake_ms",
+                        Duration::from_millis,
+                        d.tls_handshake,
+                    )?,
+                    idle: pos(t.idle_secs, "idle_secs", Duration::from_secs, d.idle)?,
+                    request: pos(
+                        t.request_secs,
+                        "request_secs",
+                        Duration::from_secs,
+                        d.request,
+                    )?,
+                    max_connection_lifetime: pos(
+                        t.max_connection_lifetime_secs,
+                        "max_connection_lifetime_secs",
+                        Duration::from_secs,
+                        d.max_connection_lifetime,
+                    )?,
+                    drain: pos(t.drain_secs, "drain_secs", Duration::from_secs, d.drain)?,
+                }
+            }
+        };
+
+        let limits = match raw.limits {
+            None => Limits::default(),
+            Some(l) => {
+                let d = Limits::default();
+                let max_header_bytes = match l.max_header_bytes {
+                    None => d.max_header_bytes,
+                    Some(v) if !(8192..=1 << 20).contains(v.get_ref()) => {
+                        return Err(err(
+                            Some(v.span()),
+                            Some("limits.max_header_bytes".into()),
+                            "must be between 8192 and 1048576".into(),
+                        ))
+                    }
+                    Some(v) => v.into_inner() as usize,
+                };
+                let max_request_body_bytes = match l.max_request_body_bytes {
+                    None => d.max_request_body_bytes,
+                    Some(v) if *v.get_ref() == 0 => {
+                        return Err(err(
+                            Some(v.span()),
+                            Some("limits.max_request_body_bytes".into()),
+                            "must be greater than 0".into(),
+                        ))
+                    }
+                    Some(v) => v.into_inner(),
+                };
+                Limits {
+                    max_header_bytes,
+                    max_request_body_bytes,
+                }
+            }
+        };
+
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let tls = match raw.tls {
+            None => TlsSection {
+                ca: None,
+                leaf_cache_size: 4096,
+            },
+            Some(t) => {
+                let span = t.span();
+                let t = t.into_inner();
+                let ca = match (t.ca_cert, t.ca_key) {
+                    (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
+                    (None, None) => None,
+                    _ => {
+                        return Err(err(
+                            Some(span),
+                            Some("tls.ca_cert/tls.ca_key".into()),
+                            "give both the CA certificate and its key, or neither (phigate then creates its own CA in state_dir)".into(),
+                        ))
+                    }
+                };
+                TlsSection {
+                    ca,
+                    leaf_cache_size: t.leaf_cache_size.unwrap_or(4096).max(16),
+                }
+            }
+        };
+        let mut destinations = Vec::with_capacity(raw.destinations.len());
+        let mut seen: Vec<(ProtectedAddr, String)> = Vec::new();
+        for (i, d) in raw.destinations.into_iter().enumerate() {
+            let dspan = d.span();
+            let d = d.into_inner();
+            let name = d.name.get_ref().trim().to_owned();
+            if name.is_empty() {
+                return Err(err(
+                    Some(d.name.span()),
+                    Some(format!("destinations[{i}].name")),
+                    "must not be empty".into(),
+                ));
+            }
+            if destinations.iter().any(|x: &Destination| x.name == name) {
+                return Err(err(
+                    Some(d.name.span()),
+                    Some(format!("destinations[{i}].name")),
+                    format!("`{name}` is used by another destination; names must be unique"),
+                ));
+            }
+            if d.addresses.get_ref().is_empty() {
+                return Err(err(
+                    Some(d.addresses.span()),
+                    Some(format!("destinations[{i}].addresses")),
+                    "at least one ADDRESS[/PREFIX]:PORT is required".into(),
+                ));
+            }
+            let mut addresses = Vec::new();
+            for (j, a) in d.addresses.into_inner().into_iter().enumerate() {
+                let key = format!("destinations[{i}].addresses[{j}]");
+                let pa = ProtectedAddr::parse(a.get_ref())
+                    .map_err(|m| err(Some(a.span()), Some(key.clone()), m))?;
+                if let Some((_, other)) = seen.iter().find(|(s, _)| *s == pa) {
+                    return Err(err(
+                        Some(a.span()),
+                        Some(key),
+                        format!("{pa} is already protected by destination `{other}`"),
+                    ));
+                }
+                if pa.contains(listen_v4) || listen_v6.is_some_and(|l| pa.contains(l)) {
+                    return Err(err(
+                        Some(a.span()),
+                        Some(key),
+                        format!("{pa} covers the agent's own listener; that would redirect the agent to itself"),
+                    ));
+                }
+                seen.push((pa.clone(), name.clone()));
+                addresses.push(pa);
+            }
+            let alpn = match d.alpn {
+                None => vec!["h2".to_owned(), "http/1.1".to_owned()],
+                Some(a) => {
+                    for p in a.get_ref() {
+                        if p != "h2" && p != "http/1.1" {
+                            return Err(err(
+                                Some(a.span()),
+                                Some(format!("destinations[{i}].alpn")),
+                                format!("`{p}` is not a supported ALPN protocol (use \"h2\" and/or \"http/1.1\")"),
+                            ));
+                        }
+                    }
+                    if a.get_ref().is_empty() {
+                        return Err(err(
+                            Some(a.span()),
+                            Some(format!("destinations[{i}].alpn")),
+                            "must list at least one protocol".into(),
+                        ));
+                    }
+                    a.into_inner()
+                }
+            };
+            if d.protocol == Protocol::Tcp && !d.passthrough_hosts.is_empty() {
+                return Err(err(
+                    Some(dspan),
+                    Some(format!("destinations[{i}].passthrough_hosts")),
+                    "only meaningful for protocol = \"https\" (a tcp destination is never intercepted)".into(),
+                ));
+            }
+            let upstream_ca = d.upstream_ca.map(resolve);
+            destinations.push(Destination {
+                name,
+                addresses,
+                protocol: d.protocol,
+                upstream_ca,
+                passthrough_hosts: d
+                    .passthrough_hosts
+                    .into_iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+                alpn,
+            });
+        }
+
+        Ok(Config {
+            source: path.to_owned(),
+            agent: AgentSection {
+                listen_v4,
+                listen_v6,
+                state_dir,
+                records_dir,
+                policies_dir,
+                cgroup,
+                fail_mode: raw_agent.fail_mode,
+                mark,
+                bpf_pin_dir: raw_agent
+                    .bpf_pin_dir
+                    .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/phigate")),
+                log_format: raw_agent.log_format,
+            },
+            timeouts,
+            limits,
+            tls,
+            destinations,
+        })
+    }
+
+    /// The destination protecting `addr`, with its index (the id the eBPF maps carry).
+    pub fn destination_for(&self, addr: SocketAddr) -> Option<(u32, &Destination)> {
+        // Longest prefix wins, as in the kernel's LPM trie.
+        self.destinations
+            .iter()
+            .enumerate()
+            .flat_map(|(i, d)| d.addresses.iter().map(move |a| (i, d, a)))
+            .filter(|(_, _, a)| a.contains(addr))
+            .max_by_key(|(_, _, a)| a.net.prefix_len())
+            .map(|(i, d, _)| (i as u32, d))
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/etc/phigate/test.toml"), text)
+    }
+
+    const GOOD: &str = r#"
+[agent]
+listen = ["127.0.0.1:15001", "[::1]:15001"]
+state_dir = "/var/lib/phigate"
+records_dir = "/var/lib/phigate/records"
+policies_dir = "/etc/phigate/policies"
+cgroup = "/sys/fs/cgroup/unified"
+fail_mode = "closed"
+
+[[destinations]]
+name = "patients-api"
+addresses = ["127.0.0.2:9443", "10.20.0.0/16:443", "[fd00::/64]:443"]
+protocol = "tcp"
+"#;
+
+    #[test]
+    fn parses_the_documented_example() {
+        let c = parse(GOOD).unwrap();
+        assert_eq!(c.agent.listen_v4, "127.0.0.1:15001".parse().unwrap());
+        assert_eq!(c.agent.listen_v6, Some("[::1]:15001".parse().unwrap()));
+        assert_eq!(c.agent.fail_mode, FailMode::Closed);
+        assert_eq!(c.agent.mark, phigate_common::DEFAULT_AGENT_MARK);
+        assert_eq!(c.destinations.len(), 1);
+        let d = &c.destinations[0];
+        assert_eq!(d.protocol, Protocol::Tcp);
+        assert_eq!(d.addresses[1].to_string(), "10.20.0.0/16:443");
+        assert_eq!(d.addresses[2].to_string(), "[fd00::/64]:443");
+        assert_eq!(
+            c.destination_for("10.20.3.4:443".parse().unwrap())
+                .map(|(i, _)| i),
+            Some(0)
+        );
+        assert!(c.destination_for("10.20.3.4:80".parse().unwrap()).is_none());
+        // IPv4-mapped IPv6 matches the IPv4 entry.
+        assert!(c
+            .destination_for("[::ffff:127.0.0.2]:9443".parse().unwrap())
+            .is_some());
+    }
+
+    #[test]
+    fn single_listen_string_and_defaults() {
+        let c = parse("[agent]\nlisten = \"127.0.0.1:16000\"\n").unwrap();
+        assert_eq!(c.agent.listen_v6, None);
+        assert_eq!(
+            c.agent.records_dir,
+            PathBuf::from("/var/lib/phigate/records")
+        );
+        assert_eq!(c.timeouts, Timeouts::default());
+        assert!(c.destinations.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let e = parse("[agent]\nlisten = \"127.0.0.1:15001\"\nfail_mod = \"open\"\n").unwrap_err();
+        let s = e.to_string();
+        assert_eq!(e.line, Some(3), "{s}");
+        assert!(s.starts_with("/etc/phigate/test.toml:3"), "{s}");
+        assert!(s.contains("fail_mod"), "{s}");
+    }
+
+    #[test]
+    fn bad_fail_mode_value() {
+        let e = parse("[agent]\nfail_mode = \"sometimes\"\n").unwrap_err();
+        assert_eq!(e.line, Some(2));
+        assert!(
+            e.message.contains("sometimes") || e.message.contains("variant"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_address_points_at_its_line_and_key() {
+        let text = "[[destinations]]\nname = \"a\"\nprotocol = \"tcp\"\naddresses = [\n  \"127.0.0.2:9443\",\n  \"10.20.0.0/33:443\",\n]\n";
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.line, Some(6), "{e}");
+        assert_eq!(e.key.as_deref(), Some("destinations[0].addresses[1]"));
+        assert!(e.message.contains("CIDR"), "{e}");
+    }
+
+    #[test]
+    fn address_errors() {
+        for (addr, needle) in [
+            ("127.0.0.2", "no port"),
+            ("127.0.0.2:http", "not a port"),
+            ("127.0.0.2:0", "port 0"),
+            ("api.example.org:443", "not an IP address"),
+            ("10.20.1.0/16:443", "host bits"),
+        ] {
+            let e = ProtectedAddr::parse(addr).unwrap_err();
+            assert!(e.contains(needle), "{addr}: {e}");
+        }
+    }
+
+    #[test]
+    fn duplicate_address_and_name_rejected() {
+        let text = "[[destinations]]\nname = \"a\"\nprotocol = \"tcp\"\naddresses = [\"127.0.0.2:1\"]\n[[destinations]]\nname = \"b\"\nprotocol = \"tcp\"\naddresses = [\"127.0.0.2:1\"]\n";
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.line, Some(8));
+        assert!(
+            e.message.contains("already protected by destination `a`"),
+            "{e}"
+        );
+        let text = "[[destinations]]\nname = \"a\"\nprotocol = \"tcp\"\naddresses = [\"127.0.0.2:1\"]\n[[destinations]]\nname = \"a\"\nprotocol = \"tcp\"\naddresses = [\"127.0.0.3:1\"]\n";
+        let e = parse(text).unwrap_err();
+        assert_eq!(e.line, Some(6));
+        assert!(e.message.contains("unique"), "{e}");
+    }
+
+    #[test]
+    fn listener_must_be_loopback_and_not_protected() {
+        let e = parse("[agent]\nlisten = \"0.0.0.0:15001\"\n").unwrap_err();
+        assert!(e.message.contains("loopback"), "{e}");
+        let e = parse("[[destinations]]\nname = \"a\"\nprotocol = \"tcp\"\naddresses = [\"127.0.0.0/8:15001\"]\n").unwrap_err();
+        assert!(e.message.contains("agent's own listener"), "{e}");
+    }
+
+    #[test]
+    fn zero_timeout_and_mark_rejected() {
+        let e = parse("[timeouts]\nidle_secs = 0\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("timeouts.idle_secs"));
+        assert_eq!(e.line, Some(2));
+        let e = parse("[agent]\nmark = 0\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("agent.mark"));
+    }
+
+    #[test]
+    fn protocol_values() {
+        for (p, want) in [
+            ("tcp", Protocol::Tcp),
+            ("https", Protocol::Https),
+            ("http", Protocol::Http),
+            ("http-to-https", Protocol::HttpToHttps),
+        ] {
+            let c = parse(&format!(
+                "[[destinations]]\nname = \"a\"\nprotocol = \"{p}\"\naddresses = [\"127.0.0.2:1\"]\n"
+            ))
+            .unwrap();
+            assert_eq!(c.destinations[0].protocol, want);
+        }
+        let e = parse(
+            "[[destinations]]\nname = \"a\"\nprotocol = \"udp\"\naddresses = [\"127.0.0.2:1\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn missing_file_is_a_clear_error() {
+        let e = Config::load(Path::new("/nonexistent/phigate.toml")).unwrap_err();
+        assert!(e.to_string().contains("cannot read config"), "{e}");
+    }
+}

@@ -1,0 +1,29 @@
+//! phigate: a transparent gateway that makes every access to protected health
+//! information attributable, authorized, minimal and recorded.
+//!
+//! The request's path through the modules, in order:
+//!
+//! * [`redirect`]: eBPF cgroup hooks send protected connects to the agent and tell it the
+//!   original destination and the kernel-attested caller ([`redirect::OrigDstLookup`]).
+//! * [`proxy`]: the accept loop; per destination protocol, TCP pass-through or TLS/HTTP.
+//! * [`tls`]: the local CA, minted leaf certificates, ClientHello sniffing, verified
+//!   upstream TLS.
+//! * [`http`]: hyper serving the client (HTTP/1.1, HTTP/2) and forwarding upstream.
+//! * [`pipeline`]: one request top to bottom: identify, authorize, approve, forward,
+//!   mask, record.
+//! * [`identity`]: who is calling (workload identity from the kernel, enriched from /proc).
+//! * [`record`]: one record per connection and per request, to the configured sink.
+//!
+//! [`app`] wires them together; [`cli`] is the `phigate` command line.
+
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod identity;
+pub mod pipeline;
+pub mod preflight;
+pub mod proxy;
+pub mod record;
+pub mod redirect;
+pub mod tls;

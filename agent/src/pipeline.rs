@@ -1,0 +1,435 @@
+//! One HTTP request's path through phigate, top to bottom:
+//!
+//! identify -> authorize -> approve -> forward -> mask -> record
+//!
+//! Each stage is a step of [`Pipeline::handle`]. A stage that refuses answers the
+//! client itself (JSON body, request id) and the refusal is recorded like any other
+//! exchange: nothing passes unrecorded.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{header, HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use rustls_pki_types::ServerName;
+use tracing::{debug, warn};
+
+use crate::config::{Limits, Protocol};
+use crate::http::body::{
+    boxed, find_in_chain, json_error, BodyEnd, BodyTooLarge, Limited, Observed, PhiBody,
+    REQUEST_ID_HEADER,
+};
+use crate::http::forward::{
+    strip_hop_by_hop, upstream_uri, ConnectError, Forwarder, UpstreamInfo, UpstreamKey,
+};
+use crate::identity::Workload;
+use crate::record::{new_id, RecordSink, RequestRecord};
+
+/// TLS as negotiated with the client.
+#[derive(Debug, Clone, Default)]
+pub struct ClientTls {
+    pub sni: Option<String>,
+    pub version: Option<String>,
+    pub alpn: Option<String>,
+}
+
+/// What every request on one connection shares.
+pub struct ConnContext {
+    pub connection_id: String,
+    pub destination: String,
+    pub dest_index: usize,
+    pub protocol: Protocol,
+    pub original_dst: SocketAddr,
+    pub client_addr: SocketAddr,
+    pub workload: Workload,
+    pub tls: Option<ClientTls>,
+    /// Requests seen on this connection.
+    pub requests: AtomicU64,
+    /// Requests not yet recorded: a connection waiting on its upstream is not idle.
+    pub in_flight: AtomicU64,
+}
+
+pub struct Pipeline {
+    pub forwarder: Forwarder,
+    pub records: Arc<dyn RecordSink>,
+    pub limits: Limits,
+    /// Until the upstream's response head: 504 after it.
+    pub request_timeout: Duration,
+}
+
+impl Pipeline {
+    pub async fn handle(
+        self: Arc<Self>,
+        conn: Arc<ConnContext>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<PhiBody>, Infallible> {
+        conn.requests.fetch_add(1, Ordering::Relaxed);
+        conn.in_flight.fetch_add(1, Ordering::Relaxed);
+        let ex = Exchange::begin(&self, &conn, &req);
+
+        // 1. identify: the caller is the kernel-attested workload of the connection.
+        // 2. authorize: no policy engine is configured at this stage; the request is
+        //    allowed and recorded as such.
+        // 3. approve: no approval rules apply.
+
+        // 4. forward
+        if let Some(len) = content_length(&req) {
+            if len > self.limits.max_request_body_bytes {
+                return Ok(ex.answer(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request_too_large",
+                    &format!(
+                        "request body of {len} bytes exceeds the limit of {} bytes",
+                        self.limits.max_request_body_bytes
+                    ),
+                ));
+            }
+        }
+        let upgrade = is_upgrade(&req);
+        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        let key = match self.upstream_key(&conn, &req) {
+            Ok(k) => k,
+            Err(reason) => return Ok(ex.answer(StatusCode::BAD_REQUEST, "bad_request", &reason)),
+        };
+        let (mut parts, body) = req.into_parts();
+        strip_hop_by_hop(&mut parts.headers, upgrade);
+        let authority = ex
+            .record
+            .authority
+            .clone()
+            .unwrap_or_else(|| conn.original_dst.to_string());
+        let path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_owned();
+        parts.uri = match upstream_uri(key.server_name.is_some(), &authority, &path) {
+            Ok(u) => u,
+            Err(e) => {
+                return Ok(ex.answer(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("invalid request target: {e}"),
+                ))
+            }
+        };
+        let body = Limited::new(
+            Observed::counting(body, ex.request_bytes.clone()),
+            self.limits.max_request_body_bytes,
+        );
+        let upstream_req = Request::from_parts(parts, boxed(body));
+
+        let sent = tokio::time::timeout(
+            self.request_timeout,
+            self.forwarder.send(&key, upstream_req),
+        )
+        .await;
+        let mut resp = match sent {
+            Err(_) => {
+                return Ok(ex.answer(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream_timeout",
+                    &format!(
+                        "the upstream did not answer within {:?}",
+                        self.request_timeout
+                    ),
+                ))
+            }
+            Ok(Err(e)) => return Ok(ex.upstream_failed(&e)),
+            Ok(Ok(r)) => r,
+        };
+        let info = resp
+            .extensions()
+            .get::<UpstreamInfo>()
+            .cloned()
+            .unwrap_or_default();
+        let mut ex = ex.with_upstream(&info, resp.version());
+
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(client_upgrade) = client_upgrade {
+                let upstream_upgrade = hyper::upgrade::on(&mut resp);
+                let (parts, _) = resp.into_parts();
+                ex.record.upgraded = true;
+                let resp = ex.finish_head(Response::from_parts(parts, crate::http::body::empty()));
+                ex.relay_upgraded(client_upgrade, upstream_upgrade);
+                return Ok(resp);
+            }
+        }
+
+        // 5. mask: no masking profile applies at this stage; the body streams as is.
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers, false);
+
+        // 6. record: written when the last byte of the response has passed.
+        Ok(ex.stream_response(parts, body))
+    }
+
+    fn upstream_key(
+        &self,
+        conn: &ConnContext,
+        req: &Request<Incoming>,
+    ) -> Result<UpstreamKey, String> {
+        let ip_name = || ServerName::IpAddress(conn.original_dst.ip().into());
+        let server_name = match conn.protocol {
+            Protocol::Http | Protocol::Tcp => None,
+            // The name the client asked for in its ClientHello.
+            Protocol::Https => Some(
+                conn.tls
+                    .as_ref()
+                    .and_then(|t| t.sni.as_deref())
+                    .and_then(|s| ServerName::try_from(s.to_owned()).ok())
+                    .unwrap_or_else(ip_name),
+            ),
+            // The client spoke plain HTTP: the name is the request's host.
+            Protocol::HttpToHttps => Some(
+                request_host(req)
+                    .map(|h| {
+                        ServerName::try_from(h)
+                            .map_err(|_| "the Host header is not a valid server name".to_owned())
+                    })
+                    .transpose()?
+                    .unwrap_or_else(ip_name),
+            ),
+        };
+        Ok(UpstreamKey {
+            addr: conn.original_dst,
+            server_name,
+            dest_index: conn.dest_index,
+        })
+    }
+}
+
+/// One exchange in progress: the record being filled in.
+struct Exchange {
+    conn: Arc<ConnContext>,
+    records: Arc<dyn RecordSink>,
+    record: RequestRecord,
+    t0: Instant,
+    request_bytes: Arc<AtomicU64>,
+    written: bool,
+}
+
+impl Drop for Exchange {
+    /// The handler future was dropped before an answer: the client went away while
+    /// phigate waited on the upstream. That exchange is recorded too.
+    fn drop(&mut self) {
+        if !self.written {
+            self.record.outcome = "client_aborted";
+            self.write();
+        }
+    }
+}
+
+impl Exchange {
+    fn begin(p: &Pipeline, conn: &Arc<ConnContext>, req: &Request<Incoming>) -> Exchange {
+        let tls = conn.tls.clone().unwrap_or_default();
+        let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+        Exchange {
+            conn: Arc::clone(conn),
+            records: p.records.clone(),
+            t0: Instant::now(),
+            request_bytes: Arc::new(AtomicU64::new(0)),
+            written: false,
+            record: RequestRecord {
+                request_id: new_id(),
+                connection_id: conn.connection_id.clone(),
+                start_time: SystemTime::now(),
+                end_time: SystemTime::now(),
+                destination: conn.destination.clone(),
+                original_dst: conn.original_dst.to_string(),
+                client_addr: conn.client_addr.to_string(),
+                workload: conn.workload.clone(),
+                sni: tls.sni,
+                tls_version: tls.version,
+                alpn: tls.alpn,
+                http_version: format!("{:?}", req.version()),
+                upstream_http_version: None,
+                upstream_tls_version: None,
+                upstream_cert_subject: None,
+                method: req.method().to_string(),
+                authority,
+                path: req.uri().path().to_owned(),
+                status: 0,
+                request_bytes: 0,
+                response_bytes: 0,
+                latency_ms: 0.0,
+                duration_ms: 0.0,
+                decision: "allow",
+                upgraded: false,
+                outcome: "complete",
+                error: None,
+            },
+        }
+    }
+
+    fn with_upstream(mut self, info: &UpstreamInfo, version: http::Version) -> Self {
+        self.record.upstream_http_version = Some(format!("{version:?}"));
+        self.record.upstream_tls_version = info.tls_version.clone();
+        self.record.upstream_cert_subject = info.cert_subject.clone();
+        self
+    }
+
+    /// phigate answers the client itself; the record is written now.
+    fn answer(mut self, status: StatusCode, code: &str, reason: &str) -> Response<PhiBody> {
+        let resp = json_error(status, code, reason, &self.record.request_id);
+        self.record.outcome = match status {
+            StatusCode::GATEWAY_TIMEOUT => "upstream_timeout",
+            StatusCode::BAD_GATEWAY => "upstream_error",
+            _ => "refused",
+        };
+        self.record.error = Some(reason.to_owned());
+        self.record.status = status.as_u16();
+        self.record.latency_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
+        let resp = self.finish_head(resp);
+        self.write();
+        resp
+    }
+
+    fn upstream_failed(self, e: &hyper_util::client::legacy::Error) -> Response<PhiBody> {
+        if let Some(limit) = find_in_chain::<BodyTooLarge>(e) {
+            let reason = limit.to_string();
+            return self.answer(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", &reason);
+        }
+        let reason = match find_in_chain::<ConnectError>(e) {
+            Some(c) => c.to_string(),
+            None => format!("upstream request failed: {}", error_chain(e)),
+        };
+        warn!(request = %self.record.request_id, reason = %reason, "upstream failed");
+        self.answer(StatusCode::BAD_GATEWAY, "upstream_unavailable", &reason)
+    }
+
+    fn finish_head<B>(&mut self, mut resp: Response<B>) -> Response<B> {
+        if let Ok(v) = HeaderValue::from_str(&self.record.request_id) {
+            resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+        }
+        self.record.status = resp.status().as_u16();
+        self.record.latency_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
+        resp
+    }
+
+    fn stream_response(
+        mut self,
+        parts: http::response::Parts,
+        body: Incoming,
+    ) -> Response<PhiBody> {
+        let resp = self.finish_head(Response::from_parts(parts, ()));
+        let response_bytes = Arc::new(AtomicU64::new(0));
+        let counter = response_bytes.clone();
+        let mut body = Observed::new(body, response_bytes, move |end| {
+            self.record.response_bytes = counter.load(Ordering::Relaxed);
+            match end {
+                BodyEnd::Complete => {}
+                BodyEnd::Error(e) => {
+                    self.record.outcome = "upstream_error";
+                    self.record.error = Some(format!("response body failed mid-stream: {e}"));
+                }
+                BodyEnd::Dropped => {
+                    self.record.outcome = "client_aborted";
+                }
+            }
+            self.write();
+        });
+        body.finish_if_empty();
+        resp.map(|()| boxed(body))
+    }
+
+    /// After 101, bytes flow both ways uninspected; the record is written when the
+    /// tunnel closes.
+    fn relay_upgraded(
+        self,
+        client: hyper::upgrade::OnUpgrade,
+        upstream: hyper::upgrade::OnUpgrade,
+    ) {
+        let mut ex = self;
+        tokio::spawn(async move {
+            let result = async {
+                let (c, u) = tokio::try_join!(client, upstream)?;
+                let mut c = hyper_util::rt::TokioIo::new(c);
+                let mut u = hyper_util::rt::TokioIo::new(u);
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    tokio::io::copy_bidirectional(&mut c, &mut u).await?,
+                )
+            }
+            .await;
+            match result {
+                Ok((up, down)) => {
+                    ex.request_bytes.fetch_add(up, Ordering::Relaxed);
+                    ex.record.response_bytes = down;
+                }
+                Err(e) => {
+                    ex.record.outcome = "upgrade_failed";
+                    ex.record.error = Some(e.to_string());
+                }
+            }
+            ex.write();
+        });
+    }
+
+    fn write(&mut self) {
+        self.written = true;
+        self.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.record.end_time = SystemTime::now();
+        self.record.duration_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
+        self.record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
+        debug!(request = %self.record.request_id, status = self.record.status, outcome = self.record.outcome, "request record");
+        if let Err(e) = self.records.request(&self.record) {
+            tracing::error!(error = %e, request = %self.record.request_id, "request record lost");
+        }
+    }
+}
+
+fn content_length(req: &Request<Incoming>) -> Option<u64> {
+    req.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == http::Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+}
+
+/// The host (no port) the request names, from the URI or the Host header.
+fn request_host(req: &Request<Incoming>) -> Option<String> {
+    if let Some(h) = req.uri().host() {
+        return Some(h.trim_start_matches('[').trim_end_matches(']').to_owned());
+    }
+    let host = req.headers().get(header::HOST)?.to_str().ok()?;
+    let a: http::uri::Authority = host.parse().ok()?;
+    Some(
+        a.host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+    )
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

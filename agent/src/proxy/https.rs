@@ -1,0 +1,113 @@
+//! `protocol = "https"`: read the ClientHello, then either pass a pinned host through
+//! uninspected or terminate TLS with a minted leaf and serve HTTP inside.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::io::Meter;
+use super::{tcp, Proxy, Redirected};
+use crate::config::{Config, Destination};
+use crate::pipeline::ClientTls;
+use crate::record::{ConnectionRecord, Outcome};
+use crate::tls::{self, LeafName, Sniffed};
+
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<IO>(
+    proxy: &Proxy,
+    client: IO,
+    meter: &Meter,
+    conn: &Redirected,
+    dest_index: u32,
+    dest: &Destination,
+    config: &Config,
+    rec: &mut ConnectionRecord,
+) -> (Outcome, Option<String>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let t = &config.timeouts;
+    let (hello, start) = match tls::sniff_client_hello(client, t.tls_handshake).await {
+        Err(e) => return (Outcome::TlsHandshakeFailed, Some(e.to_string())),
+        Ok(Sniffed::NotTls { .. }) => {
+            return (
+                Outcome::NotTls,
+                Some("the client sent non-TLS bytes to an https destination".into()),
+            )
+        }
+        Ok(Sniffed::Tls { hello, start }) => (hello, start),
+    };
+    rec.sni = hello.sni.clone();
+
+    let pinned = hello.sni.as_deref().is_some_and(|sni| {
+        dest.passthrough_hosts
+            .iter()
+            .any(|h| h.eq_ignore_ascii_case(sni))
+    });
+    if pinned {
+        let (prefix, io) = start.into_passthrough();
+        let (outcome, error) = tcp::relay(
+            io,
+            meter,
+            &prefix,
+            conn.original_dst,
+            config,
+            &proxy.force_close,
+        )
+        .await;
+        return match outcome {
+            Outcome::Closed => (Outcome::Uninspected, error),
+            other => (other, error),
+        };
+    }
+
+    let name = match &hello.sni {
+        Some(sni) => LeafName::Dns(sni.clone()),
+        None => LeafName::Ip(conn.original_dst.ip()),
+    };
+    let alpn: Vec<Vec<u8>> = dest.alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+    let server_config = match tls::server_config(&proxy.minter, &name, &alpn) {
+        Ok(c) => c,
+        Err(e) => {
+            return (
+                Outcome::Error,
+                Some(format!("minting a certificate failed: {e}")),
+            )
+        }
+    };
+    let stream = match tokio::time::timeout(t.tls_handshake, start.intercept(server_config)).await {
+        Err(_) => {
+            return (
+                Outcome::TlsHandshakeFailed,
+                Some(format!(
+                    "TLS handshake not finished within {:?}",
+                    t.tls_handshake
+                )),
+            )
+        }
+        Ok(Err(e)) => return (Outcome::TlsHandshakeFailed, Some(e.to_string())),
+        Ok(Ok(s)) => s,
+    };
+    let client_tls = ClientTls {
+        sni: hello.sni.clone(),
+        version: tls::tls_version(&stream),
+        alpn: tls::negotiated_alpn(&stream),
+    };
+    rec.tls_version = client_tls.version.clone();
+    rec.alpn = client_tls.alpn.clone();
+
+    let ctx = Arc::new(proxy.conn_context(rec, dest_index, dest, conn, Some(client_tls)));
+    let outcome = crate::http::serve(
+        stream,
+        Arc::clone(&ctx),
+        proxy.pipeline.load_full(),
+        meter,
+        t,
+        &config.limits,
+        &proxy.force_close,
+    )
+    .await;
+    rec.requests = ctx.requests.load(Ordering::Relaxed);
+    outcome
+}

@@ -1,0 +1,316 @@
+//! The data plane: accept redirected connections, find out where they were going and
+//! who sent them, and hand them to the handler for the destination's protocol.
+
+pub mod https;
+pub mod io;
+pub mod tcp;
+pub mod upstream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use self::io::{Meter, Metered};
+use crate::config::{Config, Destination, Protocol};
+use crate::identity::{IdentityResolver, Workload};
+use crate::pipeline::{ClientTls, ConnContext, Pipeline};
+use crate::record::{new_id, ConnectionRecord, Outcome, RecordSink};
+use crate::redirect::{Attested, OrigDstLookup};
+
+/// Everything the data plane shares across connections.
+pub struct Proxy {
+    pub config: ArcSwap<Config>,
+    pub lookup: Arc<dyn OrigDstLookup>,
+    pub identity: IdentityResolver,
+    pub records: Arc<dyn RecordSink>,
+    /// The HTTP pipeline; rebuilt when a reload changes the destinations.
+    pub pipeline: ArcSwap<Pipeline>,
+    /// Leaf certificates for intercepted TLS, minted from the local CA.
+    pub minter: Arc<crate::tls::LeafMinter>,
+    /// Cancelled when the agent stops accepting (SIGTERM).
+    pub stop_accepting: CancellationToken,
+    /// Cancelled when the drain bound has elapsed: open connections are closed.
+    pub force_close: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// A connection that was accepted and attributed, before protocol handling.
+pub struct Inbound {
+    pub id: String,
+    pub client: TcpStream,
+    pub client_addr: SocketAddr,
+    pub attested: Attested,
+    pub workload: Workload,
+    pub started: SystemTime,
+    pub t0: Instant,
+}
+
+/// The attributed facts of an accepted connection, once its stream is handed off.
+pub struct Redirected {
+    pub original_dst: SocketAddr,
+    pub client_addr: SocketAddr,
+    pub workload: Workload,
+}
+
+impl Inbound {
+    fn split(self) -> (TcpStream, Redirected) {
+        (
+            self.client,
+            Redirected {
+                original_dst: self.attested.original_dst,
+                client_addr: self.client_addr,
+                workload: self.workload,
+            },
+        )
+    }
+}
+
+impl Proxy {
+    /// Accepts connections until `stop_accepting` is cancelled.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.stop_accepting.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let this = Arc::clone(&self);
+                    self.tasks
+                        .spawn(async move { this.handle(stream, peer).await });
+                }
+                Err(e) => {
+                    // EMFILE/ENFILE and friends: back off instead of spinning.
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+        debug!(addr = ?listener.local_addr().ok(), "listener closed");
+    }
+
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
+        let started = SystemTime::now();
+        let t0 = Instant::now();
+        let peer = normalize(peer);
+        let id = new_id();
+        let attested = match self.lookup.take(peer) {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                // Someone connected to the listener directly: there is no original
+                // destination and no attested caller. Refuse.
+                self.record_refused(&id, peer, started, t0, Outcome::NotRedirected, None);
+                return;
+            }
+            Err(e) => {
+                self.record_refused(&id, peer, started, t0, Outcome::Error, Some(e.to_string()));
+                return;
+            }
+        };
+        let workload = {
+            let this = Arc::clone(&self);
+            let a = attested.clone();
+            tokio::task::spawn_blocking(move || this.identity.resolve(&a))
+                .await
+                .unwrap_or_else(|_| Workload {
+                    pid: attested.pid,
+                    tid: attested.tid,
+                    uid: attested.uid,
+                    gid: attested.gid,
+                    comm: attested.comm.clone(),
+                    cgroup_id: attested.cgroup_id,
+                    ..Workload::default()
+                })
+        };
+        let _ = client.set_nodelay(true);
+        let inbound = Inbound {
+            id,
+            client,
+            client_addr: peer,
+            attested,
+            workload,
+            started,
+            t0,
+        };
+
+        let config = self.config.load_full();
+        let Some((dest_index, dest)) = config.destination_for(inbound.attested.original_dst) else {
+            // Protected at connect time, removed by a reload before accept.
+            let rec = self.base_record(&inbound, None, None);
+            self.write(ConnectionRecord {
+                outcome: Outcome::Error,
+                error: Some("destination is no longer protected (config reloaded)".into()),
+                ..rec
+            });
+            return;
+        };
+        info!(
+            connection = %inbound.id,
+            destination = %dest.name,
+            original_dst = %inbound.attested.original_dst,
+            pid = inbound.workload.pid,
+            uid = inbound.workload.uid,
+            comm = %inbound.workload.comm,
+            "redirected connection"
+        );
+        let mut rec = self.base_record(&inbound, Some(&dest.name), Some(dest.protocol));
+        let meter = Meter::new(inbound.t0);
+        let t0 = inbound.t0;
+        let (client, conn) = inbound.split();
+        let client = Metered::new(client, Arc::clone(&meter));
+        let original_dst = conn.original_dst;
+        let (outcome, error) = match dest.protocol {
+            Protocol::Tcp => {
+                tcp::relay(
+                    client,
+                    &meter,
+                    &[],
+                    original_dst,
+                    &config,
+                    &self.force_close,
+                )
+                .await
+            }
+            Protocol::Https => {
+                https::serve(
+                    &self, client, &meter, &conn, dest_index, dest, &config, &mut rec,
+                )
+                .await
+            }
+            Protocol::Http | Protocol::HttpToHttps => {
+                let ctx = self.conn_context(&rec, dest_index, dest, &conn, None);
+                let pipeline = self.pipeline.load_full();
+                let ctx = Arc::new(ctx);
+                let outcome = crate::http::serve(
+                    client,
+                    Arc::clone(&ctx),
+                    pipeline,
+                    &meter,
+                    &config.timeouts,
+                    &config.limits,
+                    &self.force_close,
+                )
+                .await;
+                rec.requests = ctx.requests.load(Ordering::Relaxed);
+                outcome
+            }
+        };
+        self.write(ConnectionRecord {
+            end_time: SystemTime::now(),
+            duration_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            bytes_up: meter.up(),
+            bytes_down: meter.down(),
+            outcome,
+            error,
+            ..rec
+        });
+    }
+
+    /// What the HTTP requests of this connection share.
+    pub fn conn_context(
+        &self,
+        rec: &ConnectionRecord,
+        dest_index: u32,
+        dest: &Destination,
+        conn: &Redirected,
+        tls: Option<ClientTls>,
+    ) -> ConnContext {
+        ConnContext {
+            connection_id: rec.connection_id.clone(),
+            destination: dest.name.clone(),
+            dest_index: dest_index as usize,
+            protocol: dest.protocol,
+            original_dst: conn.original_dst,
+            client_addr: conn.client_addr,
+            workload: conn.workload.clone(),
+            tls,
+            requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+        }
+    }
+
+    fn base_record(
+        &self,
+        inbound: &Inbound,
+        destination: Option<&str>,
+        protocol: Option<Protocol>,
+    ) -> ConnectionRecord {
+        ConnectionRecord {
+            connection_id: inbound.id.clone(),
+            start_time: inbound.started,
+            end_time: SystemTime::now(),
+            duration_ms: inbound.t0.elapsed().as_secs_f64() * 1000.0,
+            destination: destination.map(str::to_owned),
+            protocol: protocol.map(Protocol::as_str),
+            original_dst: Some(inbound.attested.original_dst.to_string()),
+            client_addr: inbound.client_addr.to_string(),
+            workload: Some(inbound.workload.clone()),
+            bytes_up: 0,
+            bytes_down: 0,
+            sni: None,
+            tls_version: None,
+            alpn: None,
+            requests: 0,
+            outcome: Outcome::Closed,
+            error: None,
+        }
+    }
+
+    fn record_refused(
+        &self,
+        id: &str,
+        peer: SocketAddr,
+        started: SystemTime,
+        t0: Instant,
+        outcome: Outcome,
+        error: Option<String>,
+    ) {
+        warn!(client = %peer, ?outcome, "refused connection on the listener");
+        self.write(ConnectionRecord {
+            connection_id: id.to_owned(),
+            start_time: started,
+            end_time: SystemTime::now(),
+            duration_ms: t0.elapsed().as_secs_f64() * 1000.0,
+            destination: None,
+            protocol: None,
+            original_dst: None,
+            client_addr: peer.to_string(),
+            workload: None,
+            bytes_up: 0,
+            bytes_down: 0,
+            sni: None,
+            tls_version: None,
+            alpn: None,
+            requests: 0,
+            outcome,
+            error,
+        });
+    }
+
+    fn write(&self, rec: ConnectionRecord) {
+        debug!(connection = %rec.connection_id, outcome = ?rec.outcome, up = rec.bytes_up, down = rec.bytes_down, "connection record");
+        if let Err(e) = self.records.connection(&rec) {
+            // The connection is already over; the failure itself must be loud.
+            tracing::error!(error = %e, connection = %rec.connection_id, "record lost");
+        }
+    }
+}
+
+/// Accepted peers of a dual-stack socket may be v4-mapped; the maps key on plain v4.
+pub fn normalize(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}

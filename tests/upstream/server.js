@@ -1,0 +1,163 @@
+// A real HTTPS (HTTP/2 + HTTP/1.1) or plain HTTP upstream for phigate's end-to-end
+// tests and benchmarks. Node built-ins only.
+//
+//   node server.js --host 127.0.0.2 --port 9443 --cert c.pem --key k.pem [--plain]
+//
+// Routes:
+//   GET  /json?bytes=N     JSON document of about N bytes (FHIR-like Bundle)
+//   GET  /stream?bytes=N   N bytes of octet-stream, in 64 KiB chunks
+//   POST /upload           consumes the body; answers {"received": n, "sha256": hex}
+//   GET  /headers          the request's headers as JSON
+//   GET  /trailers         a body followed by trailers x-checksum
+//   GET  /slow?ms=N        answers after N ms
+//   GET  /stats            {"connections": n, "requests": n}
+//   Upgrade: websocket-ish  101, then echoes bytes back
+// Every response carries x-upstream-proto (h2 | http/1.1) and x-upstream-conn (a
+// per-connection id, to check keep-alive reuse).
+'use strict';
+const http = require('http');
+const http2 = require('http2');
+const fs = require('fs');
+const crypto = require('crypto');
+
+const args = {};
+for (let i = 2; i < process.argv.length; i++) {
+  const a = process.argv[i];
+  if (a.startsWith('--')) {
+    const k = a.slice(2);
+    const v = process.argv[i + 1] && !process.argv[i + 1].startsWith('--') ? process.argv[++i] : true;
+    args[k] = v;
+  }
+}
+const host = args.host || '127.0.0.2';
+const port = Number(args.port || 9443);
+
+let connections = 0;
+let requests = 0;
+
+function jsonDoc(bytes) {
+  const entries = [];
+  let size = 0;
+  let i = 0;
+  while (size < bytes) {
+    const e = {
+      resource: {
+        resourceType: 'Patient',
+        id: `p${i}`,
+        name: [{ family: `Family${i}`, given: [`Given${i}`] }],
+        birthDate: '1970-01-01',
+        telecom: [{ system: 'phone', value: '555-0100' }],
+      },
+    };
+    const s = JSON.stringify(e);
+    size += s.length + 1;
+    entries.push(e);
+    i++;
+  }
+  return JSON.stringify({ resourceType: 'Bundle', type: 'searchset', total: entries.length, entry: entries });
+}
+
+function handler(req, res) {
+  requests++;
+  const proto = req.httpVersionMajor === 2 ? 'h2' : 'http/1.1';
+  // The client port identifies the connection: same port, same (reused) connection.
+  const connId = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
+  res.setHeader('x-upstream-proto', proto);
+  res.setHeader('x-upstream-conn', String(connId));
+  const url = new URL(req.url, 'http://x');
+  const q = (k, d) => Number(url.searchParams.get(k) || d);
+  switch (url.pathname) {
+    case '/json': {
+      const body = jsonDoc(q('bytes', 1024));
+      res.setHeader('content-type', 'application/fhir+json');
+      res.setHeader('content-length', Buffer.byteLength(body));
+      res.end(body);
+      return;
+    }
+    case '/stream': {
+      let left = q('bytes', 1 << 20);
+      const chunk = Buffer.alloc(64 * 1024, 0x61);
+      res.setHeader('content-type', 'application/octet-stream');
+      res.setHeader('content-length', String(left));
+      const pump = () => {
+        while (left > 0) {
+          const n = Math.min(left, chunk.length);
+          left -= n;
+          if (!res.write(n === chunk.length ? chunk : chunk.subarray(0, n))) {
+            res.once('drain', pump);
+            return;
+          }
+        }
+        res.end();
+      };
+      pump();
+      return;
+    }
+    case '/upload': {
+      const h = crypto.createHash('sha256');
+      let n = 0;
+      req.on('data', (d) => { n += d.length; h.update(d); });
+      req.on('end', () => {
+        res.setHeader('content-type', 'application/json');
+        res.end(JSON.stringify({ received: n, sha256: h.digest('hex') }));
+      });
+      return;
+    }
+    case '/headers': {
+      res.setHeader('content-type', 'application/json');
+      res.end(JSON.stringify(req.headers));
+      return;
+    }
+    case '/trailers': {
+      res.setHeader('content-type', 'text/plain');
+      if (proto === 'h2') {
+        res.stream.respond({ ':status': 200, 'content-type': 'text/plain', 'x-upstream-proto': proto }, { waitForTrailers: true });
+        res.stream.on('wantTrailers', () => res.stream.sendTrailers({ 'x-checksum': 'abc123' }));
+        res.stream.end('body-with-trailers');
+        return;
+      }
+      res.setHeader('trailer', 'x-checksum');
+      res.write('body-with-trailers');
+      res.addTrailers({ 'x-checksum': 'abc123' });
+      res.end();
+      return;
+    }
+    case '/slow': {
+      setTimeout(() => res.end('slow'), q('ms', 1000));
+      return;
+    }
+    case '/stats': {
+      res.setHeader('content-type', 'application/json');
+      res.end(JSON.stringify({ connections, requests }));
+      return;
+    }
+    default:
+      res.statusCode = 404;
+      res.end('not found');
+  }
+}
+
+function onUpgrade(req, socket, head) {
+  socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: ' + (req.headers.upgrade || 'echo') + '\r\nConnection: Upgrade\r\n\r\n');
+  if (head && head.length) socket.write(head);
+  socket.pipe(socket);
+}
+
+let server;
+if (args.plain) {
+  server = http.createServer(handler);
+} else {
+  server = http2.createSecureServer({
+    cert: fs.readFileSync(args.cert),
+    key: fs.readFileSync(args.key),
+    allowHTTP1: true,
+    ALPNProtocols: args.h1only ? ['http/1.1'] : ['h2', 'http/1.1'],
+  }, handler);
+  server.on('secureConnection', () => { connections++; });
+}
+if (args.plain) server.on('connection', () => { connections++; });
+server.on('upgrade', onUpgrade);
+server.keepAliveTimeout = 60000;
+server.listen(port, host, () => {
+  process.stdout.write(`listening ${host}:${port}\n`);
+});
