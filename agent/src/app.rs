@@ -80,6 +80,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         info!(addr = %l.local_addr()?, "listening");
         serving.push(tokio::spawn(Arc::clone(&proxy).serve(l)));
     }
+    // Redirect attached, destinations loaded, listeners served: protected connects
+    // from now on reach this agent.
+    info!("ready");
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;

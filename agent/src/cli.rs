@@ -56,6 +56,9 @@ enum CaCommand {
     Install {
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
+        /// File name in the trust store (without .crt).
+        #[arg(long, default_value = "phigate-ca")]
+        name: String,
     },
 }
 
@@ -112,13 +115,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Ca { command } => {
             let (config, install) = match command {
-                CaCommand::Export { config } => (config, false),
-                CaCommand::Install { config } => (config, true),
+                CaCommand::Export { config } => (config, None),
+                CaCommand::Install { config, name } => (config, Some(name)),
             };
             let config = Config::load(&config)?;
             let ca = crate::app::load_ca(&config)?;
-            if install {
-                let path = crate::tls::install_into_trust_store(ca.cert_pem())?;
+            if let Some(name) = install {
+                let path = crate::tls::install_into_trust_store(ca.cert_pem(), &name)?;
                 println!(
                     "installed the phigate CA as {} and refreshed the system trust store",
                     path.display()
@@ -146,8 +149,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("PHIGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),

@@ -154,10 +154,20 @@ impl CertAuthority {
 }
 
 /// Adds the CA to the Debian trust store, the one host change clients need.
-pub fn install_into_trust_store(ca_pem: &str) -> Result<PathBuf, TlsError> {
+/// `name` is the file name in the store (`phigate-ca` → `phigate-ca.crt`).
+pub fn install_into_trust_store(ca_pem: &str, name: &str) -> Result<PathBuf, TlsError> {
     let dir = Path::new("/usr/local/share/ca-certificates");
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(TlsError::Config(format!(
+            "`{name}` is not a plain file name (letters, digits, - and _)"
+        )));
+    }
     fs::create_dir_all(dir).map_err(|e| TlsError::io(dir, e))?;
-    let path = dir.join("phigate-ca.crt");
+    let path = dir.join(format!("{name}.crt"));
     write_atomic(&path, ca_pem.as_bytes(), 0o644)?;
     let out = std::process::Command::new("update-ca-certificates")
         .output()

@@ -1,0 +1,699 @@
+//! Test harness: every test gets a network namespace and a cgroup of its own, a real
+//! phigate binary attached to that cgroup, real upstreams and real clients.
+//!
+//! Processes enter the namespace with setns(2) and the cgroup by writing to
+//! `cgroup.procs` between fork and exec, so no `ip netns exec` (which remounts /sys
+//! and hides the cgroup2 mount).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test process and call.
+pub fn unique(tag: &str) -> String {
+    format!(
+        "{tag}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn require_root() {
+    // SAFETY: no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("the end-to-end tests need root (eBPF, namespaces, cgroups): run `cargo xtask test` as root");
+    }
+}
+
+/// The phigate binary under test: $PHIGATE_BIN, else the workspace's build.
+pub fn phigate_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("PHIGATE_BIN") {
+        return PathBuf::from(p);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    for p in ["target/release/phigate", "target/debug/phigate"] {
+        let p = root.join(p);
+        if p.exists() {
+            return p;
+        }
+    }
+    panic!("no phigate binary: set PHIGATE_BIN or run `cargo build --release -p phigate` (cargo xtask test does)");
+}
+
+pub fn cgroup2_root() -> PathBuf {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    mounts
+        .lines()
+        .find(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("cgroup2 "))
+        })
+        .and_then(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .expect("a cgroup2 mount")
+}
+
+/// A network namespace with loopback up; deleted on drop.
+pub struct Netns {
+    pub name: String,
+    file: File,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Netns {
+        require_root();
+        let name = unique(&format!("pg-{tag}"));
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        let file = File::open(format!("/run/netns/{name}")).expect("netns file");
+        Netns { name, file }
+    }
+
+    /// Runs `f` on a thread that has entered this namespace.
+    pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let fd = self.file.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // SAFETY: setns on this thread only, with a valid netns fd.
+            let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("netns thread")
+    }
+
+    /// Waits until something accepts on `addr` inside the namespace.
+    pub fn wait_port(&self, addr: SocketAddr, timeout: Duration) -> bool {
+        self.run(move || {
+            let t = Instant::now();
+            while t.elapsed() < timeout {
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            false
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A cgroup v2 directory; its processes are killed and it is removed on drop.
+pub struct Cgroup {
+    pub path: PathBuf,
+}
+
+impl Cgroup {
+    pub fn new(tag: &str) -> Cgroup {
+        let path = cgroup2_root().join(unique(&format!("phigate-test-{tag}")));
+        std::fs::create_dir(&path).expect("create cgroup");
+        Cgroup { path }
+    }
+
+    /// The path as phigate records it: relative to the cgroup2 root, leading `/`.
+    pub fn relative(&self) -> String {
+        format!(
+            "/{}",
+            self.path.strip_prefix(cgroup2_root()).unwrap().display()
+        )
+    }
+
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&self.path).unwrap().ino()
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            let procs = std::fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                // SAFETY: killing leftover test processes.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            if std::fs::remove_dir(&self.path).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Where a spawned process lives.
+#[derive(Clone, Copy, Default)]
+pub struct Place<'a> {
+    pub netns: Option<&'a Netns>,
+    pub cgroup: Option<&'a Cgroup>,
+    /// Run as this uid/gid (e.g. 65534, nobody).
+    pub uid: Option<u32>,
+}
+
+/// Builds a Command that enters `place` between fork and exec.
+pub fn command(place: Place<'_>, argv: &[&str]) -> Command {
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]);
+    let netns = place.netns.map(|n| n.file.try_clone().unwrap());
+    let procs = place.cgroup.map(|c| {
+        OpenOptions::new()
+            .write(true)
+            .open(c.path.join("cgroup.procs"))
+            .expect("cgroup.procs")
+    });
+    let uid = place.uid;
+    // SAFETY: only async-signal-safe calls (setns, write, setgroups, setgid, setuid).
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(n) = &netns {
+                if libc::setns(n.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(p) = &procs {
+                // "0" moves the writing process itself.
+                if libc::write(p.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(u) = uid {
+                if libc::setgroups(0, std::ptr::null()) != 0
+                    || libc::setgid(u) != 0
+                    || libc::setuid(u) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd
+}
+
+/// Runs to completion, capturing output.
+pub fn output(place: Place<'_>, argv: &[&str]) -> Output {
+    command(place, argv)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("running {argv:?}: {e}"))
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A background process killed on drop.
+pub struct Background {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Background {
+    pub fn spawn(place: Place<'_>, argv: &[&str], log: PathBuf) -> Background {
+        let f = File::create(&log).unwrap();
+        let child = command(place, argv)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawning {argv:?}: {e}"));
+        Background { child, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent_exited(a: &mut Background) -> bool {
+    a.child.try_wait().ok().flatten().is_some()
+}
+
+/// One test's world: netns, cgroup, temp dir, and the phigate agent configured for them.
+pub struct World {
+    pub netns: Netns,
+    pub cgroup: Cgroup,
+    pub dir: tempfile::TempDir,
+    pub pin_dir: PathBuf,
+    pub agent: Option<Background>,
+}
+
+impl World {
+    pub fn new(tag: &str) -> World {
+        let netns = Netns::new(tag);
+        let cgroup = Cgroup::new(tag);
+        let pin_dir = PathBuf::from(format!(
+            "/sys/fs/bpf/{}",
+            unique(&format!("phigate-test-{tag}"))
+        ));
+        World {
+            netns,
+            cgroup,
+            dir: tempfile::tempdir().unwrap(),
+            pin_dir,
+            agent: None,
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn records_dir(&self) -> PathBuf {
+        self.path("records")
+    }
+
+    /// The [agent] section for this world; `extra` is appended inside [agent].
+    pub fn agent_section(&self, extra: &str) -> String {
+        format!(
+            "[agent]\nlisten = [\"127.0.0.1:15001\", \"[::1]:15001\"]\nstate_dir = \"{d}/state\"\nrecords_dir = \"{d}/records\"\npolicies_dir = \"{d}/policies\"\ncgroup = \"{cg}\"\nbpf_pin_dir = \"{pin}\"\n{extra}\n",
+            d = self.dir.path().display(),
+            cg = self.cgroup.path.display(),
+            pin = self.pin_dir.display(),
+        )
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.path("phigate.toml")
+    }
+
+    pub fn write_config(&self, text: &str) {
+        std::fs::write(self.config_path(), text).unwrap();
+    }
+
+    /// Starts phigate in the netns (outside the test cgroup unless `inside`).
+    pub fn start_agent(&mut self, inside: bool) {
+        let bin = phigate_bin();
+        let config = self.config_path();
+        let place = Place {
+            netns: Some(&self.netns),
+            cgroup: inside.then_some(&self.cgroup),
+            uid: None,
+        };
+        let log = self.path(&format!("agent-{}.log", unique("run")));
+        let mut agent = Background::spawn(
+            place,
+            &[
+                bin.to_str().unwrap(),
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+            ],
+            log,
+        );
+        // The listener accepts (kernel backlog) before the programs are attached;
+        // "ready" is logged once protected connects really reach the agent.
+        let t = Instant::now();
+        while !agent
+            .log_text()
+            .lines()
+            .any(|l| l.trim_end().ends_with(" ready"))
+        {
+            if t.elapsed() > Duration::from_secs(20) || agent_exited(&mut agent) {
+                panic!("phigate did not become ready:\n{}", agent.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.agent = Some(agent);
+    }
+
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.as_ref().expect("agent running").pid()
+    }
+
+    pub fn agent_log(&self) -> String {
+        self.agent
+            .as_ref()
+            .map(|a| a.log_text())
+            .unwrap_or_default()
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.child.kill().unwrap();
+            a.child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM, then the exit status (bounded wait).
+    pub fn sigterm(&mut self, within: Duration) -> std::process::ExitStatus {
+        let mut a = self.agent.take().expect("agent running");
+        // SAFETY: signalling our child.
+        unsafe { libc::kill(a.child.id() as i32, libc::SIGTERM) };
+        let t = Instant::now();
+        loop {
+            if let Some(s) = a.child.try_wait().unwrap() {
+                return s;
+            }
+            if t.elapsed() > within {
+                panic!(
+                    "phigate did not exit within {within:?} of SIGTERM:\n{}",
+                    a.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn detach(&self) -> Output {
+        Command::new(phigate_bin())
+            .args(["detach", "--config"])
+            .arg(self.config_path())
+            .output()
+            .unwrap()
+    }
+
+    /// Records of `table`, leaving out the harness's own readiness probes (direct
+    /// connects to the listener, recorded as `not_redirected`).
+    pub fn records(&self, table: &str) -> Vec<Value> {
+        self.all_records(table)
+            .into_iter()
+            .filter(|r| r["outcome"] != "not_redirected")
+            .collect()
+    }
+
+    pub fn all_records(&self, table: &str) -> Vec<Value> {
+        std::fs::read_to_string(self.records_dir().join(format!("{table}.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("record is JSON"))
+            .collect()
+    }
+
+    /// Waits until `table` has at least `n` records.
+    pub fn wait_records(&self, table: &str, n: usize) -> Vec<Value> {
+        let t = Instant::now();
+        loop {
+            let r = self.records(table);
+            if r.len() >= n {
+                return r;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                panic!(
+                    "expected {n} {table} records, have {}: {r:?}\nagent log:\n{}",
+                    r.len(),
+                    self.agent_log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    pub fn inside(&self) -> Place<'_> {
+        Place {
+            netns: Some(&self.netns),
+            cgroup: Some(&self.cgroup),
+            uid: None,
+        }
+    }
+
+    pub fn outside(&self) -> Place<'_> {
+        Place {
+            netns: Some(&self.netns),
+            cgroup: None,
+            uid: None,
+        }
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- agent log ----\n{}", self.agent_log());
+        }
+        self.kill9();
+        if self.config_path().exists() {
+            let _ = self.detach();
+        }
+        let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// A plain TCP server inside a netns that answers each connection with a fixed
+/// HTTP response and counts connections.
+pub struct CountingServer {
+    pub addr: SocketAddr,
+    pub count: std::sync::Arc<AtomicU32>,
+    pub peers: std::sync::Arc<std::sync::Mutex<Vec<SocketAddr>>>,
+}
+
+impl CountingServer {
+    pub fn start(netns: &Netns, addr: &str, body: &'static str) -> CountingServer {
+        let addr: SocketAddr = addr.parse().unwrap();
+        let count = std::sync::Arc::new(AtomicU32::new(0));
+        let peers = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (c, p) = (count.clone(), peers.clone());
+        let listener = netns.run(move || std::net::TcpListener::bind(addr).expect("bind upstream"));
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { continue };
+                c.fetch_add(1, Ordering::SeqCst);
+                if let Ok(peer) = s.peer_addr() {
+                    p.lock().unwrap().push(peer);
+                }
+                std::thread::spawn(move || {
+                    use std::io::Read;
+                    let mut buf = [0u8; 4096];
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut seen = Vec::new();
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match s.read(&mut buf) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                });
+            }
+        });
+        CountingServer { addr, count, peers }
+    }
+
+    pub fn connections(&self) -> u32 {
+        self.count.load(Ordering::SeqCst)
+    }
+}
+
+/// A CA and a server certificate made with openssl, for TLS upstreams.
+pub struct TestPki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TestPki {
+    /// `sans`: e.g. "IP:127.0.0.2,DNS:patients.example.test". `days` may be negative
+    /// for an expired certificate.
+    pub fn new(dir: &Path, name: &str, sans: &str) -> TestPki {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("ext.cnf"),
+            format!(
+                "subjectAltName={sans}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"
+            ),
+        )
+        .unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(&d)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name} test CA"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            &format!("/CN={name}"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+        TestPki {
+            ca: d.join("ca.pem"),
+            cert: d.join("server.pem"),
+            key: d.join("server.key"),
+        }
+    }
+}
+
+/// Starts the Node upstream (tests/upstream/server.js) in the netns.
+pub fn node_upstream(
+    world: &World,
+    host: &str,
+    port: u16,
+    pki: Option<&TestPki>,
+    extra: &[&str],
+) -> Background {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("upstream/server.js");
+    let port_s = port.to_string();
+    let mut argv: Vec<String> = vec![
+        "node".into(),
+        script.display().to_string(),
+        "--host".into(),
+        host.into(),
+        "--port".into(),
+        port_s,
+    ];
+    match pki {
+        Some(p) => argv.extend([
+            "--cert".into(),
+            p.cert.display().to_string(),
+            "--key".into(),
+            p.key.display().to_string(),
+        ]),
+        None => argv.push("--plain".into()),
+    }
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    let argv_ref: Vec<&str> = argv.iter().map(String::as_str).collect();
+    let bg = Background::spawn(
+        world.outside(),
+        &argv_ref,
+        world.path(&unique("upstream.log")),
+    );
+    let addr: SocketAddr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+    .parse()
+    .unwrap();
+    assert!(
+        world.netns.wait_port(addr, Duration::from_secs(10)),
+        "upstream did not start: {}",
+        bg.log_text()
+    );
+    bg
+}
+
+/// SHA-256 of a file, hex.
+pub fn sha256_file(p: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(p).unwrap()))
+}
+
+/// Peak RSS (VmHWM) of a process, in KiB.
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Fails with context when a command did not succeed.
+pub fn ok(o: Output) -> anyhow::Result<Output> {
+    if !o.status.success() {
+        bail!("exit {}: {}{}", o.status, stdout(&o), stderr(&o));
+    }
+    Ok(o)
+}
+
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Err(anyhow::anyhow!("timed out waiting for {what}")).context(format!("after {timeout:?}"))
+}

@@ -1,0 +1,429 @@
+//! `cargo xtask bench proxy`: the same HTTPS workload direct to the upstream, through
+//! phigate (real redirect), and through nginx as a TLS-terminating, re-encrypting
+//! reverse proxy, measured with wrk in one run and printed side by side.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+
+use crate::util::{cargo, cgroup2_root, ensure_bpffs, exec, require_root, root_dir};
+
+pub fn run(name: &str, duration: u64) -> anyhow::Result<()> {
+    match name {
+        "proxy" => proxy(duration),
+        other => bail!("no benchmark named `{other}`; available: proxy"),
+    }
+}
+
+const UPSTREAM: &str = "127.0.0.2:9443";
+const NGINX_PROXY: &str = "127.0.0.1:18443";
+const CONNECTIONS: u32 = 64;
+
+struct Procs(Vec<Child>, Vec<Box<dyn FnMut()>>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            // SAFETY: signalling our own children.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            let _ = c.wait();
+        }
+        for f in &mut self.1 {
+            f();
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Figures {
+    rps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    errors: u64,
+}
+
+fn proxy(duration: u64) -> anyhow::Result<()> {
+    require_root("the benchmark attaches phigate's eBPF programs")?;
+    ensure_bpffs()?;
+    cargo(&["build", "--release", "-p", "phigate"], &[])?;
+    let bin = root_dir().join("target/release/phigate");
+    let dir = std::env::temp_dir().join(format!("phigate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("www"))?;
+    let cgroup = cgroup2_root()?.join("phigate-bench");
+    std::fs::create_dir_all(&cgroup)?;
+    let mut procs = Procs(Vec::new(), Vec::new());
+    {
+        let dir = dir.clone();
+        let cgroup = cgroup.clone();
+        let bin = bin.clone();
+        procs.1.push(Box::new(move || {
+            let _ = Command::new(&bin)
+                .args(["detach", "--config"])
+                .arg(dir.join("phigate.toml"))
+                .stdout(Stdio::null())
+                .status();
+            let _ = std::fs::remove_dir(&cgroup);
+            let _ = std::fs::remove_dir_all(&dir);
+        }));
+    }
+
+    certs(&dir)?;
+    for (name, size) in [("1k.json", 1024usize), ("64k.json", 64 * 1024)] {
+        std::fs::write(dir.join("www").join(name), json_of(size))?;
+    }
+    std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir))?;
+    std::fs::create_dir_all(dir.join("nginx-tmp"))?;
+    procs.0.push(
+        Command::new("nginx")
+            .args(["-p"])
+            .arg(&dir)
+            .args(["-c"])
+            .arg(dir.join("nginx.conf"))
+            .args(["-g", "daemon off;"])
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx (`cargo xtask setup` installs nginx-light)")?,
+    );
+    wait_port(UPSTREAM)?;
+    wait_port(NGINX_PROXY)?;
+
+    std::fs::write(
+        dir.join("phigate.toml"),
+        format!(
+            r#"[agent]
+listen = ["127.0.0.1:15001"]
+state_dir = "{d}/state"
+records_dir = "{d}/records"
+policies_dir = "{d}/policies"
+cgroup = "{cg}"
+bpf_pin_dir = "/sys/fs/bpf/phigate-bench"
+
+[[destinations]]
+name = "bench-api"
+addresses = ["{UPSTREAM}"]
+protocol = "https"
+upstream_ca = "{d}/upstream-ca.pem"
+"#,
+            d = dir.display(),
+            cg = cgroup.display()
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("phigate.log"))?;
+    procs.0.push(
+        Command::new(&bin)
+            .args(["run", "--config"])
+            .arg(dir.join("phigate.toml"))
+            .env("PHIGATE_LOG", "warn")
+            .stderr(log)
+            .spawn()?,
+    );
+    wait_port("127.0.0.1:15001")?;
+
+    println!(
+        "\nworkload: wrk, {CONNECTIONS} connections, 2 threads, {duration}s each; upstream nginx (TLS) serving static JSON on this 2-core machine"
+    );
+    let mut rows = Vec::new();
+    for (label, extra) in [
+        ("keep-alive", None),
+        ("new connection per request", Some("Connection: close")),
+    ] {
+        for file in ["1k.json", "64k.json"] {
+            if extra.is_some() && file == "64k.json" {
+                continue;
+            }
+            let direct = wrk(&format!("https://{UPSTREAM}/{file}"), extra, duration, None)?;
+            let phigate = wrk(
+                &format!("https://{UPSTREAM}/{file}"),
+                extra,
+                duration,
+                Some(&cgroup),
+            )?;
+            let nginx = wrk(
+                &format!("https://{NGINX_PROXY}/{file}"),
+                extra,
+                duration,
+                None,
+            )?;
+            rows.push((format!("{label}, {file}"), direct, phigate, nginx));
+        }
+    }
+
+    println!("\n| workload | path | req/s | p50 | p99 | errors |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (w, d, p, n) in &rows {
+        for (path, f) in [("direct", d), ("phigate", p), ("nginx proxy", n)] {
+            println!(
+                "| {w} | {path} | {:.0} | {:.0} µs | {:.0} µs | {} |",
+                f.rps, f.p50_us, f.p99_us, f.errors
+            );
+        }
+    }
+    println!("\n| workload | phigate/nginx throughput | phigate added p50 vs direct | nginx added p50 vs direct |");
+    println!("|---|---:|---:|---:|");
+    for (w, d, p, n) in &rows {
+        println!(
+            "| {w} | {:.2}x | {:+.0} µs | {:+.0} µs |",
+            p.rps / n.rps,
+            p.p50_us - d.p50_us,
+            n.p50_us - d.p50_us
+        );
+    }
+    let records = std::fs::read_to_string(dir.join("records/requests.jsonl"))
+        .map(|s| s.lines().count())
+        .unwrap_or(0);
+    println!("\nphigate wrote {records} request records during the run");
+    drop(procs);
+    Ok(())
+}
+
+/// Runs wrk (inside `cgroup` when given) and parses its figures.
+fn wrk(
+    url: &str,
+    header: Option<&str>,
+    duration: u64,
+    cgroup: Option<&Path>,
+) -> anyhow::Result<Figures> {
+    let mut args: Vec<String> = vec![
+        "-t2".into(),
+        format!("-c{CONNECTIONS}"),
+        format!("-d{duration}s"),
+        "--latency".into(),
+    ];
+    if let Some(h) = header {
+        args.push("-H".into());
+        args.push(h.into());
+    }
+    args.push(url.into());
+    let mut cmd = match cgroup {
+        Some(cg) => {
+            let mut c = Command::new("sh");
+            c.arg("-c")
+                .arg(format!(
+                    "echo $$ > {} && exec wrk \"$@\"",
+                    cg.join("cgroup.procs").display()
+                ))
+                .arg("sh")
+                .args(&args);
+            c
+        }
+        None => {
+            let mut c = Command::new("wrk");
+            c.args(&args);
+            c
+        }
+    };
+    let out = cmd.output().context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+    }
+    parse_wrk(&text).with_context(|| format!("cannot parse wrk output:\n{text}"))
+}
+
+fn parse_wrk(text: &str) -> Option<Figures> {
+    let rps = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let pct = |p: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p))
+            .and_then(|v| duration_us(v.trim()))
+    };
+    let mut errors = 0;
+    for l in text.lines() {
+        if let Some(rest) = l.trim().strip_prefix("Socket errors:") {
+            errors += rest
+                .split(',')
+                .filter_map(|p| p.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        }
+        if let Some(rest) = l.trim().strip_prefix("Non-2xx or 3xx responses:") {
+            errors += rest.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    Some(Figures {
+        rps,
+        p50_us: pct("50%")?,
+        p99_us: pct("99%")?,
+        errors,
+    })
+}
+
+fn duration_us(v: &str) -> Option<f64> {
+    let (num, mul) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1000.0)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1_000_000.0)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|n| n * mul)
+}
+
+fn json_of(size: usize) -> String {
+    let mut s = String::from("{\"resourceType\":\"Bundle\",\"entry\":[");
+    let mut i = 0;
+    while s.len() + 80 < size {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!(
+            "{{\"id\":\"p{i}\",\"name\":\"Family{i}\",\"birthDate\":\"1970-01-01\"}}"
+        ));
+        i += 1;
+    }
+    s.push_str("]}");
+    while s.len() < size {
+        s.push(' ');
+    }
+    s
+}
+
+fn certs(dir: &Path) -> anyhow::Result<()> {
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.2,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )?;
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        exec(
+            Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "upstream-ca.key",
+        "-out",
+        "upstream-ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bench CA",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+    ])?;
+    openssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=bench",
+    ])?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "upstream-ca.pem",
+        "-CAkey",
+        "upstream-ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ])
+}
+
+fn nginx_conf(dir: &Path) -> String {
+    let d = dir.display();
+    format!(
+        r#"user root;
+worker_processes 2;
+pid {d}/nginx.pid;
+error_log {d}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/nginx-tmp;
+    proxy_temp_path {d}/nginx-tmp;
+    fastcgi_temp_path {d}/nginx-tmp;
+    uwsgi_temp_path {d}/nginx-tmp;
+    scgi_temp_path {d}/nginx-tmp;
+    keepalive_requests 1000000;
+    ssl_protocols TLSv1.2 TLSv1.3;
+    # The upstream API.
+    server {{
+        listen {UPSTREAM} ssl;
+        ssl_certificate {d}/server.pem;
+        ssl_certificate_key {d}/server.key;
+        root {d}/www;
+        default_type application/json;
+    }}
+    # The peer: TLS-terminating, TLS re-encrypting reverse proxy with verification.
+    upstream api {{
+        server {UPSTREAM};
+        keepalive 128;
+    }}
+    server {{
+        listen {NGINX_PROXY} ssl;
+        ssl_certificate {d}/server.pem;
+        ssl_certificate_key {d}/server.key;
+        location / {{
+            proxy_pass https://api;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_ssl_verify on;
+            proxy_ssl_trusted_certificate {d}/upstream-ca.pem;
+            proxy_ssl_name 127.0.0.2;
+            proxy_ssl_session_reuse on;
+        }}
+    }}
+}}
+"#
+    )
+}
+
+fn wait_port(addr: &str) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(15) {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("nothing listens on {addr}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let t = "Running 10s test @ https://127.0.0.2:9443/1k.json\n  2 threads and 64 connections\n  Latency Distribution\n     50%  512.00us\n     75%    1.20ms\n     90%    2.00ms\n     99%    5.50ms\n  100 requests in 10.00s, 1.00MB read\n  Socket errors: connect 0, read 2, write 0, timeout 1\nRequests/sec:  12345.67\nTransfer/sec:      1.00MB\n";
+        let f = parse_wrk(t).unwrap();
+        assert_eq!(f.rps, 12345.67);
+        assert_eq!(f.p50_us, 512.0);
+        assert_eq!(f.p99_us, 5500.0);
+        assert_eq!(f.errors, 3);
+    }
+}

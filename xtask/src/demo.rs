@@ -1,0 +1,447 @@
+//! `cargo xtask demo`: a guided tour on a local demo API. Everything it creates (a
+//! cgroup, pinned programs, a trusted demo CA, processes, a temp dir) is removed at
+//! the end, also on Ctrl-C.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use serde_json::Value;
+
+use crate::util::{cargo, cgroup2_root, ensure_bpffs, exec, require_root, root_dir};
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+fn check_interrupt() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+const UPSTREAM: &str = "127.0.0.2:9443";
+const CA_NAME: &str = "phigate-demo-ca";
+
+pub fn run() -> anyhow::Result<()> {
+    require_root("the demo attaches eBPF programs to a cgroup")?;
+    // SAFETY: installing a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+    ensure_bpffs()?;
+    banner("building phigate (release)");
+    cargo(&["build", "--release", "-p", "phigate"], &[])?;
+    let bin = root_dir().join("target/release/phigate");
+
+    let mut demo = Demo::new(bin)?;
+    let r = demo.tour();
+    demo.cleanup();
+    r
+}
+
+struct Demo {
+    bin: PathBuf,
+    dir: PathBuf,
+    cgroup: PathBuf,
+    config: PathBuf,
+    upstream: Option<Child>,
+    agent: Option<Child>,
+    ca_installed: bool,
+}
+
+fn banner(s: &str) {
+    println!("\n==> {s}");
+}
+
+fn say(s: &str) {
+    println!("    {s}");
+}
+
+impl Demo {
+    fn new(bin: PathBuf) -> anyhow::Result<Demo> {
+        let dir = std::env::temp_dir().join(format!("phigate-demo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let cgroup = cgroup2_root()?.join("phigate-demo");
+        Ok(Demo {
+            bin,
+            config: dir.join("phigate.toml"),
+            dir,
+            cgroup,
+            upstream: None,
+            agent: None,
+            ca_installed: false,
+        })
+    }
+
+    fn tour(&mut self) -> anyhow::Result<()> {
+        banner(&format!(
+            "1. a demo patient API over TLS on {UPSTREAM} (its own CA, as a real API has)"
+        ));
+        self.start_upstream()?;
+        check_interrupt()?;
+
+        banner("2. phigate: config protecting that API, programs attached to a demo cgroup");
+        std::fs::create_dir_all(&self.cgroup)
+            .with_context(|| format!("creating {}", self.cgroup.display()))?;
+        self.write_config()?;
+        say(&format!("protected cgroup: {}", self.cgroup.display()));
+        say(&format!("config: {}", self.config.display()));
+        self.start_agent()?;
+        check_interrupt()?;
+
+        banner("3. the host trusts phigate's CA (the only change clients need)");
+        let out = Command::new(&self.bin)
+            .args(["ca", "install", "--name", CA_NAME, "--config"])
+            .arg(&self.config)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "phigate ca install failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        self.ca_installed = true;
+        say(String::from_utf8_lossy(&out.stdout).trim());
+        check_interrupt()?;
+
+        banner(&format!(
+            "4. an unchanged client in the protected cgroup: curl https://{UPSTREAM}/Patient/123"
+        ));
+        let body = self.in_cgroup(&[
+            "curl",
+            "-sS",
+            "--http2",
+            "--max-time",
+            "10",
+            &format!("https://{UPSTREAM}/json?bytes=200"),
+        ])?;
+        say(&format!("response: {}", truncate(&body, 160)));
+        let rec = self.wait_record("requests", 1)?;
+        let conn = self.wait_record("connections", 1)?;
+        say("what phigate saw and recorded:");
+        say(&format!(
+            "  redirected        yes: original destination {}",
+            rec["original_dst"].as_str().unwrap_or("?")
+        ));
+        say(&format!(
+            "  caller            pid {} uid {} ({}) comm {}",
+            rec["pid"],
+            rec["uid"],
+            rec["user"].as_str().unwrap_or("?"),
+            rec["comm"].as_str().unwrap_or("?")
+        ));
+        say(&format!(
+            "  executable        {} sha256 {}",
+            rec["exe_path"].as_str().unwrap_or("?"),
+            truncate(rec["exe_sha256"].as_str().unwrap_or("?"), 16)
+        ));
+        say(&format!(
+            "  cgroup            {}",
+            rec["cgroup_path"].as_str().unwrap_or("?")
+        ));
+        say(&format!(
+            "  client TLS        {} ALPN {} SNI {}",
+            rec["tls_version"].as_str().unwrap_or("?"),
+            rec["alpn"].as_str().unwrap_or("?"),
+            rec["sni"]
+                .as_str()
+                .unwrap_or("(none: IP address, certificate minted for the IP)")
+        ));
+        say(&format!(
+            "  upstream TLS      {} verified, certificate subject {}",
+            rec["upstream_tls_version"].as_str().unwrap_or("?"),
+            rec["upstream_cert_subject"].as_str().unwrap_or("?")
+        ));
+        say(&format!(
+            "  request           {} {} -> {} in {:.1} ms, {} bytes back",
+            rec["method"].as_str().unwrap_or("?"),
+            rec["path"].as_str().unwrap_or("?"),
+            rec["status"],
+            rec["latency_ms"].as_f64().unwrap_or(0.0),
+            rec["response_bytes"]
+        ));
+        say(&format!(
+            "  connection        {} bytes up, {} bytes down, outcome {}",
+            conn["bytes_up"],
+            conn["bytes_down"],
+            conn["outcome"].as_str().unwrap_or("?")
+        ));
+        check_interrupt()?;
+
+        banner("5. the same client outside the protected cgroup is not redirected");
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "10",
+                "--cacert",
+            ])
+            .arg(self.dir.join("upstream-ca.pem"))
+            .arg(format!("https://{UPSTREAM}/json?bytes=200"))
+            .output()?;
+        say(&format!(
+            "status {} straight from the API (its own certificate); records still: {}",
+            String::from_utf8_lossy(&out.stdout),
+            self.records("requests").len()
+        ));
+
+        banner("6. phigate stops: SIGTERM drains; the programs stay pinned (fail closed)");
+        self.stop_agent()?;
+        let r = self.in_cgroup(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("https://{UPSTREAM}/json"),
+        ]);
+        say(&match r {
+            Ok(_) => "unexpected: the API answered while phigate was down".to_owned(),
+            Err(e) => format!(
+                "protected connect while phigate is down: refused ({})",
+                truncate(&e.to_string(), 80)
+            ),
+        });
+        Ok(())
+    }
+
+    fn start_upstream(&mut self) -> anyhow::Result<()> {
+        let d = &self.dir;
+        let ca = d.join("upstream-ca.pem");
+        let key = d.join("upstream.key");
+        let cert = d.join("upstream.pem");
+        std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.2,DNS:patients.demo.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")?;
+        let openssl = |args: &[&str]| -> anyhow::Result<()> {
+            exec(
+                Command::new("openssl")
+                    .args(args)
+                    .current_dir(d)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null()),
+            )
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "upstream-ca.key",
+            "-out",
+            "upstream-ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=demo API CA",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+        ])?;
+        openssl(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "upstream.key",
+            "-out",
+            "upstream.csr",
+            "-subj",
+            "/CN=patients.demo.test",
+        ])?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "upstream.csr",
+            "-CA",
+            "upstream-ca.pem",
+            "-CAkey",
+            "upstream-ca.key",
+            "-CAcreateserial",
+            "-out",
+            "upstream.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ])?;
+        let log = std::fs::File::create(d.join("upstream.log"))?;
+        let child = Command::new("node")
+            .arg(root_dir().join("tests/upstream/server.js"))
+            .args(["--host", "127.0.0.2", "--port", "9443", "--cert"])
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting node (is nodejs installed? `cargo xtask setup`)")?;
+        self.upstream = Some(child);
+        wait_port(UPSTREAM, Duration::from_secs(10))?;
+        say(&format!(
+            "listening; certificate {} signed by {}",
+            cert.display(),
+            ca.display()
+        ));
+        Ok(())
+    }
+
+    fn write_config(&self) -> anyhow::Result<()> {
+        let d = self.dir.display();
+        std::fs::write(
+            &self.config,
+            format!(
+                r#"[agent]
+listen = ["127.0.0.1:15001"]
+state_dir = "{d}/state"
+records_dir = "{d}/records"
+policies_dir = "{d}/policies"
+cgroup = "{cg}"
+bpf_pin_dir = "/sys/fs/bpf/phigate-demo"
+fail_mode = "closed"
+
+[[destinations]]
+name = "patients-api"
+addresses = ["{UPSTREAM}"]
+protocol = "https"
+upstream_ca = "{d}/upstream-ca.pem"
+"#,
+                cg = self.cgroup.display()
+            ),
+        )?;
+        Ok(())
+    }
+
+    fn start_agent(&mut self) -> anyhow::Result<()> {
+        let log = std::fs::File::create(self.dir.join("phigate.log"))?;
+        let child = Command::new(&self.bin)
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        self.agent = Some(child);
+        wait_port("127.0.0.1:15001", Duration::from_secs(15)).with_context(|| {
+            format!(
+                "phigate did not start; its log:\n{}",
+                std::fs::read_to_string(self.dir.join("phigate.log")).unwrap_or_default()
+            )
+        })?;
+        say("phigate is listening on 127.0.0.1:15001 (outside the protected cgroup)");
+        Ok(())
+    }
+
+    fn stop_agent(&mut self) -> anyhow::Result<()> {
+        if let Some(mut a) = self.agent.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(a.id() as i32, libc::SIGTERM) };
+            let status = a.wait()?;
+            say(&format!("phigate exited: {status}"));
+        }
+        Ok(())
+    }
+
+    /// Runs a command inside the protected cgroup; returns stdout or the error.
+    fn in_cgroup(&self, argv: &[&str]) -> anyhow::Result<String> {
+        let procs = self.cgroup.join("cgroup.procs");
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!("echo $$ > {} && exec \"$@\"", procs.display()))
+            .arg("sh")
+            .args(argv)
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "{} ({})",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                out.status
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn records(&self, table: &str) -> Vec<Value> {
+        std::fs::read_to_string(self.dir.join("records").join(format!("{table}.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    fn wait_record(&self, table: &str, n: usize) -> anyhow::Result<Value> {
+        let t = Instant::now();
+        loop {
+            let r = self.records(table);
+            if r.len() >= n {
+                return Ok(r[n - 1].clone());
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("no {table} record appeared");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn cleanup(&mut self) {
+        banner("cleaning up");
+        let _ = self.stop_agent();
+        if self.config.exists() {
+            let _ = Command::new(&self.bin)
+                .args(["detach", "--config"])
+                .arg(&self.config)
+                .status();
+        }
+        if let Some(mut u) = self.upstream.take() {
+            let _ = u.kill();
+            let _ = u.wait();
+        }
+        if self.ca_installed {
+            let _ = std::fs::remove_file(format!("/usr/local/share/ca-certificates/{CA_NAME}.crt"));
+            let _ = Command::new("update-ca-certificates")
+                .arg("--fresh")
+                .stdout(Stdio::null())
+                .status();
+            say("removed the demo CA from the trust store");
+        }
+        if self.cgroup.exists() {
+            let _ = std::fs::remove_dir(&self.cgroup);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        say("done");
+    }
+}
+
+fn wait_port(addr: &str, timeout: Duration) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        check_interrupt()?;
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    bail!("nothing listens on {addr} after {timeout:?}")
+}
+
+fn truncate(s: &str, n: usize) -> String {
+    let s = s.trim();
+    if s.len() <= n {
+        s.to_owned()
+    } else {
+        format!("{}…", &s[..n])
+    }
+}

@@ -1,0 +1,123 @@
+//! `cargo xtask <task>`: everything a fresh machine needs, in one place.
+//!
+//! - `setup`: install what building and testing need (idempotent; prints each step).
+//! - `test`:  setup, fmt, clippy, build, every test (what `.ci/run` runs).
+//! - `demo`:  setup, build, then a guided run of phigate on a demo API.
+//! - `bench`: side-by-side figures (`bench proxy`).
+
+mod bench;
+mod demo;
+mod setup;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "phigate project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the toolchain parts and packages building and testing need (idempotent).
+    Setup,
+    /// Run every check and test of the project (needs root: eBPF, netns, cgroups).
+    Test {
+        /// Only run tests whose name contains this.
+        filter: Option<String>,
+    },
+    /// Build and run the guided demo on a local demo API.
+    Demo,
+    /// Benchmarks, printed side by side with a peer in the same run.
+    Bench {
+        /// Which benchmark: `proxy`.
+        name: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let r = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Test { filter } => setup::run().and_then(|_| test(filter.as_deref())),
+        Task::Demo => setup::run().and_then(|_| demo::run()),
+        Task::Bench { name, duration } => setup::run().and_then(|_| bench::run(&name, duration)),
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn test(filter: Option<&str>) -> anyhow::Result<()> {
+    use util::{cargo, root_dir, step};
+    util::require_root("the tests load eBPF programs and create network namespaces and cgroups")?;
+    util::ensure_bpffs()?;
+    let root = root_dir();
+    let mut summary = Vec::new();
+    let mut run = |name: &str, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {
+        let t = std::time::Instant::now();
+        let r = step(name, f);
+        summary.push((name.to_owned(), t.elapsed(), r.is_ok()));
+        r
+    };
+    let result = (|| {
+        run("cargo fmt --check", &mut || {
+            cargo(&["fmt", "--all", "--", "--check"], &[])
+        })?;
+        run("cargo clippy -D warnings", &mut || {
+            cargo(
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+                &[],
+            )
+        })?;
+        run("cargo build --release", &mut || {
+            cargo(&["build", "--release", "-p", "phigate"], &[])
+        })?;
+        let bin = root.join("target/release/phigate");
+        let bin = bin.to_str().expect("utf-8 path").to_owned();
+        run("unit tests", &mut || {
+            let mut args = vec!["test", "--release", "-p", "phigate", "-p", "phigate-common"];
+            if let Some(f) = filter {
+                args.push(f);
+            }
+            cargo(&args, &[])
+        })?;
+        run("end-to-end tests", &mut || {
+            let mut args = vec!["test", "--release", "-p", "phigate-e2e", "--"];
+            if let Some(f) = filter {
+                args.push(f);
+            }
+            args.extend(["--test-threads", "2"]);
+            cargo(&args, &[("PHIGATE_BIN", bin.as_str())])
+        })?;
+        Ok(())
+    })();
+    println!("\n== summary");
+    for (name, d, ok) in &summary {
+        println!(
+            "  {} {:<28} {:>6.1}s",
+            if *ok { "ok  " } else { "FAIL" },
+            name,
+            d.as_secs_f64()
+        );
+    }
+    result
+}

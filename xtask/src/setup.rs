@@ -1,0 +1,221 @@
+//! `cargo xtask setup`: idempotent installation of what the build and the tests need.
+//! Each step says whether it did something or found it done.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+
+use crate::util::{exec, output, require_root, root_dir, succeeds};
+
+/// Debian packages the tests, the demo and the benchmarks use.
+const DEBIAN_PACKAGES: &[&str] = &[
+    "curl",
+    "openssl",
+    "ca-certificates",
+    "iproute2",
+    "bpftool",
+    "procps",
+    "psmisc",
+    "nginx-light",
+    "wrk",
+    "nodejs",
+];
+
+/// Python modules (import name, pip name).
+const PYTHON_PACKAGES: &[(&str, &str)] = &[("requests", "requests"), ("duckdb", "duckdb")];
+
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> anyhow::Result<()> {
+    println!("== setup");
+    rust_src()?;
+    bpf_linker()?;
+    debian_packages()?;
+    python_packages()?;
+    node_packages()?;
+    println!("== setup: done");
+    Ok(())
+}
+
+fn say(what: &str, state: &str) {
+    println!("[setup] {what}: {state}");
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    if !succeeds(Command::new("rustup").args(["run", "nightly", "rustc", "--version"])) {
+        say("nightly toolchain", "installing");
+        exec(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
+    } else {
+        say("nightly toolchain", "already installed");
+    }
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .unwrap_or_default();
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        say("rust-src (nightly)", "already installed");
+        return Ok(());
+    }
+    say("rust-src (nightly)", "installing");
+    exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// bpf-linker linked against the nightly toolchain's own LLVM (a system LLVM of the
+/// right version is not available here).
+fn bpf_linker() -> anyhow::Result<()> {
+    let version =
+        output(Command::new("rustup").args(["run", "nightly", "bpf-linker", "--version"]));
+    if version
+        .as_deref()
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
+        say(
+            "bpf-linker",
+            &format!("already installed ({})", version.unwrap_or_default()),
+        );
+        return Ok(());
+    }
+    say(
+        "bpf-linker",
+        &format!("building {BPF_LINKER_VERSION} against nightly's LLVM (about a minute)"),
+    );
+    let sysroot =
+        output(Command::new("rustup").args(["run", "nightly", "rustc", "--print", "sysroot"]))
+            .context("cannot find the nightly sysroot")?;
+    let lib = PathBuf::from(&sysroot).join("lib");
+    let llvm = std::fs::read_dir(&lib)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                n.starts_with("libLLVM.so.") || (n.starts_with("libLLVM-") && n.ends_with(".so"))
+            })
+        })
+        .with_context(|| format!("no libLLVM in {}", lib.display()))?;
+    let prefix = PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+        .join(".local/phigate-llvm");
+    std::fs::create_dir_all(prefix.join("lib"))?;
+    let link = prefix.join("lib/libLLVM.so");
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&llvm, &link)?;
+    exec(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+                "--locked",
+            ])
+            .env("LLVM_PREFIX", &prefix),
+    )
+}
+
+fn dpkg_installed(pkg: &str) -> bool {
+    output(Command::new("dpkg-query").args(["-W", "-f=${Status}", pkg]))
+        .is_some_and(|s| s.ends_with("install ok installed"))
+}
+
+fn debian_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        say("Debian packages", "already installed");
+        return Ok(());
+    }
+    require_root("installing Debian packages")?;
+    say(
+        "Debian packages",
+        &format!("installing {}", missing.join(" ")),
+    );
+    let install = |update: bool| -> anyhow::Result<()> {
+        if update {
+            exec(
+                Command::new("apt-get")
+                    .arg("update")
+                    .env("DEBIAN_FRONTEND", "noninteractive"),
+            )?;
+        }
+        exec(
+            Command::new("apt-get")
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    if install(false).is_err() {
+        install(true)?;
+    }
+    // nginx-light starts a default server on :80 when installed; the benchmarks run
+    // their own instances and need nothing from it.
+    let _ = Command::new("sh")
+        .args(["-c", "nginx -s stop 2>/dev/null; true"])
+        .status();
+    Ok(())
+}
+
+fn python_packages() -> anyhow::Result<()> {
+    let missing: Vec<&str> = PYTHON_PACKAGES
+        .iter()
+        .filter(|(import, _)| {
+            !succeeds(Command::new("python3").args(["-c", &format!("import {import}")]))
+        })
+        .map(|(_, pip)| *pip)
+        .collect();
+    if missing.is_empty() {
+        say("Python packages", "already installed");
+        return Ok(());
+    }
+    say(
+        "Python packages",
+        &format!("installing {}", missing.join(" ")),
+    );
+    exec(
+        Command::new("python3")
+            .args(["-m", "pip", "install", "--quiet"])
+            .args(&missing),
+    )
+}
+
+/// npm packages of the end-to-end tests (tests/node), when that package exists.
+fn node_packages() -> anyhow::Result<()> {
+    let dir = root_dir().join("tests/node");
+    if !dir.join("package.json").exists() {
+        return Ok(());
+    }
+    if dir.join("node_modules/.package-lock.json").exists() {
+        say("npm packages (tests/node)", "already installed");
+        return Ok(());
+    }
+    say("npm packages (tests/node)", "installing");
+    let lock = dir.join("package-lock.json").exists();
+    let status = Command::new("npm")
+        .args(if lock {
+            vec!["ci", "--no-audit", "--no-fund"]
+        } else {
+            vec!["install", "--no-audit", "--no-fund"]
+        })
+        .current_dir(&dir)
+        .status()?;
+    if !status.success() {
+        bail!("npm install in {} failed", dir.display());
+    }
+    Ok(())
+}

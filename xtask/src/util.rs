@@ -1,0 +1,100 @@
+//! Small helpers for running commands with clear output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context as _};
+
+pub fn root_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_owned()
+}
+
+/// Runs a named step, printing its start and outcome.
+pub fn step(name: &str, f: &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> {
+    println!("\n== {name}");
+    let r = f();
+    if let Err(e) = &r {
+        println!("== {name}: FAILED: {e:#}");
+    }
+    r
+}
+
+pub fn cargo(args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<()> {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.args(args).current_dir(root_dir());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    exec(&mut cmd)
+}
+
+/// Runs a command inheriting stdio; fails with the command line on a non-zero exit.
+pub fn exec(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command quietly; true when it exits 0.
+pub fn succeeds(cmd: &mut Command) -> bool {
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// Runs a command and returns its stdout (trimmed) when it exits 0.
+pub fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+pub fn require_root(why: &str) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("run this as root: {why} (e.g. `sudo -E cargo xtask ...`)");
+    }
+    Ok(())
+}
+
+/// Mounts bpffs at /sys/fs/bpf unless a bpf filesystem is mounted there already.
+pub fn ensure_bpffs() -> anyhow::Result<()> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if mounts.lines().any(|l| {
+        l.split(" - ").nth(1).is_some_and(|t| t.starts_with("bpf "))
+            && l.split(' ').nth(4) == Some("/sys/fs/bpf")
+    }) {
+        return Ok(());
+    }
+    std::fs::create_dir_all("/sys/fs/bpf").ok();
+    exec(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
+}
+
+/// The cgroup2 mount point, from /proc/self/mountinfo.
+pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+    mounts
+        .lines()
+        .find(|l| {
+            l.split(" - ")
+                .nth(1)
+                .is_some_and(|t| t.starts_with("cgroup2 "))
+        })
+        .and_then(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .context("no cgroup2 filesystem is mounted")
+}
