@@ -321,6 +321,11 @@ impl Exchange {
         parts: http::response::Parts,
         body: Incoming,
     ) -> Response<PhiBody> {
+        let announced = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
         let resp = self.finish_head(Response::from_parts(parts, ()));
         let response_bytes = Arc::new(AtomicU64::new(0));
         let counter = response_bytes.clone();
@@ -337,7 +342,8 @@ impl Exchange {
                 }
             }
             self.write();
-        });
+        })
+        .expecting(announced);
         body.finish_if_empty();
         resp.map(|()| boxed(body))
     }

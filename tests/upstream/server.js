@@ -1,7 +1,7 @@
 // A real HTTPS (HTTP/2 + HTTP/1.1) or plain HTTP upstream for phigate's end-to-end
 // tests and benchmarks. Node built-ins only.
 //
-//   node server.js --host 127.0.0.2 --port 9443 --cert c.pem --key k.pem [--plain]
+//   node server.js --host 127.0.0.2 --port 9443 --cert c.pem --key k.pem [--plain | --h1only]
 //
 // Routes:
 //   GET  /json?bytes=N     JSON document of about N bytes (FHIR-like Bundle)
@@ -17,6 +17,7 @@
 'use strict';
 const http = require('http');
 const http2 = require('http2');
+const https = require('https');
 const fs = require('fs');
 const crypto = require('crypto');
 
@@ -146,12 +147,16 @@ function onUpgrade(req, socket, head) {
 let server;
 if (args.plain) {
   server = http.createServer(handler);
+} else if (args.h1only) {
+  // HTTP/1.1 only: Node's http2 server does not emit 'upgrade' for HTTP/1 clients.
+  server = https.createServer({ cert: fs.readFileSync(args.cert), key: fs.readFileSync(args.key) }, handler);
+  server.on('secureConnection', () => { connections++; });
 } else {
   server = http2.createSecureServer({
     cert: fs.readFileSync(args.cert),
     key: fs.readFileSync(args.key),
     allowHTTP1: true,
-    ALPNProtocols: args.h1only ? ['http/1.1'] : ['h2', 'http/1.1'],
+    ALPNProtocols: ['h2', 'http/1.1'],
   }, handler);
   server.on('secureConnection', () => { connections++; });
 }

@@ -72,6 +72,10 @@ pub enum BodyEnd {
 pub struct Observed<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
+    /// The exact length announced (content-length), when there is one: once that
+    /// many bytes have passed the body is complete, even if the consumer, knowing
+    /// the length, never polls for the end.
+    expected: Option<u64>,
     on_end: Option<Box<dyn FnOnce(BodyEnd) + Send + Sync>>,
 }
 
@@ -84,8 +88,17 @@ impl<B> Observed<B> {
         Observed {
             inner,
             bytes,
+            expected: None,
             on_end: Some(Box::new(on_end)),
         }
+    }
+
+    /// The announced length (content-length) when the body cannot tell it itself.
+    pub fn expecting(mut self, len: Option<u64>) -> Self {
+        if self.expected.is_none() {
+            self.expected = len;
+        }
+        self
     }
 
     /// Counts bytes only.
@@ -93,6 +106,7 @@ impl<B> Observed<B> {
         Observed {
             inner,
             bytes,
+            expected: None,
             on_end: None,
         }
     }
@@ -139,7 +153,10 @@ where
                 }
                 // With a known length the consumer stops polling at the last byte and
                 // never sees `None`: that is the end too.
-                if this.inner.is_end_stream() {
+                let all = this
+                    .expected
+                    .is_some_and(|n| this.bytes.load(Ordering::Relaxed) >= n);
+                if all || this.inner.is_end_stream() {
                     this.end(BodyEnd::Complete);
                 }
                 Poll::Ready(Some(Ok(frame)))
