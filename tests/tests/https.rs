@@ -435,3 +435,93 @@ fn websocket_style_upgrades_are_relayed_and_recorded() {
     assert_eq!(r["upgraded"], true);
     assert_eq!(r["status"], 101);
 }
+
+#[test]
+fn head_expect_continue_and_trailers_pass() {
+    let h = Https::trusted("semantics");
+    let out = h.curl(&[
+        "-I",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("https://{UP}/json?bytes=100"),
+    ]);
+    assert_eq!(stdout(&out), "200", "HEAD: {}", stderr(&out));
+    let out = h.curl(&[
+        "--http1.1",
+        "-H",
+        "Expect: 100-continue",
+        "--data-binary",
+        "0123456789",
+        &format!("https://{UP}/upload"),
+    ]);
+    assert_eq!(
+        json(&stdout(&out))["received"],
+        10,
+        "100-continue: {}",
+        stderr(&out)
+    );
+    let out = h.curl(&["--http2", "-v", &format!("https://{UP}/trailers")]);
+    assert_eq!(stdout(&out), "body-with-trailers", "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("x-checksum: abc123"),
+        "trailers must pass: {}",
+        stderr(&out)
+    );
+    let recs = h.w.wait_records("requests", 3);
+    assert_eq!(recs[0]["method"], "HEAD");
+    assert!(recs.iter().all(|r| r["outcome"] == "complete"), "{recs:?}");
+}
+
+#[test]
+fn a_slow_upstream_is_answered_504_within_the_request_timeout() {
+    let h = Https::start("slow", "", "[timeouts]\nrequest_secs = 1", true);
+    let t = std::time::Instant::now();
+    let out = h.curl(&[
+        "-w",
+        "\n%{http_code}",
+        &format!("https://{UP}/slow?ms=5000"),
+    ]);
+    let text = stdout(&out);
+    assert_eq!(text.rsplit_once('\n').unwrap().1, "504", "{text}");
+    assert!(t.elapsed() < std::time::Duration::from_secs(4));
+    let r = &h.w.wait_records("requests", 1)[0];
+    assert_eq!(r["outcome"], "upstream_timeout");
+}
+
+#[test]
+fn non_http_bytes_inside_tls_are_closed_and_recorded() {
+    let h = Https::trusted("nothttp");
+    let ca = h.ca();
+    let _ = output(
+        h.w.inside(),
+        &["sh", "-c", &format!("printf 'this is not http at all\\r\\n\\r\\n' | timeout 5 openssl s_client -quiet -alpn http/1.1 -connect {UP} -CAfile {ca} 2>/dev/null")],
+    );
+    let c = &h.w.wait_records("connections", 1)[0];
+    assert_eq!(c["outcome"], "not_http", "{c}");
+    assert_eq!(c["tls_version"], "TLSv1_3");
+    assert!(
+        h.curl(&[&format!("https://{UP}/json")]).status.success(),
+        "the agent still serves"
+    );
+}
+
+#[test]
+fn ca_export_prints_the_ca_the_leaves_chain_to() {
+    let h = Https::trusted("ca-export");
+    let out = std::process::Command::new(phigate_bin())
+        .args(["ca", "export", "--config"])
+        .arg(h.w.config_path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let pem = std::fs::read_to_string(h.ca()).unwrap();
+    assert_eq!(stdout(&out), pem);
+    use std::os::unix::fs::PermissionsExt;
+    let key_mode = std::fs::metadata(h.w.path("state/ca-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(key_mode & 0o777, 0o600);
+}

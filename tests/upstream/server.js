@@ -111,12 +111,6 @@ function handler(req, res) {
     }
     case '/trailers': {
       res.setHeader('content-type', 'text/plain');
-      if (proto === 'h2') {
-        res.stream.respond({ ':status': 200, 'content-type': 'text/plain', 'x-upstream-proto': proto }, { waitForTrailers: true });
-        res.stream.on('wantTrailers', () => res.stream.sendTrailers({ 'x-checksum': 'abc123' }));
-        res.stream.end('body-with-trailers');
-        return;
-      }
       res.setHeader('trailer', 'x-checksum');
       res.write('body-with-trailers');
       res.addTrailers({ 'x-checksum': 'abc123' });

@@ -47,6 +47,9 @@ struct Figures {
 fn proxy(duration: u64) -> anyhow::Result<()> {
     require_root("the benchmark attaches phigate's eBPF programs")?;
     ensure_bpffs()?;
+    if crate::util::reexec_in_netns("phigate-bench")? {
+        return Ok(());
+    }
     cargo(&["build", "--release", "-p", "phigate"], &[])?;
     let bin = root_dir().join("target/release/phigate");
     let dir = std::env::temp_dir().join(format!("phigate-bench-{}", std::process::id()));
@@ -122,34 +125,63 @@ upstream_ca = "{d}/upstream-ca.pem"
     wait_port("127.0.0.1:15001")?;
 
     println!(
-        "\nworkload: wrk, {CONNECTIONS} connections, 2 threads, {duration}s each; upstream nginx (TLS) serving static JSON on this 2-core machine"
+        "\nworkload: wrk (2 threads; 1 for the 1-connection case), {duration}s each; upstream nginx (TLS) serving static JSON; all on this 2-core machine"
     );
-    let mut rows = Vec::new();
-    for (label, extra) in [
-        ("keep-alive", None),
-        ("new connection per request", Some("Connection: close")),
-    ] {
-        for file in ["1k.json", "64k.json"] {
-            if extra.is_some() && file == "64k.json" {
-                continue;
-            }
-            let direct = wrk(&format!("https://{UPSTREAM}/{file}"), extra, duration, None)?;
+    let measured = (|| -> anyhow::Result<Vec<(String, Figures, Figures, Figures)>> {
+        let mut rows = Vec::new();
+        // (label, header, file, connections): 64 connections measure throughput; one
+        // connection measures the latency a proxy adds without queueing.
+        let cases = [
+            ("keep-alive, 64 conns", None, "1k.json", CONNECTIONS),
+            ("keep-alive, 64 conns", None, "64k.json", CONNECTIONS),
+            (
+                "new conn per request, 64 conns",
+                Some("Connection: close"),
+                "1k.json",
+                CONNECTIONS,
+            ),
+            ("keep-alive, 1 conn", None, "1k.json", 1),
+        ];
+        for (label, extra, file, conns) in cases {
+            let direct = wrk(
+                &format!("https://{UPSTREAM}/{file}"),
+                extra,
+                duration,
+                None,
+                conns,
+            )?;
             let phigate = wrk(
                 &format!("https://{UPSTREAM}/{file}"),
                 extra,
                 duration,
                 Some(&cgroup),
+                conns,
             )?;
             let nginx = wrk(
                 &format!("https://{NGINX_PROXY}/{file}"),
                 extra,
                 duration,
                 None,
+                conns,
             )?;
             rows.push((format!("{label}, {file}"), direct, phigate, nginx));
         }
-    }
-
+        Ok(rows)
+    })();
+    let rows = match measured {
+        Ok(r) => r,
+        Err(e) => {
+            for log in ["nginx-error.log", "phigate.log"] {
+                let text = std::fs::read_to_string(dir.join(log)).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(15).collect();
+                eprintln!("--- {log} (last lines)");
+                for l in tail.iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+            return Err(e);
+        }
+    };
     println!("\n| workload | path | req/s | p50 | p99 | errors |");
     println!("|---|---|---:|---:|---:|---:|");
     for (w, d, p, n) in &rows {
@@ -184,10 +216,12 @@ fn wrk(
     header: Option<&str>,
     duration: u64,
     cgroup: Option<&Path>,
+    connections: u32,
 ) -> anyhow::Result<Figures> {
+    let threads = connections.min(2);
     let mut args: Vec<String> = vec![
-        "-t2".into(),
-        format!("-c{CONNECTIONS}"),
+        format!("-t{threads}"),
+        format!("-c{connections}"),
         format!("-d{duration}s"),
         "--latency".into(),
     ];
@@ -290,7 +324,7 @@ fn json_of(size: usize) -> String {
 fn certs(dir: &Path) -> anyhow::Result<()> {
     std::fs::write(
         dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.2,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        "subjectAltName=IP:127.0.0.2,IP:127.0.0.1,DNS:bench.upstream.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
     )?;
     let openssl = |args: &[&str]| -> anyhow::Result<()> {
         exec(
@@ -393,7 +427,9 @@ http {{
             proxy_set_header Connection "";
             proxy_ssl_verify on;
             proxy_ssl_trusted_certificate {d}/upstream-ca.pem;
-            proxy_ssl_name 127.0.0.2;
+            # nginx checks DNS names only (not IP SANs): verify by name.
+            proxy_ssl_name bench.upstream.test;
+            proxy_ssl_server_name on;
             proxy_ssl_session_reuse on;
         }}
     }}

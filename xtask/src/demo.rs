@@ -30,13 +30,19 @@ const CA_NAME: &str = "phigate-demo-ca";
 
 pub fn run() -> anyhow::Result<()> {
     require_root("the demo attaches eBPF programs to a cgroup")?;
+    // Build first (outside), then run the tour in a network namespace of its own.
+    if std::env::var_os("PHIGATE_XTASK_NETNS").is_none() {
+        banner("building phigate (release)");
+        cargo(&["build", "--release", "-p", "phigate"], &[])?;
+    }
+    if crate::util::reexec_in_netns("phigate-demo")? {
+        return Ok(());
+    }
     // SAFETY: installing a handler that only stores to an atomic.
     unsafe {
         libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
     }
     ensure_bpffs()?;
-    banner("building phigate (release)");
-    cargo(&["build", "--release", "-p", "phigate"], &[])?;
     let bin = root_dir().join("target/release/phigate");
 
     let mut demo = Demo::new(bin)?;

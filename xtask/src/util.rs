@@ -98,3 +98,47 @@ pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
         .map(PathBuf::from)
         .context("no cgroup2 filesystem is mounted")
 }
+
+extern "C" fn ignore_signal(_: libc::c_int) {}
+
+/// Runs this same xtask command again inside a fresh network namespace with only
+/// loopback, so the demo and benchmarks never collide with ports of the host.
+/// Returns `true` when the child did the work (the caller just returns), `false`
+/// when already inside.
+pub fn reexec_in_netns(name: &str) -> anyhow::Result<bool> {
+    const MARK: &str = "PHIGATE_XTASK_NETNS";
+    if std::env::var_os(MARK).is_some() {
+        return Ok(false);
+    }
+    let _ = Command::new("ip")
+        .args(["netns", "del", name])
+        .stderr(Stdio::null())
+        .status();
+    exec(Command::new("ip").args(["netns", "add", name]))?;
+    let result = (|| {
+        exec(Command::new("ip").args(["-n", name, "link", "set", "lo", "up"]))?;
+        // Ctrl-C reaches the child too; it cleans up, this process waits for it.
+        // A handler (not SIG_IGN) so the child starts with the default disposition.
+        // SAFETY: installing a handler that does nothing.
+        unsafe {
+            libc::signal(
+                libc::SIGINT,
+                ignore_signal as *const () as libc::sighandler_t,
+            )
+        };
+        let status = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{name}"))
+            .arg("--")
+            .arg(std::env::current_exe()?)
+            .args(std::env::args_os().skip(1))
+            .env(MARK, name)
+            .status()
+            .context("running nsenter")?;
+        if !status.success() {
+            bail!("{status}");
+        }
+        Ok(())
+    })();
+    let _ = Command::new("ip").args(["netns", "del", name]).status();
+    result.map(|()| true)
+}
