@@ -113,6 +113,13 @@ fn curl_over_http2_and_http1_is_intercepted_and_recorded() {
         assert_eq!(r["outcome"], "complete", "{r}");
         assert!(r["response_bytes"].as_u64().unwrap() >= 500);
     }
+    for c in h.w.wait_records("connections", 2) {
+        assert_eq!(
+            c["outcome"], "closed",
+            "a client that hangs up normally: {c}"
+        );
+        assert_eq!(c["requests"], 1);
+    }
 }
 
 #[test]

@@ -117,7 +117,7 @@ impl Demo {
         check_interrupt()?;
 
         banner(&format!(
-            "4. an unchanged client in the protected cgroup: curl https://{UPSTREAM}/Patient/123"
+            "4. an unchanged client in the protected cgroup: curl https://{UPSTREAM}/json"
         ));
         let body = self.in_cgroup(&[
             "curl",
@@ -129,7 +129,7 @@ impl Demo {
         ])?;
         say(&format!("response: {}", truncate(&body, 160)));
         let rec = self.wait_record("requests", 1)?;
-        let conn = self.wait_record("connections", 1)?;
+        let conn = self.wait_connection(rec["connection_id"].as_str().unwrap_or_default())?;
         say("what phigate saw and recorded:");
         say(&format!(
             "  redirected        yes: original destination {}",
@@ -341,12 +341,23 @@ upstream_ca = "{d}/upstream-ca.pem"
             .stderr(log)
             .spawn()?;
         self.agent = Some(child);
-        wait_port("127.0.0.1:15001", Duration::from_secs(15)).with_context(|| {
-            format!(
-                "phigate did not start; its log:\n{}",
-                std::fs::read_to_string(self.dir.join("phigate.log")).unwrap_or_default()
-            )
-        })?;
+        // "ready": the programs are attached and the destinations loaded.
+        let log = self.dir.join("phigate.log");
+        let t = Instant::now();
+        while !std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.trim_end().ends_with(" ready"))
+        {
+            check_interrupt()?;
+            if t.elapsed() > Duration::from_secs(15) {
+                bail!(
+                    "phigate did not start; its log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         say("phigate is listening on 127.0.0.1:15001 (outside the protected cgroup)");
         Ok(())
     }
@@ -402,6 +413,24 @@ upstream_ca = "{d}/upstream-ca.pem"
         }
     }
 
+    /// The connection record with this id (written when the connection closes).
+    fn wait_connection(&self, id: &str) -> anyhow::Result<Value> {
+        let t = Instant::now();
+        loop {
+            if let Some(c) = self
+                .records("connections")
+                .into_iter()
+                .find(|c| c["connection_id"] == id)
+            {
+                return Ok(c);
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("no connection record for {id}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn cleanup(&mut self) {
         banner("cleaning up");
         let _ = self.stop_agent();
@@ -420,6 +449,7 @@ upstream_ca = "{d}/upstream-ca.pem"
             let _ = Command::new("update-ca-certificates")
                 .arg("--fresh")
                 .stdout(Stdio::null())
+                .stderr(Stdio::null())
                 .status();
             say("removed the demo CA from the trust store");
         }

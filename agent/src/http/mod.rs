@@ -92,6 +92,18 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> (Outcome, Option<String>) 
             return (Outcome::IdleTimeout, Some(h.to_string()));
         }
     }
+    // Clients often hang up without a TLS close_notify, or reset, once done: the
+    // connection ended, it did not fail.
+    if let Some(io) = body::find_in_chain::<std::io::Error>(e) {
+        use std::io::ErrorKind::*;
+        match io.kind() {
+            UnexpectedEof => return (Outcome::Closed, None),
+            ConnectionReset | ConnectionAborted | BrokenPipe => {
+                return (Outcome::Closed, Some(format!("client {io}")))
+            }
+            _ => {}
+        }
+    }
     let text = e.to_string();
     if text.contains("invalid HTTP/2 preface") || text.contains("connection error: PROTOCOL_ERROR")
     {
