@@ -44,7 +44,7 @@ pub struct ConnContext {
     pub protocol: Protocol,
     pub original_dst: SocketAddr,
     pub client_addr: SocketAddr,
-    pub workload: Workload,
+    pub workload: Arc<Workload>,
     pub tls: Option<ClientTls>,
     /// Requests seen on this connection.
     pub requests: AtomicU64,

@@ -48,7 +48,7 @@ pub struct Inbound {
     pub client: TcpStream,
     pub client_addr: SocketAddr,
     pub attested: Attested,
-    pub workload: Workload,
+    pub workload: Arc<Workload>,
     pub started: SystemTime,
     pub t0: Instant,
 }
@@ -57,7 +57,7 @@ pub struct Inbound {
 pub struct Redirected {
     pub original_dst: SocketAddr,
     pub client_addr: SocketAddr,
-    pub workload: Workload,
+    pub workload: Arc<Workload>,
 }
 
 impl Inbound {
@@ -136,7 +136,7 @@ impl Proxy {
             client,
             client_addr: peer,
             attested,
-            workload,
+            workload: Arc::new(workload),
             started,
             t0,
         };
@@ -252,7 +252,7 @@ impl Proxy {
             protocol: protocol.map(Protocol::as_str),
             original_dst: Some(inbound.attested.original_dst.to_string()),
             client_addr: inbound.client_addr.to_string(),
-            workload: Some(inbound.workload.clone()),
+            workload: Some(Arc::clone(&inbound.workload)),
             bytes_up: 0,
             bytes_down: 0,
             sni: None,

@@ -9,7 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -60,7 +60,7 @@ pub struct ConnectionRecord {
     pub original_dst: Option<String>,
     pub client_addr: String,
     #[serde(flatten)]
-    pub workload: Option<Workload>,
+    pub workload: Option<Arc<Workload>>,
     pub bytes_up: u64,
     pub bytes_down: u64,
     /// TLS facts of the client side, when the connection was TLS.
@@ -86,7 +86,7 @@ pub struct RequestRecord {
     pub original_dst: String,
     pub client_addr: String,
     #[serde(flatten)]
-    pub workload: Workload,
+    pub workload: Arc<Workload>,
     /// TLS as negotiated with the client (None for plain HTTP destinations).
     pub sni: Option<String>,
     pub tls_version: Option<String>,
@@ -222,11 +222,11 @@ mod tests {
             protocol: Some("tcp"),
             original_dst: Some("127.0.0.2:9443".into()),
             client_addr: "127.0.0.1:40000".into(),
-            workload: Some(Workload {
+            workload: Some(Arc::new(Workload {
                 pid: 42,
                 comm: "curl".into(),
                 ..Workload::default()
-            }),
+            })),
             bytes_up: 10,
             bytes_down: 20,
             sni: None,

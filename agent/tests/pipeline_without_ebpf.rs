@@ -1,0 +1,127 @@
+//! The L7 path without eBPF: the original-destination lookup is a trait, so a
+//! `StaticOrigDst` stands in for the kernel maps and the rest (accept, identity,
+//! HTTP pipeline, forwarding, records) is the real code.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use phigate::config::Config;
+use phigate::identity::IdentityResolver;
+use phigate::proxy::Proxy;
+use phigate::record::JsonLinesSink;
+use phigate::redirect::{Attested, StaticOrigDst};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// A one-shot HTTP/1.1 upstream that answers every request with a fixed body.
+fn upstream() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let mut s = s.unwrap();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = s.read(&mut buf).unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    seen.extend_from_slice(&buf[..n]);
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 11\r\ncontent-type: application/json\r\n\r\n{\"ok\":true}").unwrap();
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = upstream();
+    let cfg = format!(
+        "[agent]\nlisten = \"127.0.0.1:15001\"\nstate_dir = \"{d}/state\"\nrecords_dir = \"{d}/records\"\n[[destinations]]\nname = \"api\"\naddresses = [\"{up}\"]\nprotocol = \"http\"\n",
+        d = dir.path().display()
+    );
+    let config = Config::parse(&dir.path().join("phigate.toml"), &cfg).unwrap();
+    let records = Arc::new(JsonLinesSink::new(dir.path().join("records")).unwrap());
+    let ca = Arc::new(phigate::app::load_ca(&config).unwrap());
+    let lookup = Arc::new(StaticOrigDst::default());
+    let proxy = Arc::new(Proxy {
+        pipeline: ArcSwap::from_pointee(
+            phigate::app::build_pipeline(&config, records.clone()).unwrap(),
+        ),
+        minter: Arc::new(phigate::tls::LeafMinter::new(ca, 16).unwrap()),
+        config: ArcSwap::from_pointee(config),
+        lookup: lookup.clone(),
+        identity: IdentityResolver::new(std::env::temp_dir()),
+        records,
+        stop_accepting: CancellationToken::new(),
+        force_close: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent = listener.local_addr().unwrap();
+    tokio::spawn(Arc::clone(&proxy).serve(listener));
+
+    let me = std::process::id();
+    let body = tokio::task::spawn_blocking(move || {
+        // Bind first so the lookup can be filled before the connection exists.
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        let local = sock.local_addr().unwrap().as_socket().unwrap();
+        lookup.insert(
+            local,
+            Attested {
+                original_dst: up,
+                dest_id: 0,
+                pid: me,
+                tid: me,
+                uid: 0,
+                gid: 0,
+                comm: "pipeline-test".into(),
+                cgroup_id: 0,
+                socket_cookie: 1,
+            },
+        );
+        sock.connect(&agent.into()).unwrap();
+        let mut s: TcpStream = sock.into();
+        s.write_all(b"GET /Patient/1 HTTP/1.1\r\nHost: api\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .await
+    .unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.ends_with("{\"ok\":true}"), "{body}");
+    assert!(
+        body.to_ascii_lowercase().contains("x-phigate-request-id"),
+        "{body}"
+    );
+
+    let path = dir.path().join("records/requests.jsonl");
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(&path).unwrap_or_default();
+        if !text.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let rec: serde_json::Value =
+        serde_json::from_str(text.lines().next().expect("a request record")).unwrap();
+    assert_eq!(rec["path"], "/Patient/1");
+    assert_eq!(rec["status"], 200);
+    assert_eq!(rec["comm"], "pipeline-test");
+    assert_eq!(rec["destination"], "api");
+    assert_eq!(rec["original_dst"], up.to_string());
+    assert_eq!(rec["outcome"], "complete");
+}
