@@ -338,3 +338,48 @@ fn startup_errors_name_the_problem() {
         stderr(&out)
     );
 }
+
+#[test]
+fn sighup_reloads_destinations_and_a_broken_config_changes_nothing() {
+    let mut w = tcp_world("reload", "", "\"127.0.0.2:9443\"");
+    let _a = CountingServer::start(&w.netns, UP, "a");
+    let b = CountingServer::start(&w.netns, "127.0.0.2:9447", "b");
+    w.start_agent(false);
+    let hup = |w: &World| {
+        // SAFETY: signalling our child.
+        unsafe { libc::kill(w.agent_pid() as i32, libc::SIGHUP) };
+    };
+
+    // 9447 is not protected yet: direct.
+    assert_eq!(stdout(&curl(w.inside(), "http://127.0.0.2:9447/")), "b");
+    assert!(w.records("connections").is_empty());
+
+    // Protect it: the maps are updated in place.
+    w.write_config(&format!(
+        "{}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"127.0.0.2:9443\", \"127.0.0.2:9447\"]\nprotocol = \"tcp\"\n",
+        w.agent_section("")
+    ));
+    hup(&w);
+    wait_until("the reload", Duration::from_secs(5), || {
+        w.agent_log().contains("config reloaded")
+    })
+    .unwrap();
+    assert_eq!(stdout(&curl(w.inside(), "http://127.0.0.2:9447/")), "b");
+    let r = &w.wait_records("connections", 1)[0];
+    assert_eq!(r["original_dst"], "127.0.0.2:9447");
+
+    // A broken file is rejected with its line; the running config keeps serving.
+    w.write_config(&format!(
+        "{}\n[[destinations]]\nname = \"x\"\n",
+        w.agent_section("")
+    ));
+    hup(&w);
+    wait_until("the rejection", Duration::from_secs(5), || {
+        w.agent_log().contains("config reload rejected")
+    })
+    .unwrap();
+    assert!(w.agent_log().contains("phigate.toml:"), "{}", w.agent_log());
+    assert_eq!(stdout(&curl(w.inside(), "http://127.0.0.2:9447/")), "b");
+    assert_eq!(w.wait_records("connections", 2).len(), 2);
+    assert_eq!(b.connections(), 3);
+}
