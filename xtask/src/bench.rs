@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 
-use crate::util::{cargo, cgroup2_root, ensure_bpffs, exec, require_root, root_dir};
+use crate::util::{cargo, cgroup2_root, ensure_bpffs, make_pki, require_root, root_dir};
 
 pub fn run(name: &str, duration: u64) -> anyhow::Result<()> {
     match name {
@@ -72,7 +72,11 @@ fn proxy(duration: u64) -> anyhow::Result<()> {
         }));
     }
 
-    certs(&dir)?;
+    make_pki(
+        &dir,
+        "bench CA",
+        "IP:127.0.0.2,IP:127.0.0.1,DNS:bench.upstream.test",
+    )?;
     for (name, size) in [("1k.json", 1024usize), ("64k.json", 64 * 1024)] {
         std::fs::write(dir.join("www").join(name), json_of(size))?;
     }
@@ -319,72 +323,6 @@ fn json_of(size: usize) -> String {
         s.push(' ');
     }
     s
-}
-
-fn certs(dir: &Path) -> anyhow::Result<()> {
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.2,IP:127.0.0.1,DNS:bench.upstream.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )?;
-    let openssl = |args: &[&str]| -> anyhow::Result<()> {
-        exec(
-            Command::new("openssl")
-                .args(args)
-                .current_dir(dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "upstream-ca.key",
-        "-out",
-        "upstream-ca.pem",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=bench CA",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-    ])?;
-    openssl(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "server.key",
-        "-out",
-        "server.csr",
-        "-subj",
-        "/CN=bench",
-    ])?;
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "server.csr",
-        "-CA",
-        "upstream-ca.pem",
-        "-CAkey",
-        "upstream-ca.key",
-        "-CAcreateserial",
-        "-out",
-        "server.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "ext.cnf",
-    ])
 }
 
 fn nginx_conf(dir: &Path) -> String {

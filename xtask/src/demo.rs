@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use serde_json::Value;
 
-use crate::util::{cargo, cgroup2_root, ensure_bpffs, exec, require_root, root_dir};
+use crate::util::{cargo, cgroup2_root, ensure_bpffs, make_pki, require_root, root_dir, Pki};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -222,69 +222,8 @@ impl Demo {
 
     fn start_upstream(&mut self) -> anyhow::Result<()> {
         let d = &self.dir;
-        let ca = d.join("upstream-ca.pem");
-        let key = d.join("upstream.key");
-        let cert = d.join("upstream.pem");
-        std::fs::write(d.join("ext.cnf"), "subjectAltName=IP:127.0.0.2,DNS:patients.demo.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")?;
-        let openssl = |args: &[&str]| -> anyhow::Result<()> {
-            exec(
-                Command::new("openssl")
-                    .args(args)
-                    .current_dir(d)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null()),
-            )
-        };
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "upstream-ca.key",
-            "-out",
-            "upstream-ca.pem",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=demo API CA",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-        ])?;
-        openssl(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "upstream.key",
-            "-out",
-            "upstream.csr",
-            "-subj",
-            "/CN=patients.demo.test",
-        ])?;
-        openssl(&[
-            "x509",
-            "-req",
-            "-in",
-            "upstream.csr",
-            "-CA",
-            "upstream-ca.pem",
-            "-CAkey",
-            "upstream-ca.key",
-            "-CAcreateserial",
-            "-out",
-            "upstream.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ])?;
+        let Pki { ca, cert, key } =
+            make_pki(d, "demo API CA", "IP:127.0.0.2,DNS:patients.demo.test")?;
         let log = std::fs::File::create(d.join("upstream.log"))?;
         let child = Command::new("node")
             .arg(root_dir().join("tests/upstream/server.js"))

@@ -142,3 +142,93 @@ pub fn reexec_in_netns(name: &str) -> anyhow::Result<bool> {
     let _ = Command::new("ip").args(["netns", "del", name]).status();
     result.map(|()| true)
 }
+
+/// Files of a test PKI made by [`make_pki`].
+pub struct Pki {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// A CA and a server certificate signed by it (P-256, two days), made with openssl in
+/// `dir`: `upstream-ca.pem`, `server.pem`, `server.key`. `sans` e.g.
+/// `IP:127.0.0.2,DNS:api.test`.
+pub fn make_pki(dir: &Path, ca_name: &str, sans: &str) -> anyhow::Result<Pki> {
+    std::fs::write(
+        dir.join("ext.cnf"),
+        format!("subjectAltName={sans}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n"),
+    )?;
+    let openssl = |args: &[&str]| -> anyhow::Result<()> {
+        exec(
+            Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let ca_subj = format!("/CN={ca_name}");
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &[
+                "-keyout",
+                "upstream-ca.key",
+                "-out",
+                "upstream-ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                &ca_subj,
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+            ],
+        ]
+        .concat(),
+    )?;
+    openssl(
+        &[
+            &["req"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=upstream",
+            ],
+        ]
+        .concat(),
+    )?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "upstream-ca.pem",
+        "-CAkey",
+        "upstream-ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ])?;
+    Ok(Pki {
+        ca: dir.join("upstream-ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    })
+}
