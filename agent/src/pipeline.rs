@@ -70,6 +70,15 @@ impl Pipeline {
         conn.in_flight.fetch_add(1, Ordering::Relaxed);
         let ex = Exchange::begin(&self, &conn, &req);
 
+        // 0. nothing passes unrecorded: while records cannot be written, refuse.
+        if !self.records.writable() {
+            return Ok(ex.answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "records_unavailable",
+                "phigate cannot write its audit records; requests are refused until it can",
+            ));
+        }
+
         // 1. identify: the caller is the kernel-attested workload of the connection.
         // 2. authorize: no policy engine is configured at this stage; the request is
         //    allowed and recorded as such.

@@ -102,6 +102,7 @@ impl Proxy {
         let t0 = Instant::now();
         let peer = normalize(peer);
         let id = new_id();
+
         let attested = match self.lookup.take(peer) {
             Ok(Some(a)) => a,
             Ok(None) => {
@@ -168,6 +169,12 @@ impl Proxy {
         let client = Metered::new(client, Arc::clone(&meter));
         let original_dst = conn.original_dst;
         let (outcome, error) = match dest.protocol {
+            // Fail closed: a connection that cannot be recorded is not relayed. (HTTP
+            // destinations answer 503 per request instead, in the pipeline.)
+            Protocol::Tcp if !self.records.writable() => (
+                Outcome::RecordsUnavailable,
+                Some("records cannot be written".into()),
+            ),
             Protocol::Tcp => {
                 tcp::relay(
                     client,

@@ -9,6 +9,7 @@ use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -43,6 +44,8 @@ pub enum Outcome {
     NotHttp,
     /// A passthrough host: relayed as TCP without inspection.
     Uninspected,
+    /// Records could not be written: the connection was refused (fail closed).
+    RecordsUnavailable,
 }
 
 /// One row of the `connections` table.
@@ -131,13 +134,30 @@ pub struct RecordError {
 pub trait RecordSink: Send + Sync + 'static {
     fn connection(&self, rec: &ConnectionRecord) -> Result<(), RecordError>;
     fn request(&self, rec: &RequestRecord) -> Result<(), RecordError>;
+    /// False while records cannot be written: new exchanges are then refused (fail
+    /// closed). Implementations re-check the condition, so this recovers by itself.
+    fn writable(&self) -> bool {
+        true
+    }
 }
 
 /// Appends each record as one JSON line to `<dir>/<table>.jsonl` (files 0600).
 pub struct JsonLinesSink {
     dir: PathBuf,
     files: Mutex<HashMap<&'static str, File>>,
+    /// Set by a failed write, cleared when writing works again.
+    failing: AtomicBool,
+    /// Free space is checked at most every SPACE_CHECK_MS, so a filling disk refuses
+    /// new exchanges before a record is lost, at the cost of one statvfs per period.
+    space_checked_ms: AtomicU64,
+    space_ok: AtomicBool,
+    t0: std::time::Instant,
 }
+
+const SPACE_CHECK_MS: u64 = 100;
+
+/// Free space below which the sink does not consider itself writable again.
+const MIN_FREE_BYTES: u64 = 1 << 20;
 
 impl JsonLinesSink {
     pub fn new(dir: PathBuf) -> std::io::Result<Self> {
@@ -145,6 +165,10 @@ impl JsonLinesSink {
         Ok(JsonLinesSink {
             dir,
             files: Mutex::new(HashMap::new()),
+            failing: AtomicBool::new(false),
+            space_checked_ms: AtomicU64::new(0),
+            space_ok: AtomicBool::new(true),
+            t0: std::time::Instant::now(),
         })
     }
 
@@ -170,8 +194,55 @@ impl JsonLinesSink {
                 files.entry(table).or_insert(f)
             }
         };
-        // One write per line: concurrent appenders never interleave within a line.
-        file.write_all(&line).map_err(err)
+        // One write per line: concurrent appenders never interleave within a line. A
+        // failed write (disk full) is cut back so no torn line stays behind.
+        let before = file.metadata().map(|m| m.len()).ok();
+        match file.write_all(&line) {
+            Ok(()) => {
+                self.failing.store(false, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                if let Some(len) = before {
+                    let _ = file.set_len(len);
+                }
+                self.failing.store(true, Ordering::Relaxed);
+                Err(err(e))
+            }
+        }
+    }
+
+    fn has_room(&self) -> bool {
+        nix::sys::statvfs::statvfs(&self.dir)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()) >= MIN_FREE_BYTES)
+            .unwrap_or(false)
+    }
+
+    /// The cached free-space verdict, refreshed every SPACE_CHECK_MS.
+    fn room_cached(&self) -> bool {
+        let now = self.t0.elapsed().as_millis() as u64 + SPACE_CHECK_MS;
+        let last = self.space_checked_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= SPACE_CHECK_MS
+            && self
+                .space_checked_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.space_ok.store(self.has_room(), Ordering::Relaxed);
+        }
+        self.space_ok.load(Ordering::Relaxed)
+    }
+
+    /// After a failure: writable again once the directory accepts files and has room.
+    fn probe(&self) -> bool {
+        let room = self.has_room();
+        let opens = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .open(self.dir.join("requests.jsonl"))
+            .is_ok();
+        room && opens
     }
 }
 
@@ -182,6 +253,17 @@ impl RecordSink for JsonLinesSink {
 
     fn request(&self, rec: &RequestRecord) -> Result<(), RecordError> {
         self.append("requests", rec)
+    }
+
+    fn writable(&self) -> bool {
+        if !self.failing.load(Ordering::Relaxed) {
+            return self.room_cached();
+        }
+        if self.probe() {
+            self.failing.store(false, Ordering::Relaxed);
+            return true;
+        }
+        false
     }
 }
 
