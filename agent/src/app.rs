@@ -127,11 +127,16 @@ fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) {
         }
     };
     let old = proxy.config.load();
-    if new.agent != old.agent {
-        warn!("[agent] settings changed; they take effect at the next restart (destinations and timeouts reload now)");
-    }
+    // fail_mode and mark apply live (they are eBPF settings); listeners, directories,
+    // cgroup and CA need a restart.
     let mut next = new;
-    next.agent = old.agent.clone();
+    let mut kept = old.agent.clone();
+    kept.fail_mode = next.agent.fail_mode;
+    kept.mark = next.agent.mark;
+    if next.agent != kept || next.tls != old.tls {
+        warn!("[agent] listeners, directories, cgroup or [tls] changed: they take effect at the next restart");
+    }
+    next.agent = kept;
     next.tls = old.tls.clone();
     let pipeline = match build_pipeline(&next, proxy.records.clone()) {
         Ok(p) => p,
@@ -140,11 +145,18 @@ fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) {
             return;
         }
     };
+    if next.agent != old.agent {
+        let settings = redirect_settings(&next, redirector.cgroup().to_owned());
+        if let Err(e) = redirector.update_settings(&settings) {
+            error!(error = %e, "updating the redirect settings failed; the running config stays");
+            return;
+        }
+    }
     if let Err(e) = redirector.set_destinations(&dest_entries(&next)) {
         error!(error = %e, "updating the redirect maps failed; the running config stays");
         return;
     }
-    info!(destinations = next.destinations.len(), "config reloaded");
+    info!(destinations = next.destinations.len(), fail_mode = ?next.agent.fail_mode, "config reloaded");
     proxy.pipeline.store(Arc::new(pipeline));
     proxy.config.store(Arc::new(next));
 }

@@ -383,3 +383,32 @@ fn sighup_reloads_destinations_and_a_broken_config_changes_nothing() {
     assert_eq!(w.wait_records("connections", 2).len(), 2);
     assert_eq!(b.connections(), 3);
 }
+
+#[test]
+fn fail_mode_changes_on_reload_without_a_restart() {
+    let mut w = tcp_world("failmode", "fail_mode = \"closed\"", "\"127.0.0.2:9443\"");
+    let up = CountingServer::start(&w.netns, UP, "served");
+    w.start_agent(false);
+    w.write_config(&format!(
+        "{}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"127.0.0.2:9443\"]\nprotocol = \"tcp\"\n",
+        w.agent_section("fail_mode = \"open\"")
+    ));
+    // SAFETY: signalling our child.
+    unsafe { libc::kill(w.agent_pid() as i32, libc::SIGHUP) };
+    wait_until("the reload", Duration::from_secs(5), || {
+        w.agent_log().contains("config reloaded")
+    })
+    .unwrap();
+    assert!(
+        w.agent_log().contains("fail_mode=Open"),
+        "{}",
+        w.agent_log()
+    );
+    w.kill9();
+    // Now open: with no agent, the connect goes straight through.
+    assert_eq!(
+        stdout(&curl(w.inside(), "http://127.0.0.2:9443/")),
+        "served"
+    );
+    assert_eq!(up.connections(), 1);
+}
