@@ -20,6 +20,7 @@ use crate::identity::IdentityResolver;
 use crate::pipeline::Pipeline;
 use crate::preflight;
 use crate::proxy::Proxy;
+use crate::record::pseudonym::Pseudonymizer;
 use crate::record::{JsonLinesSink, RecordSink};
 use crate::redirect::bpf::DestEntry;
 use crate::redirect::{RedirectSettings, Redirector};
@@ -186,7 +187,12 @@ pub fn build_pipeline(config: &Config, records: Arc<dyn RecordSink>) -> anyhow::
                 .with_context(|| format!("destination `{}`: upstream trust roots", d.name))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let pseudonyms = Pseudonymizer::load_or_create(
+        &config.agent.state_dir,
+        config.records.patient_path_segments.clone(),
+    )?;
     Ok(Pipeline {
+        pseudonyms: Arc::new(pseudonyms),
         forwarder: Forwarder::new(
             tls,
             config.agent.mark,

@@ -38,10 +38,26 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Auditor tools.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// The local certificate authority clients must trust.
     Ca {
         #[command(subcommand)]
         command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCommand {
+    /// Print the pseudonym under which records hold a patient id (to query by patient).
+    Pseudonym {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The patient id as it appears in request paths (e.g. the FHIR Patient id).
+        value: String,
     },
 }
 
@@ -111,6 +127,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             for p in &report.removed {
                 println!("detached {}", p.display());
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command: AuditCommand::Pseudonym { config, value },
+        } => {
+            let config = Config::load(&config)?;
+            let p = crate::record::pseudonym::Pseudonymizer::load_or_create(
+                &config.agent.state_dir,
+                config.records.patient_path_segments.clone(),
+            )?;
+            println!("{}", p.pseudonym(&value));
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca { command } => {

@@ -215,7 +215,24 @@ pub struct Config {
     pub timeouts: Timeouts,
     pub limits: Limits,
     pub tls: TlsSection,
+    pub records: RecordsSection,
     pub destinations: Vec<Destination>,
+}
+
+/// What records keep and what they pseudonymize.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordsSection {
+    /// Path segments after which the next segment is a patient id, recorded only as a
+    /// keyed pseudonym (FHIR: `Patient/{id}`).
+    pub patient_path_segments: Vec<String>,
+}
+
+impl Default for RecordsSection {
+    fn default() -> Self {
+        RecordsSection {
+            patient_path_segments: vec!["Patient".into()],
+        }
+    }
 }
 
 /// The local CA. By default phigate creates one in `state_dir`; an operator may
@@ -254,6 +271,7 @@ struct RawConfig {
     timeouts: Option<RawTimeouts>,
     limits: Option<RawLimits>,
     tls: Option<Spanned<RawTls>>,
+    records: Option<RawRecords>,
     #[serde(default)]
     destinations: Vec<Spanned<RawDestination>>,
 }
@@ -284,6 +302,12 @@ struct RawTimeouts {
     request_secs: Option<Spanned<u64>>,
     max_connection_lifetime_secs: Option<Spanned<u64>>,
     drain_secs: Option<Spanned<u64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRecords {
+    patient_path_segments: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -671,6 +695,12 @@ impl Config {
             timeouts,
             limits,
             tls,
+            records: RecordsSection {
+                patient_path_segments: raw
+                    .records
+                    .and_then(|r| r.patient_path_segments)
+                    .unwrap_or_else(|| RecordsSection::default().patient_path_segments),
+            },
             destinations,
         })
     }

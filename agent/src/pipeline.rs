@@ -26,6 +26,7 @@ use crate::http::forward::{
     strip_hop_by_hop, upstream_uri, ConnectError, Forwarder, UpstreamInfo, UpstreamKey,
 };
 use crate::identity::Workload;
+use crate::record::pseudonym::Pseudonymizer;
 use crate::record::{new_id, RecordSink, RequestRecord};
 
 /// TLS as negotiated with the client.
@@ -55,6 +56,8 @@ pub struct ConnContext {
 pub struct Pipeline {
     pub forwarder: Forwarder,
     pub records: Arc<dyn RecordSink>,
+    /// Patient ids in paths are recorded only as keyed pseudonyms.
+    pub pseudonyms: Arc<Pseudonymizer>,
     pub limits: Limits,
     /// Until the upstream's response head: 504 after it.
     pub request_timeout: Duration,
@@ -236,6 +239,7 @@ impl Drop for Exchange {
 impl Exchange {
     fn begin(p: &Pipeline, conn: &Arc<ConnContext>, req: &Request<Incoming>) -> Exchange {
         let tls = conn.tls.clone().unwrap_or_default();
+        let (path, patient_refs) = p.pseudonyms.redact_path(req.uri().path());
         let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
             req.headers()
                 .get(header::HOST)
@@ -266,7 +270,8 @@ impl Exchange {
                 upstream_cert_subject: None,
                 method: req.method().to_string(),
                 authority,
-                path: req.uri().path().to_owned(),
+                path,
+                patient_refs,
                 status: 0,
                 request_bytes: 0,
                 response_bytes: 0,

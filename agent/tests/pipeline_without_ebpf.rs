@@ -118,7 +118,15 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     }
     let rec: serde_json::Value =
         serde_json::from_str(text.lines().next().expect("a request record")).unwrap();
-    assert_eq!(rec["path"], "/Patient/1");
+    // The patient id in the path is recorded only as its keyed pseudonym.
+    let pseudonyms = phigate::record::pseudonym::Pseudonymizer::load_or_create(
+        &dir.path().join("state"),
+        vec!["Patient".into()],
+    )
+    .unwrap();
+    let p1 = pseudonyms.pseudonym("1");
+    assert_eq!(rec["path"], format!("/Patient/{p1}"));
+    assert_eq!(rec["patient_refs"], serde_json::json!([p1]));
     assert_eq!(rec["status"], 200);
     assert_eq!(rec["comm"], "pipeline-test");
     assert_eq!(rec["destination"], "api");

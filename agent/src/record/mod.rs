@@ -17,6 +17,8 @@ use serde::Serialize;
 
 use crate::identity::Workload;
 
+pub mod pseudonym;
+
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -101,7 +103,10 @@ pub struct RequestRecord {
     pub upstream_cert_subject: Option<String>,
     pub method: String,
     pub authority: Option<String>,
+    /// The request path with patient ids replaced by their pseudonyms.
     pub path: String,
+    /// Pseudonyms of the patient ids the request named (see `pseudonym`).
+    pub patient_refs: Vec<String>,
     /// Response status sent to the client (phigate's own error answers included).
     pub status: u16,
     pub request_bytes: u64,
