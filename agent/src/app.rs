@@ -21,7 +21,8 @@ use crate::pipeline::Pipeline;
 use crate::preflight;
 use crate::proxy::Proxy;
 use crate::record::pseudonym::Pseudonymizer;
-use crate::record::{JsonLinesSink, RecordSink};
+use crate::record::store::{RecordStore, StoreConfig};
+use crate::record::{EventRecord, Origin, RecordSink};
 use crate::redirect::bpf::DestEntry;
 use crate::redirect::{RedirectSettings, Redirector};
 use crate::tls::{CertAuthority, LeafMinter, UpstreamTls};
@@ -50,14 +51,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "redirect attached"
     );
 
-    let records = Arc::new(
-        JsonLinesSink::new(config.agent.records_dir.clone()).with_context(|| {
-            format!(
-                "cannot open records directory {}",
-                config.agent.records_dir.display()
-            )
-        })?,
-    );
+    let (store, replay) = open_store(&config)?;
+    let store = Arc::new(store);
+    let mut start = EventRecord::new(store.origin(), "agent_start", "ok");
+    start.config_hash = config_hash(&config.source);
+    start.message = Some(format!(
+        "journal entries replayed: {}; torn journal tails: {}",
+        replay.replayed, replay.torn_tails
+    ));
+    store
+        .event(start)
+        .await
+        .context("cannot record the agent start: records are not writable")?;
+    let records: Arc<dyn RecordSink> = store.clone();
     let ca = Arc::new(load_ca(&config)?);
     let minter = Arc::new(LeafMinter::new(ca, config.tls.leaf_cache_size)?);
     let pipeline = build_pipeline(&config, records.clone())?;
@@ -92,7 +98,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => reload(&config_path, &proxy, &redirector),
+            _ = hup.recv() => {
+                let (outcome, message) = match reload(&config_path, &proxy, &redirector) {
+                    Ok(()) => ("ok", None),
+                    Err(e) => ("rejected", Some(e)),
+                };
+                let mut ev = EventRecord::new(store.origin(), "config_reload", outcome);
+                ev.config_hash = config_hash(&config_path);
+                ev.message = message;
+                if let Err(e) = store.event(ev).await {
+                    error!(error = %e, "cannot record the config reload");
+                }
+            }
         }
     }
 
@@ -114,17 +131,25 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         // Closing is prompt; the bound only guards against a stuck record write.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), proxy.tasks.wait()).await;
     }
+    let stop = EventRecord::new(store.origin(), "agent_stop", "ok");
+    if let Err(e) = store.event(stop).await {
+        error!(error = %e, "cannot record the agent stop");
+    }
+    // Sync the journal and write every buffered row to Parquet.
+    let closing = store.clone();
+    let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     info!("stopped; redirect stays attached (fail_mode decides what protected connects get)");
     Ok(())
 }
 
-/// SIGHUP: the whole file is validated first; a bad file changes nothing.
-fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) {
+/// SIGHUP: the whole file is validated first; a bad file changes nothing. The error
+/// (file, line, key) is returned for the events table.
+fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) -> Result<(), String> {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             error!(error = %e, "config reload rejected; the running config stays");
-            return;
+            return Err(e.to_string());
         }
     };
     let old = proxy.config.load();
@@ -134,32 +159,74 @@ fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) {
     let mut kept = old.agent.clone();
     kept.fail_mode = next.agent.fail_mode;
     kept.mark = next.agent.mark;
-    if next.agent != kept || next.tls != old.tls {
-        warn!("[agent] listeners, directories, cgroup or [tls] changed: they take effect at the next restart");
+    let mut records = next.records.clone();
+    records.patient_path_segments = old.records.patient_path_segments.clone();
+    records.patient_query_params = old.records.patient_query_params.clone();
+    records.headers = old.records.headers.clone();
+    if next.agent != kept || next.tls != old.tls || records != old.records {
+        warn!("[agent] listeners, directories, cgroup, [tls] or how [records] are written changed: they take effect at the next restart");
     }
     next.agent = kept;
     next.tls = old.tls.clone();
+    records.patient_path_segments = next.records.patient_path_segments.clone();
+    records.patient_query_params = next.records.patient_query_params.clone();
+    records.headers = next.records.headers.clone();
+    next.records = records;
     let pipeline = match build_pipeline(&next, proxy.records.clone()) {
         Ok(p) => p,
         Err(e) => {
             error!(error = %e, "config reload rejected; the running config stays");
-            return;
+            return Err(format!("{e:#}"));
         }
     };
     if next.agent != old.agent {
         let settings = redirect_settings(&next, redirector.cgroup().to_owned());
         if let Err(e) = redirector.update_settings(&settings) {
             error!(error = %e, "updating the redirect settings failed; the running config stays");
-            return;
+            return Err(format!("redirect settings: {e:#}"));
         }
     }
     if let Err(e) = redirector.set_destinations(&dest_entries(&next)) {
         error!(error = %e, "updating the redirect maps failed; the running config stays");
-        return;
+        return Err(format!("redirect maps: {e:#}"));
     }
     info!(destinations = next.destinations.len(), fail_mode = ?next.agent.fail_mode, "config reloaded");
     proxy.pipeline.store(Arc::new(pipeline));
     proxy.config.store(Arc::new(next));
+    Ok(())
+}
+
+/// Opens the record store for a config: replays the journal, recovers heads.
+pub fn open_store(config: &Config) -> anyhow::Result<(RecordStore, crate::record::store::Replay)> {
+    let r = &config.records;
+    let durability = match r.durability {
+        crate::config::Durability::Strict => crate::record::journal::Durability::Strict,
+        crate::config::Durability::Batched => crate::record::journal::Durability::Batched {
+            window: r.batch_window,
+        },
+    };
+    RecordStore::open(
+        StoreConfig {
+            records_dir: config.agent.records_dir.clone(),
+            state_dir: config.agent.state_dir.clone(),
+            durability,
+            rotate_rows: r.rotate_rows,
+            rotate_bytes: r.rotate_bytes,
+            rotate_age: r.rotate_age,
+            row_group_rows: r.row_group_rows,
+            retention_days: r.retention_days,
+        },
+        Origin::this_host(),
+    )
+    .with_context(|| format!("records in {}", config.agent.records_dir.display()))
+}
+
+/// SHA-256 of the config file as read now, for the events table.
+pub fn config_hash(path: &Path) -> Option<String> {
+    use sha2::Digest;
+    std::fs::read(path)
+        .ok()
+        .map(|b| hex::encode(sha2::Sha256::digest(b)))
 }
 
 /// The operator's CA when configured, else phigate's own in state_dir (created once).
@@ -190,7 +257,8 @@ pub fn build_pipeline(config: &Config, records: Arc<dyn RecordSink>) -> anyhow::
     let pseudonyms = Pseudonymizer::load_or_create(
         &config.agent.state_dir,
         config.records.patient_path_segments.clone(),
-    )?;
+    )?
+    .with_query_params(config.records.patient_query_params.clone());
     Ok(Pipeline {
         pseudonyms: Arc::new(pseudonyms),
         forwarder: Forwarder::new(
@@ -200,6 +268,7 @@ pub fn build_pipeline(config: &Config, records: Arc<dyn RecordSink>) -> anyhow::
             config.timeouts.tls_handshake,
         ),
         records,
+        record_headers: config.records.headers.clone(),
         limits: config.limits.clone(),
         request_timeout: config.timeouts.request,
     })

@@ -59,6 +59,22 @@ enum AuditCommand {
         /// The patient id as it appears in request paths (e.g. the FHIR Patient id).
         value: String,
     },
+    /// Check the records against their signed manifests and hash chains. Exits 1 with
+    /// a report of every altered, deleted, inserted or reordered row or file.
+    Verify {
+        /// The records directory (a copy works too); default: the config's records_dir.
+        dir: Option<PathBuf>,
+        /// The records public key (`phigate audit pubkey`); default: from the config's state_dir.
+        #[arg(long)]
+        pubkey: Option<PathBuf>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print the public key that verifies this host's records (give it to auditors).
+    Pubkey {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -137,7 +153,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 &config.agent.state_dir,
                 config.records.patient_path_segments.clone(),
             )?;
+            // The raw id would otherwise sit in shell history beside its pseudonym;
+            // that is the auditor's choice, on the host that holds the key.
             println!("{}", p.pseudonym(&value));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Audit {
+            command:
+                AuditCommand::Verify {
+                    dir,
+                    pubkey,
+                    config,
+                },
+        } => audit_verify(dir, pubkey, &config),
+        Command::Audit {
+            command: AuditCommand::Pubkey { config },
+        } => {
+            let config = Config::load(&config)?;
+            let signer = crate::record::seal::Signer::load_or_create(&config.agent.state_dir)?;
+            print!("{}", signer.public.to_text());
             Ok(ExitCode::SUCCESS)
         }
         Command::Ca { command } => {
@@ -170,6 +204,54 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+fn audit_verify(
+    dir: Option<PathBuf>,
+    pubkey: Option<PathBuf>,
+    config: &std::path::Path,
+) -> anyhow::Result<ExitCode> {
+    use crate::record::seal::PublicKey;
+    // A copy elsewhere needs only the directory and the public key: no config.
+    let loaded = if dir.is_none() || pubkey.is_none() {
+        Some(Config::load(config)?)
+    } else {
+        None
+    };
+    let dir = dir.unwrap_or_else(|| loaded.as_ref().expect("loaded").agent.records_dir.clone());
+    let pubkey = pubkey.unwrap_or_else(|| {
+        crate::record::verify::default_public_key(&loaded.as_ref().expect("loaded").agent.state_dir)
+    });
+    let key = PublicKey::read(&pubkey)?;
+    let report = crate::record::verify::verify(&dir, &key)?;
+    for (table, t) in &report.tables {
+        let retired = if t.retired_rows > 0 {
+            format!(
+                ", {} earlier rows removed by documented retention",
+                t.retired_rows
+            )
+        } else {
+            String::new()
+        };
+        println!("{table}: {} files, {} rows{retired}", t.files, t.rows);
+    }
+    if report.ok() {
+        println!(
+            "OK: every file, row and chain link verified with key {}",
+            key.key_id()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for p in &report.problems {
+            println!("FAIL {p}");
+        }
+        println!(
+            "{} problem(s) found in {}",
+            report.problems.len(),
+            dir.display()
+        );
+        Ok(ExitCode::from(1))
     }
 }
 

@@ -219,18 +219,59 @@ pub struct Config {
     pub destinations: Vec<Destination>,
 }
 
-/// What records keep and what they pseudonymize.
+/// How records are kept: durability, files, retention, and what they hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordsSection {
+    /// `strict`: a response is released only once its record is fsynced in the
+    /// journal. `batched`: records are fsynced at least every `batch_window`.
+    pub durability: Durability,
+    pub batch_window: Duration,
+    /// A Parquet file is closed at this many rows, megabytes of records, or age.
+    pub rotate_rows: usize,
+    pub rotate_bytes: usize,
+    pub rotate_age: Duration,
+    pub row_group_rows: usize,
+    /// Files older than this are deleted (each deletion recorded); 0 keeps everything.
+    pub retention_days: u32,
     /// Path segments after which the next segment is a patient id, recorded only as a
     /// keyed pseudonym (FHIR: `Patient/{id}`).
     pub patient_path_segments: Vec<String>,
+    /// Query parameters whose values are patient ids (`patient`, `subject`).
+    pub patient_query_params: Vec<String>,
+    /// Request and response headers copied into records (lower case). Credentials
+    /// (`authorization`, `cookie`, ...) are recorded as their scheme only.
+    pub headers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    Strict,
+    Batched,
 }
 
 impl Default for RecordsSection {
     fn default() -> Self {
         RecordsSection {
+            durability: Durability::Strict,
+            batch_window: Duration::from_millis(200),
+            rotate_rows: 100_000,
+            rotate_bytes: 64 << 20,
+            rotate_age: Duration::from_secs(60),
+            row_group_rows: 10_000,
+            retention_days: 2190,
             patient_path_segments: vec!["Patient".into()],
+            patient_query_params: vec!["patient".into(), "subject".into()],
+            headers: [
+                "content-type",
+                "content-length",
+                "accept",
+                "user-agent",
+                "x-request-id",
+                "authorization",
+                "location",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -307,7 +348,16 @@ struct RawTimeouts {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRecords {
+    durability: Option<Spanned<String>>,
+    batch_window_ms: Option<Spanned<u64>>,
+    rotate_rows: Option<Spanned<u64>>,
+    rotate_mb: Option<Spanned<u64>>,
+    rotate_secs: Option<Spanned<f64>>,
+    row_group_rows: Option<Spanned<u64>>,
+    retention_days: Option<u32>,
     patient_path_segments: Option<Vec<String>>,
+    patient_query_params: Option<Vec<String>>,
+    headers: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
@@ -556,6 +606,76 @@ impl Config {
             }
         };
 
+        let records = match raw.records {
+            None => RecordsSection::default(),
+            Some(r) => {
+                let d = RecordsSection::default();
+                let positive = |v: Option<Spanned<u64>>, key: &str, default: u64| match v {
+                    None => Ok(default),
+                    Some(v) if *v.get_ref() == 0 => Err(err(
+                        Some(v.span()),
+                        Some(format!("records.{key}")),
+                        "must be greater than 0".into(),
+                    )),
+                    Some(v) => Ok(v.into_inner()),
+                };
+                let durability = match r.durability {
+                    None => d.durability,
+                    Some(v) => match v.get_ref().as_str() {
+                        "strict" => Durability::Strict,
+                        "batched" => Durability::Batched,
+                        other => {
+                            return Err(err(
+                                Some(v.span()),
+                                Some("records.durability".into()),
+                                format!("`{other}`: expected \"strict\" or \"batched\""),
+                            ))
+                        }
+                    },
+                };
+                let rotate_age = match r.rotate_secs {
+                    None => d.rotate_age,
+                    Some(v) if !(*v.get_ref() > 0.0 && *v.get_ref() <= 86400.0) => {
+                        return Err(err(
+                            Some(v.span()),
+                            Some("records.rotate_secs".into()),
+                            "must be greater than 0 and at most 86400".into(),
+                        ))
+                    }
+                    Some(v) => Duration::from_secs_f64(v.into_inner()),
+                };
+                let lower =
+                    |v: Vec<String>| v.into_iter().map(|h| h.to_ascii_lowercase()).collect();
+                RecordsSection {
+                    durability,
+                    batch_window: Duration::from_millis(positive(
+                        r.batch_window_ms,
+                        "batch_window_ms",
+                        d.batch_window.as_millis() as u64,
+                    )?),
+                    rotate_rows: positive(r.rotate_rows, "rotate_rows", d.rotate_rows as u64)?
+                        as usize,
+                    rotate_bytes: (positive(
+                        r.rotate_mb,
+                        "rotate_mb",
+                        (d.rotate_bytes >> 20) as u64,
+                    )? << 20) as usize,
+                    rotate_age,
+                    row_group_rows: positive(
+                        r.row_group_rows,
+                        "row_group_rows",
+                        d.row_group_rows as u64,
+                    )? as usize,
+                    retention_days: r.retention_days.unwrap_or(d.retention_days),
+                    patient_path_segments: r
+                        .patient_path_segments
+                        .unwrap_or(d.patient_path_segments),
+                    patient_query_params: r.patient_query_params.unwrap_or(d.patient_query_params),
+                    headers: r.headers.map(lower).unwrap_or(d.headers),
+                }
+            }
+        };
+
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
         let tls = match raw.tls {
@@ -695,12 +815,7 @@ impl Config {
             timeouts,
             limits,
             tls,
-            records: RecordsSection {
-                patient_path_segments: raw
-                    .records
-                    .and_then(|r| r.patient_path_segments)
-                    .unwrap_or_else(|| RecordsSection::default().patient_path_segments),
-            },
+            records,
             destinations,
         })
     }

@@ -6,6 +6,7 @@
 //! client itself (JSON body, request id) and the refusal is recorded like any other
 //! exchange: nothing passes unrecorded.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +28,7 @@ use crate::http::forward::{
 };
 use crate::identity::Workload;
 use crate::record::pseudonym::Pseudonymizer;
-use crate::record::{new_id, RecordSink, RequestRecord};
+use crate::record::{new_id, Durable, Record, RecordSink, RequestRecord};
 
 /// TLS as negotiated with the client.
 #[derive(Debug, Clone, Default)]
@@ -58,6 +59,8 @@ pub struct Pipeline {
     pub records: Arc<dyn RecordSink>,
     /// Patient ids in paths are recorded only as keyed pseudonyms.
     pub pseudonyms: Arc<Pseudonymizer>,
+    /// Headers copied into records (lower case); credentials never raw.
+    pub record_headers: Vec<String>,
     pub limits: Limits,
     /// Until the upstream's response head: 504 after it.
     pub request_timeout: Duration,
@@ -75,11 +78,13 @@ impl Pipeline {
 
         // 0. nothing passes unrecorded: while records cannot be written, refuse.
         if !self.records.writable() {
-            return Ok(ex.answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "records_unavailable",
-                "phigate cannot write its audit records; requests are refused until it can",
-            ));
+            return Ok(ex
+                .answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "records_unavailable",
+                    "phigate cannot write its audit records; requests are refused until it can",
+                )
+                .await);
         }
 
         // 1. identify: the caller is the kernel-attested workload of the connection.
@@ -90,21 +95,27 @@ impl Pipeline {
         // 4. forward
         if let Some(len) = content_length(&req) {
             if len > self.limits.max_request_body_bytes {
-                return Ok(ex.answer(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request_too_large",
-                    &format!(
-                        "request body of {len} bytes exceeds the limit of {} bytes",
-                        self.limits.max_request_body_bytes
-                    ),
-                ));
+                return Ok(ex
+                    .answer(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "request_too_large",
+                        &format!(
+                            "request body of {len} bytes exceeds the limit of {} bytes",
+                            self.limits.max_request_body_bytes
+                        ),
+                    )
+                    .await);
             }
         }
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
         let key = match self.upstream_key(&conn, &req) {
             Ok(k) => k,
-            Err(reason) => return Ok(ex.answer(StatusCode::BAD_REQUEST, "bad_request", &reason)),
+            Err(reason) => {
+                return Ok(ex
+                    .answer(StatusCode::BAD_REQUEST, "bad_request", &reason)
+                    .await)
+            }
         };
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
@@ -122,11 +133,13 @@ impl Pipeline {
         parts.uri = match upstream_uri(key.server_name.is_some(), &authority, &path) {
             Ok(u) => u,
             Err(e) => {
-                return Ok(ex.answer(
-                    StatusCode::BAD_REQUEST,
-                    "bad_request",
-                    &format!("invalid request target: {e}"),
-                ))
+                return Ok(ex
+                    .answer(
+                        StatusCode::BAD_REQUEST,
+                        "bad_request",
+                        &format!("invalid request target: {e}"),
+                    )
+                    .await)
             }
         };
         let body = Limited::new(
@@ -142,16 +155,18 @@ impl Pipeline {
         .await;
         let mut resp = match sent {
             Err(_) => {
-                return Ok(ex.answer(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream_timeout",
-                    &format!(
-                        "the upstream did not answer within {:?}",
-                        self.request_timeout
-                    ),
-                ))
+                return Ok(ex
+                    .answer(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "upstream_timeout",
+                        &format!(
+                            "the upstream did not answer within {:?}",
+                            self.request_timeout
+                        ),
+                    )
+                    .await)
             }
-            Ok(Err(e)) => return Ok(ex.upstream_failed(&e)),
+            Ok(Err(e)) => return Ok(ex.upstream_failed(&e).await),
             Ok(Ok(r)) => r,
         };
         let info = resp
@@ -176,8 +191,9 @@ impl Pipeline {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
 
-        // 6. record: written when the last byte of the response has passed.
-        Ok(ex.stream_response(parts, body))
+        // 6. record: written when the last byte of the response has passed; the end of
+        //    the response is released only once the record is durable.
+        Ok(ex.stream_response(parts, body).await)
     }
 
     fn upstream_key(
@@ -219,6 +235,8 @@ impl Pipeline {
 struct Exchange {
     conn: Arc<ConnContext>,
     records: Arc<dyn RecordSink>,
+    pseudonyms: Arc<Pseudonymizer>,
+    record_headers: Vec<String>,
     record: RequestRecord,
     t0: Instant,
     request_bytes: Arc<AtomicU64>,
@@ -231,7 +249,8 @@ impl Drop for Exchange {
     fn drop(&mut self) {
         if !self.written {
             self.record.outcome = "client_aborted";
-            self.write();
+            // Nobody is left to wait for it; the journal reports its own failures.
+            drop(self.write());
         }
     }
 }
@@ -239,16 +258,23 @@ impl Drop for Exchange {
 impl Exchange {
     fn begin(p: &Pipeline, conn: &Arc<ConnContext>, req: &Request<Incoming>) -> Exchange {
         let tls = conn.tls.clone().unwrap_or_default();
-        let (path, patient_refs) = p.pseudonyms.redact_path(req.uri().path());
+        let (path, mut patient_refs) = p.pseudonyms.redact_path(req.uri().path());
+        let query = req
+            .uri()
+            .query()
+            .map(|q| p.pseudonyms.redact_query(q, &mut patient_refs));
         let authority = req.uri().authority().map(|a| a.to_string()).or_else(|| {
             req.headers()
                 .get(header::HOST)
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_owned)
         });
+        let request_headers = selected_headers(req.headers(), &p.record_headers, &p.pseudonyms);
         Exchange {
             conn: Arc::clone(conn),
             records: p.records.clone(),
+            pseudonyms: p.pseudonyms.clone(),
+            record_headers: p.record_headers.clone(),
             t0: Instant::now(),
             request_bytes: Arc::new(AtomicU64::new(0)),
             written: false,
@@ -257,10 +283,14 @@ impl Exchange {
                 connection_id: conn.connection_id.clone(),
                 start_time: SystemTime::now(),
                 end_time: SystemTime::now(),
+                origin: p.records.origin().clone(),
                 destination: conn.destination.clone(),
                 original_dst: conn.original_dst.to_string(),
                 client_addr: conn.client_addr.to_string(),
                 workload: conn.workload.clone(),
+                oidc_issuer: None,
+                oidc_subject: None,
+                oidc_groups: Vec::new(),
                 sni: tls.sni,
                 tls_version: tls.version,
                 alpn: tls.alpn,
@@ -271,6 +301,13 @@ impl Exchange {
                 method: req.method().to_string(),
                 authority,
                 path,
+                query,
+                request_headers,
+                response_headers: BTreeMap::new(),
+                request_body: None,
+                request_body_truncated: false,
+                response_body: None,
+                response_body_truncated: false,
                 patient_refs,
                 status: 0,
                 request_bytes: 0,
@@ -278,6 +315,14 @@ impl Exchange {
                 latency_ms: 0.0,
                 duration_ms: 0.0,
                 decision: "allow",
+                policy_ids: Vec::new(),
+                policy_set_hash: None,
+                masking_profile: None,
+                masking_counts: BTreeMap::new(),
+                masking_set_hash: None,
+                approval_id: None,
+                approvers: Vec::new(),
+                approval_reason: None,
                 upgraded: false,
                 outcome: "complete",
                 error: None,
@@ -292,8 +337,8 @@ impl Exchange {
         self
     }
 
-    /// phigate answers the client itself; the record is written now.
-    fn answer(mut self, status: StatusCode, code: &str, reason: &str) -> Response<PhiBody> {
+    /// phigate answers the client itself; the record is written (and durable) first.
+    async fn answer(mut self, status: StatusCode, code: &str, reason: &str) -> Response<PhiBody> {
         let resp = json_error(status, code, reason, &self.record.request_id);
         self.record.outcome = match status {
             StatusCode::GATEWAY_TIMEOUT => "upstream_timeout",
@@ -304,14 +349,19 @@ impl Exchange {
         self.record.status = status.as_u16();
         self.record.latency_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
         let resp = self.finish_head(resp);
-        self.write();
+        if let Err(e) = self.write().await {
+            // The answer is a refusal: it reveals nothing, so it still goes out.
+            tracing::error!(error = %e, request = %self.record.request_id, "request record lost");
+        }
         resp
     }
 
-    fn upstream_failed(self, e: &hyper_util::client::legacy::Error) -> Response<PhiBody> {
+    async fn upstream_failed(self, e: &hyper_util::client::legacy::Error) -> Response<PhiBody> {
         if let Some(limit) = find_in_chain::<BodyTooLarge>(e) {
             let reason = limit.to_string();
-            return self.answer(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", &reason);
+            return self
+                .answer(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", &reason)
+                .await;
         }
         let reason = match find_in_chain::<ConnectError>(e) {
             Some(c) => c.to_string(),
@@ -319,6 +369,7 @@ impl Exchange {
         };
         warn!(request = %self.record.request_id, reason = %reason, "upstream failed");
         self.answer(StatusCode::BAD_GATEWAY, "upstream_unavailable", &reason)
+            .await
     }
 
     fn finish_head<B>(&mut self, mut resp: Response<B>) -> Response<B> {
@@ -327,10 +378,12 @@ impl Exchange {
         }
         self.record.status = resp.status().as_u16();
         self.record.latency_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
+        self.record.response_headers =
+            selected_headers(resp.headers(), &self.record_headers, &self.pseudonyms);
         resp
     }
 
-    fn stream_response(
+    async fn stream_response(
         mut self,
         parts: http::response::Parts,
         body: Incoming,
@@ -341,9 +394,23 @@ impl Exchange {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok());
         let resp = self.finish_head(Response::from_parts(parts, ()));
+        if http_body::Body::is_end_stream(&body) {
+            // No body (HEAD, 204, 304, empty): the head is the whole response, so it
+            // waits for the record.
+            if let Err(e) = self.write().await {
+                tracing::error!(error = %e, request = %self.record.request_id, "request record not durable; response withheld");
+                return crate::http::body::json_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "records_unavailable",
+                    "phigate cannot write its audit records; requests are refused until it can",
+                    &self.record.request_id,
+                );
+            }
+            return resp.map(|()| crate::http::body::empty());
+        }
         let response_bytes = Arc::new(AtomicU64::new(0));
         let counter = response_bytes.clone();
-        let mut body = Observed::new(body, response_bytes, move |end| {
+        let body = Observed::new(body, response_bytes, move |end| {
             self.record.response_bytes = counter.load(Ordering::Relaxed);
             match end {
                 BodyEnd::Complete => {}
@@ -355,10 +422,9 @@ impl Exchange {
                     self.record.outcome = "client_aborted";
                 }
             }
-            self.write();
+            Some(self.write())
         })
         .expecting(announced);
-        body.finish_if_empty();
         resp.map(|()| boxed(body))
     }
 
@@ -390,21 +456,84 @@ impl Exchange {
                     ex.record.error = Some(e.to_string());
                 }
             }
-            ex.write();
+            drop(ex.write());
         });
     }
 
-    fn write(&mut self) {
+    /// Submits the record; the ticket resolves when it is durable.
+    fn write(&mut self) -> Durable {
         self.written = true;
         self.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.record.end_time = SystemTime::now();
         self.record.duration_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
         self.record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
         debug!(request = %self.record.request_id, status = self.record.status, outcome = self.record.outcome, "request record");
-        if let Err(e) = self.records.request(&self.record) {
-            tracing::error!(error = %e, request = %self.record.request_id, "request record lost");
-        }
+        self.records
+            .submit(Record::Request(Box::new(self.record.clone())))
     }
+}
+
+/// Credentials are recorded as their scheme at most; the rest are copied as text.
+const CREDENTIAL_HEADERS: [&str; 6] = [
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "x-auth-token",
+];
+
+/// Longest header value kept in a record.
+const MAX_HEADER_VALUE: usize = 512;
+
+/// The configured headers as records hold them.
+fn selected_headers(
+    headers: &http::HeaderMap,
+    names: &[String],
+    pseudonyms: &Pseudonymizer,
+) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for name in names {
+        let values: Vec<&HeaderValue> = headers.get_all(name.as_str()).iter().collect();
+        if values.is_empty() {
+            continue;
+        }
+        let text = if CREDENTIAL_HEADERS.contains(&name.as_str()) {
+            values
+                .iter()
+                .map(|v| match v.to_str().ok().and_then(|v| v.split_once(' ')) {
+                    Some((scheme, _)) if name.ends_with("authorization") => {
+                        format!("{scheme} [REDACTED]")
+                    }
+                    _ => "[REDACTED]".to_owned(),
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        } else {
+            let joined = values
+                .iter()
+                .map(|v| v.to_str().unwrap_or("[binary]"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            if name == "location" || name == "content-location" {
+                // A created resource's URL names the patient.
+                pseudonyms.redact_path(&joined).0
+            } else {
+                joined
+            }
+        };
+        let mut text = text;
+        if text.len() > MAX_HEADER_VALUE {
+            let mut cut = MAX_HEADER_VALUE;
+            while !text.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            text.truncate(cut);
+            text.push('…');
+        }
+        out.insert(name.clone(), text);
+    }
+    out
 }
 
 fn content_length(req: &Request<Incoming>) -> Option<u64> {

@@ -10,7 +10,7 @@ use arc_swap::ArcSwap;
 use phigate::config::Config;
 use phigate::identity::IdentityResolver;
 use phigate::proxy::Proxy;
-use phigate::record::JsonLinesSink;
+use phigate::record::{RecordSink, Table};
 use phigate::redirect::{Attested, StaticOrigDst};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -41,6 +41,7 @@ fn upstream() -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
+    let _ = tracing_subscriber::fmt().with_test_writer().try_init();
     let dir = tempfile::tempdir().unwrap();
     let up = upstream();
     let cfg = format!(
@@ -48,7 +49,9 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
         d = dir.path().display()
     );
     let config = Config::parse(&dir.path().join("phigate.toml"), &cfg).unwrap();
-    let records = Arc::new(JsonLinesSink::new(dir.path().join("records")).unwrap());
+    let (store, _) = phigate::app::open_store(&config).unwrap();
+    let store = Arc::new(store);
+    let records: Arc<dyn RecordSink> = store.clone();
     let ca = Arc::new(phigate::app::load_ca(&config).unwrap());
     let lookup = Arc::new(StaticOrigDst::default());
     let proxy = Arc::new(Proxy {
@@ -107,17 +110,21 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
         "{body}"
     );
 
-    let path = dir.path().join("records/requests.jsonl");
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = std::fs::read_to_string(&path).unwrap_or_default();
-        if !text.is_empty() {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    let rec: serde_json::Value =
-        serde_json::from_str(text.lines().next().expect("a request record")).unwrap();
+    // Let the connection's own record in, then close: closing the store writes
+    // every buffered row to Parquet.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let closing = store.clone();
+    tokio::task::spawn_blocking(move || closing.close())
+        .await
+        .unwrap();
+    let rows = phigate::record::read::rows(&dir.path().join("records"), Table::Requests).unwrap();
+    assert_eq!(
+        rows.len(),
+        1,
+        "{rows:?} {:?}",
+        phigate::record::writer::walk(&dir.path().join("records"))
+    );
+    let rec = &rows[0];
     // The patient id in the path is recorded only as its keyed pseudonym.
     let pseudonyms = phigate::record::pseudonym::Pseudonymizer::load_or_create(
         &dir.path().join("state"),
@@ -132,4 +139,13 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     assert_eq!(rec["destination"], "api");
     assert_eq!(rec["original_dst"], up.to_string());
     assert_eq!(rec["outcome"], "complete");
+    assert_eq!(rec["chain_seq"], 0);
+    assert_eq!(rec["response_headers"]["content-type"], "application/json");
+
+    // The records verify with the exported public key.
+    let key = phigate::record::seal::PublicKey::read(&dir.path().join("state/records-signing.pub"))
+        .unwrap();
+    let report = phigate::record::verify::verify(&dir.path().join("records"), &key).unwrap();
+    assert!(report.ok(), "{:?}", report.problems);
+    assert_eq!(report.tables["requests"].rows, 1);
 }

@@ -264,6 +264,9 @@ fn agent_exited(a: &mut Background) -> bool {
 }
 
 /// One test's world: netns, cgroup, temp dir, and the phigate agent configured for them.
+/// Tests want records soon after traffic: files are closed this often.
+pub const RECORDS_ROTATE_SECS: f64 = 0.2;
+
 pub struct World {
     pub netns: Netns,
     pub cgroup: Cgroup,
@@ -300,10 +303,11 @@ impl World {
     /// The [agent] section for this world; `extra` is appended inside [agent].
     pub fn agent_section(&self, extra: &str) -> String {
         format!(
-            "[agent]\nlisten = [\"127.0.0.1:15001\", \"[::1]:15001\"]\nstate_dir = \"{d}/state\"\nrecords_dir = \"{d}/records\"\npolicies_dir = \"{d}/policies\"\ncgroup = \"{cg}\"\nbpf_pin_dir = \"{pin}\"\n{extra}\n",
+            "[agent]\nlisten = [\"127.0.0.1:15001\", \"[::1]:15001\"]\nstate_dir = \"{d}/state\"\nrecords_dir = \"{d}/records\"\npolicies_dir = \"{d}/policies\"\ncgroup = \"{cg}\"\nbpf_pin_dir = \"{pin}\"\n{extra}\n\n[records]\nrotate_secs = {rotate}\n",
             d = self.dir.path().display(),
             cg = self.cgroup.path.display(),
             pin = self.pin_dir.display(),
+            rotate = RECORDS_ROTATE_SECS,
         )
     }
 
@@ -406,12 +410,11 @@ impl World {
             .collect()
     }
 
+    /// Every row of `table` in the Parquet files written so far (the agent under
+    /// test closes a file every RECORDS_ROTATE_SECS).
     pub fn all_records(&self, table: &str) -> Vec<Value> {
-        std::fs::read_to_string(self.records_dir().join(format!("{table}.jsonl")))
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("record is JSON"))
-            .collect()
+        let t = phigate::record::Table::from_name(table).expect("a records table");
+        phigate::record::read::rows(&self.records_dir(), t).unwrap_or_default()
     }
 
     /// Waits until `table` has at least `n` records.

@@ -2,6 +2,7 @@
 //! it ended (so the record is written when the last byte has passed), a size limit,
 //! and phigate's own JSON answers.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -12,6 +13,8 @@ use http::{header, HeaderValue, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
+
+use crate::record::Durable;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type every stage sees.
@@ -67,8 +70,17 @@ pub enum BodyEnd {
     Dropped,
 }
 
+/// Called once when a body ends; may return a ticket to wait on before the end of
+/// the body is released to the consumer (the record must be durable first).
+pub type OnEnd = Box<dyn FnOnce(BodyEnd) -> Option<Durable> + Send + Sync>;
+
 /// Wraps a body: counts data bytes into a shared counter and calls `on_end` exactly
 /// once, when the stream ends, fails, or is dropped unfinished.
+///
+/// When the stream completes and `on_end` returns a ticket, the final frame (the last
+/// data frame, or the end of stream) is held until the ticket resolves: the client
+/// cannot see a complete response before its record is durable. If the ticket fails,
+/// the body fails instead of completing.
 pub struct Observed<B> {
     inner: B,
     bytes: Arc<AtomicU64>,
@@ -76,20 +88,26 @@ pub struct Observed<B> {
     /// many bytes have passed the body is complete, even if the consumer, knowing
     /// the length, never polls for the end.
     expected: Option<u64>,
-    on_end: Option<Box<dyn FnOnce(BodyEnd) + Send + Sync>>,
+    on_end: Option<OnEnd>,
+    /// The final frame (None: end of stream) waiting for its record.
+    holding: Option<(Option<Frame<Bytes>>, Durable)>,
+    /// The end was released: nothing more comes.
+    done: bool,
 }
 
 impl<B> Observed<B> {
     pub fn new(
         inner: B,
         bytes: Arc<AtomicU64>,
-        on_end: impl FnOnce(BodyEnd) + Send + Sync + 'static,
+        on_end: impl FnOnce(BodyEnd) -> Option<Durable> + Send + Sync + 'static,
     ) -> Self {
         Observed {
             inner,
             bytes,
             expected: None,
             on_end: Some(Box::new(on_end)),
+            holding: None,
+            done: false,
         }
     }
 
@@ -108,27 +126,21 @@ impl<B> Observed<B> {
             bytes,
             expected: None,
             on_end: None,
+            holding: None,
+            done: false,
         }
     }
 
-    fn end(&mut self, how: BodyEnd) {
-        if let Some(f) = self.on_end.take() {
-            f(how);
-        }
+    fn end(&mut self, how: BodyEnd) -> Option<Durable> {
+        self.on_end.take().and_then(|f| f(how))
     }
 }
 
 impl<B> Drop for Observed<B> {
     fn drop(&mut self) {
-        self.end(BodyEnd::Dropped);
-    }
-}
-
-impl<B: Body> Observed<B> {
-    /// An empty body (HEAD, 204, 304) is complete before its first poll.
-    pub fn finish_if_empty(&mut self) {
-        if self.inner.is_end_stream() {
-            self.end(BodyEnd::Complete);
+        if !self.done && self.holding.is_none() {
+            // Dropped before the end: recorded, nobody waits.
+            drop(self.end(BodyEnd::Dropped));
         }
     }
 }
@@ -136,45 +148,81 @@ impl<B: Body> Observed<B> {
 impl<B> Body for Observed<B>
 where
     B: Body<Data = Bytes> + Unpin,
-    B::Error: std::fmt::Display,
+    B::Error: Into<BoxError> + std::fmt::Display,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        if let Some((frame, durable)) = &mut this.holding {
+            return match Pin::new(durable).poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Ok(())) => {
+                    let frame = frame.take();
+                    this.holding = None;
+                    this.done = true;
+                    Poll::Ready(frame.map(Ok))
+                }
+                Poll::Ready(Err(e)) => {
+                    this.holding = None;
+                    this.done = true;
+                    Poll::Ready(Some(Err(Box::new(e))))
+                }
+            };
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let (frame, complete) = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(d) = frame.data_ref() {
                     this.bytes.fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
                 // With a known length the consumer stops polling at the last byte and
-                // never sees `None`: that is the end too.
+                // never sees `None`: that frame is the end.
                 let all = this
                     .expected
                     .is_some_and(|n| this.bytes.load(Ordering::Relaxed) >= n);
-                if all || this.inner.is_end_stream() {
-                    this.end(BodyEnd::Complete);
-                }
-                Poll::Ready(Some(Ok(frame)))
+                let complete = all || this.inner.is_end_stream();
+                (Some(frame), complete)
             }
             Poll::Ready(Some(Err(e))) => {
-                this.end(BodyEnd::Error(e.to_string()));
-                Poll::Ready(Some(Err(e)))
+                drop(this.end(BodyEnd::Error(e.to_string())));
+                this.done = true;
+                return Poll::Ready(Some(Err(e.into())));
             }
-            Poll::Ready(None) => {
-                this.end(BodyEnd::Complete);
-                Poll::Ready(None)
+            Poll::Ready(None) => (None, true),
+        };
+        if !complete || this.on_end.is_none() {
+            if frame.is_none() {
+                this.done = true;
             }
-            Poll::Pending => Poll::Pending,
+            return Poll::Ready(frame.map(Ok));
+        }
+        match this.end(BodyEnd::Complete) {
+            None => {
+                this.done = frame.is_none();
+                Poll::Ready(frame.map(Ok))
+            }
+            Some(durable) => {
+                this.holding = Some((frame, durable));
+                // Poll the ticket now: registers the waker, or releases at once.
+                Pin::new(this).poll_frame(cx)
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        if self.on_end.is_none() && self.holding.is_none() {
+            self.done || self.inner.is_end_stream()
+        } else {
+            false
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -273,7 +321,10 @@ mod tests {
         let body = Observed::new(
             Full::new(Bytes::from_static(b"hello")),
             bytes.clone(),
-            move |e| e2.lock().unwrap().push(e),
+            move |e| {
+                e2.lock().unwrap().push(e);
+                None
+            },
         );
         let collected = body.collect().await.unwrap().to_bytes();
         assert_eq!(&collected[..], b"hello");
@@ -288,10 +339,54 @@ mod tests {
         let body = Observed::new(
             Full::new(Bytes::from_static(b"x")),
             Arc::default(),
-            move |e| e2.lock().unwrap().push(e),
+            move |e| {
+                e2.lock().unwrap().push(e);
+                None
+            },
         );
         drop(body);
         assert_eq!(*ends.lock().unwrap(), vec![BodyEnd::Dropped]);
+    }
+
+    /// The last frame waits for the record: a client cannot see the whole response
+    /// before its record is durable, and sees a failure if it never becomes durable.
+    #[tokio::test]
+    async fn the_final_frame_waits_for_the_record() {
+        use crate::record::{RecordError, Table};
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let body = Observed::new(
+            Full::new(Bytes::from_static(b"hello")),
+            Arc::default(),
+            move |_| Some(Durable::waiting(rx, Table::Requests)),
+        )
+        .expecting(Some(5));
+        let mut body = std::pin::pin!(body);
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(body.as_mut().poll_frame(&mut cx).is_pending(), "held");
+        assert!(!body.is_end_stream());
+        tx.send(Ok(())).unwrap();
+        match body.as_mut().poll_frame(&mut cx) {
+            Poll::Ready(Some(Ok(f))) => assert_eq!(f.into_data().unwrap(), "hello"),
+            _ => panic!("the frame is released once durable"),
+        }
+        assert!(body.is_end_stream());
+
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let failing = Observed::new(
+            Full::new(Bytes::from_static(b"hello")),
+            Arc::default(),
+            move |_| Some(Durable::waiting(rx, Table::Requests)),
+        );
+        tx.send(Err(RecordError {
+            table: Table::Requests,
+            reason: "disk full".into(),
+        }))
+        .unwrap();
+        assert!(
+            failing.collect().await.is_err(),
+            "no complete response without its record"
+        );
     }
 
     #[tokio::test]

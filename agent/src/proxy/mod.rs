@@ -22,7 +22,7 @@ use self::io::{Meter, Metered};
 use crate::config::{Config, Destination, Protocol};
 use crate::identity::{IdentityResolver, Workload};
 use crate::pipeline::{ClientTls, ConnContext, Pipeline};
-use crate::record::{new_id, ConnectionRecord, Outcome, RecordSink};
+use crate::record::{new_id, ConnectionRecord, Outcome, Record, RecordSink};
 use crate::redirect::{Attested, OrigDstLookup};
 
 /// Everything the data plane shares across connections.
@@ -212,6 +212,7 @@ impl Proxy {
         };
         self.write(ConnectionRecord {
             end_time: SystemTime::now(),
+            origin: self.records.origin().clone(),
             duration_ms: t0.elapsed().as_secs_f64() * 1000.0,
             bytes_up: meter.up(),
             bytes_down: meter.down(),
@@ -254,6 +255,7 @@ impl Proxy {
             connection_id: inbound.id.clone(),
             start_time: inbound.started,
             end_time: SystemTime::now(),
+            origin: self.records.origin().clone(),
             duration_ms: inbound.t0.elapsed().as_secs_f64() * 1000.0,
             destination: destination.map(str::to_owned),
             protocol: protocol.map(Protocol::as_str),
@@ -285,6 +287,7 @@ impl Proxy {
             connection_id: id.to_owned(),
             start_time: started,
             end_time: SystemTime::now(),
+            origin: self.records.origin().clone(),
             duration_ms: t0.elapsed().as_secs_f64() * 1000.0,
             destination: None,
             protocol: None,
@@ -304,10 +307,15 @@ impl Proxy {
 
     fn write(&self, rec: ConnectionRecord) {
         debug!(connection = %rec.connection_id, outcome = ?rec.outcome, up = rec.bytes_up, down = rec.bytes_down, "connection record");
-        if let Err(e) = self.records.connection(&rec) {
-            // The connection is already over; the failure itself must be loud.
-            tracing::error!(error = %e, connection = %rec.connection_id, "record lost");
-        }
+        let id = rec.connection_id.clone();
+        let durable = self.records.submit(Record::Connection(rec));
+        // The connection is already over: nothing waits on this record, but its loss
+        // must be loud.
+        tokio::spawn(async move {
+            if let Err(e) = durable.await {
+                tracing::error!(error = %e, connection = %id, "record lost");
+            }
+        });
     }
 }
 

@@ -1,23 +1,36 @@
-//! Records: one per connection (and, with the HTTP path, one per request).
+//! Records: one row per connection, per HTTP exchange, per approval state change and
+//! per agent event, kept durably and tamper-evidently.
 //!
-//! Stages hand finished records to a [`RecordSink`]. The sink is the only place that
-//! knows where records go, so the durable tamper-evident writer replaces the
-//! JSON-lines sink without touching the data path.
+//! The data path hands finished records to a [`RecordSink`] and gets a [`Durable`]
+//! ticket back; in strict mode the pipeline releases the end of a response only once
+//! the ticket resolves. [`store::RecordStore`] is the sink: a write-ahead
+//! [`journal`] with group commit, and a background [`writer`] that turns the journal
+//! into hash-chained ([`chain`]), signed ([`seal`]) Parquet files. [`verify`] checks
+//! them, on this host or on a copy elsewhere with only the public key.
 
-use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use serde::Serialize;
 
 use crate::identity::Workload;
 
+pub mod chain;
+pub mod journal;
+pub mod keyfile;
 pub mod pseudonym;
+pub mod read;
+pub mod schema;
+pub mod seal;
+pub mod store;
+pub mod verify;
+pub mod writer;
+
+pub use schema::Table;
 
 /// How a connection ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -50,14 +63,36 @@ pub enum Outcome {
     RecordsUnavailable,
 }
 
+/// Facts every row carries about the agent that wrote it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Origin {
+    pub host: Arc<str>,
+    pub agent_version: &'static str,
+}
+
+impl Origin {
+    pub fn this_host() -> Origin {
+        let host = nix::unistd::gethostname()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .unwrap_or_else(|| "localhost".into());
+        Origin {
+            host: host.into(),
+            agent_version: env!("CARGO_PKG_VERSION"),
+        }
+    }
+}
+
 /// One row of the `connections` table.
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnectionRecord {
     pub connection_id: String,
-    #[serde(with = "rfc3339")]
+    #[serde(with = "micros")]
     pub start_time: SystemTime,
-    #[serde(with = "rfc3339")]
+    #[serde(with = "micros")]
     pub end_time: SystemTime,
+    #[serde(flatten)]
+    pub origin: Origin,
     pub duration_ms: f64,
     /// Name of the protected destination (None when the connection was not redirected).
     pub destination: Option<String>,
@@ -83,15 +118,22 @@ pub struct ConnectionRecord {
 pub struct RequestRecord {
     pub request_id: String,
     pub connection_id: String,
-    #[serde(with = "rfc3339")]
+    #[serde(with = "micros")]
     pub start_time: SystemTime,
-    #[serde(with = "rfc3339")]
+    #[serde(with = "micros")]
     pub end_time: SystemTime,
+    #[serde(flatten)]
+    pub origin: Origin,
     pub destination: String,
     pub original_dst: String,
     pub client_addr: String,
     #[serde(flatten)]
     pub workload: Arc<Workload>,
+    /// The OIDC identity of the bearer token, when one was presented and valid (the
+    /// token itself is never recorded).
+    pub oidc_issuer: Option<String>,
+    pub oidc_subject: Option<String>,
+    pub oidc_groups: Vec<String>,
     /// TLS as negotiated with the client (None for plain HTTP destinations).
     pub sni: Option<String>,
     pub tls_version: Option<String>,
@@ -105,6 +147,18 @@ pub struct RequestRecord {
     pub authority: Option<String>,
     /// The request path with patient ids replaced by their pseudonyms.
     pub path: String,
+    /// The query string with patient ids pseudonymized and other values of unknown
+    /// meaning redacted (see [`pseudonym::Pseudonymizer::redact_query`]).
+    pub query: Option<String>,
+    /// Selected headers (configured); credentials never raw.
+    pub request_headers: BTreeMap<String, String>,
+    pub response_headers: BTreeMap<String, String>,
+    /// Bodies as the masking stage left them, up to the configured size; None when no
+    /// masking profile applied (raw bodies are never recorded).
+    pub request_body: Option<String>,
+    pub request_body_truncated: bool,
+    pub response_body: Option<String>,
+    pub response_body_truncated: bool,
     /// Pseudonyms of the patient ids the request named (see `pseudonym`).
     pub patient_refs: Vec<String>,
     /// Response status sent to the client (phigate's own error answers included).
@@ -114,8 +168,18 @@ pub struct RequestRecord {
     /// Time until the response head was ready, and until the response body ended.
     pub latency_ms: f64,
     pub duration_ms: f64,
-    /// `allow` until the policy stage decides otherwise.
+    /// allow, deny, held, approved, expired.
     pub decision: &'static str,
+    /// Ids of the policies that decided, and the hash of the policy set in force.
+    pub policy_ids: Vec<String>,
+    pub policy_set_hash: Option<String>,
+    /// Masked values by entity type, the profile applied and the rule set's hash.
+    pub masking_profile: Option<String>,
+    pub masking_counts: BTreeMap<String, i64>,
+    pub masking_set_hash: Option<String>,
+    pub approval_id: Option<String>,
+    pub approvers: Vec<String>,
+    pub approval_reason: Option<String>,
     /// True when the connection switched protocols (WebSocket): bytes after the
     /// upgrade are counted but not inspected.
     pub upgraded: bool,
@@ -124,223 +188,196 @@ pub struct RequestRecord {
     pub error: Option<String>,
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("cannot write {table} record to {path}: {source}")]
-pub struct RecordError {
-    pub table: &'static str,
-    pub path: PathBuf,
-    #[source]
-    pub source: std::io::Error,
+/// One row of the `approvals` table: a state change of an approval.
+#[derive(Debug, Clone, Serialize)]
+pub struct ApprovalRecord {
+    pub approval_id: String,
+    #[serde(with = "micros")]
+    pub time: SystemTime,
+    #[serde(flatten)]
+    pub origin: Origin,
+    /// requested, notified, approved, denied, expired, used.
+    pub state: &'static str,
+    pub rule: String,
+    pub request_id: Option<String>,
+    /// Digest binding the approval to one exact request.
+    pub request_digest: String,
+    pub requester: String,
+    pub reviewer: Option<String>,
+    pub reason: Option<String>,
+    pub error: Option<String>,
 }
 
-/// Where finished records go. Implementations must be cheap to call from the data
-/// path and must report failure: a record that cannot be written is an error, not a
-/// warning (fail closed is decided by the caller).
+/// One row of the `events` table: what happened to the agent and its records.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventRecord {
+    pub event_id: String,
+    #[serde(with = "micros")]
+    pub time: SystemTime,
+    #[serde(flatten)]
+    pub origin: Origin,
+    /// agent_start, agent_stop, config_reload, policy_reload, retention_delete,
+    /// verify, journal_replay.
+    pub kind: &'static str,
+    /// ok, rejected, failed.
+    pub outcome: &'static str,
+    pub config_hash: Option<String>,
+    pub policy_set_hash: Option<String>,
+    /// For retention deletions: the file removed and the chain range it held, so
+    /// `audit verify` can accept the gap it leaves.
+    pub table_name: Option<String>,
+    pub file: Option<String>,
+    pub first_chain_seq: Option<u64>,
+    pub last_chain_seq: Option<u64>,
+    pub last_hash: Option<String>,
+    pub message: Option<String>,
+}
+
+impl EventRecord {
+    pub fn new(origin: &Origin, kind: &'static str, outcome: &'static str) -> EventRecord {
+        EventRecord {
+            event_id: new_id(),
+            time: SystemTime::now(),
+            origin: origin.clone(),
+            kind,
+            outcome,
+            config_hash: None,
+            policy_set_hash: None,
+            table_name: None,
+            file: None,
+            first_chain_seq: None,
+            last_chain_seq: None,
+            last_hash: None,
+            message: None,
+        }
+    }
+}
+
+/// Any record, tagged with its table.
+#[derive(Debug, Clone)]
+pub enum Record {
+    Connection(ConnectionRecord),
+    Request(Box<RequestRecord>),
+    Approval(ApprovalRecord),
+    Event(EventRecord),
+}
+
+impl Record {
+    pub fn table(&self) -> Table {
+        match self {
+            Record::Connection(_) => Table::Connections,
+            Record::Request(_) => Table::Requests,
+            Record::Approval(_) => Table::Approvals,
+            Record::Event(_) => Table::Events,
+        }
+    }
+
+    /// The journal encoding: one JSON object whose fields are the table's columns.
+    pub fn to_json(&self) -> serde_json::Result<Vec<u8>> {
+        match self {
+            Record::Connection(r) => serde_json::to_vec(r),
+            Record::Request(r) => serde_json::to_vec(r),
+            Record::Approval(r) => serde_json::to_vec(r),
+            Record::Event(r) => serde_json::to_vec(r),
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Record::Connection(r) => &r.connection_id,
+            Record::Request(r) => &r.request_id,
+            Record::Approval(r) => &r.approval_id,
+            Record::Event(r) => &r.event_id,
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot write {table} record: {reason}")]
+pub struct RecordError {
+    pub table: Table,
+    pub reason: String,
+}
+
+/// Resolves once a submitted record is durable (strict mode: fsynced in the journal;
+/// batched mode: queued, with the fsync window bounded), or failed.
+pub struct Durable(DurableInner);
+
+enum DurableInner {
+    Ready(Option<Result<(), RecordError>>),
+    Waiting(
+        tokio::sync::oneshot::Receiver<Result<(), RecordError>>,
+        Table,
+    ),
+}
+
+impl Durable {
+    pub fn ready(r: Result<(), RecordError>) -> Durable {
+        Durable(DurableInner::Ready(Some(r)))
+    }
+
+    pub fn waiting(
+        rx: tokio::sync::oneshot::Receiver<Result<(), RecordError>>,
+        table: Table,
+    ) -> Self {
+        Durable(DurableInner::Waiting(rx, table))
+    }
+}
+
+impl Future for Durable {
+    type Output = Result<(), RecordError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            DurableInner::Ready(r) => Poll::Ready(r.take().unwrap_or(Ok(()))),
+            DurableInner::Waiting(rx, table) => match Pin::new(rx).poll(cx) {
+                Poll::Ready(Ok(r)) => Poll::Ready(r),
+                Poll::Ready(Err(_)) => Poll::Ready(Err(RecordError {
+                    table: *table,
+                    reason: "the journal writer stopped".into(),
+                })),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+/// Where finished records go. `submit` is cheap and never blocks the data path; the
+/// returned ticket says when (and whether) the record is durable. A record that cannot
+/// be written is an error, not a warning: fail closed is decided by the caller.
 pub trait RecordSink: Send + Sync + 'static {
-    fn connection(&self, rec: &ConnectionRecord) -> Result<(), RecordError>;
-    fn request(&self, rec: &RequestRecord) -> Result<(), RecordError>;
+    fn submit(&self, rec: Record) -> Durable;
+
     /// False while records cannot be written: new exchanges are then refused (fail
     /// closed). Implementations re-check the condition, so this recovers by itself.
     fn writable(&self) -> bool {
         true
     }
+
+    /// Where records are described as being: written for the agent's own events.
+    fn origin(&self) -> &Origin;
 }
 
-/// Appends each record as one JSON line to `<dir>/<table>.jsonl` (files 0600).
-pub struct JsonLinesSink {
-    dir: PathBuf,
-    files: Mutex<HashMap<&'static str, File>>,
-    /// Set by a failed write, cleared when writing works again.
-    failing: AtomicBool,
-    /// Free space is checked at most every SPACE_CHECK_MS, so a filling disk refuses
-    /// new exchanges before a record is lost, at the cost of one statvfs per period.
-    space_checked_ms: AtomicU64,
-    space_ok: AtomicBool,
-    t0: std::time::Instant,
-}
-
-const SPACE_CHECK_MS: u64 = 100;
-
-/// Free space below which the sink does not consider itself writable again.
-const MIN_FREE_BYTES: u64 = 1 << 20;
-
-impl JsonLinesSink {
-    pub fn new(dir: PathBuf) -> std::io::Result<Self> {
-        std::fs::create_dir_all(&dir)?;
-        Ok(JsonLinesSink {
-            dir,
-            files: Mutex::new(HashMap::new()),
-            failing: AtomicBool::new(false),
-            space_checked_ms: AtomicU64::new(0),
-            space_ok: AtomicBool::new(true),
-            t0: std::time::Instant::now(),
-        })
-    }
-
-    fn append<T: Serialize>(&self, table: &'static str, rec: &T) -> Result<(), RecordError> {
-        let path = self.dir.join(format!("{table}.jsonl"));
-        let err = |source| RecordError {
-            table,
-            path: path.clone(),
-            source,
-        };
-        let mut line = serde_json::to_vec(rec).map_err(|e| err(e.into()))?;
-        line.push(b'\n');
-        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        let file = match files.get_mut(table) {
-            Some(f) => f,
-            None => {
-                let f = OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .mode(0o600)
-                    .open(&path)
-                    .map_err(err)?;
-                files.entry(table).or_insert(f)
-            }
-        };
-        // One write per line: concurrent appenders never interleave within a line. A
-        // failed write (disk full) is cut back so no torn line stays behind.
-        let before = file.metadata().map(|m| m.len()).ok();
-        match file.write_all(&line) {
-            Ok(()) => {
-                self.failing.store(false, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(e) => {
-                if let Some(len) = before {
-                    let _ = file.set_len(len);
-                }
-                self.failing.store(true, Ordering::Relaxed);
-                Err(err(e))
-            }
-        }
-    }
-
-    fn has_room(&self) -> bool {
-        nix::sys::statvfs::statvfs(&self.dir)
-            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()) >= MIN_FREE_BYTES)
-            .unwrap_or(false)
-    }
-
-    /// The cached free-space verdict, refreshed every SPACE_CHECK_MS.
-    fn room_cached(&self) -> bool {
-        let now = self.t0.elapsed().as_millis() as u64 + SPACE_CHECK_MS;
-        let last = self.space_checked_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= SPACE_CHECK_MS
-            && self
-                .space_checked_ms
-                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
-            self.space_ok.store(self.has_room(), Ordering::Relaxed);
-        }
-        self.space_ok.load(Ordering::Relaxed)
-    }
-
-    /// After a failure: writable again once the directory accepts files and has room.
-    fn probe(&self) -> bool {
-        let room = self.has_room();
-        let opens = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o600)
-            .open(self.dir.join("requests.jsonl"))
-            .is_ok();
-        room && opens
-    }
-}
-
-impl RecordSink for JsonLinesSink {
-    fn connection(&self, rec: &ConnectionRecord) -> Result<(), RecordError> {
-        self.append("connections", rec)
-    }
-
-    fn request(&self, rec: &RequestRecord) -> Result<(), RecordError> {
-        self.append("requests", rec)
-    }
-
-    fn writable(&self) -> bool {
-        if !self.failing.load(Ordering::Relaxed) {
-            return self.room_cached();
-        }
-        if self.probe() {
-            self.failing.store(false, Ordering::Relaxed);
-            return true;
-        }
-        false
-    }
-}
-
-/// A new, time-ordered id (UUIDv7) for connections and requests.
+/// A new, time-ordered id (UUIDv7) for connections, requests and events.
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-mod rfc3339 {
-    use std::time::SystemTime;
+/// Timestamps travel as integer microseconds since the Unix epoch (UTC): exact, and
+/// what the Parquet columns hold.
+pub mod micros {
+    use std::time::{SystemTime, UNIX_EPOCH};
 
     use serde::Serializer;
-    use time::format_description::well_known::Rfc3339;
-    use time::OffsetDateTime;
+
+    pub fn of(t: SystemTime) -> i64 {
+        match t.duration_since(UNIX_EPOCH) {
+            Ok(d) => d.as_micros() as i64,
+            Err(e) => -(e.duration().as_micros() as i64),
+        }
+    }
 
     pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        let dt = OffsetDateTime::from(*t);
-        let text = dt.format(&Rfc3339).map_err(serde::ser::Error::custom)?;
-        s.serialize_str(&text)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jsonl_sink_writes_flat_rows() {
-        let dir = tempfile::tempdir().unwrap();
-        let sink = JsonLinesSink::new(dir.path().to_owned()).unwrap();
-        let now = SystemTime::now();
-        let rec = ConnectionRecord {
-            connection_id: new_id(),
-            start_time: now,
-            end_time: now,
-            duration_ms: 1.5,
-            destination: Some("patients-api".into()),
-            protocol: Some("tcp"),
-            original_dst: Some("127.0.0.2:9443".into()),
-            client_addr: "127.0.0.1:40000".into(),
-            workload: Some(Arc::new(Workload {
-                pid: 42,
-                comm: "curl".into(),
-                ..Workload::default()
-            })),
-            bytes_up: 10,
-            bytes_down: 20,
-            sni: None,
-            tls_version: None,
-            alpn: None,
-            requests: 0,
-            outcome: Outcome::Closed,
-            error: None,
-        };
-        sink.connection(&rec).unwrap();
-        sink.connection(&rec).unwrap();
-        let text = std::fs::read_to_string(dir.path().join("connections.jsonl")).unwrap();
-        let rows: Vec<serde_json::Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect();
-        assert_eq!(rows.len(), 2);
-        assert_eq!(rows[0]["pid"], 42);
-        assert_eq!(rows[0]["comm"], "curl");
-        assert_eq!(rows[0]["outcome"], "closed");
-        assert_eq!(rows[0]["original_dst"], "127.0.0.2:9443");
-        assert!(rows[0]["start_time"].as_str().unwrap().ends_with('Z'));
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join("connections.jsonl"))
-            .unwrap()
-            .permissions()
-            .mode();
-        assert_eq!(mode & 0o777, 0o600);
+        s.serialize_i64(of(*t))
     }
 }

@@ -6,9 +6,6 @@
 //! pseudonym cannot be turned back into the id, nor computed from a guessed id;
 //! `phigate audit pseudonym ID` computes it for an auditor on the host.
 
-use std::fs::{self, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
@@ -20,43 +17,28 @@ pub struct Pseudonymizer {
     key: [u8; 32],
     /// Path segments after which the next segment is a patient id (FHIR: `Patient`).
     segments: Vec<String>,
+    query_params: Vec<String>,
 }
 
 impl Pseudonymizer {
-    /// Loads the key from `state_dir`, creating it (0600, atomically) on first use.
+    /// Loads the key from `state_dir`, creating it (0600) on first use.
     pub fn load_or_create(state_dir: &Path, segments: Vec<String>) -> anyhow::Result<Self> {
         let path = state_dir.join(KEY_FILE);
-        if !path.exists() {
-            fs::create_dir_all(state_dir)?;
-            let mut key = [0u8; 32];
-            fs::File::open("/dev/urandom")?.read_exact(&mut key)?;
-            let tmp = state_dir.join(format!("{KEY_FILE}.tmp.{}", std::process::id()));
-            let mut f = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&tmp)?;
-            f.write_all(&key)?;
-            f.sync_all()?;
-            // Another process may have won the race: keep whichever key landed first.
-            if fs::hard_link(&tmp, &path).is_err() && !path.exists() {
-                anyhow::bail!("cannot create {}", path.display());
-            }
-            let _ = fs::remove_file(&tmp);
-        }
-        let meta = fs::metadata(&path)?;
-        if meta.permissions().mode() & 0o077 != 0 {
-            anyhow::bail!(
-                "{}: the pseudonym key is readable by group or others; run `chmod 600 {}`",
-                path.display(),
-                path.display()
-            );
-        }
-        let bytes = fs::read(&path)?;
+        let bytes = super::keyfile::load_or_create(&path, super::keyfile::random32)?;
         let key: [u8; 32] = bytes
             .try_into()
             .map_err(|_| anyhow::anyhow!("{}: not a 32-byte key", path.display()))?;
-        Ok(Pseudonymizer { key, segments })
+        Ok(Pseudonymizer {
+            key,
+            segments,
+            query_params: vec!["patient".into(), "subject".into()],
+        })
+    }
+
+    /// Query parameters whose values are patient ids (FHIR: `patient`, `subject`).
+    pub fn with_query_params(mut self, params: Vec<String>) -> Self {
+        self.query_params = params;
+        self
     }
 
     pub fn pseudonym(&self, id: &str) -> String {
@@ -91,6 +73,43 @@ impl Pseudonymizer {
         }
         (out, refs)
     }
+
+    /// The query string as records may hold it: values of patient-id parameters
+    /// become pseudonyms (added to `refs`), FHIR control parameters (`_count`,
+    /// `_since`, ...) stay, and every other value is redacted, because a search value
+    /// (`name=Smith`, `birthdate=...`) is itself PHI.
+    pub fn redact_query(&self, query: &str, refs: &mut Vec<String>) -> String {
+        let mut out = String::with_capacity(query.len());
+        for (i, pair) in query.split('&').enumerate() {
+            if i > 0 {
+                out.push('&');
+            }
+            let (k, v) = match pair.split_once('=') {
+                Some((k, v)) => (k, Some(v)),
+                None => (pair, None),
+            };
+            out.push_str(k);
+            let Some(v) = v else { continue };
+            out.push('=');
+            let key = percent_decode(k);
+            // `subject=Patient/123`, `patient=123`, `subject:Patient=123`.
+            let base = key.split(':').next().unwrap_or("");
+            if self.query_params.iter().any(|p| p == base) {
+                let id = percent_decode(v);
+                let id = id.rsplit('/').next().unwrap_or("");
+                let p = self.pseudonym(id);
+                out.push_str(&p);
+                if !refs.contains(&p) {
+                    refs.push(p);
+                }
+            } else if key.starts_with('_') {
+                out.push_str(v);
+            } else {
+                out.push_str("[REDACTED]");
+            }
+        }
+        out
+    }
 }
 
 /// %XX decoding, so `/Patient/12%33` and `/Patient/123` get the same pseudonym.
@@ -116,6 +135,8 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
 
     fn p(dir: &Path) -> Pseudonymizer {
         Pseudonymizer::load_or_create(dir, vec!["Patient".into()]).unwrap()
@@ -161,6 +182,23 @@ mod tests {
         assert_eq!(ps.redact_path("/Patient/_search").1.len(), 0);
         assert_eq!(ps.redact_path("/Patient").0, "/Patient");
         assert_eq!(ps.redact_path("/Observation/9").1.len(), 0);
+    }
+
+    #[test]
+    fn query_values_are_pseudonymized_or_redacted() {
+        let d = tempfile::tempdir().unwrap();
+        let ps = p(d.path());
+        let mut refs = vec![];
+        let q = ps.redact_query("subject=Patient/77&name=Smith&_count=500&flag", &mut refs);
+        assert_eq!(
+            q,
+            format!(
+                "subject={}&name=[REDACTED]&_count=500&flag",
+                ps.pseudonym("77")
+            )
+        );
+        assert_eq!(refs, vec![ps.pseudonym("77")]);
+        assert!(!q.contains("Smith"));
     }
 
     #[test]

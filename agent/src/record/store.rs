@@ -1,0 +1,309 @@
+//! The record store: the sink the data path writes to. It owns the journal thread
+//! and the Parquet writer thread, replays the journal on open, and decides whether
+//! records can be written at all (fail closed).
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use tracing::{info, warn};
+
+use super::journal::{self, Durability, JournalState, JournalThread, Submission};
+use super::seal::Signer;
+use super::writer::{self, Writer, WriterConfig};
+use super::{micros, Durable, EventRecord, Origin, Record, RecordError, RecordSink};
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub records_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub durability: Durability,
+    pub rotate_rows: usize,
+    pub rotate_bytes: usize,
+    pub rotate_age: Duration,
+    pub row_group_rows: usize,
+    pub retention_days: u32,
+}
+
+pub const JOURNAL_DIR: &str = "_journal";
+const LOCK_FILE: &str = ".lock";
+
+/// Free space is checked at most every SPACE_CHECK_MS, so a filling disk refuses new
+/// exchanges before a record is lost, at the cost of one statvfs per period.
+const SPACE_CHECK_MS: u64 = 100;
+/// Free space below which records_dir counts as full.
+const MIN_FREE_BYTES: u64 = 1 << 20;
+
+pub struct RecordStore {
+    tx: Sender<Submission>,
+    durability: Durability,
+    journal: Arc<JournalState>,
+    writer_failing: Arc<AtomicBool>,
+    shutdown: Arc<AtomicBool>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    origin: Origin,
+    records_dir: PathBuf,
+    journal_dir: PathBuf,
+    space_checked_ms: AtomicU64,
+    space_ok: AtomicBool,
+    t0: Instant,
+    /// Held for the store's life: one agent per records_dir.
+    _lock: File,
+}
+
+/// What opening found in the journal.
+#[derive(Debug, Default)]
+pub struct Replay {
+    pub replayed: usize,
+    pub torn_tails: usize,
+}
+
+impl RecordStore {
+    pub fn open(cfg: StoreConfig, origin: Origin) -> anyhow::Result<(RecordStore, Replay)> {
+        let journal_dir = cfg.records_dir.join(JOURNAL_DIR);
+        for d in [&cfg.records_dir, &journal_dir] {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
+        }
+        let lock = lock(&cfg.records_dir)?;
+        let signer =
+            Arc::new(Signer::load_or_create(&cfg.state_dir).context("records signing key")?);
+        let (tx, rx) = journal::channel();
+        let (down_tx, down_rx) = std::sync::mpsc::channel();
+        let state = Arc::new(JournalState {
+            failing: AtomicBool::new(false),
+            rotate: AtomicBool::new(false),
+        });
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let mut w = Writer::open(
+            WriterConfig {
+                records_dir: cfg.records_dir.clone(),
+                journal_dir: journal_dir.clone(),
+                host: writer::file_host(&origin.host),
+                rotate_rows: cfg.rotate_rows,
+                rotate_bytes: cfg.rotate_bytes,
+                rotate_age: cfg.rotate_age,
+                row_group_rows: cfg.row_group_rows,
+                retention_days: cfg.retention_days,
+            },
+            signer,
+            state.clone(),
+            tx.clone(),
+            origin.clone(),
+        )?;
+        let (entries, tails) = journal::read_all(&journal_dir)
+            .with_context(|| format!("cannot read the journal in {}", journal_dir.display()))?;
+        for (path, tail) in &tails {
+            // Expected after a crash mid-write: that entry was never acknowledged.
+            warn!(segment = %path.display(), ?tail, "records: journal segment ends in a torn entry (ignored)");
+        }
+        let max_seen = entries.iter().map(|e| e.seq).max().unwrap_or(0);
+        let covered = super::Table::ALL
+            .iter()
+            .map(|t| w.covered(*t))
+            .max()
+            .unwrap_or(0);
+        let next_seq = max_seen.max(covered) + 1;
+        let replayed = w.replay(entries);
+        if replayed > 0 {
+            info!(
+                records = replayed,
+                "records: replayed journal entries not yet in Parquet"
+            );
+        }
+        let writer_failing = w.failing.clone();
+        let jt = JournalThread::open(
+            &journal_dir,
+            cfg.durability,
+            next_seq,
+            state.clone(),
+            down_tx,
+            shutdown.clone(),
+        )
+        .with_context(|| format!("cannot open a journal segment in {}", journal_dir.display()))?;
+        let j = std::thread::Builder::new()
+            .name("phigate-journal".into())
+            .spawn(move || jt.run(rx))?;
+        let wt = std::thread::Builder::new()
+            .name("phigate-records".into())
+            .spawn(move || w.run(down_rx))?;
+        let store = RecordStore {
+            tx,
+            durability: cfg.durability,
+            journal: state,
+            writer_failing,
+            shutdown,
+            threads: Mutex::new(vec![j, wt]),
+            origin,
+            records_dir: cfg.records_dir.clone(),
+            journal_dir,
+            space_checked_ms: AtomicU64::new(0),
+            space_ok: AtomicBool::new(true),
+            t0: Instant::now(),
+            _lock: lock,
+        };
+        Ok((
+            store,
+            Replay {
+                replayed,
+                torn_tails: tails.len(),
+            },
+        ))
+    }
+
+    /// Records an agent event and waits until it is durable.
+    pub async fn event(&self, ev: EventRecord) -> Result<(), RecordError> {
+        self.submit_with(Record::Event(ev), true).await
+    }
+
+    /// Stops accepting records, syncs the journal and writes every buffered row to
+    /// Parquet. Blocking: call from a blocking context.
+    pub fn close(&self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+        let threads: Vec<_> =
+            std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in threads {
+            let _ = t.join();
+        }
+    }
+
+    fn submit_with(&self, rec: Record, wait: bool) -> Durable {
+        let table = rec.table();
+        let json = match rec.to_json() {
+            Ok(j) => j,
+            Err(e) => {
+                return Durable::ready(Err(RecordError {
+                    table,
+                    reason: format!("cannot encode: {e}"),
+                }))
+            }
+        };
+        let closed = || RecordError {
+            table,
+            reason: "the record store is closed".into(),
+        };
+        if self.shutdown.load(Ordering::Relaxed) {
+            return Durable::ready(Err(closed()));
+        }
+        let (done, ticket) = if wait {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let sent = self.tx.send(Submission {
+            table,
+            time_us: micros::of(SystemTime::now()),
+            json,
+            done,
+        });
+        match (sent, ticket) {
+            (Err(_), _) => Durable::ready(Err(closed())),
+            (Ok(()), Some(rx)) => Durable::waiting(rx, table),
+            (Ok(()), None) => Durable::ready(Ok(())),
+        }
+    }
+
+    /// True while Parquet files cannot be written (rows wait in the journal).
+    pub fn parquet_failing(&self) -> bool {
+        self.writer_failing.load(Ordering::Relaxed)
+    }
+
+    fn has_room(&self) -> bool {
+        nix::sys::statvfs::statvfs(&self.records_dir)
+            .map(|s| s.blocks_available().saturating_mul(s.fragment_size()) >= MIN_FREE_BYTES)
+            .unwrap_or(false)
+    }
+
+    /// The cached free-space verdict, refreshed every SPACE_CHECK_MS.
+    fn room_cached(&self) -> bool {
+        let now = self.t0.elapsed().as_millis() as u64 + SPACE_CHECK_MS;
+        let last = self.space_checked_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= SPACE_CHECK_MS
+            && self
+                .space_checked_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.space_ok.store(self.has_room(), Ordering::Relaxed);
+        }
+        self.space_ok.load(Ordering::Relaxed)
+    }
+
+    /// After a failure: writable again once the journal directory accepts files and
+    /// has room (the journal thread clears its flag on the next good write).
+    fn probe(&self) -> bool {
+        let probe = self.journal_dir.join(".probe");
+        let ok = self.has_room()
+            && OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .mode(0o600)
+                .open(&probe)
+                .is_ok();
+        let _ = std::fs::remove_file(&probe);
+        ok
+    }
+}
+
+impl Drop for RecordStore {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl RecordSink for RecordStore {
+    fn submit(&self, rec: Record) -> Durable {
+        let wait = self.durability == Durability::Strict;
+        self.submit_with(rec, wait)
+    }
+
+    fn writable(&self) -> bool {
+        if self.shutdown.load(Ordering::Relaxed) {
+            return false;
+        }
+        // The Parquet writer failing alone does not stop requests: rows are durable in
+        // the journal and written when it recovers.
+        if !self.journal.failing.load(Ordering::Relaxed) {
+            return self.room_cached();
+        }
+        self.probe()
+    }
+
+    fn origin(&self) -> &Origin {
+        &self.origin
+    }
+}
+
+/// One agent per records_dir: two writers would interleave chains and sequence numbers.
+fn lock(dir: &Path) -> anyhow::Result<File> {
+    let path = dir.join(LOCK_FILE);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| path.display().to_string())?;
+    // SAFETY: flock on a descriptor we own.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        anyhow::bail!(
+            "{}: another phigate agent is writing these records (lock held)",
+            dir.display()
+        );
+    }
+    Ok(f)
+}

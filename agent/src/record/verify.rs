@@ -1,0 +1,388 @@
+//! `phigate audit verify`: checks a records directory against its signed manifests,
+//! heads and hash chains, needing only the public key. Every problem is reported with
+//! the table, the file and, for rows, the chain sequence number.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::UInt64Type;
+use arrow_array::{Array, RecordBatch};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use super::chain::{self, Hash, GENESIS};
+use super::schema::{Table, CHAIN_HASH, CHAIN_SEQ};
+use super::seal::{self, Head, Manifest, PublicKey};
+use super::writer::{file_sha256, walk};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub table: String,
+    pub file: Option<String>,
+    pub what: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.file {
+            Some(file) => write!(f, "{}: {file}: {}", self.table, self.what),
+            None => write!(f, "{}: {}", self.table, self.what),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct TableSummary {
+    pub files: usize,
+    pub rows: u64,
+    /// Rows before the first remaining file, deleted by documented retention.
+    pub retired_rows: u64,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub tables: BTreeMap<String, TableSummary>,
+    pub problems: Vec<Problem>,
+}
+
+impl Report {
+    pub fn ok(&self) -> bool {
+        self.problems.is_empty()
+    }
+}
+
+/// A retention deletion as the events table documents it.
+#[derive(Debug, Clone)]
+struct Retired {
+    last_chain_seq: u64,
+    last_hash: String,
+}
+
+/// Verifies every table under `dir` with `key`.
+pub fn verify(dir: &Path, key: &PublicKey) -> anyhow::Result<Report> {
+    if !dir.is_dir() {
+        anyhow::bail!("{}: not a directory", dir.display());
+    }
+    let mut report = Report::default();
+    let mut retired: HashMap<String, Vec<Retired>> = HashMap::new();
+    // Events first: they document the gaps retention leaves in every table.
+    for t in [
+        Table::Events,
+        Table::Requests,
+        Table::Connections,
+        Table::Approvals,
+    ] {
+        let rows = verify_table(dir, t, key, &retired, &mut report)?;
+        if t == Table::Events {
+            for b in rows {
+                collect_retired(&b, &mut retired);
+            }
+        }
+    }
+    Ok(report)
+}
+
+fn collect_retired(b: &RecordBatch, out: &mut HashMap<String, Vec<Retired>>) {
+    let col = |n: &str| b.column_by_name(n);
+    let (Some(kind), Some(table), Some(last), Some(hash)) = (
+        col("kind"),
+        col("table_name"),
+        col("last_chain_seq"),
+        col("last_hash"),
+    ) else {
+        return;
+    };
+    let (kind, table, hash) = (
+        kind.as_string::<i32>(),
+        table.as_string::<i32>(),
+        hash.as_string::<i32>(),
+    );
+    let last = last.as_primitive::<UInt64Type>();
+    for i in 0..b.num_rows() {
+        if kind.value(i) != "retention_delete" || table.is_null(i) || last.is_null(i) {
+            continue;
+        }
+        out.entry(table.value(i).to_owned())
+            .or_default()
+            .push(Retired {
+                last_chain_seq: last.value(i),
+                last_hash: hash.value(i).to_owned(),
+            });
+    }
+}
+
+/// Verifies one table; returns its rows when the table is `events` (for retention).
+fn verify_table(
+    dir: &Path,
+    t: Table,
+    key: &PublicKey,
+    retired: &HashMap<String, Vec<Retired>>,
+    report: &mut Report,
+) -> anyhow::Result<Vec<RecordBatch>> {
+    let table_dir = dir.join(t.name());
+    let summary = report.tables.entry(t.name().into()).or_default();
+    let mut problems = Vec::new();
+    let mut problem = |file: Option<&str>, what: String| {
+        problems.push(Problem {
+            table: t.name().into(),
+            file: file.map(str::to_owned),
+            what,
+        })
+    };
+    let mut keep_rows = Vec::new();
+    if !table_dir.exists() {
+        report.problems.append(&mut problems);
+        return Ok(keep_rows);
+    }
+
+    // Everything in the table directory must be accounted for.
+    let head_path = seal::head_path(dir, t.name());
+    let mut manifests: Vec<(Manifest, String)> = Vec::new();
+    let mut data_files: Vec<String> = Vec::new();
+    for p in walk(&table_dir)? {
+        let rel = relative(dir, &p);
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if p == head_path || name.ends_with(".tmp") {
+            continue; // .tmp: a write in progress, or interrupted (removed at start)
+        } else if let Some(data) = rel.strip_suffix(seal::MANIFEST_SUFFIX) {
+            match seal::read_json::<Manifest>(&p) {
+                Ok(m) => {
+                    if let Err(e) = key.check(&m) {
+                        problem(Some(&rel), format!("manifest signature invalid: {e}"));
+                    }
+                    if m.table != t.name() {
+                        problem(Some(&rel), format!("manifest belongs to table {}", m.table));
+                    }
+                    if m.file != data {
+                        problem(
+                            Some(&rel),
+                            format!("manifest describes {} but lies beside {data} (files moved or swapped)", m.file),
+                        );
+                    }
+                    manifests.push((m, data.to_owned()));
+                }
+                Err(e) => problem(Some(&rel), format!("unreadable manifest: {e:#}")),
+            }
+        } else if name.ends_with(".parquet") {
+            data_files.push(rel);
+        } else {
+            problem(Some(&rel), "unexpected file in the records".into());
+        }
+    }
+    for f in &data_files {
+        if !manifests.iter().any(|(_, d)| d == f) {
+            problem(
+                Some(f),
+                "Parquet file without a signed manifest (inserted or renamed)".into(),
+            );
+        }
+    }
+    manifests.sort_by_key(|(m, _)| m.file_seq);
+
+    // Each file: present, whole, and its rows chained.
+    for (m, data) in &manifests {
+        let path = dir.join(data);
+        match file_sha256(&path) {
+            Err(_) => {
+                problem(
+                    Some(data),
+                    format!(
+                        "file deleted (manifest says {} rows, chain {}..={})",
+                        m.rows, m.first_chain_seq, m.last_chain_seq
+                    ),
+                );
+                continue;
+            }
+            Ok((sha, len)) => {
+                if len < m.bytes {
+                    problem(
+                        Some(data),
+                        format!("file truncated: {len} bytes, manifest says {}", m.bytes),
+                    );
+                } else if hex::encode(sha) != m.sha256 {
+                    problem(
+                        Some(data),
+                        "file altered or replaced: its SHA-256 differs from the signed manifest"
+                            .into(),
+                    );
+                }
+            }
+        }
+        match check_rows(&path, m) {
+            Ok((rows, mut found, batches)) => {
+                summary.files += 1;
+                summary.rows += rows;
+                for w in found.drain(..) {
+                    problem(Some(data), w);
+                }
+                if t == Table::Events {
+                    keep_rows.extend(batches);
+                }
+            }
+            Err(e) => problem(Some(data), format!("unreadable: {e:#}")),
+        }
+    }
+
+    // Files chain to each other, the first to genesis or to a documented deletion.
+    if let Some((first, data)) = manifests.first() {
+        if first.first_chain_seq != 0 || first.prev_hash != chain::to_hex(&GENESIS) {
+            let documented = retired.get(t.name()).is_some_and(|rs| {
+                rs.iter().any(|r| {
+                    r.last_chain_seq + 1 == first.first_chain_seq && r.last_hash == first.prev_hash
+                })
+            });
+            if documented {
+                summary.retired_rows = first.first_chain_seq;
+            } else {
+                problem(
+                    Some(data),
+                    format!(
+                        "the chain starts at row {}: earlier files were deleted without a retention record",
+                        first.first_chain_seq
+                    ),
+                );
+            }
+        }
+    }
+    for w in manifests.windows(2) {
+        let ((a, _), (b, bdata)) = (&w[0], &w[1]);
+        if b.file_seq != a.file_seq + 1 {
+            problem(
+                Some(bdata),
+                format!(
+                    "files {}..{} are missing (deleted)",
+                    a.file_seq + 1,
+                    b.file_seq - 1
+                ),
+            );
+        }
+        if b.prev_hash != a.last_hash || b.first_chain_seq != a.last_chain_seq + 1 {
+            problem(
+                Some(bdata),
+                format!(
+                    "does not continue the chain of {} (rows deleted, files replaced or reordered)",
+                    a.file
+                ),
+            );
+        }
+    }
+
+    // The signed head names the newest file: deleting files from the end shows.
+    match seal::read_json::<Head>(&head_path) {
+        Ok(h) => {
+            if let Err(e) = key.check(&h) {
+                problem(
+                    None,
+                    format!("{}: head signature invalid: {e}", seal::HEAD_FILE),
+                );
+            }
+            let last = manifests.last().map(|(m, _)| m);
+            let matches = match last {
+                Some(m) => h.next_file_seq == m.file_seq + 1 && h.last_hash == m.last_hash,
+                None => h.next_file_seq == 0,
+            };
+            if !matches {
+                problem(
+                    h.last_file.as_deref(),
+                    format!(
+                        "the head names {} file(s) ending in {}, but the newest present is {} (files deleted from the end)",
+                        h.next_file_seq,
+                        h.last_file.as_deref().unwrap_or("-"),
+                        last.map(|m| m.file.as_str()).unwrap_or("none")
+                    ),
+                );
+            }
+        }
+        Err(_) if manifests.is_empty() => {}
+        Err(e) => problem(None, format!("head missing or unreadable: {e:#}")),
+    }
+    report.problems.append(&mut problems);
+    Ok(keep_rows)
+}
+
+/// Recomputes one file's chain; returns its row count, what is wrong, and the batches.
+fn check_rows(path: &Path, m: &Manifest) -> anyhow::Result<(u64, Vec<String>, Vec<RecordBatch>)> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?.build()?;
+    let mut prev: Hash = chain::from_hex(&m.prev_hash).unwrap_or(GENESIS);
+    let mut expect_seq = m.first_chain_seq;
+    let mut rows = 0u64;
+    let mut found = Vec::new();
+    let mut batches = Vec::new();
+    let mut buf = Vec::with_capacity(1024);
+    let mut reported = 0;
+    for batch in reader {
+        let batch = batch?;
+        let seqs = batch
+            .column_by_name(CHAIN_SEQ)
+            .ok_or_else(|| anyhow::anyhow!("no {CHAIN_SEQ} column"))?
+            .as_primitive::<UInt64Type>()
+            .clone();
+        let hashes = batch
+            .column_by_name(CHAIN_HASH)
+            .ok_or_else(|| anyhow::anyhow!("no {CHAIN_HASH} column"))?
+            .as_string::<i32>()
+            .clone();
+        let schema = batch.schema();
+        let columns: Vec<usize> = (0..batch.num_columns())
+            .filter(|&i| {
+                let n = schema.field(i).name();
+                n != CHAIN_SEQ && n != CHAIN_HASH
+            })
+            .collect();
+        for row in 0..batch.num_rows() {
+            rows += 1;
+            let seq = seqs.value(row);
+            let stored = chain::from_hex(hashes.value(row)).unwrap_or_default();
+            buf.clear();
+            chain::canonical_row(&batch, &columns, row, &mut buf);
+            let computed = chain::link(&prev, seq, &buf);
+            let problem = if seq != expect_seq {
+                Some(format!(
+                    "row {rows}: chain_seq {seq} where {expect_seq} was expected (rows deleted, inserted or reordered)"
+                ))
+            } else if computed != stored {
+                Some(format!(
+                    "row {rows} (chain_seq {seq}): content does not match its chain hash (row altered)"
+                ))
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                if reported < 10 {
+                    found.push(p);
+                }
+                reported += 1;
+            }
+            // Continue from the stored hash so one altered row is one finding.
+            prev = stored;
+            expect_seq = seq + 1;
+        }
+        batches.push(batch);
+    }
+    if reported > 10 {
+        found.push(format!("... and {} more row problems", reported - 10));
+    }
+    if rows != m.rows {
+        found.push(format!(
+            "{rows} rows, the signed manifest says {} (rows deleted or inserted)",
+            m.rows
+        ));
+    }
+    if chain::to_hex(&prev) != m.last_hash && reported == 0 && rows == m.rows {
+        found.push("the last row's hash differs from the signed manifest".into());
+    }
+    Ok((rows, found, batches))
+}
+
+fn relative(base: &Path, p: &Path) -> String {
+    p.strip_prefix(base)
+        .unwrap_or(p)
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// The default public key location for a config's state directory.
+pub fn default_public_key(state_dir: &Path) -> PathBuf {
+    state_dir.join(seal::PUBLIC_KEY_FILE)
+}

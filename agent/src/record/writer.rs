@@ -1,0 +1,666 @@
+//! The background writer: durable journal entries become hash-chained, signed Parquet
+//! files in hive partitions `records_dir/<table>/date=YYYY-MM-DD/<host>-<seq>.parquet`.
+//!
+//! A file is written under a `.tmp` name, fsynced, its manifest written and fsynced,
+//! then renamed into place, so a `*.parquet` name only ever holds a whole file with a
+//! footer. The table's signed head is the commit point: journal segments are deleted
+//! only once every entry they hold is behind the heads, and on start a file beyond the
+//! head is either rolled forward (whole and linked) or removed (its rows are still in
+//! the journal and are written again).
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use arrow_array::{ArrayRef, RecordBatch, StringArray, UInt64Array};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+use sha2::{Digest, Sha256};
+use time::{Date, OffsetDateTime};
+use tracing::{error, info, warn};
+
+use super::chain::{self, Hash};
+use super::journal::{Entry, JournalState, Submission};
+use super::schema::SCHEMA_VERSION;
+use super::seal::{self, Head, Manifest, Signer};
+use super::{micros, EventRecord, Origin, Record, Table};
+
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub records_dir: PathBuf,
+    pub journal_dir: PathBuf,
+    /// Host name as it appears in file names.
+    pub host: String,
+    /// A file is closed at this many rows, bytes of records, or age, whichever first.
+    pub rotate_rows: usize,
+    pub rotate_bytes: usize,
+    pub rotate_age: Duration,
+    pub row_group_rows: usize,
+    pub retention_days: u32,
+}
+
+struct Pending {
+    head: Head,
+    buf: Vec<Entry>,
+    bytes: usize,
+    date: Option<Date>,
+    since: Option<Instant>,
+}
+
+pub struct Writer {
+    cfg: WriterConfig,
+    signer: Arc<Signer>,
+    tables: BTreeMap<Table, Pending>,
+    journal: Arc<JournalState>,
+    /// Set while Parquet cannot be written; records stay in the journal meanwhile.
+    pub failing: Arc<AtomicBool>,
+    retry_at: Option<Instant>,
+    /// For the writer's own events (retention deletions), through the journal.
+    events: Sender<Submission>,
+    origin: Origin,
+    last_retention: Option<Instant>,
+}
+
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+/// Beyond this many buffered rows the store stops accepting new requests.
+pub const MAX_BUFFERED_ROWS: usize = 2_000_000;
+
+impl Writer {
+    /// Recovers every table's head (rolling forward or removing files beyond it).
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        cfg: WriterConfig,
+        signer: Arc<Signer>,
+        journal: Arc<JournalState>,
+        events: Sender<Submission>,
+        origin: Origin,
+    ) -> anyhow::Result<Writer> {
+        let mut tables = BTreeMap::new();
+        for t in Table::ALL {
+            let head = recover(&cfg.records_dir, t, &signer)?;
+            tables.insert(
+                t,
+                Pending {
+                    head,
+                    buf: Vec::new(),
+                    bytes: 0,
+                    date: None,
+                    since: None,
+                },
+            );
+        }
+        Ok(Writer {
+            cfg,
+            signer,
+            tables,
+            journal,
+            failing: Arc::new(AtomicBool::new(false)),
+            retry_at: None,
+            events,
+            origin,
+            last_retention: None,
+        })
+    }
+
+    /// The journal position each table's files already cover.
+    pub fn covered(&self, t: Table) -> u64 {
+        self.tables[&t].head.journal_seq_last
+    }
+
+    /// Takes entries replayed from the journal (those not yet covered).
+    pub fn replay(&mut self, entries: Vec<Entry>) -> usize {
+        let fresh: Vec<Entry> = entries
+            .into_iter()
+            .filter(|e| e.seq > self.covered(e.table))
+            .collect();
+        let n = fresh.len();
+        self.accept(fresh);
+        n
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.tables.values().map(|p| p.buf.len()).sum()
+    }
+
+    /// Runs until the journal thread is gone, then writes what is left.
+    pub fn run(mut self, rx: Receiver<Vec<Entry>>) {
+        loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(entries) => {
+                    self.accept(entries);
+                    while let Ok(more) = rx.try_recv() {
+                        self.accept(more);
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            self.flush_due(false);
+            self.retention_due();
+        }
+        self.retry_at = None;
+        self.flush_due(true);
+        if self.buffered() > 0 {
+            error!(rows = self.buffered(), "records: could not write every row to Parquet at shutdown; they stay in the journal and are written at the next start");
+        }
+        info!("records writer closed");
+    }
+
+    fn accept(&mut self, entries: Vec<Entry>) {
+        for e in entries {
+            let date = date_of(e.time_us);
+            let due_for_date = {
+                let p = &self.tables[&e.table];
+                p.date.is_some_and(|d| d != date) && !p.buf.is_empty()
+            };
+            if due_for_date {
+                // A file holds one day: close the previous day's first.
+                let _ = self.flush(e.table);
+            }
+            let p = self.tables.get_mut(&e.table).expect("every table");
+            p.date.get_or_insert(date);
+            p.since.get_or_insert_with(Instant::now);
+            p.bytes += e.json.len();
+            p.buf.push(e);
+        }
+    }
+
+    fn flush_due(&mut self, all: bool) {
+        if self.retry_at.is_some_and(|t| Instant::now() < t) {
+            return;
+        }
+        let mut flushed = false;
+        for t in Table::ALL {
+            let p = &self.tables[&t];
+            if p.buf.is_empty() {
+                continue;
+            }
+            let due = all
+                || p.buf.len() >= self.cfg.rotate_rows
+                || p.bytes >= self.cfg.rotate_bytes
+                || p.since.is_some_and(|s| s.elapsed() >= self.cfg.rotate_age);
+            if !due {
+                continue;
+            }
+            match self.flush(t) {
+                Ok(()) => flushed = true,
+                Err(e) => {
+                    if !self.failing.swap(true, Ordering::Relaxed) {
+                        error!(table = %t, error = %format!("{e:#}"), "records: cannot write Parquet; rows stay in the journal, retrying");
+                    }
+                    self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                    return;
+                }
+            }
+        }
+        if flushed {
+            if self.failing.swap(false, Ordering::Relaxed) {
+                info!("records: Parquet writes work again");
+            }
+            self.retry_at = None;
+            self.journal.rotate.store(true, Ordering::Relaxed);
+            if let Err(e) = self.trim_journal() {
+                warn!(error = %e, "records: cannot remove old journal segments");
+            }
+        }
+    }
+
+    /// Writes table `t`'s buffered rows as one Parquet file and advances its head.
+    fn flush(&mut self, t: Table) -> anyhow::Result<()> {
+        let p = self.tables.get_mut(&t).expect("every table");
+        if p.buf.is_empty() {
+            return Ok(());
+        }
+        let date = p.date.unwrap_or_else(|| OffsetDateTime::now_utc().date());
+        let (batch, bad) = decode(t, &p.buf)?;
+        for e in bad {
+            error!(table = %t, journal_seq = e, "records: a journal entry does not match the table schema; kept in the journal");
+        }
+        let journal_seq_last = p.buf.iter().map(|e| e.seq).max().unwrap_or(0);
+        let written = write_file(
+            &self.cfg,
+            &self.signer,
+            t,
+            &p.head,
+            date,
+            &batch,
+            journal_seq_last,
+        )?;
+        p.head = written;
+        p.buf.clear();
+        p.bytes = 0;
+        p.date = None;
+        p.since = None;
+        Ok(())
+    }
+
+    /// Removes journal segments whose every entry is behind all heads.
+    fn trim_journal(&self) -> std::io::Result<()> {
+        let low = self
+            .tables
+            .values()
+            .filter_map(|p| p.buf.iter().map(|e| e.seq).min())
+            .min()
+            .unwrap_or(u64::MAX);
+        let segs = super::journal::segments(&self.cfg.journal_dir)?;
+        for w in segs.windows(2) {
+            let (_, ref path) = w[0];
+            let (next_first, _) = w[1];
+            if next_first <= low {
+                fs::remove_file(path)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn retention_due(&mut self) {
+        if self.cfg.retention_days == 0
+            || self
+                .last_retention
+                .is_some_and(|t| t.elapsed() < RETENTION_EVERY)
+        {
+            return;
+        }
+        self.last_retention = Some(Instant::now());
+        let cutoff =
+            OffsetDateTime::now_utc().date() - time::Duration::days(self.cfg.retention_days as i64);
+        for t in Table::ALL {
+            if let Err(e) = self.expire(t, cutoff) {
+                warn!(table = %t, error = %format!("{e:#}"), "records: retention pass failed");
+            }
+        }
+    }
+
+    /// Deletes files of partitions before `cutoff`, oldest first, each deletion
+    /// recorded (durably) in `events` before the file goes.
+    fn expire(&mut self, t: Table, cutoff: Date) -> anyhow::Result<()> {
+        let head_file = self.tables[&t].head.last_file.clone();
+        let mut old: Vec<(Manifest, PathBuf)> = Vec::new();
+        for mpath in list_manifests(&self.cfg.records_dir, t)? {
+            let m: Manifest = seal::read_json(&mpath)?;
+            let Some(date) = partition_date(&m.file) else {
+                continue;
+            };
+            if date < cutoff && Some(&m.file) != head_file.as_ref() {
+                old.push((m, mpath));
+            }
+        }
+        old.sort_by_key(|(m, _)| m.file_seq);
+        for (m, mpath) in old {
+            let mut ev = EventRecord::new(&self.origin, "retention_delete", "ok");
+            ev.table_name = Some(t.name().into());
+            ev.file = Some(m.file.clone());
+            ev.first_chain_seq = Some(m.first_chain_seq);
+            ev.last_chain_seq = Some(m.last_chain_seq);
+            ev.last_hash = Some(m.last_hash.clone());
+            ev.message = Some(format!(
+                "{} rows older than {} days",
+                m.rows, self.cfg.retention_days
+            ));
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let rec = Record::Event(ev);
+            self.events
+                .send(Submission {
+                    table: Table::Events,
+                    time_us: micros::of(SystemTime::now()),
+                    json: rec.to_json()?,
+                    done: Some(tx),
+                })
+                .map_err(|_| anyhow::anyhow!("journal closed"))?;
+            rx.blocking_recv()
+                .map_err(|_| anyhow::anyhow!("journal closed"))?
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let data = self.cfg.records_dir.join(&m.file);
+            match fs::remove_file(&data) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e).with_context(|| data.display().to_string()),
+            }
+            fs::remove_file(&mpath)?;
+            if let Some(dir) = data.parent() {
+                let _ = fs::remove_dir(dir); // only when empty
+            }
+            info!(table = %t, file = %m.file, "records: retention deleted a file");
+        }
+        Ok(())
+    }
+}
+
+/// Decodes journal entries into one batch of the table's record schema. Entries that
+/// do not decode are left out and their journal seqs returned.
+fn decode(t: Table, entries: &[Entry]) -> anyhow::Result<(RecordBatch, Vec<u64>)> {
+    let schema = t.record_schema();
+    let all = || {
+        let mut d = arrow_json::ReaderBuilder::new(schema.clone())
+            .with_batch_size(entries.len().max(1))
+            .build_decoder()?;
+        for e in entries {
+            d.decode(&e.json)?;
+        }
+        d.flush()
+    };
+    match all() {
+        Ok(Some(b)) => return Ok((b, vec![])),
+        Ok(None) => return Ok((RecordBatch::new_empty(schema), vec![])),
+        Err(_) => {}
+    }
+    // Slow path: isolate the entries that do not fit.
+    let mut good = Vec::new();
+    let mut bad = Vec::new();
+    for e in entries {
+        let mut d = arrow_json::ReaderBuilder::new(schema.clone()).build_decoder()?;
+        match d.decode(&e.json).and_then(|_| d.flush()) {
+            Ok(Some(b)) => good.push(b),
+            _ => bad.push(e.seq),
+        }
+    }
+    let batch = arrow_select_concat(&schema, &good)?;
+    Ok((batch, bad))
+}
+
+fn arrow_select_concat(
+    schema: &arrow_schema::SchemaRef,
+    batches: &[RecordBatch],
+) -> anyhow::Result<RecordBatch> {
+    Ok(arrow_select::concat::concat_batches(schema, batches)?)
+}
+
+/// Writes one file (tmp, fsync, manifest, rename) and the table's new head.
+fn write_file(
+    cfg: &WriterConfig,
+    signer: &Signer,
+    t: Table,
+    head: &Head,
+    date: Date,
+    batch: &RecordBatch,
+    journal_seq_last: u64,
+) -> anyhow::Result<Head> {
+    let prev = chain::from_hex(&head.last_hash).context("head hash is not hex")?;
+    let columns: Vec<usize> = (0..batch.num_columns()).collect();
+    let hashes = chain::hash_rows(batch, &columns, prev, head.next_chain_seq);
+    let rows = batch.num_rows() as u64;
+    let seqs: ArrayRef = Arc::new(UInt64Array::from_iter_values(
+        head.next_chain_seq..head.next_chain_seq + rows,
+    ));
+    let hex_hashes: ArrayRef = Arc::new(StringArray::from_iter_values(
+        hashes.iter().map(chain::to_hex),
+    ));
+    let mut cols = batch.columns().to_vec();
+    cols.push(seqs);
+    cols.push(hex_hashes);
+    let file_batch = RecordBatch::try_new(t.file_schema(), cols)?;
+    let last: Hash = hashes.last().copied().unwrap_or(prev);
+
+    let table_dir = cfg.records_dir.join(t.name());
+    let part = format!("date={}", date_text(date));
+    let dir = table_dir.join(&part);
+    create_private_dir(&dir)?;
+    let name = format!("{}-{:012}.parquet", cfg.host, head.next_file_seq);
+    let rel = format!("{}/{part}/{name}", t.name());
+    let final_path = dir.join(&name);
+    let tmp_path = dir.join(format!("{name}.tmp"));
+
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::try_new(3)?))
+        .set_max_row_group_row_count(Some(cfg.row_group_rows.max(1)))
+        .set_created_by(format!("phigate {}", env!("CARGO_PKG_VERSION")))
+        .build();
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp_path)
+        .with_context(|| tmp_path.display().to_string())?;
+    let mut w = ArrowWriter::try_new(HashingWriter::new(file), file_batch.schema(), Some(props))?;
+    w.write(&file_batch)?;
+    let hw = w.into_inner()?;
+    let (file, sha, bytes) = hw.finish();
+    file.sync_all()
+        .with_context(|| format!("fsync {}", tmp_path.display()))?;
+    drop(file);
+
+    let mut m = Manifest {
+        format: seal::MANIFEST_FORMAT.into(),
+        table: t.name().into(),
+        file: rel.clone(),
+        file_seq: head.next_file_seq,
+        rows,
+        first_chain_seq: head.next_chain_seq,
+        last_chain_seq: (head.next_chain_seq + rows).saturating_sub(1),
+        prev_hash: head.last_hash.clone(),
+        last_hash: chain::to_hex(&last),
+        sha256: hex::encode(sha),
+        bytes,
+        journal_seq_last,
+        schema_version: SCHEMA_VERSION,
+        created: seal::now_rfc3339(),
+        key_id: String::new(),
+        signature: String::new(),
+    };
+    signer.sign(&mut m);
+    write_atomically(
+        &seal::manifest_path(&final_path),
+        &serde_json::to_vec_pretty(&m)?,
+    )?;
+    fs::rename(&tmp_path, &final_path)
+        .with_context(|| format!("rename {} into place", tmp_path.display()))?;
+    File::open(&dir)?.sync_all()?;
+
+    let mut next = head.clone();
+    next.next_file_seq += 1;
+    next.next_chain_seq += rows;
+    next.last_hash = m.last_hash.clone();
+    next.last_file = Some(rel);
+    next.journal_seq_last = journal_seq_last.max(head.journal_seq_last);
+    next.updated = seal::now_rfc3339();
+    signer.sign(&mut next);
+    write_atomically(
+        &seal::head_path(&cfg.records_dir, t.name()),
+        &serde_json::to_vec_pretty(&next)?,
+    )?;
+    Ok(next)
+}
+
+/// tmp, fsync, rename, fsync the directory.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let dir = path.parent().context("no parent directory")?;
+    let tmp = path.with_extension("tmp");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| tmp.display().to_string())?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| tmp.display().to_string())?;
+    fs::rename(&tmp, path).with_context(|| path.display().to_string())?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+/// Brings table `t`'s head up to date with what is on disk after a crash: removes
+/// temporary files, rolls forward whole files written after the head, and removes
+/// the rest (their rows are still in the journal).
+fn recover(records_dir: &Path, t: Table, signer: &Signer) -> anyhow::Result<Head> {
+    let table_dir = records_dir.join(t.name());
+    create_private_dir(&table_dir)?;
+    let head_path = seal::head_path(records_dir, t.name());
+    let mut head = if head_path.exists() {
+        let h: Head = seal::read_json(&head_path)?;
+        signer.public.check(&h).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: {e}; the records may have been tampered with: run `phigate audit verify`",
+                head_path.display()
+            )
+        })?;
+        h
+    } else {
+        Head::empty(t.name())
+    };
+    for p in walk(&table_dir)? {
+        if p.extension().is_some_and(|e| e == "tmp") {
+            let _ = fs::remove_file(&p);
+        }
+    }
+    let mut beyond: Vec<(Manifest, PathBuf)> = Vec::new();
+    for mpath in list_manifests(records_dir, t)? {
+        let m: Manifest = seal::read_json(&mpath)?;
+        if m.file_seq >= head.next_file_seq {
+            beyond.push((m, mpath));
+        }
+    }
+    beyond.sort_by_key(|(m, _)| m.file_seq);
+    let mut advanced = false;
+    for (m, mpath) in beyond {
+        let data = records_dir.join(&m.file);
+        let whole = m.file_seq == head.next_file_seq
+            && m.prev_hash == head.last_hash
+            && m.first_chain_seq == head.next_chain_seq
+            && signer.public.check(&m).is_ok()
+            && file_sha256(&data).is_ok_and(|(h, n)| hex::encode(h) == m.sha256 && n == m.bytes);
+        if whole {
+            head.next_file_seq += 1;
+            head.next_chain_seq = m.last_chain_seq + 1;
+            head.last_hash = m.last_hash.clone();
+            head.last_file = Some(m.file.clone());
+            head.journal_seq_last = head.journal_seq_last.max(m.journal_seq_last);
+            advanced = true;
+            info!(table = %t, file = %m.file, "records: rolled forward a file written before a crash");
+        } else {
+            warn!(table = %t, file = %m.file, "records: removing an incomplete file from before a crash; its rows are replayed from the journal");
+            let _ = fs::remove_file(&data);
+            let _ = fs::remove_file(&mpath);
+        }
+    }
+    if advanced {
+        head.updated = seal::now_rfc3339();
+        signer.sign(&mut head);
+        write_atomically(&head_path, &serde_json::to_vec_pretty(&head)?)?;
+    }
+    Ok(head)
+}
+
+/// Every manifest of table `t`.
+pub fn list_manifests(records_dir: &Path, t: Table) -> std::io::Result<Vec<PathBuf>> {
+    Ok(walk(&records_dir.join(t.name()))?
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(seal::MANIFEST_SUFFIX))
+        })
+        .collect())
+}
+
+/// Files under `dir`, recursively (the partitions are one level deep).
+pub fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in rd {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+pub fn file_sha256(path: &Path) -> std::io::Result<([u8; 32], u64)> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let n = std::io::copy(&mut f, &mut h)?;
+    Ok((h.finalize().into(), n))
+}
+
+fn date_of(time_us: i64) -> Date {
+    OffsetDateTime::from_unix_timestamp_nanos(time_us as i128 * 1000)
+        .map(|t| t.date())
+        .unwrap_or_else(|_| OffsetDateTime::now_utc().date())
+}
+
+fn date_text(d: Date) -> String {
+    format!("{:04}-{:02}-{:02}", d.year(), d.month() as u8, d.day())
+}
+
+/// The date of a file's hive partition (`<table>/date=YYYY-MM-DD/<name>`).
+pub fn partition_date(rel: &str) -> Option<Date> {
+    let part = rel.split('/').find_map(|s| s.strip_prefix("date="))?;
+    let fmt = time::macros::format_description!("[year]-[month]-[day]");
+    Date::parse(part, &fmt).ok()
+}
+
+/// File names carry the host: keep it to safe characters.
+pub fn file_host(host: &str) -> String {
+    host.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+/// Hashes what passes through, so a file's digest costs no second read.
+struct HashingWriter {
+    inner: File,
+    hash: Sha256,
+    bytes: u64,
+}
+
+impl HashingWriter {
+    fn new(inner: File) -> Self {
+        HashingWriter {
+            inner,
+            hash: Sha256::new(),
+            bytes: 0,
+        }
+    }
+
+    fn finish(self) -> (File, [u8; 32], u64) {
+        (self.inner, self.hash.finalize().into(), self.bytes)
+    }
+}
+
+impl Write for HashingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
