@@ -664,3 +664,98 @@ impl Write for HashingWriter {
         self.inner.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::verify::verify;
+
+    fn origin() -> Origin {
+        Origin {
+            host: "test-host".into(),
+            agent_version: "test",
+        }
+    }
+
+    fn event_entry(seq: u64, n: usize) -> Entry {
+        let mut ev = EventRecord::new(&origin(), "config_reload", "ok");
+        ev.message = Some(format!("event {n}"));
+        Entry {
+            seq,
+            time_us: micros::of(SystemTime::now()),
+            table: Table::Events,
+            json: Record::Event(ev).to_json().unwrap(),
+        }
+    }
+
+    #[test]
+    fn retention_deletes_old_files_records_each_and_verify_accepts_the_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = dir.path().join("records");
+        let journal_dir = records.join("_journal");
+        fs::create_dir_all(&journal_dir).unwrap();
+        let signer = Arc::new(Signer::load_or_create(&dir.path().join("state")).unwrap());
+        // Stands in for the journal thread: acknowledges the writer's own events at
+        // once and hands them back, to be written like any journal entry.
+        let (tx, rx) = std::sync::mpsc::channel::<Submission>();
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+        std::thread::spawn(move || {
+            for s in rx {
+                if let Some(done) = s.done {
+                    let _ = done.send(Ok(()));
+                }
+                let _ = back_tx.send(s.json);
+            }
+        });
+        let cfg = WriterConfig {
+            records_dir: records.clone(),
+            journal_dir,
+            host: "test-host".into(),
+            rotate_rows: 1000,
+            rotate_bytes: 1 << 30,
+            rotate_age: Duration::from_secs(3600),
+            row_group_rows: 100,
+            retention_days: 1,
+        };
+        let state = Arc::new(JournalState {
+            failing: AtomicBool::new(false),
+            rotate: AtomicBool::new(false),
+        });
+        let mut w = Writer::open(cfg, signer.clone(), state, tx, origin()).unwrap();
+        let mut seq = 0;
+        for file in 0..3 {
+            for row in 0..2 {
+                seq += 1;
+                w.accept(vec![event_entry(seq, file * 2 + row)]);
+            }
+            w.flush(Table::Events).unwrap();
+        }
+        // Everything written today is "old" for a cutoff of tomorrow, except the
+        // newest file, which the head names and which is never deleted.
+        let tomorrow = OffsetDateTime::now_utc().date() + time::Duration::days(1);
+        w.expire(Table::Events, tomorrow).unwrap();
+        // Each deletion was acknowledged as durable before its file went.
+        let deletions: Vec<Vec<u8>> = back_rx.try_iter().collect();
+        assert_eq!(deletions.len(), 2, "one event per deleted file");
+        let entries = deletions
+            .into_iter()
+            .map(|json| {
+                seq += 1;
+                Entry {
+                    seq,
+                    time_us: micros::of(SystemTime::now()),
+                    table: Table::Events,
+                    json,
+                }
+            })
+            .collect();
+        w.accept(entries);
+        w.flush(Table::Events).unwrap();
+
+        assert_eq!(list_manifests(&records, Table::Events).unwrap().len(), 2);
+        let report = verify(&records, &signer.public).unwrap();
+        assert!(report.ok(), "{:?}", report.problems);
+        assert_eq!(report.tables["events"].retired_rows, 4);
+        assert_eq!(report.tables["events"].rows, 4);
+    }
+}
