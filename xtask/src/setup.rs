@@ -23,7 +23,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
 ];
 
 /// Python modules (import name, pip name).
-const PYTHON_PACKAGES: &[(&str, &str)] = &[("requests", "requests"), ("duckdb", "duckdb")];
+const PYTHON_PACKAGES: &[(&str, &str)] = &[
+    ("requests", "requests"),
+    ("duckdb", "duckdb"),
+    // DuckDB hands TIMESTAMP WITH TIME ZONE values to Python through pytz.
+    ("pytz", "pytz"),
+];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 

@@ -219,7 +219,7 @@ fn verify_table(
                 }
             }
         }
-        match check_rows(&path, m) {
+        match check_rows(&path, m, t) {
             Ok((rows, found)) => {
                 summary.files += 1;
                 summary.rows += rows;
@@ -309,8 +309,58 @@ fn verify_table(
 }
 
 /// Recomputes one file's chain; returns its row count and what is wrong.
-fn check_rows(path: &Path, m: &Manifest) -> anyhow::Result<(u64, Vec<String>)> {
-    let reader = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?.build()?;
+fn check_rows(path: &Path, m: &Manifest, t: Table) -> anyhow::Result<(u64, Vec<String>)> {
+    let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path)?)?;
+    // A file rewritten by another tool may carry other columns or types; its rows
+    // cannot be chained, and saying which columns differ is the precise report.
+    let expected = t.file_schema();
+    let differs: Vec<String> = expected
+        .fields()
+        .iter()
+        .zip(
+            builder
+                .schema()
+                .fields()
+                .iter()
+                .map(Some)
+                .chain(std::iter::repeat(None)),
+        )
+        .filter_map(|(want, got)| match got {
+            Some(got) if got.name() == want.name() && got.data_type() == want.data_type() => None,
+            Some(got) => Some(format!(
+                "{} {} where {} {} was expected",
+                got.name(),
+                got.data_type(),
+                want.name(),
+                want.data_type()
+            )),
+            None => Some(format!("{} missing", want.name())),
+        })
+        .chain(
+            builder
+                .schema()
+                .fields()
+                .iter()
+                .skip(expected.fields().len())
+                .map(|f| format!("unexpected column {}", f.name())),
+        )
+        .collect();
+    if !differs.is_empty() {
+        let shown = differs
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Ok((
+            0,
+            vec![format!(
+                "columns differ from the {t} schema ({shown}{}): the file was rewritten",
+                if differs.len() > 3 { "; ..." } else { "" }
+            )],
+        ));
+    }
+    let reader = builder.build()?;
     let mut prev: Hash = chain::from_hex(&m.prev_hash).unwrap_or(GENESIS);
     let mut expect_seq = m.first_chain_seq;
     let mut rows = 0u64;
