@@ -95,10 +95,10 @@ fn open(dir: &Path, durability: Durability) -> anyhow::Result<Arc<RecordStore>> 
             state_dir: dir.join("state"),
             durability,
             // The agent's defaults.
-            rotate_rows: 1_000_000,
-            rotate_bytes: 128 << 20,
+            rotate_rows: 100_000,
+            rotate_bytes: 64 << 20,
             rotate_age: Duration::from_secs(60),
-            row_group_rows: 64 * 1024,
+            row_group_rows: 10_000,
             retention_days: 0,
         },
         Origin::this_host(),

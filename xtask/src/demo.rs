@@ -180,6 +180,25 @@ impl Demo {
         ));
         check_interrupt()?;
 
+        banner(&format!(
+            "4b. a read of patient 123: GET https://{UPSTREAM}/fhir/Patient/123"
+        ));
+        let status = self.in_cgroup(&[
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+            &format!("https://{UPSTREAM}/fhir/Patient/123"),
+        ])?;
+        say(&format!(
+            "status {status}; recorded with the patient id pseudonymized"
+        ));
+        check_interrupt()?;
+
         banner("5. the same client outside the protected cgroup is not redirected");
         let out = Command::new("curl")
             .args([
@@ -217,6 +236,43 @@ impl Demo {
                 truncate(&e.to_string(), 80)
             ),
         });
+        check_interrupt()?;
+        self.audit()
+    }
+
+    /// The auditor's side: verify the records, then ask DuckDB who accessed a patient.
+    fn audit(&self) -> anyhow::Result<()> {
+        banner("7. the auditor: `phigate audit verify`, then DuckDB over the Parquet records");
+        let config = self.config.to_str().unwrap_or_default();
+        let out = Command::new(&self.bin)
+            .args(["audit", "verify", "--config", config])
+            .output()?;
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            say(l);
+        }
+        if !out.status.success() {
+            bail!(
+                "audit verify failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = Command::new(&self.bin)
+            .args(["audit", "pseudonym", "--config", config, "123"])
+            .output()?;
+        let patient = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        say(&format!(
+            "patient 123 appears in the records only as its keyed pseudonym {patient}"
+        ));
+        let sql = format!(
+            "SELECT strftime(start_time, '%H:%M:%S') AS time, user, comm, method, path, status, decision \
+             FROM requests WHERE list_contains(patient_refs, '{patient}') ORDER BY start_time"
+        );
+        say("who accessed patient 123 (docs/queries/patient_access.sql does this by date range):");
+        say(&format!("  {sql}"));
+        for l in self.duckdb(&sql)?.lines() {
+            say(l);
+        }
+        say("every query in docs/queries works the same way; see README, Audit with DuckDB");
         Ok(())
     }
 
@@ -258,6 +314,9 @@ policies_dir = "{d}/policies"
 cgroup = "{cg}"
 bpf_pin_dir = "/sys/fs/bpf/phigate-demo"
 fail_mode = "closed"
+
+[records]
+rotate_secs = 0.5   # the tour reads its records at once; hosts keep the default 60
 
 [[destinations]]
 name = "patients-api"
@@ -330,12 +389,31 @@ upstream_ca = "{d}/upstream-ca.pem"
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
+    /// Rows of a records table as an auditor reads them: DuckDB over the Parquet files.
     fn records(&self, table: &str) -> Vec<Value> {
-        std::fs::read_to_string(self.dir.join("records").join(format!("{table}.jsonl")))
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        let glob = self.dir.join("records").join(table).join("*/*.parquet");
+        let out = Command::new("python3")
+            .args(["-c", DUCKDB_ROWS])
+            .arg(glob)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).unwrap_or_default(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Runs SQL over the records with DuckDB and prints its table.
+    fn duckdb(&self, sql: &str) -> anyhow::Result<String> {
+        let out = Command::new("python3")
+            .args(["-c", DUCKDB_SHOW])
+            .arg(self.dir.join("records"))
+            .arg(root_dir().join("docs/queries/views.sql"))
+            .arg(sql)
+            .output()?;
+        if !out.status.success() {
+            bail!("duckdb: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     fn wait_record(&self, table: &str, n: usize) -> anyhow::Result<Value> {
@@ -399,6 +477,34 @@ upstream_ca = "{d}/upstream-ca.pem"
         say("done");
     }
 }
+
+/// Prints a table's rows as a JSON array (no rows yet: `[]`).
+const DUCKDB_ROWS: &str = r#"
+import duckdb, json, sys
+try:
+    cur = duckdb.connect().execute(
+        "SELECT * FROM read_parquet(?, union_by_name = true) ORDER BY chain_seq", [sys.argv[1]])
+except duckdb.IOException:
+    print("[]"); sys.exit(0)
+cols = [d[0] for d in cur.description]
+print(json.dumps([dict(zip(cols, r)) for r in cur.fetchall()], default=str))
+"#;
+
+/// Creates the auditor views of docs/queries/views.sql, runs one query, prints it.
+const DUCKDB_SHOW: &str = r#"
+import duckdb, sys
+records, views, sql = sys.argv[1:4]
+c = duckdb.connect()
+c.execute("SET VARIABLE records = ?", [records])
+text = "\n".join(l for l in open(views).read().splitlines() if not l.strip().startswith("--"))
+for stmt in (s.strip() for s in text.split(";")):
+    if stmt:
+        try:
+            c.execute(stmt)
+        except duckdb.IOException:
+            pass  # a table with no files yet
+c.sql(sql).show(max_width=200)
+"#;
 
 fn wait_port(addr: &str, timeout: Duration) -> anyhow::Result<()> {
     let t = Instant::now();
