@@ -63,6 +63,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .event(start)
         .await
         .context("cannot record the agent start: records are not writable")?;
+    if let Some(every) = config.records.verify_every {
+        tokio::spawn(verify_periodically(store.clone(), every));
+    }
     let records: Arc<dyn RecordSink> = store.clone();
     let ca = Arc::new(load_ca(&config)?);
     let minter = Arc::new(LeafMinter::new(ca, config.tls.leaf_cache_size)?);
@@ -194,6 +197,51 @@ fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) -> Result<(), Str
     proxy.pipeline.store(Arc::new(pipeline));
     proxy.config.store(Arc::new(next));
     Ok(())
+}
+
+/// Verifies the records every `every` and records each outcome in `events`, so a
+/// tampered file is noticed on the host without waiting for an auditor.
+async fn verify_periodically(store: Arc<RecordStore>, every: std::time::Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let s = store.clone();
+        let report = match tokio::task::spawn_blocking(move || s.verify()).await {
+            Ok(r) => r,
+            Err(_) => return, // shutting down
+        };
+        let mut ev = EventRecord::new(store.origin(), "verify", "ok");
+        match report {
+            Ok(r) if r.ok() => {
+                let rows: u64 = r.tables.values().map(|t| t.rows).sum();
+                let files: usize = r.tables.values().map(|t| t.files).sum();
+                info!(files, rows, "records verified");
+                ev.message = Some(format!("{files} files, {rows} rows verified"));
+            }
+            Ok(r) => {
+                ev.outcome = "failed";
+                for p in &r.problems {
+                    error!(problem = %p, "records verification failed");
+                }
+                let shown: Vec<String> =
+                    r.problems.iter().take(20).map(|p| p.to_string()).collect();
+                ev.message = Some(format!(
+                    "{} problem(s): {}",
+                    r.problems.len(),
+                    shown.join("; ")
+                ));
+            }
+            Err(e) => {
+                ev.outcome = "failed";
+                error!(error = %format!("{e:#}"), "records verification could not run");
+                ev.message = Some(format!("could not run: {e:#}"));
+            }
+        }
+        if store.event(ev).await.is_err() {
+            return; // the store is closed
+        }
+    }
 }
 
 /// Opens the record store for a config: replays the journal, recovers heads.

@@ -233,6 +233,8 @@ pub struct RecordsSection {
     pub row_group_rows: usize,
     /// Files older than this are deleted (each deletion recorded); 0 keeps everything.
     pub retention_days: u32,
+    /// The agent verifies its records this often (an `events` row each time); None: never.
+    pub verify_every: Option<Duration>,
     /// Path segments after which the next segment is a patient id, recorded only as a
     /// keyed pseudonym (FHIR: `Patient/{id}`).
     pub patient_path_segments: Vec<String>,
@@ -259,6 +261,7 @@ impl Default for RecordsSection {
             rotate_age: Duration::from_secs(60),
             row_group_rows: 10_000,
             retention_days: 2190,
+            verify_every: Some(Duration::from_secs(86_400)),
             patient_path_segments: vec!["Patient".into()],
             patient_query_params: vec!["patient".into(), "subject".into()],
             headers: [
@@ -355,6 +358,7 @@ struct RawRecords {
     rotate_secs: Option<Spanned<f64>>,
     row_group_rows: Option<Spanned<u64>>,
     retention_days: Option<u32>,
+    verify_secs: Option<Spanned<f64>>,
     patient_path_segments: Option<Vec<String>>,
     patient_query_params: Option<Vec<String>>,
     headers: Option<Vec<String>>,
@@ -644,6 +648,18 @@ impl Config {
                     }
                     Some(v) => Duration::from_secs_f64(v.into_inner()),
                 };
+                let verify_every = match r.verify_secs {
+                    None => d.verify_every,
+                    Some(v) if *v.get_ref() == 0.0 => None,
+                    Some(v) if !(*v.get_ref() > 0.0 && v.get_ref().is_finite()) => {
+                        return Err(err(
+                            Some(v.span()),
+                            Some("records.verify_secs".into()),
+                            "must be 0 (never) or a positive number of seconds".into(),
+                        ))
+                    }
+                    Some(v) => Some(Duration::from_secs_f64(v.into_inner())),
+                };
                 let lower =
                     |v: Vec<String>| v.into_iter().map(|h| h.to_ascii_lowercase()).collect();
                 RecordsSection {
@@ -667,6 +683,7 @@ impl Config {
                         d.row_group_rows as u64,
                     )? as usize,
                     retention_days: r.retention_days.unwrap_or(d.retention_days),
+                    verify_every,
                     patient_path_segments: r
                         .patient_path_segments
                         .unwrap_or(d.patient_path_segments),

@@ -3,6 +3,7 @@
 //! load loses no record of a response a client received.
 
 use std::collections::HashSet;
+use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -14,12 +15,16 @@ const UP: &str = "127.0.0.2:9443";
 
 /// An https destination on 127.0.0.2:9443 backed by the Node test upstream.
 fn https_world(tag: &str) -> (World, Background) {
+    https_world_with(tag, "")
+}
+
+fn https_world_with(tag: &str, records_extra: &str) -> (World, Background) {
     let mut w = World::new(tag);
     let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
     let upstream = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &[]);
     w.write_config(&format!(
         "{}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
-        w.agent_section(""),
+        w.agent_and_records("", records_extra),
         pki.ca.display()
     ));
     w.start_agent(false);
@@ -491,5 +496,44 @@ json.dump({"ids": ids, "errors": errors[0]}, open(out, "w"))
         "kill -9 under load: {} responses received, all recorded; {} client errors during the gap",
         received.len(),
         result["errors"]
+    );
+}
+
+/// The agent verifies its own records on a schedule and records each outcome, so a
+/// file altered on the host is noticed without waiting for an auditor.
+#[test]
+fn the_agent_verifies_its_records_periodically_and_records_a_tampered_file() {
+    let (w, _up) = https_world_with("selfverify", "verify_secs = 1");
+    let out = curl(&w, w.inside(), &format!("https://{UP}/fhir/Patient/1"));
+    assert_eq!(stdout(&out), "404", "{}", stderr(&out));
+    w.wait_records("requests", 1);
+    let verified = |outcome: &str| {
+        w.records("events")
+            .into_iter()
+            .filter(|e| e["kind"] == "verify" && e["outcome"] == outcome)
+            .collect::<Vec<_>>()
+    };
+    wait_until("a verify event", Duration::from_secs(15), || {
+        !verified("ok").is_empty()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {:#?}", w.records("events")));
+    // Someone with write access to records_dir appends to a sealed file.
+    let file = first_parquet(&w.records_dir().join("requests"));
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&file)
+        .unwrap()
+        .write_all(b"forged")
+        .unwrap();
+    wait_until("a failed verify event", Duration::from_secs(15), || {
+        !verified("failed").is_empty()
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {:#?}", w.records("events")));
+    let failed = &verified("failed")[0];
+    let message = failed["message"].as_str().unwrap();
+    assert!(message.contains("file altered"), "{message}");
+    assert!(
+        message.contains(file.file_name().unwrap().to_str().unwrap()),
+        "{message}"
     );
 }

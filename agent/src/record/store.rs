@@ -46,6 +46,9 @@ pub struct RecordStore {
     durability: Durability,
     journal: Arc<JournalState>,
     writer_failing: Arc<AtomicBool>,
+    /// The writer's lock over files, manifests and heads (see `verify`).
+    files: Arc<Mutex<()>>,
+    state_dir: PathBuf,
     shutdown: Arc<AtomicBool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     origin: Origin,
@@ -123,6 +126,7 @@ impl RecordStore {
             );
         }
         let writer_failing = w.failing.clone();
+        let files = w.files.clone();
         let jt = JournalThread::open(
             &journal_dir,
             cfg.durability,
@@ -143,6 +147,8 @@ impl RecordStore {
             durability: cfg.durability,
             journal: state,
             writer_failing,
+            files,
+            state_dir: cfg.state_dir.clone(),
             shutdown,
             threads: Mutex::new(vec![j, wt]),
             origin,
@@ -213,6 +219,16 @@ impl RecordStore {
             (Ok(()), Some(rx)) => Durable::waiting(rx, table),
             (Ok(()), None) => Durable::ready(Ok(())),
         }
+    }
+
+    /// Verifies the records as `phigate audit verify` does, with this host's public
+    /// key, while the writer holds off changing files (rows wait in the journal).
+    /// Blocking: call from a blocking context.
+    pub fn verify(&self) -> anyhow::Result<super::verify::Report> {
+        let key =
+            super::seal::PublicKey::read(&super::verify::default_public_key(&self.state_dir))?;
+        let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        super::verify::verify(&self.records_dir, &key)
     }
 
     /// True while Parquet files cannot be written (rows wait in the journal).

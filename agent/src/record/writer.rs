@@ -15,7 +15,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
@@ -62,6 +62,9 @@ pub struct Writer {
     journal: Arc<JournalState>,
     /// Set while Parquet cannot be written; records stay in the journal meanwhile.
     pub failing: Arc<AtomicBool>,
+    /// Held while files, manifests and heads change (flush, retention) and while they
+    /// are verified, so a verification never sees a half-written file set.
+    pub files: Arc<Mutex<()>>,
     retry_at: Option<Instant>,
     /// For the writer's own events (retention deletions), through the journal.
     events: Sender<Submission>,
@@ -103,6 +106,7 @@ impl Writer {
             tables,
             journal,
             failing: Arc::new(AtomicBool::new(false)),
+            files: Arc::new(Mutex::new(())),
             retry_at: None,
             events,
             origin,
@@ -177,6 +181,17 @@ impl Writer {
         if self.retry_at.is_some_and(|t| Instant::now() < t) {
             return;
         }
+        // While a verification runs, rows wait here (they are durable in the journal);
+        // at shutdown they are written once it is done.
+        let files = self.files.clone();
+        let _files = if all {
+            files.lock().unwrap_or_else(|p| p.into_inner())
+        } else {
+            match files.try_lock() {
+                Ok(g) => g,
+                Err(_) => return,
+            }
+        };
         let mut flushed = false;
         for t in Table::ALL {
             let p = &self.tables[&t];
@@ -269,6 +284,10 @@ impl Writer {
         {
             return;
         }
+        let files = self.files.clone();
+        let Ok(_files) = files.try_lock() else {
+            return;
+        };
         self.last_retention = Some(Instant::now());
         let cutoff =
             OffsetDateTime::now_utc().date() - time::Duration::days(self.cfg.retention_days as i64);
