@@ -46,6 +46,15 @@ fn main() -> anyhow::Result<()> {
         "{:<34} {:>9.3} {:>9.3} {:>9.3}",
         "recording off", 0.0, 0.0, 0.0
     );
+    let d = fresh(&dir, "disk")?;
+    let disk = disk_sync_latency(&d, secs)?;
+    println!(
+        "{:<34} {:>9.3} {:>9.3} {:>9.3}",
+        "the disk alone (1 KiB + fdatasync)",
+        pct(&disk, 0.50),
+        pct(&disk, 0.99),
+        pct(&disk, 1.0)
+    );
     let d = fresh(&dir, "latency")?;
     let lat = rt.block_on(paced_latency(&d, secs, &workload))?;
     println!(
@@ -181,6 +190,29 @@ async fn paced_latency(
     }
     let closing = store.clone();
     tokio::task::spawn_blocking(move || closing.close()).await?;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    Ok(lat)
+}
+
+/// The floor under strict mode: one 1 KiB overwrite of preallocated space plus
+/// fdatasync every millisecond, as the journal does, with nothing else around it.
+fn disk_sync_latency(dir: &Path, secs: u64) -> anyhow::Result<Vec<f64>> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(dir.join("sync.test"))?;
+    f.write_all_at(&vec![0u8; 4 << 20], 0)?;
+    f.sync_all()?;
+    let block = [b'x'; 1024];
+    let mut lat = Vec::new();
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut off = 0u64;
+    while Instant::now() < end {
+        f.write_all_at(&block, off % (4 << 20))?;
+        off += 1024;
+        let t = Instant::now();
+        f.sync_data()?;
+        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(1));
+    }
     lat.sort_by(|a, b| a.total_cmp(b));
     Ok(lat)
 }
