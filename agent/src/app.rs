@@ -14,8 +14,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
+use crate::approval::notify::Notifier;
+use crate::approval::{Approvals, RuleSet};
 use crate::config::{Config, FailMode};
 use crate::http::forward::Forwarder;
+use crate::http::outbound::Outbound;
 use crate::identity::IdentityResolver;
 use crate::pipeline::Pipeline;
 use crate::preflight;
@@ -67,9 +70,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(verify_periodically(store.clone(), every));
     }
     let records: Arc<dyn RecordSink> = store.clone();
+    let approvals = Arc::new(
+        Approvals::open(
+            &config.agent.state_dir,
+            records.clone(),
+            Notifier {
+                client: Some(Outbound {
+                    mark: config.agent.mark,
+                    tls: Arc::new(UpstreamTls::new(None).context("webhook trust roots")?),
+                    timeout: std::time::Duration::from_secs(10),
+                }),
+                console_url: config.admin.console_url.clone(),
+            },
+        )
+        .await
+        .context("approvals")?,
+    );
+    crate::approval::spawn_sweeper(&approvals);
+    let admin = crate::admin::bind(&config.admin.socket, config.admin.socket_group.as_deref())?;
+    info!(socket = %config.admin.socket.display(), "admin socket");
+    tokio::spawn(crate::admin::serve(admin, approvals.clone()));
     let ca = Arc::new(load_ca(&config)?);
     let minter = Arc::new(LeafMinter::new(ca, config.tls.leaf_cache_size)?);
-    let pipeline = build_pipeline(&config, records.clone())?;
+    let pipeline = build_pipeline(&config, records.clone(), approvals.clone())?;
     let cgroup_root = crate::redirect::bpf::cgroup2_root()?;
     let config_path = config.source.clone();
     let drain = config.timeouts.drain;
@@ -175,7 +198,8 @@ fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) -> Result<(), Str
     records.patient_query_params = next.records.patient_query_params.clone();
     records.headers = next.records.headers.clone();
     next.records = records;
-    let pipeline = match build_pipeline(&next, proxy.records.clone()) {
+    let approvals = proxy.pipeline.load().approvals.clone();
+    let pipeline = match build_pipeline(&next, proxy.records.clone(), approvals) {
         Ok(p) => p,
         Err(e) => {
             error!(error = %e, "config reload rejected; the running config stays");
@@ -292,7 +316,12 @@ pub fn load_ca(config: &Config) -> anyhow::Result<CertAuthority> {
 
 /// The HTTP pipeline for a config: upstream trust per destination (system roots plus
 /// its `upstream_ca`), pools, limits.
-pub fn build_pipeline(config: &Config, records: Arc<dyn RecordSink>) -> anyhow::Result<Pipeline> {
+pub fn build_pipeline(
+    config: &Config,
+    records: Arc<dyn RecordSink>,
+    approvals: Arc<Approvals>,
+) -> anyhow::Result<Pipeline> {
+    let approval_rules = RuleSet::load(&config.agent.policies_dir)?;
     let tls = config
         .destinations
         .iter()
@@ -316,6 +345,8 @@ pub fn build_pipeline(config: &Config, records: Arc<dyn RecordSink>) -> anyhow::
             config.timeouts.tls_handshake,
         ),
         records,
+        approvals,
+        approval_rules: Arc::new(approval_rules),
         record_headers: config.records.headers.clone(),
         limits: config.limits.clone(),
         request_timeout: config.timeouts.request,

@@ -48,6 +48,37 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// Review requests held for approval (over the running agent's admin socket; you
+    /// are known by your login and groups).
+    Approvals {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH, global = true)]
+        config: PathBuf,
+        /// The admin socket; default: the config's [admin] socket.
+        #[arg(long, global = true)]
+        socket: Option<PathBuf>,
+        #[command(subcommand)]
+        command: ApprovalsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApprovalsCommand {
+    /// Open approvals you may review.
+    List,
+    /// One approval in full (JSON).
+    Show { id: String },
+    /// Approve a request (a reason is required and recorded).
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Deny a request (a reason is required and recorded).
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -192,6 +223,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Approvals {
+            config,
+            socket,
+            command,
+        } => approvals(&config, socket, command),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => {
@@ -253,6 +289,57 @@ fn audit_verify(
         );
         Ok(ExitCode::from(1))
     }
+}
+
+fn approvals(
+    config: &std::path::Path,
+    socket: Option<PathBuf>,
+    command: ApprovalsCommand,
+) -> anyhow::Result<ExitCode> {
+    use crate::admin::AdminRequest;
+    let socket = match socket {
+        Some(s) => s,
+        None => Config::load(config)?.admin.socket,
+    };
+    let (req, list) = match command {
+        ApprovalsCommand::List => (AdminRequest::List, true),
+        ApprovalsCommand::Show { id } => (AdminRequest::Show { id }, false),
+        ApprovalsCommand::Approve { id, reason } => (AdminRequest::Approve { id, reason }, false),
+        ApprovalsCommand::Deny { id, reason } => (AdminRequest::Deny { id, reason }, false),
+    };
+    let resp = crate::admin::call(&socket, &req)?;
+    if !resp.ok {
+        eprintln!(
+            "phigate: {} (you are {})",
+            resp.error.unwrap_or_default(),
+            resp.reviewer
+        );
+        return Ok(ExitCode::from(1));
+    }
+    if list {
+        if resp.approvals.is_empty() {
+            println!("no open approvals for {}", resp.reviewer);
+        }
+        for a in &resp.approvals {
+            println!(
+                "{}  {:<8} {:<16} {} {} {}  by {}  ({} of {} approvals)",
+                a.id,
+                a.state.as_str(),
+                a.rule,
+                a.summary.method,
+                a.summary.destination,
+                a.summary.path,
+                a.requester.principal,
+                a.approvals.len(),
+                a.quorum
+            );
+        }
+    } else {
+        for a in &resp.approvals {
+            println!("{}", serde_json::to_string_pretty(a)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_logging(format: LogFormat) {

@@ -216,6 +216,7 @@ pub struct Config {
     pub limits: Limits,
     pub tls: TlsSection,
     pub records: RecordsSection,
+    pub admin: AdminSection,
     pub destinations: Vec<Destination>,
 }
 
@@ -306,6 +307,20 @@ pub struct AgentSection {
     pub log_format: LogFormat,
 }
 
+/// The admin side, apart from the data plane: the local socket reviewers and the CLI
+/// talk to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminSection {
+    /// Unix socket of `phigate approvals` (and `phigate status`); callers are known by
+    /// their peer credentials.
+    pub socket: PathBuf,
+    /// When set, the socket is 0660 and owned by this group; otherwise 0666 and every
+    /// action is still authorized by the caller's uid and groups.
+    pub socket_group: Option<String>,
+    /// Base URL of the reviewer console, for links in notifications.
+    pub console_url: Option<String>,
+}
+
 // ---- raw, as written in TOML -------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -316,8 +331,17 @@ struct RawConfig {
     limits: Option<RawLimits>,
     tls: Option<Spanned<RawTls>>,
     records: Option<RawRecords>,
+    admin: Option<RawAdmin>,
     #[serde(default)]
     destinations: Vec<Spanned<RawDestination>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    socket: Option<PathBuf>,
+    socket_group: Option<String>,
+    console_url: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -813,6 +837,15 @@ impl Config {
             });
         }
 
+        let raw_admin = raw.admin.unwrap_or_default();
+        let admin = AdminSection {
+            socket: raw_admin
+                .socket
+                .map(resolve)
+                .unwrap_or_else(|| PathBuf::from("/run/phigate/admin.sock")),
+            socket_group: raw_admin.socket_group,
+            console_url: raw_admin.console_url,
+        };
         Ok(Config {
             source: path.to_owned(),
             agent: AgentSection {
@@ -833,6 +866,7 @@ impl Config {
             limits,
             tls,
             records,
+            admin,
             destinations,
         })
     }
@@ -850,7 +884,7 @@ impl Config {
     }
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
+pub(crate) fn line_of(text: &str, offset: usize) -> usize {
     text[..offset.min(text.len())]
         .bytes()
         .filter(|b| *b == b'\n')

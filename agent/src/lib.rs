@@ -16,7 +16,9 @@
 //!
 //! [`app`] wires them together; [`cli`] is the `phigate` command line.
 
+pub mod admin;
 pub mod app;
+pub mod approval;
 pub mod cli;
 pub mod config;
 pub mod http;

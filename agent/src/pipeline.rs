@@ -57,6 +57,9 @@ pub struct ConnContext {
 pub struct Pipeline {
     pub forwarder: Forwarder,
     pub records: Arc<dyn RecordSink>,
+    /// Held and granted approvals, and the rules a policy obligation may name.
+    pub approvals: Arc<crate::approval::Approvals>,
+    pub approval_rules: Arc<crate::approval::RuleSet>,
     /// Patient ids in paths are recorded only as keyed pseudonyms.
     pub pseudonyms: Arc<Pseudonymizer>,
     /// Headers copied into records (lower case); credentials never raw.

@@ -54,9 +54,21 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     let records: Arc<dyn RecordSink> = store.clone();
     let ca = Arc::new(phigate::app::load_ca(&config).unwrap());
     let lookup = Arc::new(StaticOrigDst::default());
+    let approvals = Arc::new(
+        phigate::approval::Approvals::open(
+            &config.agent.state_dir,
+            records.clone(),
+            phigate::approval::notify::Notifier {
+                client: None,
+                console_url: None,
+            },
+        )
+        .await
+        .unwrap(),
+    );
     let proxy = Arc::new(Proxy {
         pipeline: ArcSwap::from_pointee(
-            phigate::app::build_pipeline(&config, records.clone()).unwrap(),
+            phigate::app::build_pipeline(&config, records.clone(), approvals).unwrap(),
         ),
         minter: Arc::new(phigate::tls::LeafMinter::new(ca, 16).unwrap()),
         config: ArcSwap::from_pointee(config),

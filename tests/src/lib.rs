@@ -308,7 +308,7 @@ impl World {
     /// The [agent] and [records] sections, each with extra lines.
     pub fn agent_and_records(&self, extra: &str, records_extra: &str) -> String {
         format!(
-            "[agent]\nlisten = [\"127.0.0.1:15001\", \"[::1]:15001\"]\nstate_dir = \"{d}/state\"\nrecords_dir = \"{d}/records\"\npolicies_dir = \"{d}/policies\"\ncgroup = \"{cg}\"\nbpf_pin_dir = \"{pin}\"\n{extra}\n\n[records]\nrotate_secs = {rotate}\n{records_extra}\n",
+            "[agent]\nlisten = [\"127.0.0.1:15001\", \"[::1]:15001\"]\nstate_dir = \"{d}/state\"\nrecords_dir = \"{d}/records\"\npolicies_dir = \"{d}/policies\"\ncgroup = \"{cg}\"\nbpf_pin_dir = \"{pin}\"\n{extra}\n\n[admin]\nsocket = \"{d}/admin.sock\"\n\n[records]\nrotate_secs = {rotate}\n{records_extra}\n",
             d = self.dir.path().display(),
             cg = self.cgroup.path.display(),
             pin = self.pin_dir.display(),

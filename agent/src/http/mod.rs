@@ -4,6 +4,7 @@
 
 pub mod body;
 pub mod forward;
+pub mod outbound;
 
 use std::sync::Arc;
 use std::time::Duration;

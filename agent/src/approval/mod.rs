@@ -1,0 +1,643 @@
+//! Just-in-time approval: a request whose policy decision names an approval rule
+//! waits for (hold) or is refused until (retry) reviewers approve that exact request.
+//!
+//! An approval is bound to a digest of the request (requester, method, URL, body hash)
+//! and to its requester: a different request cannot ride on it, and the requester
+//! cannot approve it. Every state change is a row in the `approvals` table, durable
+//! before it takes effect; approvals still open are kept in `state_dir/approvals.json`
+//! so they survive a restart (held requests, whose client is gone, are expired and
+//! recorded as such).
+//!
+//! Entry points: [`Approvals::gate`] for the pipeline, [`Approvals::decide`] for
+//! reviewers (admin socket, console).
+
+pub mod notify;
+pub mod rules;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::record::{micros, new_id, ApprovalRecord, Record, RecordSink};
+pub use rules::{ApprovalRule, Mode, RuleSet};
+
+pub const STATE_FILE: &str = "approvals.json";
+/// Header naming the approval on a refused or held request.
+pub const APPROVAL_ID_HEADER: &str = "x-phigate-approval-id";
+
+/// The exact request an approval is for.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// Who asks: the token subject when there is one, else the workload.
+    pub requester: Requester,
+    pub method: String,
+    /// Scheme, authority, path and query as the client sent them.
+    pub url: String,
+    /// SHA-256 of the request body (of nothing for a bodiless request).
+    pub body_sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Requester {
+    /// Stable principal bound into the digest (`oidc:<iss>#<sub>` or `uid:<n>@<unit>`).
+    pub principal: String,
+    /// Names a reviewer might have that are this requester's (login, token subject):
+    /// none of them may approve.
+    pub names: Vec<String>,
+}
+
+impl Binding {
+    pub fn digest(&self) -> String {
+        let mut h = Sha256::new();
+        for part in [
+            self.requester.principal.as_str(),
+            self.method.as_str(),
+            self.url.as_str(),
+            self.body_sha256.as_str(),
+        ] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+/// What reviewers see of the request: no raw PHI (paths pseudonymized, query values
+/// redacted, previews masked).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RequestSummary {
+    pub request_id: String,
+    pub destination: String,
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub workload: String,
+    pub policy_ids: Vec<String>,
+    pub preview: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Pending,
+    Approved,
+    Denied,
+    Expired,
+    /// Every use of the grant was spent, or its window closed.
+    Used,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Pending => "pending",
+            State::Approved => "approved",
+            State::Denied => "denied",
+            State::Expired => "expired",
+            State::Used => "used",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Vote {
+    pub reviewer: String,
+    pub reason: String,
+    pub time_us: i64,
+    /// `cli` or `console`.
+    pub via: String,
+}
+
+/// One approval and everything decided about it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Approval {
+    pub id: String,
+    pub rule: String,
+    pub hold: bool,
+    pub digest: String,
+    pub requester: Requester,
+    pub summary: RequestSummary,
+    /// The rule's terms as they were when requested (a reload does not change them).
+    pub reviewers: Vec<String>,
+    pub quorum: usize,
+    /// Retry mode: how long an approval may be used once granted.
+    pub grant_us: i64,
+    pub created_us: i64,
+    pub deadline_us: i64,
+    pub state: State,
+    pub approvals: Vec<Vote>,
+    pub denial: Option<Vote>,
+    pub grant_until_us: Option<i64>,
+    pub uses_left: u32,
+}
+
+/// A reviewer, as the admin socket (peer credentials) or the console (login) knows them.
+#[derive(Debug, Clone)]
+pub struct Reviewer {
+    pub name: String,
+    pub groups: Vec<String>,
+    pub via: &'static str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Approve,
+    Deny,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecideError {
+    #[error("no approval {0}")]
+    NotFound(String),
+    #[error("approval {id} is already {state}")]
+    Closed { id: String, state: &'static str },
+    #[error("{reviewer} is not in a reviewer group of rule `{rule}` ({groups})")]
+    NotAReviewer {
+        reviewer: String,
+        rule: String,
+        groups: String,
+    },
+    #[error("{0} asked for this request and cannot approve it")]
+    SelfApproval(String),
+    #[error("{0} already approved this request")]
+    AlreadyVoted(String),
+    #[error("a reason is required")]
+    ReasonRequired,
+    #[error("the decision could not be recorded: {0}")]
+    NotRecorded(String),
+}
+
+/// What the pipeline does with the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Gate {
+    /// Approved: the request proceeds; its record names the approval.
+    Proceed {
+        approval_id: String,
+        approvers: Vec<String>,
+        reason: String,
+    },
+    /// Not (yet) approved: 403 with the approval id; `outcome` is pending, denied or
+    /// expired.
+    Refuse { approval_id: String, outcome: State },
+    /// The approval could not be recorded: fail closed.
+    Unavailable(String),
+}
+
+struct Inner {
+    open: HashMap<String, Approval>,
+    waiters: HashMap<String, watch::Sender<State>>,
+}
+
+pub struct Approvals {
+    inner: Mutex<Inner>,
+    records: Arc<dyn RecordSink>,
+    path: PathBuf,
+    notifier: notify::Notifier,
+}
+
+fn now_us() -> i64 {
+    micros::of(SystemTime::now())
+}
+
+impl Approvals {
+    /// Loads the approvals still open from `state_dir`. Held requests lost their client
+    /// with the previous agent: they are expired, and that is recorded.
+    pub async fn open(
+        state_dir: &Path,
+        records: Arc<dyn RecordSink>,
+        notifier: notify::Notifier,
+    ) -> anyhow::Result<Approvals> {
+        let path = state_dir.join(STATE_FILE);
+        let open: HashMap<String, Approval> = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => return Err(anyhow::anyhow!("{}: {e}", path.display())),
+        };
+        let this = Approvals {
+            inner: Mutex::new(Inner {
+                open,
+                waiters: HashMap::new(),
+            }),
+            records,
+            path,
+            notifier,
+        };
+        let held: Vec<Approval> = this
+            .lock()
+            .open
+            .values()
+            .filter(|a| a.hold && a.state == State::Pending)
+            .cloned()
+            .collect();
+        for a in held {
+            this.record(
+                &a,
+                "expired",
+                None,
+                None,
+                Some("the agent restarted while the request was held"),
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("recording an expired approval: {e}"))?;
+            this.lock().open.remove(&a.id);
+        }
+        let kept = this.lock().open.len();
+        if kept > 0 {
+            info!(open = kept, "approvals: kept from before the restart");
+        }
+        this.persist()?;
+        Ok(this)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The approvals still open (pending, or approved with uses left), oldest first.
+    pub fn list(&self) -> Vec<Approval> {
+        let mut v: Vec<Approval> = self.lock().open.values().cloned().collect();
+        v.sort_by_key(|a| a.created_us);
+        v
+    }
+
+    pub fn get(&self, id: &str) -> Option<Approval> {
+        self.lock().open.get(id).cloned()
+    }
+
+    /// Decides whether a request that needs approval under `rule` may proceed.
+    pub async fn gate(
+        &self,
+        rule: &ApprovalRule,
+        binding: &Binding,
+        summary: RequestSummary,
+    ) -> Gate {
+        let digest = binding.digest();
+        let now = now_us();
+        if rule.mode == Mode::Retry {
+            // An approved grant for this exact request and requester, with uses left.
+            let found = {
+                let mut inner = self.lock();
+                let hit = inner
+                    .open
+                    .values_mut()
+                    .find(|a| a.digest == digest && a.requester == binding.requester && !a.hold);
+                match hit {
+                    Some(a)
+                        if a.state == State::Approved
+                            && a.grant_until_us.is_some_and(|t| t > now)
+                            && a.uses_left > 0 =>
+                    {
+                        a.uses_left -= 1;
+                        Some(Ok(a.clone()))
+                    }
+                    Some(a) if a.state == State::Pending => Some(Err(a.id.clone())),
+                    _ => None,
+                }
+            };
+            match found {
+                Some(Ok(a)) => return self.used(a, &summary.request_id).await,
+                Some(Err(id)) => {
+                    return Gate::Refuse {
+                        approval_id: id,
+                        outcome: State::Pending,
+                    }
+                }
+                None => {}
+            }
+        }
+        let a = Approval {
+            id: new_id(),
+            rule: rule.name.clone(),
+            hold: rule.mode == Mode::Hold,
+            digest,
+            requester: binding.requester.clone(),
+            summary,
+            reviewers: rule.reviewers.clone(),
+            quorum: rule.quorum,
+            grant_us: rule.grant.as_micros() as i64,
+            created_us: now,
+            deadline_us: now + rule.timeout.as_micros() as i64,
+            state: State::Pending,
+            approvals: Vec::new(),
+            denial: None,
+            grant_until_us: None,
+            uses_left: rule.uses,
+        };
+        let (tx, mut rx) = watch::channel(State::Pending);
+        {
+            let mut inner = self.lock();
+            inner.open.insert(a.id.clone(), a.clone());
+            inner.waiters.insert(a.id.clone(), tx);
+        }
+        if let Err(e) = self.record(&a, "requested", None, None, None).await {
+            self.lock().open.remove(&a.id);
+            return Gate::Unavailable(e);
+        }
+        if let Err(e) = self.persist() {
+            warn!(error = %format!("{e:#}"), "approvals: cannot save open approvals");
+        }
+        info!(approval = %a.id, rule = %a.rule, "approval requested");
+        self.notifier.requested(&a, rule, self.records.clone());
+
+        if rule.mode == Mode::Retry {
+            return Gate::Refuse {
+                approval_id: a.id,
+                outcome: State::Pending,
+            };
+        }
+        // Hold: wait for a decision or the deadline.
+        let decided = tokio::time::timeout(rule.timeout, async {
+            rx.wait_for(|s| *s != State::Pending).await.map(|s| *s)
+        })
+        .await;
+        let state = match decided {
+            Ok(Ok(s)) => s,
+            _ => self.expire(&a.id).await,
+        };
+        match state {
+            State::Approved => {
+                let approved = self.lock().open.get(&a.id).cloned();
+                match approved {
+                    Some(mut ap) => {
+                        ap.uses_left = ap.uses_left.saturating_sub(1);
+                        self.used(ap, &a.summary.request_id).await
+                    }
+                    None => Gate::Refuse {
+                        approval_id: a.id,
+                        outcome: State::Expired,
+                    },
+                }
+            }
+            other => Gate::Refuse {
+                approval_id: a.id,
+                outcome: other,
+            },
+        }
+    }
+
+    /// A grant is spent on this request: recorded before the request proceeds.
+    async fn used(&self, a: Approval, request_id: &str) -> Gate {
+        let note = format!("request {request_id}; {} use(s) left", a.uses_left);
+        if let Err(e) = self.record(&a, "used", None, None, Some(&note)).await {
+            return Gate::Unavailable(e);
+        }
+        {
+            let mut inner = self.lock();
+            if a.uses_left == 0 || a.hold {
+                inner.open.remove(&a.id);
+                inner.waiters.remove(&a.id);
+            } else if let Some(x) = inner.open.get_mut(&a.id) {
+                x.uses_left = a.uses_left;
+            }
+        }
+        if let Err(e) = self.persist() {
+            warn!(error = %format!("{e:#}"), "approvals: cannot save open approvals");
+        }
+        Gate::Proceed {
+            approvers: a.approvals.iter().map(|v| v.reviewer.clone()).collect(),
+            reason: a
+                .approvals
+                .iter()
+                .map(|v| v.reason.as_str())
+                .collect::<Vec<_>>()
+                .join("; "),
+            approval_id: a.id,
+        }
+    }
+
+    /// Expires a pending approval (if still pending); returns its final state.
+    async fn expire(&self, id: &str) -> State {
+        let a = {
+            let mut inner = self.lock();
+            match inner.open.get_mut(id) {
+                Some(a) if a.state == State::Pending => {
+                    a.state = State::Expired;
+                    a.clone()
+                }
+                Some(a) => return a.state,
+                None => return State::Expired,
+            }
+        };
+        if let Err(e) = self.record(&a, "expired", None, None, None).await {
+            warn!(approval = %id, error = %e, "approvals: cannot record an expiry");
+        }
+        self.finish(id, State::Expired);
+        info!(approval = %id, "approval expired");
+        State::Expired
+    }
+
+    /// Drops what is over: pending approvals past their deadline, grants past their
+    /// window. Run periodically.
+    pub async fn sweep(&self) {
+        let now = now_us();
+        let (overdue, stale): (Vec<String>, Vec<Approval>) = {
+            let inner = self.lock();
+            let overdue = inner
+                .open
+                .values()
+                .filter(|a| a.state == State::Pending && a.deadline_us <= now)
+                .map(|a| a.id.clone())
+                .collect();
+            let stale = inner
+                .open
+                .values()
+                .filter(|a| {
+                    a.state == State::Approved && a.grant_until_us.is_some_and(|t| t <= now)
+                })
+                .cloned()
+                .collect();
+            (overdue, stale)
+        };
+        for id in overdue {
+            self.expire(&id).await;
+        }
+        for a in stale {
+            let _ = self
+                .record(
+                    &a,
+                    "used",
+                    None,
+                    None,
+                    Some("grant window closed with uses left"),
+                )
+                .await;
+            self.finish(&a.id, State::Used);
+        }
+    }
+
+    /// A reviewer's decision. The vote is recorded (durably) before it counts.
+    pub async fn decide(
+        &self,
+        id: &str,
+        reviewer: &Reviewer,
+        verdict: Verdict,
+        reason: &str,
+    ) -> Result<Approval, DecideError> {
+        let reason = reason.trim();
+        let a = {
+            let inner = self.lock();
+            let a = inner
+                .open
+                .get(id)
+                .ok_or_else(|| DecideError::NotFound(id.to_owned()))?;
+            if a.state != State::Pending {
+                return Err(DecideError::Closed {
+                    id: id.to_owned(),
+                    state: a.state.as_str(),
+                });
+            }
+            if !a.reviewers.iter().any(|g| reviewer.groups.contains(g)) {
+                return Err(DecideError::NotAReviewer {
+                    reviewer: reviewer.name.clone(),
+                    rule: a.rule.clone(),
+                    groups: a.reviewers.join(", "),
+                });
+            }
+            if a.requester.names.contains(&reviewer.name) {
+                return Err(DecideError::SelfApproval(reviewer.name.clone()));
+            }
+            if reason.is_empty() {
+                return Err(DecideError::ReasonRequired);
+            }
+            if a.approvals.iter().any(|v| v.reviewer == reviewer.name) {
+                return Err(DecideError::AlreadyVoted(reviewer.name.clone()));
+            }
+            a.clone()
+        };
+        let vote = Vote {
+            reviewer: reviewer.name.clone(),
+            reason: reason.to_owned(),
+            time_us: now_us(),
+            via: reviewer.via.to_owned(),
+        };
+        let state_row = match verdict {
+            Verdict::Approve => "approved",
+            Verdict::Deny => "denied",
+        };
+        self.record(
+            &a,
+            state_row,
+            Some(&vote.reviewer),
+            Some(&vote.reason),
+            None,
+        )
+        .await
+        .map_err(DecideError::NotRecorded)?;
+        let (after, final_state) = {
+            let mut inner = self.lock();
+            let Some(x) = inner.open.get_mut(id) else {
+                return Err(DecideError::NotFound(id.to_owned()));
+            };
+            if x.state != State::Pending {
+                // Expired while the vote was being recorded.
+                return Err(DecideError::Closed {
+                    id: id.to_owned(),
+                    state: x.state.as_str(),
+                });
+            }
+            match verdict {
+                Verdict::Deny => {
+                    x.denial = Some(vote);
+                    x.state = State::Denied;
+                }
+                Verdict::Approve => {
+                    x.approvals.push(vote);
+                    if x.approvals.len() >= x.quorum {
+                        x.state = State::Approved;
+                        x.grant_until_us = Some(now_us() + x.grant_us);
+                    }
+                }
+            }
+            (x.clone(), x.state)
+        };
+        info!(approval = %id, reviewer = %reviewer.name, state = final_state.as_str(), "approval decided");
+        match final_state {
+            State::Denied => self.finish(id, State::Denied),
+            State::Approved => {
+                if let Some(tx) = self.lock().waiters.get(id) {
+                    let _ = tx.send(State::Approved);
+                }
+                if let Err(e) = self.persist() {
+                    warn!(error = %format!("{e:#}"), "approvals: cannot save open approvals");
+                }
+            }
+            _ => {
+                if let Err(e) = self.persist() {
+                    warn!(error = %format!("{e:#}"), "approvals: cannot save open approvals");
+                }
+            }
+        }
+        Ok(after)
+    }
+
+    /// Closes an approval: waiters learn the outcome, it leaves the open set.
+    fn finish(&self, id: &str, state: State) {
+        {
+            let mut inner = self.lock();
+            if let Some(tx) = inner.waiters.remove(id) {
+                let _ = tx.send(state);
+            }
+            inner.open.remove(id);
+        }
+        if let Err(e) = self.persist() {
+            warn!(error = %format!("{e:#}"), "approvals: cannot save open approvals");
+        }
+    }
+
+    /// Writes the open approvals (atomically, fsynced) so they survive a restart.
+    fn persist(&self) -> anyhow::Result<()> {
+        let bytes = serde_json::to_vec(&self.lock().open)?;
+        crate::record::writer::write_atomically(&self.path, &bytes)
+    }
+
+    /// One `approvals` row, durable before the change it records takes effect.
+    async fn record(
+        &self,
+        a: &Approval,
+        state: &'static str,
+        reviewer: Option<&str>,
+        reason: Option<&str>,
+        note: Option<&str>,
+    ) -> Result<(), String> {
+        let rec = ApprovalRecord {
+            approval_id: a.id.clone(),
+            time: SystemTime::now(),
+            origin: self.records.origin().clone(),
+            state,
+            rule: a.rule.clone(),
+            request_id: Some(a.summary.request_id.clone()),
+            request_digest: a.digest.clone(),
+            requester: a.requester.principal.clone(),
+            reviewer: reviewer.map(str::to_owned),
+            reason: reason.map(str::to_owned),
+            error: note.map(str::to_owned),
+        };
+        self.records
+            .submit(Record::Approval(rec))
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Runs [`Approvals::sweep`] every second until the approvals are dropped.
+pub fn spawn_sweeper(approvals: &Arc<Approvals>) {
+    let weak = Arc::downgrade(approvals);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let Some(a) = weak.upgrade() else { return };
+            a.sweep().await;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests;
