@@ -92,6 +92,28 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::spawn(crate::admin::serve(admin, approvals.clone()));
     let ca = Arc::new(load_ca(&config)?);
     let minter = Arc::new(LeafMinter::new(ca, config.tls.leaf_cache_size)?);
+    if let (Some(addr), Some(accounts)) =
+        (config.admin.console_listen, &config.admin.console_accounts)
+    {
+        let accounts = crate::console::accounts::Accounts::load(accounts)?;
+        let listener = bind(addr)?;
+        let name = match &config.admin.console_name {
+            Some(n) => crate::tls::LeafName::Dns(n.clone()),
+            None => crate::tls::LeafName::Ip(addr.ip()),
+        };
+        let origin = config.admin.console_url.clone().unwrap_or_default();
+        let console = Arc::new(crate::console::Console::new(
+            approvals.clone(),
+            accounts,
+            origin,
+        ));
+        let minter = minter.clone();
+        tokio::spawn(async move {
+            if let Err(e) = console.serve(listener, minter, name).await {
+                error!(error = %format!("{e:#}"), "reviewer console stopped");
+            }
+        });
+    }
     let pipeline = build_pipeline(&config, records.clone(), approvals.clone())?;
     let cgroup_root = crate::redirect::bpf::cgroup2_root()?;
     let config_path = config.source.clone();

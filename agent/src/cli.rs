@@ -48,6 +48,11 @@ enum Command {
         #[command(subcommand)]
         command: CaCommand,
     },
+    /// The reviewer console.
+    Console {
+        #[command(subcommand)]
+        command: ConsoleCommand,
+    },
     /// Review requests held for approval (over the running agent's admin socket; you
     /// are known by your login and groups).
     Approvals {
@@ -59,6 +64,12 @@ enum Command {
         #[command(subcommand)]
         command: ApprovalsCommand,
     },
+}
+
+#[derive(Subcommand)]
+enum ConsoleCommand {
+    /// Read a password on standard input, print its Argon2id hash for an accounts file.
+    HashPassword,
 }
 
 #[derive(Subcommand)]
@@ -228,6 +239,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             socket,
             command,
         } => approvals(&config, socket, command),
+        Command::Console {
+            command: ConsoleCommand::HashPassword,
+        } => {
+            let mut password = String::new();
+            std::io::stdin().read_line(&mut password)?;
+            let password = password.trim_end_matches(['\n', '\r']);
+            anyhow::ensure!(!password.is_empty(), "no password on standard input");
+            println!("{}", crate::console::accounts::hash_password(password)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config {
             command: ConfigCommand::Check { file },
         } => {

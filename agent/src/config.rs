@@ -319,6 +319,12 @@ pub struct AdminSection {
     pub socket_group: Option<String>,
     /// Base URL of the reviewer console, for links in notifications.
     pub console_url: Option<String>,
+    /// The reviewer console's HTTPS listener (none: no console).
+    pub console_listen: Option<SocketAddr>,
+    /// The name its certificate is minted for (default: the listen address).
+    pub console_name: Option<String>,
+    /// Local console accounts (0600 TOML; see `phigate console hash-password`).
+    pub console_accounts: Option<PathBuf>,
 }
 
 // ---- raw, as written in TOML -------------------------------------------------------
@@ -342,6 +348,9 @@ struct RawAdmin {
     socket: Option<PathBuf>,
     socket_group: Option<String>,
     console_url: Option<String>,
+    console_listen: Option<Spanned<String>>,
+    console_name: Option<String>,
+    console_accounts: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -838,13 +847,45 @@ impl Config {
         }
 
         let raw_admin = raw.admin.unwrap_or_default();
+        let console_listen = match &raw_admin.console_listen {
+            None => None,
+            Some(v) => Some(v.get_ref().parse::<SocketAddr>().map_err(|e| {
+                err(
+                    Some(v.span()),
+                    Some("admin.console_listen".into()),
+                    format!("`{}`: {e} (expected ADDRESS:PORT)", v.get_ref()),
+                )
+            })?),
+        };
+        if console_listen.is_some() && raw_admin.console_accounts.is_none() {
+            return Err(err(
+                raw_admin.console_listen.as_ref().map(|v| v.span()),
+                Some("admin.console_accounts".into()),
+                "the console needs an accounts file (console_accounts)".into(),
+            ));
+        }
+        let console_url = raw_admin.console_url.or_else(|| {
+            console_listen.map(|a| {
+                let host = raw_admin
+                    .console_name
+                    .clone()
+                    .unwrap_or_else(|| match a.ip() {
+                        IpAddr::V6(ip) => format!("[{ip}]"),
+                        ip => ip.to_string(),
+                    });
+                format!("https://{host}:{}", a.port())
+            })
+        });
         let admin = AdminSection {
             socket: raw_admin
                 .socket
                 .map(resolve)
                 .unwrap_or_else(|| PathBuf::from("/run/phigate/admin.sock")),
             socket_group: raw_admin.socket_group,
-            console_url: raw_admin.console_url,
+            console_url,
+            console_listen,
+            console_name: raw_admin.console_name,
+            console_accounts: raw_admin.console_accounts.map(resolve),
         };
         Ok(Config {
             source: path.to_owned(),

@@ -21,6 +21,7 @@ pub mod app;
 pub mod approval;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod http;
 pub mod identity;
 pub mod pipeline;

@@ -192,6 +192,24 @@ pub enum Gate {
 struct Inner {
     open: HashMap<String, Approval>,
     waiters: HashMap<String, watch::Sender<State>>,
+    /// The most recently closed approvals, newest last (the console's history; the
+    /// `approvals` table is the complete one).
+    closed: std::collections::VecDeque<Approval>,
+}
+
+const HISTORY: usize = 500;
+
+impl Inner {
+    fn close(&mut self, id: &str, state: State) {
+        self.waiters.remove(id);
+        if let Some(mut a) = self.open.remove(id) {
+            a.state = state;
+            if self.closed.len() == HISTORY {
+                self.closed.pop_front();
+            }
+            self.closed.push_back(a);
+        }
+    }
 }
 
 pub struct Approvals {
@@ -224,6 +242,7 @@ impl Approvals {
             inner: Mutex::new(Inner {
                 open,
                 waiters: HashMap::new(),
+                closed: Default::default(),
             }),
             records,
             path,
@@ -268,7 +287,17 @@ impl Approvals {
     }
 
     pub fn get(&self, id: &str) -> Option<Approval> {
-        self.lock().open.get(id).cloned()
+        let inner = self.lock();
+        inner
+            .open
+            .get(id)
+            .or_else(|| inner.closed.iter().rev().find(|a| a.id == id))
+            .cloned()
+    }
+
+    /// Recently closed approvals, newest first.
+    pub fn history(&self) -> Vec<Approval> {
+        self.lock().closed.iter().rev().cloned().collect()
     }
 
     /// Decides whether a request that needs approval under `rule` may proceed.
@@ -391,8 +420,7 @@ impl Approvals {
         {
             let mut inner = self.lock();
             if a.uses_left == 0 || a.hold {
-                inner.open.remove(&a.id);
-                inner.waiters.remove(&a.id);
+                inner.close(&a.id, State::Used);
             } else if let Some(x) = inner.open.get_mut(&a.id) {
                 x.uses_left = a.uses_left;
             }
@@ -581,10 +609,10 @@ impl Approvals {
     fn finish(&self, id: &str, state: State) {
         {
             let mut inner = self.lock();
-            if let Some(tx) = inner.waiters.remove(id) {
+            if let Some(tx) = inner.waiters.get(id) {
                 let _ = tx.send(state);
             }
-            inner.open.remove(id);
+            inner.close(id, state);
         }
         if let Err(e) = self.persist() {
             warn!(error = %format!("{e:#}"), "approvals: cannot save open approvals");
