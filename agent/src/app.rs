@@ -138,6 +138,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Redirect attached, destinations loaded, listeners served: protected connects
     // from now on reach this agent.
     info!("ready");
+    systemd::ready();
+    systemd::spawn_watchdog();
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -147,7 +149,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = hup.recv() => {
-                let (outcome, message) = match reload(&config_path, &proxy, &redirector) {
+                systemd::reloading();
+                let reloaded = reload(&config_path, &proxy, &redirector);
+                systemd::ready();
+                let (outcome, message) = match reloaded {
                     Ok(()) => ("ok", None),
                     Err(e) => ("rejected", Some(e)),
                 };
@@ -161,6 +166,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
 
+    systemd::stopping();
     info!(drain = ?drain, "stopping: no new connections, draining open ones");
     proxy.stop_accepting.cancel();
     for s in serving {
@@ -436,4 +442,44 @@ fn make_private_dir(dir: &Path) -> anyhow::Result<()> {
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create directory {}", dir.display()))
+}
+
+/// sd_notify(3) for `Type=notify`: readiness once protected connects reach the agent,
+/// reload and stop phases, and the watchdog. Outside systemd these do nothing.
+mod systemd {
+    use sd_notify::NotifyState;
+
+    pub fn ready() {
+        let _ = sd_notify::notify(false, &[NotifyState::Ready]);
+    }
+
+    pub fn reloading() {
+        // systemd 253+ wants the monotonic time with RELOADING=1.
+        let mut states = vec![NotifyState::Reloading];
+        if let Ok(now) = NotifyState::monotonic_usec_now() {
+            states.push(now);
+        }
+        let _ = sd_notify::notify(false, &states);
+    }
+
+    pub fn stopping() {
+        let _ = sd_notify::notify(false, &[NotifyState::Stopping]);
+    }
+
+    /// Pings at half the unit's WatchdogSec from the runtime: a wedged runtime stops
+    /// the pings and systemd restarts the agent.
+    pub fn spawn_watchdog() {
+        let mut usec = 0u64;
+        if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+            return;
+        }
+        let every = std::time::Duration::from_micros(usec / 2);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                let _ = sd_notify::notify(false, &[NotifyState::Watchdog]);
+            }
+        });
+    }
 }

@@ -273,6 +273,8 @@ pub struct World {
     pub dir: tempfile::TempDir,
     pub pin_dir: PathBuf,
     pub agent: Option<Background>,
+    /// Extra environment for the agent (`KEY=VALUE`).
+    pub agent_env: Vec<String>,
 }
 
 impl World {
@@ -289,6 +291,7 @@ impl World {
             dir: tempfile::tempdir().unwrap(),
             pin_dir,
             agent: None,
+            agent_env: Vec::new(),
         }
     }
 
@@ -334,16 +337,19 @@ impl World {
             uid: None,
         };
         let log = self.path(&format!("agent-{}.log", unique("run")));
-        let mut agent = Background::spawn(
-            place,
-            &[
-                bin.to_str().unwrap(),
-                "run",
-                "--config",
-                config.to_str().unwrap(),
-            ],
-            log,
-        );
+        let mut argv: Vec<&str> = Vec::new();
+        if !self.agent_env.is_empty() {
+            // As systemd does: WATCHDOG_PID names the agent's own pid.
+            argv.extend(["sh", "-c", "export WATCHDOG_PID=$$; exec env \"$@\"", "sh"]);
+            argv.extend(self.agent_env.iter().map(String::as_str));
+        }
+        argv.extend([
+            bin.to_str().unwrap(),
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        let mut agent = Background::spawn(place, &argv, log);
         // The listener accepts (kernel backlog) before the programs are attached;
         // "ready" is logged once protected connects really reach the agent.
         let t = Instant::now();
