@@ -59,3 +59,100 @@ fn sd_notify_reports_ready_reload_watchdog_and_stop() {
     expect(&sock, "STOPPING=1", Duration::from_secs(5));
     assert!(w.sigterm(Duration::from_secs(20)).success());
 }
+
+fn mode(p: &str) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .unwrap_or_else(|e| panic!("{p}: {e}"))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+fn run(argv: &[&str]) -> std::process::Output {
+    std::process::Command::new(argv[0])
+        .args(&argv[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+}
+
+/// The package built by `cargo xtask package` installs on this machine, its unit
+/// passes `systemd-analyze verify`, and it removes cleanly (keeping the records).
+#[test]
+fn the_debian_package_installs_verifies_and_purges() {
+    let deb = std::env::var("PHIGATE_DEB").expect(
+        "PHIGATE_DEB: the .deb to test (cargo xtask test builds it with cargo xtask package)",
+    );
+    let state_existed = std::path::Path::new("/var/lib/phigate").exists();
+    let out = run(&["dpkg", "-i", &deb]);
+    assert!(
+        out.status.success(),
+        "dpkg -i: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+
+    assert_eq!(mode("/usr/bin/phigate"), 0o755);
+    assert_eq!(mode("/etc/phigate/phigate.toml"), 0o600);
+    assert_eq!(mode("/var/lib/phigate"), 0o700);
+    assert_eq!(mode("/var/lib/phigate/ca-key.pem"), 0o600);
+    assert!(std::path::Path::new("/usr/share/phigate/queries/patient_access.sql").exists());
+    // The host trusts the CA the postinst created.
+    let ca = std::fs::read_to_string("/var/lib/phigate/ca.pem").unwrap();
+    let trusted =
+        std::fs::read_to_string("/usr/local/share/ca-certificates/phigate-ca.crt").unwrap();
+    assert_eq!(ca.trim(), trusted.trim());
+    let bundle = std::fs::read_to_string("/etc/ssl/certs/ca-certificates.crt").unwrap();
+    assert!(
+        bundle.contains(ca.trim().lines().nth(1).unwrap()),
+        "CA not in the bundle"
+    );
+    // Enabled (not started: there may be no running systemd).
+    let unit = [
+        "/lib/systemd/system/phigate.service",
+        "/usr/lib/systemd/system/phigate.service",
+    ]
+    .into_iter()
+    .find(|p| std::path::Path::new(p).exists())
+    .expect("the unit file is installed");
+    assert!(
+        std::fs::symlink_metadata("/etc/systemd/system/multi-user.target.wants/phigate.service")
+            .is_ok(),
+        "the unit is enabled"
+    );
+    let out = run(&[
+        "/usr/bin/phigate",
+        "config",
+        "check",
+        "/etc/phigate/phigate.toml",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(&["systemd-analyze", "verify", unit]);
+    let complaints: Vec<&str> = std::str::from_utf8(&out.stderr)
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("phigate"))
+        .collect();
+    assert!(
+        out.status.success() && complaints.is_empty(),
+        "systemd-analyze verify: {}",
+        stderr(&out)
+    );
+
+    let out = run(&["dpkg", "--purge", "phigate"]);
+    assert!(
+        out.status.success(),
+        "dpkg --purge: {}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(!std::path::Path::new("/usr/bin/phigate").exists());
+    assert!(!std::path::Path::new("/usr/local/share/ca-certificates/phigate-ca.crt").exists());
+    assert!(!std::path::Path::new(unit).exists());
+    // Records and keys are audit evidence: kept, and the purge says so.
+    assert!(std::path::Path::new("/var/lib/phigate/ca.pem").exists());
+    assert!(stderr(&out).contains("is kept"), "{}", stderr(&out));
+    if !state_existed {
+        let _ = std::fs::remove_dir_all("/var/lib/phigate");
+    }
+}

@@ -32,6 +32,8 @@ enum Task {
     },
     /// Build and run the guided demo on a local demo API.
     Demo,
+    /// Build the Debian package (target/debian/phigate_*.deb) with cargo-deb.
+    Package,
     /// Benchmarks, printed side by side with a peer in the same run.
     Bench {
         /// Which benchmark: `proxy`, `records`.
@@ -48,6 +50,9 @@ fn main() -> ExitCode {
         Task::Setup => setup::run(),
         Task::Test { filter } => setup::run().and_then(|_| test(filter.as_deref())),
         Task::Demo => setup::run().and_then(|_| demo::run()),
+        Task::Package => {
+            setup::run().and_then(|_| package().map(|deb| println!("{}", deb.display())))
+        }
         Task::Bench { name, duration } => setup::run().and_then(|_| bench::run(&name, duration)),
     };
     match r {
@@ -57,6 +62,22 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Builds the release binary and the .deb; returns the package's path.
+fn package() -> anyhow::Result<std::path::PathBuf> {
+    use util::{cargo, root_dir};
+    cargo(&["build", "--release", "-p", "phigate"], &[])?;
+    cargo(&["deb", "-p", "phigate", "--no-build", "--no-strip"], &[])?;
+    let dir = root_dir().join("target/debian");
+    let mut debs: Vec<_> = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "deb"))
+        .collect();
+    debs.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+    debs.pop()
+        .ok_or_else(|| anyhow::anyhow!("cargo deb made no package in {}", dir.display()))
 }
 
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
@@ -100,13 +121,21 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
             }
             cargo(&args, &[])
         })?;
+        let mut deb = String::new();
+        run("cargo xtask package", &mut || {
+            deb = package()?.display().to_string();
+            Ok(())
+        })?;
         run("end-to-end tests", &mut || {
             let mut args = vec!["test", "--release", "-p", "phigate-e2e", "--"];
             if let Some(f) = filter {
                 args.push(f);
             }
             args.extend(["--test-threads", "2"]);
-            cargo(&args, &[("PHIGATE_BIN", bin.as_str())])
+            cargo(
+                &args,
+                &[("PHIGATE_BIN", bin.as_str()), ("PHIGATE_DEB", deb.as_str())],
+            )
         })?;
         Ok(())
     })();

@@ -31,11 +31,13 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const CARGO_DEB_VERSION: &str = "3.8.0";
 
 pub fn run() -> anyhow::Result<()> {
     println!("== setup");
     rust_src()?;
     bpf_linker()?;
+    cargo_deb()?;
     debian_packages()?;
     python_packages()?;
     node_packages()?;
@@ -128,6 +130,29 @@ fn bpf_linker() -> anyhow::Result<()> {
             ])
             .env("LLVM_PREFIX", &prefix),
     )
+}
+
+/// cargo-deb, for `cargo xtask package`.
+fn cargo_deb() -> anyhow::Result<()> {
+    let version = output(Command::new("cargo").args(["deb", "--version"]));
+    if version
+        .as_deref()
+        .is_some_and(|v| v.contains(CARGO_DEB_VERSION))
+    {
+        say(
+            "cargo-deb",
+            &format!("already installed ({CARGO_DEB_VERSION})"),
+        );
+        return Ok(());
+    }
+    say("cargo-deb", &format!("installing {CARGO_DEB_VERSION}"));
+    exec(Command::new("cargo").args([
+        "install",
+        "cargo-deb",
+        "--version",
+        CARGO_DEB_VERSION,
+        "--locked",
+    ]))
 }
 
 fn dpkg_installed(pkg: &str) -> bool {
