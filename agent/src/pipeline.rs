@@ -27,6 +27,8 @@ use crate::http::forward::{
     strip_hop_by_hop, upstream_uri, ConnectError, Forwarder, UpstreamInfo, UpstreamKey,
 };
 use crate::identity::Workload;
+use crate::policy::gate::{Gatekeeper, Subject};
+use crate::policy::{status_for, Reason};
 use crate::record::pseudonym::Pseudonymizer;
 use crate::record::{new_id, Durable, Record, RecordSink, RequestRecord};
 
@@ -64,6 +66,9 @@ pub struct Pipeline {
     pub limits: Limits,
     /// Until the upstream's response head: 504 after it.
     pub request_timeout: Duration,
+    /// Policies and token validation (the authorize stage). One cell shared by every
+    /// pipeline of this agent, so a reload reaches requests on open connections too.
+    pub gate: Arc<arc_swap::ArcSwap<Gatekeeper>>,
 }
 
 impl Pipeline {
@@ -87,10 +92,50 @@ impl Pipeline {
                 .await);
         }
 
-        // 1. identify: the caller is the kernel-attested workload of the connection.
-        // 2. authorize: no policy engine is configured at this stage; the request is
-        //    allowed and recorded as such.
-        // 3. approve: no approval rules apply.
+        // 1. identify: the caller is the kernel-attested workload of the connection,
+        //    plus the OIDC identity of a valid bearer token (the token is never kept).
+        // 2. authorize: the policy set decides; deny by default.
+        let gate = self.gate.load_full();
+        let verdict = match gate
+            .check(
+                &Subject {
+                    workload: &conn.workload,
+                    destination: &conn.destination,
+                    method: req.method().as_str(),
+                    path: req.uri().path(),
+                    query: req.uri().query(),
+                    headers: req.headers(),
+                    has_approval: false,
+                },
+                None,
+            )
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                return Ok(ex
+                    .answer(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())
+                    .await)
+            }
+        };
+        let mut ex = ex;
+        ex.authorized(&verdict, gate.policies.hash());
+        let decision = &verdict.decision;
+        if !decision.allowed {
+            return Ok(ex.deny(decision).await);
+        }
+        // 3. approve: the approval stage is not wired yet, so a permit that requires an
+        //    approval cannot be honoured: refused (fail closed).
+        if let Some(rule) = &decision.approval_rule {
+            ex.record.decision = "deny";
+            return Ok(ex
+                .answer(
+                    StatusCode::FORBIDDEN,
+                    "approval_required",
+                    &format!("this request needs an approval under rule `{rule}`"),
+                )
+                .await);
+        }
 
         // 4. forward
         if let Some(len) = content_length(&req) {
@@ -124,12 +169,11 @@ impl Pipeline {
             .authority
             .clone()
             .unwrap_or_else(|| conn.original_dst.to_string());
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_owned();
+        // The path that was authorized (normalized) is the path forwarded.
+        let path = match parts.uri.query() {
+            Some(q) => format!("{}?{q}", verdict.path),
+            None => verdict.path.clone(),
+        };
         parts.uri = match upstream_uri(key.server_name.is_some(), &authority, &path) {
             Ok(u) => u,
             Err(e) => {
@@ -291,6 +335,7 @@ impl Exchange {
                 oidc_issuer: None,
                 oidc_subject: None,
                 oidc_groups: Vec::new(),
+                oidc_expiry: None,
                 sni: tls.sni,
                 tls_version: tls.version,
                 alpn: tls.alpn,
@@ -328,6 +373,50 @@ impl Exchange {
                 error: None,
             },
         }
+    }
+
+    /// The authorize stage's facts, into the record (the token only as its claims).
+    fn authorized(&mut self, v: &crate::policy::gate::Verdict, set_hash: &str) {
+        if let Ok(t) = &v.token {
+            self.record.oidc_issuer = Some(t.issuer.clone());
+            self.record.oidc_subject = Some(t.subject.clone());
+            self.record.oidc_groups = t.groups.clone();
+            self.record.oidc_expiry = Some(t.expires_at.saturating_mul(1_000_000));
+        }
+        self.record.decision = if v.decision.allowed { "allow" } else { "deny" };
+        self.record.policy_ids = v.decision.policy_ids.clone();
+        self.record.policy_set_hash = Some(set_hash.to_owned());
+    }
+
+    /// 401 (a `@require_token` forbid, no valid token) or 403: JSON naming the
+    /// request id and the deciding policy ids, nothing else about the policies.
+    async fn deny(mut self, d: &crate::policy::Decision) -> Response<PhiBody> {
+        let status = status_for(d);
+        let (code, reason) = match &d.reason {
+            Reason::TokenRequired(e) => ("unauthenticated", e.code().to_owned()),
+            other => ("forbidden", other.code().to_owned()),
+        };
+        let mut resp = crate::http::body::json_denial(
+            status,
+            code,
+            &reason,
+            &d.policy_ids,
+            &self.record.request_id,
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        self.record.outcome = "refused";
+        self.record.error = Some(match &d.reason {
+            Reason::TokenRequired(e) => format!("token_required: {}", e.code()),
+            other => other.code().to_owned(),
+        });
+        let resp = self.finish_head(resp);
+        if let Err(e) = self.write().await {
+            tracing::error!(error = %e, request = %self.record.request_id, "request record lost");
+        }
+        resp
     }
 
     fn with_upstream(mut self, info: &UpstreamInfo, version: http::Version) -> Self {

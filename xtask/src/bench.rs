@@ -117,6 +117,7 @@ upstream_ca = "{d}/upstream-ca.pem"
             cg = cgroup.display()
         ),
     )?;
+    crate::util::allow_all_policies(&dir.join("policies"))?;
     let log = std::fs::File::create(dir.join("phigate.log"))?;
     procs.0.push(
         Command::new(&bin)

@@ -59,6 +59,26 @@ pub fn json_error(
     r
 }
 
+/// phigate's refusal by policy: like [`json_error`], plus the ids of the policies
+/// that decided (nothing else about them).
+pub fn json_denial(
+    status: StatusCode,
+    code: &str,
+    reason: &str,
+    policy_ids: &[String],
+    request_id: &str,
+) -> Response<PhiBody> {
+    let mut r = json_error(status, code, reason, request_id);
+    let body = serde_json::json!({
+        "error": code,
+        "reason": reason,
+        "policy_ids": policy_ids,
+        "request_id": request_id,
+    });
+    *r.body_mut() = boxed(Full::new(Bytes::from(body.to_string())));
+    r
+}
+
 /// How a body stream ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyEnd {

@@ -285,16 +285,14 @@ impl PolicySet {
         for f in &files {
             texts.push(read(f)?);
         }
-        let mut hasher = Sha256::new();
-        for (p, t) in std::iter::once((&schema_path, &schema_text)).chain(files.iter().zip(&texts))
-        {
-            let name = p.file_name().unwrap_or_default().to_string_lossy();
-            hasher.update((name.len() as u64).to_be_bytes());
-            hasher.update(name.as_bytes());
-            hasher.update((t.len() as u64).to_be_bytes());
-            hasher.update(t.as_bytes());
-        }
-        let hash = hex::encode(hasher.finalize());
+        let hash = set_hash(
+            std::iter::once((schema_path.as_path(), schema_text.as_bytes())).chain(
+                files
+                    .iter()
+                    .map(PathBuf::as_path)
+                    .zip(texts.iter().map(|t| t.as_bytes())),
+            ),
+        );
         let named: Vec<(PathBuf, String)> = files.into_iter().zip(texts).collect();
         Self::from_texts(dir, &schema_path, &schema_text, &named, hash)
     }
@@ -763,6 +761,39 @@ impl PolicySet {
         let (r, e) = self.cedar_request(req, None)?;
         Ok((&self.policies, r, e))
     }
+}
+
+/// SHA-256 over (name, contents) of the schema then the policy files, sorted.
+fn set_hash<'a>(files: impl Iterator<Item = (&'a Path, &'a [u8])>) -> String {
+    let mut hasher = Sha256::new();
+    for (p, t) in files {
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        hasher.update((name.len() as u64).to_be_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update((t.len() as u64).to_be_bytes());
+        hasher.update(t);
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// The hash [`PolicySet::hash`] would have for `dir` as it is on disk, computed
+/// without parsing (a rejected set is recorded with it).
+pub fn hash_dir(dir: &Path) -> Option<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cedar") && p.is_file())
+        .collect();
+    files.sort();
+    let schema = dir.join(SCHEMA_FILE);
+    let mut contents = vec![(schema.clone(), std::fs::read(&schema).ok()?)];
+    for f in files {
+        let b = std::fs::read(&f).ok()?;
+        contents.push((f, b));
+    }
+    Some(set_hash(
+        contents.iter().map(|(p, b)| (p.as_path(), b.as_slice())),
+    ))
 }
 
 /// Byte offset of `needle` in `text` at or after `from`.
