@@ -13,7 +13,20 @@ use crate::util::{cargo, cgroup2_root, ensure_bpffs, make_pki, require_root, roo
 pub fn run(name: &str, duration: u64) -> anyhow::Result<()> {
     match name {
         "proxy" => proxy(duration),
-        other => bail!("no benchmark named `{other}`; available: proxy"),
+        // Policy evaluation per request, beside plain Cedar evaluation (see
+        // agent/examples/policy_bench.rs). No root, no network.
+        "policy" => cargo(
+            &[
+                "run",
+                "--release",
+                "-p",
+                "phigate",
+                "--example",
+                "policy_bench",
+            ],
+            &[],
+        ),
+        other => bail!("no benchmark named `{other}`; available: proxy, policy"),
     }
 }
 

@@ -34,7 +34,7 @@ enum Task {
     Demo,
     /// Benchmarks, printed side by side with a peer in the same run.
     Bench {
-        /// Which benchmark: `proxy`.
+        /// Which benchmark: `proxy`, `policy`.
         name: String,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
