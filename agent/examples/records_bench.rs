@@ -266,6 +266,7 @@ fn sample_request(store: &RecordStore, workload: &Arc<Workload>) -> RequestRecor
         oidc_issuer: Some("https://login.hospital.example".into()),
         oidc_subject: Some("svc-ehr-sync".into()),
         oidc_groups: vec!["clinical-sync".into()],
+        oidc_expiry: Some(1_800_000_000_000_000),
         sni: Some("fhir.hospital.example".into()),
         tls_version: Some("TLSv1_3".into()),
         alpn: Some("h2".into()),

@@ -56,19 +56,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (store, replay) = open_store(&config)?;
     let store = Arc::new(store);
-    let mut start = EventRecord::new(store.origin(), "agent_start", "ok");
-    start.config_hash = config_hash(&config.source);
-    start.message = Some(format!(
-        "journal entries replayed: {}; torn journal tails: {}",
-        replay.replayed, replay.torn_tails
-    ));
-    store
-        .event(start)
-        .await
-        .context("cannot record the agent start: records are not writable")?;
-    if let Some(every) = config.records.verify_every {
-        tokio::spawn(verify_periodically(store.clone(), every));
-    }
     let records: Arc<dyn RecordSink> = store.clone();
     let approvals = Arc::new(
         Approvals::open(
@@ -86,6 +73,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .await
         .context("approvals")?,
     );
+    // Policies are validated before anything is served: a bad set stops the start.
+    let pipeline = build_pipeline(&config, records.clone(), approvals.clone())?;
+    let mut start = EventRecord::new(store.origin(), "agent_start", "ok");
+    start.config_hash = config_hash(&config.source);
+    start.policy_set_hash = Some(pipeline.gate.load().policies.hash().to_owned());
+    start.message = Some(format!(
+        "journal entries replayed: {}; torn journal tails: {}",
+        replay.replayed, replay.torn_tails
+    ));
+    store
+        .event(start)
+        .await
+        .context("cannot record the agent start: records are not writable")?;
+    if let Some(every) = config.records.verify_every {
+        tokio::spawn(verify_periodically(store.clone(), every));
+    }
     crate::approval::spawn_sweeper(&approvals);
     let admin = crate::admin::bind(&config.admin.socket, config.admin.socket_group.as_deref())?;
     info!(socket = %config.admin.socket.display(), "admin socket");
@@ -114,7 +117,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             }
         });
     }
-    let pipeline = build_pipeline(&config, records.clone(), approvals.clone())?;
+    let mut policy_changes = watch_policies(&config.agent.policies_dir);
     let cgroup_root = crate::redirect::bpf::cgroup2_root()?;
     let config_path = config.source.clone();
     let drain = config.timeouts.drain;
@@ -148,7 +151,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
-            _ = hup.recv() => {
+            trigger = async {
+                tokio::select! {
+                    _ = hup.recv() => "sighup",
+                    Some(()) = policy_changes.recv() => {
+                        // Editors write in several steps: let the directory settle.
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                        while policy_changes.try_recv().is_ok() {}
+                        "policy_files_changed"
+                    }
+                }
+            } => {
                 systemd::reloading();
                 let reloaded = reload(&config_path, &proxy, &redirector);
                 systemd::ready();
@@ -158,9 +171,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 };
                 let mut ev = EventRecord::new(store.origin(), "config_reload", outcome);
                 ev.config_hash = config_hash(&config_path);
-                ev.message = message;
+                ev.message = message.clone().map(|m| format!("{trigger}: {m}"));
                 if let Err(e) = store.event(ev).await {
                     error!(error = %e, "cannot record the config reload");
+                }
+                let dir = proxy.config.load().agent.policies_dir.clone();
+                let mut ev = EventRecord::new(store.origin(), "policy_reload", outcome);
+                ev.config_hash = config_hash(&config_path);
+                ev.policy_set_hash = if outcome == "ok" {
+                    Some(proxy.pipeline.load().gate.load().policies.hash().to_owned())
+                } else {
+                    crate::policy::hash_dir(&dir)
+                };
+                ev.message = Some(match &message {
+                    None => format!("{trigger}: policy set of {} in force", dir.display()),
+                    Some(m) => format!("{trigger}: {m}"),
+                });
+                if let Err(e) = store.event(ev).await {
+                    error!(error = %e, "cannot record the policy reload");
                 }
             }
         }
@@ -227,10 +255,13 @@ fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) -> Result<(), Str
     records.headers = next.records.headers.clone();
     next.records = records;
     let approvals = proxy.pipeline.load().approvals.clone();
-    let pipeline = match build_pipeline(&next, proxy.records.clone(), approvals) {
+    let mut pipeline = match build_pipeline(&next, proxy.records.clone(), approvals) {
         Ok(p) => p,
         Err(e) => {
-            error!(error = %e, "config reload rejected; the running config stays");
+            error!(
+                error = format!("{e:#}"),
+                "config reload rejected; the running config stays"
+            );
             return Err(format!("{e:#}"));
         }
     };
@@ -246,6 +277,11 @@ fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) -> Result<(), Str
         return Err(format!("redirect maps: {e:#}"));
     }
     info!(destinations = next.destinations.len(), fail_mode = ?next.agent.fail_mode, "config reloaded");
+    // Requests on connections opened before the reload are decided by the new set too.
+    let current = proxy.pipeline.load();
+    current.gate.store(pipeline.gate.load_full());
+    pipeline.gate = current.gate.clone();
+    info!(policies = pipeline.gate.load().policies.len(), set = %pipeline.gate.load().policies.hash(), "policy set in force");
     proxy.pipeline.store(Arc::new(pipeline));
     proxy.config.store(Arc::new(next));
     Ok(())
@@ -378,7 +414,35 @@ pub fn build_pipeline(
         record_headers: config.records.headers.clone(),
         limits: config.limits.clone(),
         request_timeout: config.timeouts.request,
+        gate: Arc::new(ArcSwap::from_pointee(
+            crate::policy::gate::Gatekeeper::from_config(config)?,
+        )),
     })
+}
+
+/// Reports changes in the policy directory (inotify); each triggers a reload. The
+/// watcher lives as long as the agent.
+fn watch_policies(dir: &Path) -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    use notify::Watcher as _;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
+        if ev.is_ok_and(|e| !e.kind.is_access()) {
+            let _ = tx.send(());
+        }
+    });
+    match watcher {
+        Ok(mut w) => match w.watch(dir, notify::RecursiveMode::NonRecursive) {
+            Ok(()) => {
+                // Kept for the life of the process; dropping it stops the watch.
+                std::mem::forget(w);
+            }
+            Err(e) => {
+                warn!(dir = %dir.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP")
+            }
+        },
+        Err(e) => warn!(error = %e, "cannot watch the policy directory; reload with SIGHUP"),
+    }
+    rx
 }
 
 pub fn redirect_settings(config: &Config, cgroup: PathBuf) -> RedirectSettings {

@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: AuditCommand,
     },
+    /// Authorization policies (Cedar) in policies_dir.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// The local certificate authority clients must trust.
     Ca {
         #[command(subcommand)]
@@ -134,6 +139,21 @@ enum CaCommand {
         #[arg(long, default_value = "phigate-ca")]
         name: String,
     },
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a policy directory (schema and every *.cedar file); prints each error
+    /// as FILE:LINE: message and exits 1 if there is any.
+    Check {
+        /// The policy directory; default: the config's policies_dir.
+        dir: Option<PathBuf>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print the decision the running policies would make for one request, the
+    /// deciding policy ids and the obligations. Sends nothing to the destination.
+    Explain(Box<crate::policy::explain::ExplainArgs>),
 }
 
 #[derive(Subcommand)]
@@ -249,6 +269,36 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", crate::console::accounts::hash_password(password)?);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Policy {
+            command: PolicyCommand::Check { dir, config },
+        } => {
+            let dir = match dir {
+                Some(d) => d,
+                None => Config::load(&config)?.agent.policies_dir,
+            };
+            match crate::policy::PolicySet::load(&dir) {
+                Ok(set) => {
+                    println!(
+                        "{}: ok ({} polic{}, set {})",
+                        dir.display(),
+                        set.len(),
+                        if set.len() == 1 { "y" } else { "ies" },
+                        set.hash()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(errors) => {
+                    for e in &errors.0 {
+                        println!("{e}");
+                    }
+                    println!("{} error(s) in {}", errors.0.len(), dir.display());
+                    Ok(ExitCode::from(1))
+                }
+            }
+        }
+        Command::Policy {
+            command: PolicyCommand::Explain(args),
+        } => crate::policy::explain::run(*args),
         Command::Config {
             command: ConfigCommand::Check { file },
         } => {

@@ -218,6 +218,66 @@ pub struct Config {
     pub records: RecordsSection,
     pub admin: AdminSection,
     pub destinations: Vec<Destination>,
+    pub policy: PolicySection,
+    pub oidc: OidcSection,
+}
+
+/// What policies see beyond the request itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicySection {
+    /// IANA time zone (or "UTC") of `context.hour`, `minute` and `weekday`.
+    pub timezone: String,
+    /// Request headers (lower case) policies see as `context.headers`.
+    pub headers: Vec<String>,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            timezone: "UTC".into(),
+            headers: Vec::new(),
+        }
+    }
+}
+
+impl PolicySection {
+    /// The configured zone (validated when the config was parsed).
+    pub fn tz(&self) -> jiff::tz::TimeZone {
+        jiff::tz::TimeZone::get(&self.timezone).unwrap_or(jiff::tz::TimeZone::UTC)
+    }
+}
+
+/// Trusted OIDC issuers of bearer tokens.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct OidcSection {
+    pub issuers: Vec<OidcIssuer>,
+}
+
+/// Signature algorithms a token may use; HMAC and `none` are never accepted.
+pub const OIDC_ALGORITHMS: [&str; 7] = [
+    "RS256", "RS384", "RS512", "PS256", "ES256", "ES384", "EdDSA",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OidcIssuer {
+    /// `iss` exactly; also the base of discovery (`/.well-known/openid-configuration`).
+    pub issuer: String,
+    /// Accepted `aud` values (at least one must be in the token).
+    pub audiences: Vec<String>,
+    /// A JWKS file instead of discovery (read at load and on unknown `kid`).
+    pub jwks_file: Option<PathBuf>,
+    pub algorithms: Vec<String>,
+    /// Claims holding groups or roles (dotted paths for nested: `realm_access.roles`).
+    pub groups_claims: Vec<String>,
+    /// Claim value -> group name; values not listed are kept as they are.
+    pub group_map: std::collections::BTreeMap<String, String>,
+    /// String claims exposed to policies as tags of `context.token`.
+    pub claims: Vec<String>,
+    pub clock_skew: Duration,
+    /// Extra CA (PEM) trusted for the issuer's TLS, beside the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// At most one key refresh per this interval when an unknown `kid` shows up.
+    pub jwks_refresh_min: Duration,
 }
 
 /// How records are kept: durability, files, retention, and what they hold.
@@ -338,6 +398,8 @@ struct RawConfig {
     tls: Option<Spanned<RawTls>>,
     records: Option<RawRecords>,
     admin: Option<RawAdmin>,
+    policy: Option<RawPolicy>,
+    oidc: Option<RawOidc>,
     #[serde(default)]
     destinations: Vec<Spanned<RawDestination>>,
 }
@@ -422,6 +484,37 @@ struct RawDestination {
     #[serde(default)]
     passthrough_hosts: Vec<String>,
     alpn: Option<Spanned<Vec<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPolicy {
+    timezone: Option<Spanned<String>>,
+    headers: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOidc {
+    #[serde(default)]
+    issuers: Vec<Spanned<RawIssuer>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIssuer {
+    issuer: Spanned<String>,
+    audiences: Spanned<Vec<String>>,
+    jwks_file: Option<PathBuf>,
+    algorithms: Option<Spanned<Vec<String>>>,
+    groups_claims: Option<Vec<String>>,
+    #[serde(default)]
+    group_map: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    claims: Vec<String>,
+    clock_skew_secs: Option<Spanned<u64>>,
+    ca_file: Option<PathBuf>,
+    jwks_refresh_min_secs: Option<u64>,
 }
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/phigate/phigate.toml";
@@ -753,6 +846,113 @@ impl Config {
                 }
             }
         };
+        let policy = match raw.policy {
+            None => PolicySection::default(),
+            Some(p) => {
+                let timezone = match p.timezone {
+                    None => "UTC".to_owned(),
+                    Some(tz) => {
+                        if jiff::tz::TimeZone::get(tz.get_ref()).is_err() {
+                            return Err(err(
+                                Some(tz.span()),
+                                Some("policy.timezone".into()),
+                                format!("`{}` is not a time zone of this host's tz database (use e.g. \"UTC\" or \"America/New_York\")", tz.get_ref()),
+                            ));
+                        }
+                        tz.into_inner()
+                    }
+                };
+                PolicySection {
+                    timezone,
+                    headers: p
+                        .headers
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|h| h.to_ascii_lowercase())
+                        .collect(),
+                }
+            }
+        };
+        let mut oidc = OidcSection::default();
+        for (i, raw_issuer) in raw
+            .oidc
+            .map(|o| o.issuers)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            let r = raw_issuer.into_inner();
+            let key = |k: &str| Some(format!("oidc.issuers[{i}].{k}"));
+            let issuer = r.issuer.get_ref().clone();
+            let is_https = issuer.starts_with("https://");
+            if !is_https || issuer.len() <= "https://".len() {
+                return Err(err(
+                    Some(r.issuer.span()),
+                    key("issuer"),
+                    format!("`{issuer}` must be an https:// URL (tokens and keys come from it)"),
+                ));
+            }
+            if oidc.issuers.iter().any(|x: &OidcIssuer| x.issuer == issuer) {
+                return Err(err(
+                    Some(r.issuer.span()),
+                    key("issuer"),
+                    format!("`{issuer}` is configured twice"),
+                ));
+            }
+            if r.audiences.get_ref().is_empty() {
+                return Err(err(
+                    Some(r.audiences.span()),
+                    key("audiences"),
+                    "at least one audience is required (a token for another service must not be accepted here)".into(),
+                ));
+            }
+            let algorithms = match r.algorithms {
+                None => ["RS256", "ES256", "EdDSA"].map(String::from).to_vec(),
+                Some(a) => {
+                    if a.get_ref().is_empty() {
+                        return Err(err(
+                            Some(a.span()),
+                            key("algorithms"),
+                            "must list at least one algorithm".into(),
+                        ));
+                    }
+                    for alg in a.get_ref() {
+                        if !OIDC_ALGORITHMS.contains(&alg.as_str()) {
+                            return Err(err(
+                                Some(a.span()),
+                                key("algorithms"),
+                                format!("`{alg}` is not allowed; use one of {} (HMAC and `none` are never accepted)", OIDC_ALGORITHMS.join(", ")),
+                            ));
+                        }
+                    }
+                    a.into_inner()
+                }
+            };
+            let clock_skew = match r.clock_skew_secs {
+                None => Duration::from_secs(60),
+                Some(v) if *v.get_ref() > 300 => {
+                    return Err(err(
+                        Some(v.span()),
+                        key("clock_skew_secs"),
+                        "at most 300 seconds".into(),
+                    ))
+                }
+                Some(v) => Duration::from_secs(v.into_inner()),
+            };
+            oidc.issuers.push(OidcIssuer {
+                issuer,
+                audiences: r.audiences.into_inner(),
+                jwks_file: r.jwks_file.map(resolve),
+                algorithms,
+                groups_claims: r.groups_claims.unwrap_or_else(|| vec!["groups".into()]),
+                group_map: r.group_map,
+                claims: r.claims,
+                clock_skew,
+                ca_file: r.ca_file.map(resolve),
+                jwks_refresh_min: Duration::from_secs(r.jwks_refresh_min_secs.unwrap_or(30)),
+            });
+        }
+
         let mut destinations = Vec::with_capacity(raw.destinations.len());
         let mut seen: Vec<(ProtectedAddr, String)> = Vec::new();
         for (i, d) in raw.destinations.into_iter().enumerate() {
@@ -909,6 +1109,8 @@ impl Config {
             records,
             admin,
             destinations,
+            policy,
+            oidc,
         })
     }
 
@@ -1085,6 +1287,32 @@ protocol = "tcp"
         )
         .unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn policy_and_oidc_sections() {
+        let c = parse("[policy]\ntimezone = \"America/New_York\"\nheaders = [\"X-Purpose\"]\n\n[[oidc.issuers]]\nissuer = \"https://idp.test/r\"\naudiences = [\"patients-api\"]\ngroup_map = { \"fhir-clinicians\" = \"clinicians\" }\n").unwrap();
+        assert_eq!(c.policy.timezone, "America/New_York");
+        assert_eq!(c.policy.headers, ["x-purpose"]);
+        let i = &c.oidc.issuers[0];
+        assert_eq!(i.algorithms, ["RS256", "ES256", "EdDSA"]);
+        assert_eq!(i.groups_claims, ["groups"]);
+        assert_eq!(i.clock_skew, Duration::from_secs(60));
+        assert_eq!(parse("").unwrap().policy.timezone, "UTC");
+
+        let e = parse("[policy]\ntimezone = \"Mars/Olympus\"\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(2), Some("policy.timezone"))
+        );
+        let e = parse("[[oidc.issuers]]\nissuer = \"https://i\"\naudiences = [\"a\"]\nalgorithms = [\"HS256\"]\n").unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.message.contains("never accepted"), "{e}");
+        let e =
+            parse("[[oidc.issuers]]\nissuer = \"http://i\"\naudiences = [\"a\"]\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("oidc.issuers[0].issuer"));
+        let e = parse("[[oidc.issuers]]\nissuer = \"https://i\"\naudiences = []\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("oidc.issuers[0].audiences"));
     }
 
     #[test]

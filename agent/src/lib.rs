@@ -12,6 +12,7 @@
 //! * [`pipeline`]: one request top to bottom: identify, authorize, approve, forward,
 //!   mask, record.
 //! * [`identity`]: who is calling (workload identity from the kernel, enriched from /proc).
+//! * [`policy`]: the Cedar policy set that decides every request (authorize stage).
 //! * [`record`]: one record per connection and per request, to the configured sink.
 //!
 //! [`app`] wires them together; [`cli`] is the `phigate` command line.
@@ -25,6 +26,7 @@ pub mod console;
 pub mod http;
 pub mod identity;
 pub mod pipeline;
+pub mod policy;
 pub mod preflight;
 pub mod proxy;
 pub mod record;

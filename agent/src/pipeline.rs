@@ -27,6 +27,8 @@ use crate::http::forward::{
     strip_hop_by_hop, upstream_uri, ConnectError, Forwarder, UpstreamInfo, UpstreamKey,
 };
 use crate::identity::Workload;
+use crate::policy::gate::{Gatekeeper, Subject};
+use crate::policy::{status_for, Reason};
 use crate::record::pseudonym::Pseudonymizer;
 use crate::record::{new_id, Durable, Record, RecordSink, RequestRecord};
 
@@ -67,13 +69,16 @@ pub struct Pipeline {
     pub limits: Limits,
     /// Until the upstream's response head: 504 after it.
     pub request_timeout: Duration,
+    /// Policies and token validation (the authorize stage). One cell shared by every
+    /// pipeline of this agent, so a reload reaches requests on open connections too.
+    pub gate: Arc<arc_swap::ArcSwap<Gatekeeper>>,
 }
 
 impl Pipeline {
     pub async fn handle(
         self: Arc<Self>,
         conn: Arc<ConnContext>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Result<Response<PhiBody>, Infallible> {
         conn.requests.fetch_add(1, Ordering::Relaxed);
         conn.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -90,10 +95,47 @@ impl Pipeline {
                 .await);
         }
 
-        // 1. identify: the caller is the kernel-attested workload of the connection.
-        // 2. authorize: no policy engine is configured at this stage; the request is
-        //    allowed and recorded as such.
-        // 3. approve: no approval rules apply.
+        // 1. identify: the caller is the kernel-attested workload of the connection,
+        //    plus the OIDC identity of a valid bearer token (the token is never kept).
+        // 2. authorize: the policy set decides; deny by default.
+        let gate = self.gate.load_full();
+        let verdict = match gate
+            .check(
+                &Subject {
+                    workload: &conn.workload,
+                    destination: &conn.destination,
+                    method: req.method().as_str(),
+                    path: req.uri().path(),
+                    query: req.uri().query(),
+                    headers: req.headers(),
+                    has_approval: false,
+                },
+                None,
+            )
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                return Ok(ex
+                    .answer(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())
+                    .await)
+            }
+        };
+        let mut ex = ex;
+        ex.authorized(&verdict, gate.policies.hash());
+        let decision = &verdict.decision;
+        if !decision.allowed {
+            return Ok(ex.deny(decision).await);
+        }
+        // 3. approve: a permit naming an approval rule holds (or refuses) the request
+        //    until reviewers approve this exact request.
+        let mut req = req.map(boxed);
+        if let Some(rule) = decision.approval_rule.clone() {
+            match self.approve(ex, &conn, &rule, req).await {
+                Ok((e, r)) => (ex, req) = (e, r),
+                Err(resp) => return Ok(resp),
+            }
+        }
 
         // 4. forward
         if let Some(len) = content_length(&req) {
@@ -127,12 +169,11 @@ impl Pipeline {
             .authority
             .clone()
             .unwrap_or_else(|| conn.original_dst.to_string());
-        let path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str())
-            .unwrap_or("/")
-            .to_owned();
+        // The path that was authorized (normalized) is the path forwarded.
+        let path = match parts.uri.query() {
+            Some(q) => format!("{}?{q}", verdict.path),
+            None => verdict.path.clone(),
+        };
         parts.uri = match upstream_uri(key.server_name.is_some(), &authority, &path) {
             Ok(u) => u,
             Err(e) => {
@@ -199,11 +240,104 @@ impl Pipeline {
         Ok(ex.stream_response(parts, body).await)
     }
 
-    fn upstream_key(
+    /// The approval stage: binds an approval to this exact request (its body is read,
+    /// up to APPROVAL_BODY_LIMIT, to be hashed) and waits or refuses as the rule says.
+    /// Returns the request to forward, or phigate's answer.
+    async fn approve(
         &self,
+        mut ex: Exchange,
         conn: &ConnContext,
-        req: &Request<Incoming>,
-    ) -> Result<UpstreamKey, String> {
+        rule_name: &str,
+        req: Request<PhiBody>,
+    ) -> Result<(Exchange, Request<PhiBody>), Response<PhiBody>> {
+        use crate::approval::{Gate, State};
+        let Some(rule) = self.approval_rules.get(rule_name).cloned() else {
+            // A policy names a rule approvals.toml does not define: nobody could
+            // approve it, so it does not pass.
+            ex.record.decision = "deny";
+            return Err(ex
+                .answer(
+                    StatusCode::FORBIDDEN,
+                    "approval_unavailable",
+                    &format!("approval rule `{rule_name}` is not defined"),
+                )
+                .await);
+        };
+        let (parts, body) = req.into_parts();
+        let bytes = match read_whole(body, APPROVAL_BODY_LIMIT).await {
+            Ok(b) => b,
+            Err(Unread::TooLarge(why)) => {
+                return Err(ex
+                    .answer(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", &why)
+                    .await)
+            }
+            Err(Unread::Broken(why)) => {
+                return Err(ex
+                    .answer(StatusCode::BAD_REQUEST, "bad_request", &why)
+                    .await)
+            }
+        };
+        let (binding, summary) = approval_binding(&ex.record, conn, &parts, &bytes);
+        match self.approvals.gate(&rule, &binding, summary).await {
+            Gate::Proceed {
+                approval_id,
+                approvers,
+                reason,
+            } => {
+                ex.record.decision = "approved";
+                ex.record.approval_id = Some(approval_id);
+                ex.record.approvers = approvers;
+                ex.record.approval_reason = Some(reason);
+                Ok((
+                    ex,
+                    Request::from_parts(parts, boxed(http_body_util::Full::new(bytes))),
+                ))
+            }
+            Gate::Refuse {
+                approval_id,
+                outcome,
+            } => {
+                let (decision, code, reason): (&'static str, &'static str, &'static str) =
+                    match outcome {
+                        State::Pending => (
+                            "held",
+                            "approval_pending",
+                            "this request waits for a reviewer's approval; repeat it once approved",
+                        ),
+                        State::Denied => {
+                            ("deny", "approval_denied", "a reviewer denied this request")
+                        }
+                        _ => (
+                            "expired",
+                            "approval_expired",
+                            "no reviewer approved this request in time",
+                        ),
+                    };
+                ex.record.decision = decision;
+                ex.record.approval_id = Some(approval_id.clone());
+                let mut resp = crate::http::body::json_approval(
+                    code,
+                    reason,
+                    &approval_id,
+                    &ex.record.request_id,
+                );
+                if let Ok(v) = HeaderValue::from_str(&approval_id) {
+                    resp.headers_mut()
+                        .insert(crate::approval::APPROVAL_ID_HEADER, v);
+                }
+                Err(ex.answer_with(resp, reason).await)
+            }
+            Gate::Unavailable(e) => Err(ex
+                .answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "records_unavailable",
+                    &format!("the approval could not be recorded: {e}"),
+                )
+                .await),
+        }
+    }
+
+    fn upstream_key<B>(&self, conn: &ConnContext, req: &Request<B>) -> Result<UpstreamKey, String> {
         let ip_name = || ServerName::IpAddress(conn.original_dst.ip().into());
         let server_name = match conn.protocol {
             Protocol::Http | Protocol::Tcp => None,
@@ -294,6 +428,7 @@ impl Exchange {
                 oidc_issuer: None,
                 oidc_subject: None,
                 oidc_groups: Vec::new(),
+                oidc_expiry: None,
                 sni: tls.sni,
                 tls_version: tls.version,
                 alpn: tls.alpn,
@@ -333,6 +468,50 @@ impl Exchange {
         }
     }
 
+    /// The authorize stage's facts, into the record (the token only as its claims).
+    fn authorized(&mut self, v: &crate::policy::gate::Verdict, set_hash: &str) {
+        if let Ok(t) = &v.token {
+            self.record.oidc_issuer = Some(t.issuer.clone());
+            self.record.oidc_subject = Some(t.subject.clone());
+            self.record.oidc_groups = t.groups.clone();
+            self.record.oidc_expiry = Some(t.expires_at.saturating_mul(1_000_000));
+        }
+        self.record.decision = if v.decision.allowed { "allow" } else { "deny" };
+        self.record.policy_ids = v.decision.policy_ids.clone();
+        self.record.policy_set_hash = Some(set_hash.to_owned());
+    }
+
+    /// 401 (a `@require_token` forbid, no valid token) or 403: JSON naming the
+    /// request id and the deciding policy ids, nothing else about the policies.
+    async fn deny(mut self, d: &crate::policy::Decision) -> Response<PhiBody> {
+        let status = status_for(d);
+        let (code, reason) = match &d.reason {
+            Reason::TokenRequired(e) => ("unauthenticated", e.code().to_owned()),
+            other => ("forbidden", other.code().to_owned()),
+        };
+        let mut resp = crate::http::body::json_denial(
+            status,
+            code,
+            &reason,
+            &d.policy_ids,
+            &self.record.request_id,
+        );
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        self.record.outcome = "refused";
+        self.record.error = Some(match &d.reason {
+            Reason::TokenRequired(e) => format!("token_required: {}", e.code()),
+            other => other.code().to_owned(),
+        });
+        let resp = self.finish_head(resp);
+        if let Err(e) = self.write().await {
+            tracing::error!(error = %e, request = %self.record.request_id, "request record lost");
+        }
+        resp
+    }
+
     fn with_upstream(mut self, info: &UpstreamInfo, version: http::Version) -> Self {
         self.record.upstream_http_version = Some(format!("{version:?}"));
         self.record.upstream_tls_version = info.tls_version.clone();
@@ -341,8 +520,14 @@ impl Exchange {
     }
 
     /// phigate answers the client itself; the record is written (and durable) first.
-    async fn answer(mut self, status: StatusCode, code: &str, reason: &str) -> Response<PhiBody> {
+    async fn answer(self, status: StatusCode, code: &str, reason: &str) -> Response<PhiBody> {
         let resp = json_error(status, code, reason, &self.record.request_id);
+        self.answer_with(resp, reason).await
+    }
+
+    /// Like `answer`, with the response already made.
+    async fn answer_with(mut self, resp: Response<PhiBody>, reason: &str) -> Response<PhiBody> {
+        let status = resp.status();
         self.record.outcome = match status {
             StatusCode::GATEWAY_TIMEOUT => "upstream_timeout",
             StatusCode::BAD_GATEWAY => "upstream_error",
@@ -476,6 +661,95 @@ impl Exchange {
     }
 }
 
+/// What an approval is bound to (requester, method, URL, body hash) and what
+/// reviewers are shown of the request (its recorded, pseudonymized form).
+fn approval_binding(
+    record: &RequestRecord,
+    conn: &ConnContext,
+    parts: &http::request::Parts,
+    body: &[u8],
+) -> (crate::approval::Binding, crate::approval::RequestSummary) {
+    use crate::approval::{Binding, RequestSummary, Requester};
+    use sha2::Digest;
+    let w = &conn.workload;
+    let token = (record.oidc_issuer.clone(), record.oidc_subject.clone());
+    let mut names: Vec<String> = w.user.iter().cloned().collect();
+    let principal = match token {
+        (Some(iss), Some(sub)) => {
+            names.push(sub.clone());
+            format!("oidc:{iss}#{sub}")
+        }
+        _ => format!(
+            "uid:{}@{}",
+            w.uid,
+            w.systemd_unit
+                .as_deref()
+                .or(w.cgroup_path.as_deref())
+                .unwrap_or("-")
+        ),
+    };
+    let url = format!(
+        "{}{}",
+        record.authority.as_deref().unwrap_or(&record.original_dst),
+        parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+    );
+    let binding = Binding {
+        requester: Requester { principal, names },
+        method: parts.method.to_string(),
+        url,
+        body_sha256: hex::encode(sha2::Sha256::digest(body)),
+    };
+    let summary = RequestSummary {
+        request_id: record.request_id.clone(),
+        destination: conn.destination.clone(),
+        method: parts.method.to_string(),
+        path: record.path.clone(),
+        query: record.query.clone(),
+        workload: format!(
+            "{} (uid {}), unit {}, {}",
+            w.user.as_deref().unwrap_or("?"),
+            w.uid,
+            w.systemd_unit.as_deref().unwrap_or("-"),
+            w.exe_path.as_deref().unwrap_or(&w.comm)
+        ),
+        policy_ids: record.policy_ids.clone(),
+        preview: None,
+    };
+    (binding, summary)
+}
+
+/// Reads a body whole, up to `limit` bytes; the refusal to answer otherwise.
+async fn read_whole(mut body: PhiBody, limit: usize) -> Result<bytes::Bytes, Unread> {
+    use http_body_util::BodyExt;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame
+            .map_err(|e| Unread::Broken(format!("the request body could not be read: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(Unread::TooLarge(format!(
+                    "a request needing approval is read whole first, and may have at most {limit} bytes"
+                )));
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+enum Unread {
+    TooLarge(String),
+    Broken(String),
+}
+
+/// A request that needs approval is read whole (to bind the approval to its body's
+/// hash) up to this size; larger ones are refused with 413.
+const APPROVAL_BODY_LIMIT: usize = 1 << 20;
+
 /// Credentials are recorded as their scheme at most; the rest are copied as text.
 const CREDENTIAL_HEADERS: [&str; 6] = [
     "authorization",
@@ -539,14 +813,14 @@ fn selected_headers(
     out
 }
 
-fn content_length(req: &Request<Incoming>) -> Option<u64> {
+fn content_length<B>(req: &Request<B>) -> Option<u64> {
     req.headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
 }
 
-fn is_upgrade(req: &Request<Incoming>) -> bool {
+fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == http::Version::HTTP_11
         && req.headers().contains_key(header::UPGRADE)
         && req
@@ -561,7 +835,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 /// The host (no port) the request names, from the URI or the Host header.
-fn request_host(req: &Request<Incoming>) -> Option<String> {
+fn request_host<B>(req: &Request<B>) -> Option<String> {
     if let Some(h) = req.uri().host() {
         return Some(h.trim_start_matches('[').trim_end_matches(']').to_owned());
     }
@@ -584,4 +858,12 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = c.source();
     }
     s
+}
+
+/// hyper needs the handler's future to be Send; when a change breaks that, this says
+/// so here rather than deep in hyper's bounds.
+#[allow(dead_code)]
+fn handle_is_send(p: Arc<Pipeline>, c: Arc<ConnContext>, r: Request<Incoming>) {
+    fn is_send<T: Send>(_: &T) {}
+    is_send(&p.handle(c, r));
 }

@@ -51,6 +51,11 @@ pub fn phigate_bin() -> PathBuf {
     panic!("no phigate binary: set PHIGATE_BIN or run `cargo build --release -p phigate` (cargo xtask test does)");
 }
 
+/// The repository's shipped policies (policies/).
+pub fn shipped_policies() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
 pub fn cgroup2_root() -> PathBuf {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     mounts
@@ -285,13 +290,43 @@ impl World {
             "/sys/fs/bpf/{}",
             unique(&format!("phigate-test-{tag}"))
         ));
-        World {
+        let w = World {
             netns,
             cgroup,
             dir: tempfile::tempdir().unwrap(),
             pin_dir,
             agent: None,
             agent_env: Vec::new(),
+        };
+        // Deny by default: tests that are not about policy get one permit for all.
+        w.write_policies(&[(
+            "allow-all.cedar",
+            "@id(\"test.allow-all\")\npermit (principal, action, resource);\n",
+        )]);
+        w
+    }
+
+    pub fn policies_dir(&self) -> PathBuf {
+        self.path("policies")
+    }
+
+    /// Replaces the policy files (`*.cedar`) with `files`, beside the shipped schema.
+    pub fn write_policies(&self, files: &[(&str, &str)]) {
+        let dir = self.policies_dir();
+        std::fs::create_dir_all(&dir).unwrap();
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "cedar") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        std::fs::copy(
+            shipped_policies().join("schema.cedarschema"),
+            dir.join("schema.cedarschema"),
+        )
+        .unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.join(name), text).unwrap();
         }
     }
 

@@ -14,7 +14,20 @@ pub fn run(name: &str, duration: u64) -> anyhow::Result<()> {
     match name {
         "proxy" => proxy(duration),
         "records" => records(duration),
-        other => bail!("no benchmark named `{other}`; available: proxy, records"),
+        // Policy evaluation per request, beside plain Cedar evaluation (see
+        // agent/examples/policy_bench.rs). No root, no network.
+        "policy" => cargo(
+            &[
+                "run",
+                "--release",
+                "-p",
+                "phigate",
+                "--example",
+                "policy_bench",
+            ],
+            &[],
+        ),
+        other => bail!("no benchmark named `{other}`; available: proxy, records, policy"),
     }
 }
 
@@ -146,6 +159,7 @@ upstream_ca = "{d}/upstream-ca.pem"
             cg = cgroup.display()
         ),
     )?;
+    crate::util::allow_all_policies(&dir.join("policies"))?;
     let log = std::fs::File::create(dir.join("phigate.log"))?;
     procs.0.push(
         Command::new(&bin)

@@ -302,6 +302,7 @@ impl Demo {
     }
 
     fn write_config(&self) -> anyhow::Result<()> {
+        crate::util::allow_all_policies(&self.dir.join("policies"))?;
         let d = self.dir.display();
         std::fs::write(
             &self.config,

@@ -36,7 +36,7 @@ enum Task {
     Package,
     /// Benchmarks, printed side by side with a peer in the same run.
     Bench {
-        /// Which benchmark: `proxy`, `records`.
+        /// Which benchmark: `proxy`, `records`, `policy`.
         name: String,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]

@@ -232,3 +232,18 @@ pub fn make_pki(dir: &Path, ca_name: &str, sans: &str) -> anyhow::Result<Pki> {
         key: dir.join("server.key"),
     })
 }
+
+/// A policy directory (shipped schema) with one permit for everything: for runs that
+/// measure or show something other than policy.
+pub fn allow_all_policies(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::copy(
+        root_dir().join("policies/schema.cedarschema"),
+        dir.join("schema.cedarschema"),
+    )?;
+    std::fs::write(
+        dir.join("allow-all.cedar"),
+        "@id(\"allow-all\")\npermit (principal, action, resource);\n",
+    )?;
+    Ok(())
+}

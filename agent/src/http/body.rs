@@ -59,6 +59,51 @@ pub fn json_error(
     r
 }
 
+/// A request held for approval, or refused by its approval's outcome: 403 with the
+/// approval id (also in the `x-phigate-approval-id` header).
+pub fn json_approval(
+    code: &str,
+    reason: &str,
+    approval_id: &str,
+    request_id: &str,
+) -> Response<PhiBody> {
+    let body = serde_json::json!({
+        "error": code,
+        "reason": reason,
+        "approval_id": approval_id,
+        "request_id": request_id,
+    });
+    let mut r = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
+    *r.status_mut() = StatusCode::FORBIDDEN;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// phigate's refusal by policy: like [`json_error`], plus the ids of the policies
+/// that decided (nothing else about them).
+pub fn json_denial(
+    status: StatusCode,
+    code: &str,
+    reason: &str,
+    policy_ids: &[String],
+    request_id: &str,
+) -> Response<PhiBody> {
+    let mut r = json_error(status, code, reason, request_id);
+    let body = serde_json::json!({
+        "error": code,
+        "reason": reason,
+        "policy_ids": policy_ids,
+        "request_id": request_id,
+    });
+    *r.body_mut() = boxed(Full::new(Bytes::from(body.to_string())));
+    r
+}
+
 /// How a body stream ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BodyEnd {

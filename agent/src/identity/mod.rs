@@ -6,6 +6,9 @@
 //! exec'd something else (its comm no longer matches), the /proc-derived fields are
 //! left empty rather than attributed to the wrong program.
 
+pub mod oidc;
+pub mod token;
+
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;

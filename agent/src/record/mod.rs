@@ -134,6 +134,8 @@ pub struct RequestRecord {
     pub oidc_issuer: Option<String>,
     pub oidc_subject: Option<String>,
     pub oidc_groups: Vec<String>,
+    /// The token's `exp`, microseconds since the Unix epoch.
+    pub oidc_expiry: Option<i64>,
     /// TLS as negotiated with the client (None for plain HTTP destinations).
     pub sni: Option<String>,
     pub tls_version: Option<String>,

@@ -182,6 +182,11 @@ fn requests() -> Vec<Field> {
         text("oidc_issuer"),
         text("oidc_subject"),
         list("oidc_groups", DataType::Utf8),
+        Field::new(
+            "oidc_expiry",
+            DataType::Timestamp(TimeUnit::Microsecond, Some("+00:00".into())),
+            true,
+        ),
         text("sni"),
         text("tls_version"),
         text("alpn"),
@@ -302,7 +307,8 @@ mod tests {
             .map(|t| (t.name().to_owned(), digest(*t)))
             .collect();
         let expected = [
-            ("requests", "f7410c9986511c1b"),
+            // + oidc_expiry (nullable, added: older files read it as null).
+            ("requests", "ee30f9b379983c13"),
             ("connections", "79baafd43326cf6c"),
             ("approvals", "358fdec1cc73e61a"),
             ("events", "78109fc628bd5a96"),

@@ -1,0 +1,210 @@
+//! `phigate policy explain`: what the proxy would decide for one request, through the
+//! same [`Gatekeeper::check`](super::gate::Gatekeeper::check), without sending it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context as _};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Uri};
+
+use super::gate::{Gatekeeper, Subject};
+use super::Clock;
+use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::identity::Workload;
+
+#[derive(clap::Args)]
+pub struct ExplainArgs {
+    #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// The request: "METHOD URL", e.g. "GET https://127.0.0.2:9443/fhir/Patient/1".
+    pub request: String,
+    /// The calling process's systemd unit.
+    #[arg(long)]
+    pub unit: Option<String>,
+    /// The calling process's user (name; its uid is looked up unless --uid is given).
+    #[arg(long)]
+    pub user: Option<String>,
+    #[arg(long)]
+    pub uid: Option<u32>,
+    #[arg(long)]
+    pub gid: Option<u32>,
+    /// Executable path and its SHA-256 (hex).
+    #[arg(long)]
+    pub exe: Option<String>,
+    #[arg(long)]
+    pub exe_sha256: Option<String>,
+    /// A file holding the bearer token (validated exactly as the proxy does; keys may
+    /// be fetched from the issuer).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// The destination's name, when the URL's host is not one of its addresses.
+    #[arg(long)]
+    pub destination: Option<String>,
+    /// A request header, "name: value" (repeatable).
+    #[arg(long = "header", short = 'H')]
+    pub headers: Vec<String>,
+    /// The request carries a granted approval.
+    #[arg(long)]
+    pub approved: bool,
+    /// Decide at this time instead of now: "Mon 14:30" (in [policy] timezone).
+    #[arg(long)]
+    pub at: Option<String>,
+}
+
+pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
+    let config = Config::load(&args.config)?;
+    let (method, url) = args
+        .request
+        .trim()
+        .split_once(char::is_whitespace)
+        .context("the request must be \"METHOD URL\", e.g. \"GET https://host/path\"")?;
+    let uri: Uri = url
+        .trim()
+        .parse()
+        .with_context(|| format!("`{url}` is not a URL"))?;
+    let destination = match &args.destination {
+        Some(d) => {
+            if !config.destinations.iter().any(|x| &x.name == d) {
+                bail!("no destination named `{d}` in {}", args.config.display());
+            }
+            d.clone()
+        }
+        None => {
+            let host = uri.host().context("the URL has no host")?;
+            let ip: IpAddr = host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse()
+                .map_err(|_| anyhow::anyhow!("`{host}` is not an address: phigate matches destinations by address; give --destination NAME"))?;
+            let port = uri
+                .port_u16()
+                .unwrap_or(if uri.scheme_str() == Some("http") {
+                    80
+                } else {
+                    443
+                });
+            let (_, d) = config
+                .destination_for(SocketAddr::new(ip, port))
+                .with_context(|| {
+                    format!(
+                        "{ip}:{port} is not a protected destination in {}",
+                        args.config.display()
+                    )
+                })?;
+            d.name.clone()
+        }
+    };
+    let mut workload = Workload {
+        user: args.user.clone(),
+        systemd_unit: args.unit.clone(),
+        exe_path: args.exe.clone(),
+        exe_sha256: args.exe_sha256.clone(),
+        comm: "explain".into(),
+        ..Workload::default()
+    };
+    if let Some(u) = &args.user {
+        if let Ok(Some(pw)) = nix::unistd::User::from_name(u) {
+            workload.uid = pw.uid.as_raw();
+            workload.gid = pw.gid.as_raw();
+        }
+    }
+    workload.uid = args.uid.unwrap_or(workload.uid);
+    workload.gid = args.gid.unwrap_or(workload.gid);
+
+    let mut headers = HeaderMap::new();
+    for h in &args.headers {
+        let (n, v) = h
+            .split_once(':')
+            .with_context(|| format!("--header `{h}`: expected \"name: value\""))?;
+        headers.append(
+            HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes())?,
+            HeaderValue::from_str(v.trim())?,
+        );
+    }
+    if let Some(f) = &args.token_file {
+        let token =
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                .context("the token file holds characters a header cannot carry")?,
+        );
+    }
+    let clock = args.at.as_deref().map(parse_at).transpose()?;
+
+    let gate = Gatekeeper::from_config(&config)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let verdict = rt
+        .block_on(gate.check(
+            &Subject {
+                workload: &workload,
+                destination: &destination,
+                method,
+                path: uri.path(),
+                query: uri.query(),
+                headers: &headers,
+                has_approval: args.approved,
+            },
+            clock,
+        ))
+        .context("the URL's path cannot be normalized")?;
+    let d = &verdict.decision;
+    println!("decision: {}", if d.allowed { "allow" } else { "deny" });
+    println!("reason: {}", d.reason.code());
+    println!("status: {}", super::status_for(d).as_u16());
+    println!("destination: {destination}");
+    println!("path: {}", verdict.path);
+    println!(
+        "policies: {}",
+        if d.policy_ids.is_empty() {
+            "(none: deny by default)".to_owned()
+        } else {
+            d.policy_ids.join(", ")
+        }
+    );
+    println!("mask: {}", d.mask_profile.as_deref().unwrap_or("-"));
+    println!("approval: {}", d.approval_rule.as_deref().unwrap_or("-"));
+    match &verdict.token {
+        Ok(t) => println!(
+            "token: valid; issuer {}, subject {}, groups [{}], expires {}",
+            t.issuer,
+            t.subject,
+            t.groups.join(", "),
+            t.expires_at
+        ),
+        Err(e) => println!("token: {} ({e})", e.code()),
+    }
+    println!("policy set: {}", gate.policies.hash());
+    for e in &d.errors {
+        println!("evaluation error: {e}");
+    }
+    Ok(if d.allowed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
+fn parse_at(s: &str) -> anyhow::Result<Clock> {
+    let bad = || anyhow::anyhow!("--at `{s}`: expected e.g. \"Mon 14:30\"");
+    let (day, time) = s.trim().split_once(' ').ok_or_else(bad)?;
+    let weekday = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
+        .iter()
+        .position(|d| day.to_ascii_lowercase().starts_with(d))
+        .ok_or_else(bad)? as u8
+        + 1;
+    let (h, m) = time.trim().split_once(':').ok_or_else(bad)?;
+    let hour: u8 = h.parse().map_err(|_| bad())?;
+    let minute: u8 = m.parse().map_err(|_| bad())?;
+    if hour > 23 || minute > 59 {
+        return Err(bad());
+    }
+    Ok(Clock {
+        hour,
+        minute,
+        weekday,
+    })
+}

@@ -1,0 +1,805 @@
+//! Authorization: every request is decided by one policy set, loaded from
+//! `policies_dir` (`*.cedar` plus `schema.cedarschema`), written in Cedar.
+//!
+//! * Loading parses and strictly validates the whole directory against the schema;
+//!   any error names the file and line. Every policy needs a unique `@id("...")`.
+//! * [`PolicySet::decide`] builds the Cedar request from an [`AccessRequest`] (the
+//!   kernel-attested workload, the validated token, the HTTP request, the time, the
+//!   approval) and evaluates it. Deny by default: nothing is allowed unless a permit
+//!   applies and no forbid does.
+//! * Obligations ride on annotations: `@mask("profile")` and `@approval("rule")` on
+//!   permits; `@require_token` on forbids turns their denial into a 401.
+//!
+//! policies/README.md documents the model for policy authors.
+
+pub mod explain;
+pub mod gate;
+pub mod normalize;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Effect, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
+    PolicyId, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use sha2::{Digest, Sha256};
+
+use crate::identity::token::{TokenError, TokenIdentity};
+use crate::identity::Workload;
+
+/// The schema file in `policies_dir`.
+pub const SCHEMA_FILE: &str = "schema.cedarschema";
+/// Annotations phigate understands; any other is rejected (a typo such as
+/// `@aproval` must not silently drop an obligation).
+pub const ANNOTATIONS: [&str; 5] = ["id", "description", "mask", "approval", "require_token"];
+/// The action a method outside the schema's actions maps to.
+pub const OTHER_ACTION: &str = "OTHER";
+
+const NS: &str = "Phigate";
+
+/// One problem in the policy directory, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyError {
+    pub file: PathBuf,
+    /// 1-based line, when the problem has a location.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(l) = self.line {
+            write!(f, ":{l}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found while loading a policy directory (loading reports them all).
+#[derive(Debug, Clone)]
+pub struct PolicyErrors(pub Vec<PolicyError>);
+
+impl fmt::Display for PolicyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for PolicyErrors {}
+
+/// Wall-clock facts policies may use, in the configured time zone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Clock {
+    pub hour: u8,
+    pub minute: u8,
+    /// ISO weekday, 1 = Monday .. 7 = Sunday.
+    pub weekday: u8,
+}
+
+impl Clock {
+    pub fn now(tz: &jiff::tz::TimeZone) -> Clock {
+        let dt = jiff::Timestamp::now().to_zoned(tz.clone());
+        Clock {
+            hour: dt.hour() as u8,
+            minute: dt.minute() as u8,
+            weekday: dt.weekday().to_monday_one_offset() as u8,
+        }
+    }
+
+    fn weekday_name(self) -> &'static str {
+        ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"][(self.weekday.clamp(1, 7) - 1) as usize]
+    }
+}
+
+/// Everything a decision may depend on.
+#[derive(Debug, Clone)]
+pub struct AccessRequest<'a> {
+    pub workload: &'a Workload,
+    /// The validated token, if the request carried a valid one.
+    pub token: Option<&'a TokenIdentity>,
+    /// Why there is no valid token (`Missing` when none was presented).
+    pub token_error: Option<TokenError>,
+    /// The destination's configured name.
+    pub destination: &'a str,
+    pub method: &'a str,
+    /// Normalized with [`normalize::normalize_path`].
+    pub path: &'a str,
+    pub query: &'a [(String, String)],
+    /// The configured request headers (lower-case names), every value.
+    pub headers: &'a [(String, String)],
+    pub clock: Clock,
+    pub has_approval: bool,
+}
+
+/// Why a request was allowed or denied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reason {
+    /// A permit applied and no forbid did.
+    Permitted,
+    /// No permit applies (deny by default).
+    NoPermit,
+    /// A forbid applies.
+    Forbidden,
+    /// A `@require_token` forbid applies and the request has no valid token.
+    TokenRequired(TokenError),
+    /// The deciding permits carry different masking profiles or approval rules.
+    ConflictingObligations,
+    /// A forbid policy could not be evaluated: denied rather than skipped.
+    EvaluationError,
+}
+
+impl Reason {
+    /// Stable code for JSON bodies and records.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Reason::Permitted => "permitted",
+            Reason::NoPermit => "no_permit",
+            Reason::Forbidden => "forbidden",
+            Reason::TokenRequired(_) => "token_required",
+            Reason::ConflictingObligations => "conflicting_obligations",
+            Reason::EvaluationError => "evaluation_error",
+        }
+    }
+}
+
+/// The outcome of one decision, with obligations for later stages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// Ids of the policies that decided (the permits that allowed, or the forbids that
+    /// denied; empty for deny by default), sorted.
+    pub policy_ids: Vec<String>,
+    /// Masking profile the response must get (`@mask` of the deciding permits).
+    pub mask_profile: Option<String>,
+    /// Approval rule that must be satisfied (`@approval` of the deciding permits).
+    pub approval_rule: Option<String>,
+    pub reason: Reason,
+    /// Policies that failed to evaluate (`id: message`); they did not apply.
+    pub errors: Vec<String>,
+}
+
+/// What phigate answers for a decision: 200 stands for "forwarded" (the upstream
+/// answers), 401 when a `@require_token` forbid denied a request without a valid
+/// token, 403 for every other denial.
+pub fn status_for(d: &Decision) -> http::StatusCode {
+    match d.reason {
+        _ if d.allowed => http::StatusCode::OK,
+        Reason::TokenRequired(_) => http::StatusCode::UNAUTHORIZED,
+        _ => http::StatusCode::FORBIDDEN,
+    }
+}
+
+/// Annotations phigate acts on, per policy.
+#[derive(Debug, Clone, Default)]
+struct Obligations {
+    mask: Option<String>,
+    approval: Option<String>,
+    require_token: bool,
+    effect_forbid: bool,
+}
+
+/// Where a policy came from.
+#[derive(Debug, Clone)]
+pub struct PolicySource {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+/// A validated policy set with its schema, ready to decide.
+pub struct PolicySet {
+    policies: cedar_policy::PolicySet,
+    schema: Schema,
+    /// The schema's action entities (the `read`/`write` groups live here).
+    actions: Entities,
+    action_names: HashSet<String>,
+    obligations: HashMap<String, Obligations>,
+    sources: BTreeMap<String, PolicySource>,
+    hash: String,
+    dir: PathBuf,
+    authorizer: Authorizer,
+}
+
+impl fmt::Debug for PolicySet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PolicySet")
+            .field("dir", &self.dir)
+            .field("policies", &self.sources.len())
+            .field("hash", &self.hash)
+            .finish()
+    }
+}
+
+fn type_name(t: &str) -> EntityTypeName {
+    EntityTypeName::from_str(&format!("{NS}::{t}")).expect("valid type name")
+}
+
+fn uid(t: &str, id: &str) -> EntityUid {
+    EntityUid::from_type_name_and_id(type_name(t), EntityId::new(id))
+}
+
+fn s(v: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(v.to_owned())
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
+}
+
+/// The first labelled offset of a Cedar diagnostic, and its message with help.
+fn diag(e: &dyn miette::Diagnostic) -> (Option<usize>, String) {
+    let offset = e.labels().and_then(|mut l| l.next()).map(|l| l.offset());
+    let mut message = e.to_string();
+    if let Some(help) = e.help() {
+        message.push_str(&format!(" ({help})"));
+    }
+    (offset, message)
+}
+
+impl PolicySet {
+    /// Loads and validates `dir`: every `*.cedar` file and `schema.cedarschema`.
+    /// Subdirectories (e.g. masking `profiles/`) are not read here.
+    pub fn load(dir: &Path) -> Result<PolicySet, PolicyErrors> {
+        let one = |file: &Path, line: Option<usize>, message: String| {
+            PolicyErrors(vec![PolicyError {
+                file: file.to_owned(),
+                line,
+                message,
+            }])
+        };
+        let entries = std::fs::read_dir(dir).map_err(|e| {
+            one(
+                dir,
+                None,
+                format!("cannot read the policy directory (agent.policies_dir): {e}"),
+            )
+        })?;
+        let mut files: Vec<PathBuf> = Vec::new();
+        for e in entries {
+            let e = e.map_err(|e| one(dir, None, e.to_string()))?;
+            let p = e.path();
+            if p.extension().is_some_and(|x| x == "cedar") && p.is_file() {
+                files.push(p);
+            }
+        }
+        files.sort();
+        let schema_path = dir.join(SCHEMA_FILE);
+        let read = |p: &Path| {
+            std::fs::read_to_string(p).map_err(|e| one(p, None, format!("cannot read: {e}")))
+        };
+        let schema_text = read(&schema_path)?;
+        let mut texts = Vec::with_capacity(files.len());
+        for f in &files {
+            texts.push(read(f)?);
+        }
+        let hash = set_hash(
+            std::iter::once((schema_path.as_path(), schema_text.as_bytes())).chain(
+                files
+                    .iter()
+                    .map(PathBuf::as_path)
+                    .zip(texts.iter().map(|t| t.as_bytes())),
+            ),
+        );
+        let named: Vec<(PathBuf, String)> = files.into_iter().zip(texts).collect();
+        Self::from_texts(dir, &schema_path, &schema_text, &named, hash)
+    }
+
+    /// Builds a set from texts already read (`load` and tests).
+    fn from_texts(
+        dir: &Path,
+        schema_path: &Path,
+        schema_text: &str,
+        files: &[(PathBuf, String)],
+        hash: String,
+    ) -> Result<PolicySet, PolicyErrors> {
+        let mut errors = Vec::new();
+        let schema = match Schema::from_cedarschema_str(schema_text) {
+            Ok((s, _warnings)) => s,
+            Err(e) => {
+                let (off, message) = diag(&e);
+                return Err(PolicyErrors(vec![PolicyError {
+                    file: schema_path.to_owned(),
+                    line: off.map(|o| line_of(schema_text, o)),
+                    message,
+                }]));
+            }
+        };
+        let actions = schema.action_entities().map_err(|e| {
+            PolicyErrors(vec![PolicyError {
+                file: schema_path.to_owned(),
+                line: None,
+                message: e.to_string(),
+            }])
+        })?;
+        let action_names: HashSet<String> = schema
+            .actions()
+            .filter(|a| a.type_name().to_string() == format!("{NS}::Action"))
+            .map(|a| a.id().unescaped().to_owned())
+            .collect();
+
+        let mut set = cedar_policy::PolicySet::new();
+        let mut sources: BTreeMap<String, PolicySource> = BTreeMap::new();
+        let mut obligations = HashMap::new();
+        // Policy id -> (file text) for locating validation errors.
+        let mut text_of: HashMap<String, usize> = HashMap::new();
+        for (fi, (file, text)) in files.iter().enumerate() {
+            let parsed = match cedar_policy::PolicySet::from_str(text) {
+                Ok(p) => p,
+                Err(errs) => {
+                    for e in errs.iter() {
+                        let (off, message) = diag(e);
+                        errors.push(PolicyError {
+                            file: file.clone(),
+                            line: off.map(|o| line_of(text, o)),
+                            message,
+                        });
+                    }
+                    continue;
+                }
+            };
+            if let Some(t) = parsed.templates().next() {
+                errors.push(PolicyError {
+                    file: file.clone(),
+                    line: locate(text, &t.to_cedar(), 0).map(|o| line_of(text, o)),
+                    message: "templates (`?principal`, `?resource`) are not used by phigate; write static policies".into(),
+                });
+            }
+            // Cedar numbers policies in source order: policy0, policy1, ...
+            let mut ps: Vec<&Policy> = parsed.policies().collect();
+            ps.sort_by_key(|p| {
+                p.id()
+                    .to_string()
+                    .trim_start_matches("policy")
+                    .parse::<usize>()
+                    .unwrap_or(usize::MAX)
+            });
+            let mut cursor = 0;
+            for p in ps {
+                let offset = p
+                    .to_cedar()
+                    .and_then(|src| locate(text, &src, cursor).inspect(|o| cursor = o + src.len()));
+                let line = offset.map(|o| line_of(text, o)).unwrap_or(1);
+                let at = |message: String| PolicyError {
+                    file: file.clone(),
+                    line: Some(line),
+                    message,
+                };
+                let Some(id) = p.annotation("id").map(str::to_owned) else {
+                    errors.push(at("policy has no @id(\"...\") annotation; every policy needs a unique id (records name it)".into()));
+                    continue;
+                };
+                if id.trim().is_empty() || id.chars().any(|c| c.is_control()) {
+                    errors.push(at(format!(
+                        "@id({id:?}) must be a non-empty printable name"
+                    )));
+                    continue;
+                }
+                if let Some(prev) = sources.get(&id) {
+                    errors.push(at(format!(
+                        "@id(\"{id}\") is already used at {}:{}; policy ids must be unique",
+                        prev.file.display(),
+                        prev.line
+                    )));
+                    continue;
+                }
+                let mut ob = Obligations {
+                    effect_forbid: p.effect() == Effect::Forbid,
+                    ..Obligations::default()
+                };
+                for (k, v) in p.annotations() {
+                    match k {
+                        "id" | "description" => {}
+                        "mask" | "approval" if ob.effect_forbid => errors.push(at(format!(
+                            "@{k} is an obligation of a permit; policy `{id}` is a forbid"
+                        ))),
+                        "mask" | "approval" if v.trim().is_empty() => {
+                            errors.push(at(format!("@{k} needs a name, e.g. @{k}(\"...\")")))
+                        }
+                        "mask" => ob.mask = Some(v.to_owned()),
+                        "approval" => ob.approval = Some(v.to_owned()),
+                        "require_token" if !ob.effect_forbid => errors.push(at(format!(
+                            "@require_token belongs on a forbid (the rule that denies requests without a valid token); policy `{id}` is a permit"
+                        ))),
+                        "require_token" => ob.require_token = true,
+                        other => errors.push(at(format!(
+                            "unknown annotation @{other}; phigate understands @{}",
+                            ANNOTATIONS.join(", @")
+                        ))),
+                    }
+                }
+                let renamed = p.new_id(PolicyId::new(&id));
+                if let Err(e) = set.add(renamed) {
+                    errors.push(at(e.to_string()));
+                    continue;
+                }
+                sources.insert(
+                    id.clone(),
+                    PolicySource {
+                        file: file.clone(),
+                        line,
+                    },
+                );
+                text_of.insert(id.clone(), fi);
+                obligations.insert(id, ob);
+            }
+        }
+
+        if errors.is_empty() {
+            let validator = Validator::new(schema.clone());
+            let result = validator.validate(&set, ValidationMode::Strict);
+            for e in result.validation_errors() {
+                let id = e.policy_id().to_string();
+                let (off, message) = diag(e);
+                let (file, text) = match text_of.get(&id) {
+                    Some(fi) => (files[*fi].0.clone(), Some(&files[*fi].1)),
+                    None => (schema_path.to_owned(), None),
+                };
+                let line = match (off, text) {
+                    (Some(o), Some(t)) => Some(line_of(t, o)),
+                    _ => sources.get(&id).map(|s| s.line),
+                };
+                errors.push(PolicyError {
+                    file,
+                    line,
+                    message: if message.contains(&format!("`{id}`")) {
+                        message
+                    } else {
+                        format!("policy `{id}`: {message}")
+                    },
+                });
+            }
+        }
+        if !errors.is_empty() {
+            return Err(PolicyErrors(errors));
+        }
+
+        let ps = PolicySet {
+            policies: set,
+            schema,
+            actions,
+            action_names,
+            obligations,
+            sources,
+            hash,
+            dir: dir.to_owned(),
+            authorizer: Authorizer::new(),
+        };
+        // The schema must describe the requests phigate builds, or policies would be
+        // validated against a model that never occurs.
+        ps.check_request_shape().map_err(|message| {
+            PolicyErrors(vec![PolicyError {
+                file: schema_path.to_owned(),
+                line: None,
+                message: format!("the schema does not describe the requests phigate makes: {message} (start from the shipped policies/schema.cedarschema)"),
+            }])
+        })?;
+        Ok(ps)
+    }
+
+    /// SHA-256 over the schema and the policy files (names and contents, sorted).
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Policy ids with the file and line they were written at.
+    pub fn sources(&self) -> &BTreeMap<String, PolicySource> {
+        &self.sources
+    }
+
+    pub fn len(&self) -> usize {
+        self.sources.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sources.is_empty()
+    }
+
+    fn check_request_shape(&self) -> Result<(), String> {
+        let w = Workload::default();
+        let token = TokenIdentity {
+            claims: [("client_id".to_owned(), "x".to_owned())].into(),
+            groups: vec!["g".into()],
+            ..TokenIdentity::default()
+        };
+        let q = [("a".to_owned(), "b".to_owned())];
+        let req = AccessRequest {
+            workload: &w,
+            token: Some(&token),
+            token_error: None,
+            destination: "d",
+            method: "GET",
+            path: "/",
+            query: &q,
+            headers: &q,
+            clock: Clock {
+                hour: 0,
+                minute: 0,
+                weekday: 1,
+            },
+            has_approval: false,
+        };
+        if !self.action_names.contains(OTHER_ACTION) {
+            return Err(format!(
+                "it declares no action \"{OTHER_ACTION}\" (methods without an action of their own map to it)"
+            ));
+        }
+        let (_, entities) = self.cedar_request(&req, Some(&self.schema))?;
+        Entities::from_entities(entities.iter().cloned(), Some(&self.schema))
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    }
+
+    /// The Cedar request and entities for `req` (validated against `schema` if given).
+    fn cedar_request(
+        &self,
+        req: &AccessRequest<'_>,
+        schema: Option<&Schema>,
+    ) -> Result<(Request, Entities), String> {
+        let w = req.workload;
+        let principal = uid("Workload", &w.pid.to_string());
+        let unknown = String::new();
+        let workload = Entity::new(
+            principal.clone(),
+            HashMap::from([
+                ("user".into(), s(w.user.as_ref().unwrap_or(&unknown))),
+                ("uid".into(), RestrictedExpression::new_long(w.uid.into())),
+                ("gid".into(), RestrictedExpression::new_long(w.gid.into())),
+                (
+                    "groups".into(),
+                    RestrictedExpression::new_set(
+                        w.groups
+                            .iter()
+                            .map(|g| RestrictedExpression::new_long((*g).into())),
+                    ),
+                ),
+                (
+                    "unit".into(),
+                    s(w.systemd_unit.as_ref().unwrap_or(&unknown)),
+                ),
+                ("exe".into(), s(w.exe_path.as_ref().unwrap_or(&unknown))),
+                (
+                    "exe_sha256".into(),
+                    s(w.exe_sha256.as_ref().unwrap_or(&unknown)),
+                ),
+                ("comm".into(), s(&w.comm)),
+                (
+                    "cgroup".into(),
+                    s(w.cgroup_path.as_ref().unwrap_or(&unknown)),
+                ),
+            ]),
+            HashSet::new(),
+        )
+        .map_err(|e| e.to_string())?;
+        let multi = |kind: &str, pairs: &[(String, String)]| {
+            let mut tags: BTreeMap<&str, Vec<RestrictedExpression>> = BTreeMap::new();
+            for (k, v) in pairs {
+                tags.entry(k).or_default().push(s(v));
+            }
+            Entity::new_with_tags(
+                uid(kind, "request"),
+                [],
+                [],
+                tags.into_iter()
+                    .map(|(k, v)| (k.to_owned(), RestrictedExpression::new_set(v))),
+            )
+            .map_err(|e| e.to_string())
+        };
+        let query = multi("Params", req.query)?;
+        let headers = multi("Headers", req.headers)?;
+        let mut ctx: Vec<(String, RestrictedExpression)> = vec![
+            ("method".into(), s(req.method)),
+            ("path".into(), s(req.path)),
+            (
+                "query".into(),
+                RestrictedExpression::new_entity_uid(query.uid()),
+            ),
+            (
+                "headers".into(),
+                RestrictedExpression::new_entity_uid(headers.uid()),
+            ),
+            (
+                "hour".into(),
+                RestrictedExpression::new_long(req.clock.hour.into()),
+            ),
+            (
+                "minute".into(),
+                RestrictedExpression::new_long(req.clock.minute.into()),
+            ),
+            ("weekday".into(), s(req.clock.weekday_name())),
+            (
+                "has_approval".into(),
+                RestrictedExpression::new_bool(req.has_approval),
+            ),
+        ];
+        let mut entities = vec![workload, query, headers];
+        if let Some(t) = req.token {
+            let token = Entity::new_with_tags(
+                uid("Token", &format!("{}#{}", t.issuer, t.subject)),
+                [
+                    ("issuer".to_owned(), s(&t.issuer)),
+                    ("subject".to_owned(), s(&t.subject)),
+                    (
+                        "groups".to_owned(),
+                        RestrictedExpression::new_set(t.groups.iter().map(|g| s(g))),
+                    ),
+                    (
+                        "expires_at".to_owned(),
+                        RestrictedExpression::new_long(t.expires_at),
+                    ),
+                ],
+                [],
+                t.claims.iter().map(|(k, v)| (k.clone(), s(v))),
+            )
+            .map_err(|e| e.to_string())?;
+            ctx.push((
+                "token".into(),
+                RestrictedExpression::new_entity_uid(token.uid()),
+            ));
+            entities.push(token);
+        }
+        // Methods are case-sensitive (RFC 9110 9.1): `get` is not GET.
+        let action = if self.action_names.contains(req.method) && req.method != OTHER_ACTION {
+            req.method.to_owned()
+        } else {
+            OTHER_ACTION.to_owned()
+        };
+        let context = Context::from_pairs(ctx).map_err(|e| e.to_string())?;
+        let request = Request::new(
+            principal,
+            uid("Action", &action),
+            uid("Destination", req.destination),
+            context,
+            schema,
+        )
+        .map_err(|e| e.to_string())?;
+        let entities = self
+            .actions
+            .clone()
+            .add_entities(entities, None)
+            .map_err(|e| e.to_string())?;
+        Ok((request, entities))
+    }
+
+    /// Decides one request. Deny by default; see the module docs for obligations.
+    pub fn decide(&self, req: &AccessRequest<'_>) -> Decision {
+        let deny = |reason: Reason, policy_ids: Vec<String>, errors: Vec<String>| Decision {
+            allowed: false,
+            policy_ids,
+            mask_profile: None,
+            approval_rule: None,
+            reason,
+            errors,
+        };
+        let (request, entities) = match self.cedar_request(req, None) {
+            Ok(r) => r,
+            Err(e) => return deny(Reason::EvaluationError, Vec::new(), vec![e]),
+        };
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.policies, &entities);
+        let diagnostics = response.diagnostics();
+        let mut errors = Vec::new();
+        let mut forbid_failed = Vec::new();
+        for e in diagnostics.errors() {
+            let cedar_policy::AuthorizationError::PolicyEvaluationError(pe) = e;
+            let id = pe.policy_id().to_string();
+            if self.obligations.get(&id).is_some_and(|o| o.effect_forbid) {
+                forbid_failed.push(id.clone());
+            }
+            errors.push(e.to_string());
+        }
+        let mut ids: Vec<String> = diagnostics.reason().map(|p| p.to_string()).collect();
+        ids.sort();
+        if !forbid_failed.is_empty() {
+            forbid_failed.sort();
+            return deny(Reason::EvaluationError, forbid_failed, errors);
+        }
+        match response.decision() {
+            cedar_policy::Decision::Deny if ids.is_empty() => deny(Reason::NoPermit, ids, errors),
+            cedar_policy::Decision::Deny => {
+                let token_required = req.token.is_none()
+                    && ids
+                        .iter()
+                        .any(|id| self.obligations.get(id).is_some_and(|o| o.require_token));
+                let reason = if token_required {
+                    Reason::TokenRequired(req.token_error.unwrap_or(TokenError::Missing))
+                } else {
+                    Reason::Forbidden
+                };
+                deny(reason, ids, errors)
+            }
+            cedar_policy::Decision::Allow => {
+                // Several permits may decide: masking applies if any of them asks for
+                // it; two different profiles (or approval rules) cannot both be
+                // honoured, so the request is denied rather than guessed at.
+                let masks: BTreeSet<&str> = ids
+                    .iter()
+                    .filter_map(|id| self.obligations.get(id)?.mask.as_deref())
+                    .collect();
+                let approvals: BTreeSet<&str> = ids
+                    .iter()
+                    .filter_map(|id| self.obligations.get(id)?.approval.as_deref())
+                    .collect();
+                if masks.len() > 1 || approvals.len() > 1 {
+                    return deny(Reason::ConflictingObligations, ids, errors);
+                }
+                Decision {
+                    allowed: true,
+                    mask_profile: masks.first().map(|m| m.to_string()),
+                    approval_rule: approvals.first().map(|a| a.to_string()),
+                    policy_ids: ids,
+                    reason: Reason::Permitted,
+                    errors,
+                }
+            }
+        }
+    }
+
+    /// The Cedar policy set and the request `decide` would evaluate, for comparing
+    /// against plain Cedar evaluation (`cargo xtask bench policy`).
+    pub fn cedar_parts(
+        &self,
+        req: &AccessRequest<'_>,
+    ) -> Result<(&cedar_policy::PolicySet, Request, Entities), String> {
+        let (r, e) = self.cedar_request(req, None)?;
+        Ok((&self.policies, r, e))
+    }
+}
+
+/// SHA-256 over (name, contents) of the schema then the policy files, sorted.
+fn set_hash<'a>(files: impl Iterator<Item = (&'a Path, &'a [u8])>) -> String {
+    let mut hasher = Sha256::new();
+    for (p, t) in files {
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        hasher.update((name.len() as u64).to_be_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update((t.len() as u64).to_be_bytes());
+        hasher.update(t);
+    }
+    hex::encode(hasher.finalize())
+}
+
+/// The hash [`PolicySet::hash`] would have for `dir` as it is on disk, computed
+/// without parsing (a rejected set is recorded with it).
+pub fn hash_dir(dir: &Path) -> Option<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "cedar") && p.is_file())
+        .collect();
+    files.sort();
+    let schema = dir.join(SCHEMA_FILE);
+    let mut contents = vec![(schema.clone(), std::fs::read(&schema).ok()?)];
+    for f in files {
+        let b = std::fs::read(&f).ok()?;
+        contents.push((f, b));
+    }
+    Some(set_hash(
+        contents.iter().map(|(p, b)| (p.as_path(), b.as_slice())),
+    ))
+}
+
+/// Byte offset of `needle` in `text` at or after `from`.
+fn locate(text: &str, needle: &str, from: usize) -> Option<usize> {
+    text.get(from..)?.find(needle).map(|o| o + from)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,475 @@
+use super::*;
+
+fn shipped_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
+}
+
+fn shipped_schema() -> String {
+    std::fs::read_to_string(shipped_dir().join(SCHEMA_FILE)).unwrap()
+}
+
+/// A policy directory holding the shipped schema and `files`.
+fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join(SCHEMA_FILE), shipped_schema()).unwrap();
+    for (name, text) in files {
+        std::fs::write(d.path().join(name), text).unwrap();
+    }
+    d
+}
+
+fn workload(user: &str, unit: &str) -> Workload {
+    Workload {
+        pid: 4242,
+        uid: 1000,
+        user: Some(user.into()),
+        systemd_unit: (!unit.is_empty()).then(|| unit.to_owned()),
+        comm: "curl".into(),
+        ..Workload::default()
+    }
+}
+
+fn token(groups: &[&str]) -> TokenIdentity {
+    TokenIdentity {
+        issuer: "https://idp.test".into(),
+        subject: "dr-alice".into(),
+        groups: groups.iter().map(|g| g.to_string()).collect(),
+        expires_at: 2_000_000_000,
+        claims: [("client_id".to_owned(), "ehr".to_owned())].into(),
+    }
+}
+
+const NOON_MON: Clock = Clock {
+    hour: 12,
+    minute: 0,
+    weekday: 1,
+};
+
+struct Case<'a> {
+    workload: Workload,
+    token: Option<TokenIdentity>,
+    token_error: Option<TokenError>,
+    method: &'a str,
+    path: &'a str,
+    query: Vec<(String, String)>,
+}
+
+impl Case<'_> {
+    fn decide(&self, set: &PolicySet) -> Decision {
+        set.decide(&AccessRequest {
+            workload: &self.workload,
+            token: self.token.as_ref(),
+            token_error: self.token_error,
+            destination: "patients-api",
+            method: self.method,
+            path: self.path,
+            query: &self.query,
+            headers: &[],
+            clock: NOON_MON,
+            has_approval: false,
+        })
+    }
+}
+
+fn case<'a>(w: Workload, t: Option<TokenIdentity>, method: &'a str, path: &'a str) -> Case<'a> {
+    Case {
+        workload: w,
+        token: t,
+        token_error: None,
+        method,
+        path,
+        query: Vec::new(),
+    }
+}
+
+#[test]
+fn shipped_policies_load_and_decide() {
+    let set = PolicySet::load(&shipped_dir()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(set.len(), 6);
+    assert_eq!(set.hash().len(), 64);
+    let app = || workload("ehr", "ehr.service");
+    let job = || workload("fhir-export", "fhir-export.service");
+    let clin = || Some(token(&["clinicians"]));
+    let bill = || Some(token(&["billing"]));
+    // (case, allowed, reason, policy ids, mask, approval)
+    type Row<'a> = (
+        Case<'a>,
+        bool,
+        Reason,
+        &'a [&'a str],
+        Option<&'a str>,
+        Option<&'a str>,
+    );
+    let table: Vec<Row> = vec![
+        (
+            case(app(), clin(), "GET", "/fhir/Patient/123"),
+            true,
+            Reason::Permitted,
+            &["clinicians.read-clinical"],
+            Some("clinical"),
+            None,
+        ),
+        (
+            case(app(), clin(), "HEAD", "/fhir/Observation"),
+            true,
+            Reason::Permitted,
+            &["clinicians.read-clinical"],
+            Some("clinical"),
+            None,
+        ),
+        (
+            case(app(), clin(), "GET", "/fhir/Coverage/9"),
+            false,
+            Reason::NoPermit,
+            &[],
+            None,
+            None,
+        ),
+        (
+            case(app(), clin(), "POST", "/fhir/Patient"),
+            false,
+            Reason::NoPermit,
+            &[],
+            None,
+            None,
+        ),
+        (
+            case(app(), clin(), "DELETE", "/fhir/Patient/1"),
+            false,
+            Reason::Forbidden,
+            &["patients-api.no-delete"],
+            None,
+            None,
+        ),
+        (
+            case(app(), bill(), "GET", "/fhir/Coverage/9"),
+            true,
+            Reason::Permitted,
+            &["billing.read-coverage"],
+            Some("billing"),
+            None,
+        ),
+        (
+            case(app(), bill(), "GET", "/fhir/Patient/123"),
+            false,
+            Reason::NoPermit,
+            &[],
+            None,
+            None,
+        ),
+        (
+            case(app(), None, "GET", "/fhir/Patient/123"),
+            false,
+            Reason::TokenRequired(TokenError::Missing),
+            &["patients-api.token-required"],
+            None,
+            None,
+        ),
+        (
+            case(job(), None, "GET", "/fhir/Patient/$export"),
+            true,
+            Reason::Permitted,
+            &["export-job.bulk-export"],
+            Some("safe_harbor"),
+            Some("bulk_export"),
+        ),
+        (
+            case(job(), None, "GET", "/fhir/Patient/123"),
+            false,
+            Reason::NoPermit,
+            &[],
+            None,
+            None,
+        ),
+        (
+            // The right unit under the wrong user is not the job.
+            case(
+                workload("mallory", "fhir-export.service"),
+                None,
+                "GET",
+                "/fhir/Patient/$export",
+            ),
+            false,
+            Reason::NoPermit,
+            &[],
+            None,
+            None,
+        ),
+        (
+            case(app(), clin(), "TRACE", "/fhir/Patient"),
+            false,
+            Reason::Forbidden,
+            &["all.no-other-methods"],
+            None,
+            None,
+        ),
+    ];
+    for (i, (c, allowed, reason, ids, mask, approval)) in table.iter().enumerate() {
+        let d = c.decide(&set);
+        let what = format!("case {i}: {} {} -> {d:?}", c.method, c.path);
+        assert_eq!(d.allowed, *allowed, "{what}");
+        assert_eq!(&d.reason, reason, "{what}");
+        assert_eq!(d.policy_ids, ids.to_vec(), "{what}");
+        assert_eq!(d.mask_profile.as_deref(), *mask, "{what}");
+        assert_eq!(d.approval_rule.as_deref(), *approval, "{what}");
+        assert!(d.errors.is_empty(), "{what}");
+    }
+}
+
+#[test]
+fn token_required_carries_the_validation_failure() {
+    let set = PolicySet::load(&shipped_dir()).unwrap();
+    let mut c = case(workload("ehr", ""), None, "GET", "/fhir/Patient/1");
+    c.token_error = Some(TokenError::Expired);
+    let d = c.decide(&set);
+    assert_eq!(d.reason, Reason::TokenRequired(TokenError::Expired));
+    assert_eq!(d.policy_ids, ["patients-api.token-required"]);
+}
+
+#[test]
+fn context_query_headers_time_and_claims() {
+    let d = dir_with(&[(
+        "p.cedar",
+        r#"
+@id("search-by-type")
+permit (principal, action == Phigate::Action::"GET", resource)
+when {
+  context.query.hasTag("_type") && context.query.getTag("_type") == ["Patient"] &&
+  context.headers.hasTag("x-purpose") && context.headers.getTag("x-purpose").contains("treatment") &&
+  context.hour >= 8 && context.hour < 18 && context.weekday != "Sun" &&
+  context has token && context.token.hasTag("client_id") && context.token.getTag("client_id") == "ehr"
+};
+"#,
+    )]);
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    let w = workload("ehr", "");
+    let t = token(&[]);
+    let q = vec![("_type".to_owned(), "Patient".to_owned())];
+    let h = vec![("x-purpose".to_owned(), "treatment".to_owned())];
+    let req = |query: &[(String, String)], clock: Clock| {
+        set.decide(&AccessRequest {
+            workload: &w,
+            token: Some(&t),
+            token_error: None,
+            destination: "x",
+            method: "GET",
+            path: "/",
+            query,
+            headers: &h,
+            clock,
+            has_approval: false,
+        })
+    };
+    assert!(req(&q, NOON_MON).allowed);
+    // A second value makes the set differ: not exactly ["Patient"].
+    let q2 = vec![q[0].clone(), ("_type".to_owned(), "Coverage".to_owned())];
+    assert!(!req(&q2, NOON_MON).allowed);
+    assert!(!req(&[], NOON_MON).allowed);
+    let night = Clock {
+        hour: 23,
+        ..NOON_MON
+    };
+    assert!(!req(&q, night).allowed);
+    let sunday = Clock {
+        weekday: 7,
+        ..NOON_MON
+    };
+    assert!(!req(&q, sunday).allowed);
+}
+
+#[test]
+fn obligations_combine_or_conflict() {
+    let p = |id: &str, ann: &str| {
+        format!("@id(\"{id}\")\n{ann}\npermit (principal, action, resource) when {{ context.path like \"/a*\" }};\n")
+    };
+    let decide = |files: &[(&str, &str)], path: &str| {
+        let d = dir_with(files);
+        let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+        let w = workload("u", "");
+        set.decide(&AccessRequest {
+            workload: &w,
+            token: None,
+            token_error: None,
+            destination: "x",
+            method: "GET",
+            path,
+            query: &[],
+            headers: &[],
+            clock: NOON_MON,
+            has_approval: false,
+        })
+    };
+    // Masked and unmasked permits: masking applies.
+    let a = p("masked", "@mask(\"safe_harbor\")");
+    let b = p("plain", "");
+    let d = decide(&[("a.cedar", &a), ("b.cedar", &b)], "/a");
+    assert!(d.allowed);
+    assert_eq!(d.policy_ids, ["masked", "plain"]);
+    assert_eq!(d.mask_profile.as_deref(), Some("safe_harbor"));
+    // Two profiles: denied, naming both.
+    let c = p("other-mask", "@mask(\"billing\")");
+    let d = decide(&[("a.cedar", &a), ("c.cedar", &c)], "/a");
+    assert!(!d.allowed);
+    assert_eq!(d.reason, Reason::ConflictingObligations);
+    assert_eq!(d.policy_ids, ["masked", "other-mask"]);
+    // Same approval twice is one obligation; two different ones conflict.
+    let x = p("x", "@approval(\"bulk\")");
+    let y = p("y", "@approval(\"bulk\")");
+    let z = p("z", "@approval(\"other\")");
+    let d = decide(&[("x.cedar", &x), ("y.cedar", &y)], "/a");
+    assert_eq!(d.approval_rule.as_deref(), Some("bulk"));
+    let d = decide(&[("x.cedar", &x), ("z.cedar", &z)], "/a");
+    assert_eq!(d.reason, Reason::ConflictingObligations);
+    // Nothing matches: deny by default, no ids.
+    let d = decide(&[("x.cedar", &x)], "/b");
+    assert_eq!(
+        (d.allowed, d.reason, d.policy_ids.len()),
+        (false, Reason::NoPermit, 0)
+    );
+    // An empty set denies everything.
+    let d = decide(&[], "/a");
+    assert_eq!(d.reason, Reason::NoPermit);
+}
+
+fn load_err(files: &[(&str, &str)]) -> (tempfile::TempDir, Vec<PolicyError>) {
+    let d = dir_with(files);
+    let e = PolicySet::load(d.path()).expect_err("must be rejected").0;
+    (d, e)
+}
+
+#[test]
+fn parse_error_names_file_and_line() {
+    let (d, e) = load_err(&[
+        ("a.cedar", "@id(\"ok\")\npermit (principal, action, resource);\n"),
+        (
+            "b.cedar",
+            "// comment\n\n@id(\"broken\")\npermit (principal, action, resource)\nwhen { context.path == };\n",
+        ),
+    ]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].file, d.path().join("b.cedar"));
+    assert_eq!(e[0].line, Some(5), "{}", e[0]);
+    assert!(e[0].to_string().contains("b.cedar:5: "), "{}", e[0]);
+}
+
+#[test]
+fn validation_error_names_file_line_and_policy() {
+    let (d, e) = load_err(&[
+        ("a.cedar", "@id(\"ok\")\npermit (principal, action, resource);\n"),
+        (
+            "b.cedar",
+            "@id(\"first\")\npermit (principal, action, resource);\n\n@id(\"typo\")\npermit (principal, action, resource)\nwhen {\n  principal.usr == \"alice\"\n};\n",
+        ),
+    ]);
+    assert_eq!(e.len(), 1, "{e:?}");
+    assert_eq!(e[0].file, d.path().join("b.cedar"));
+    assert_eq!(e[0].line, Some(7), "{}", e[0]);
+    assert!(e[0].message.contains("`typo`"), "{}", e[0]);
+    assert!(e[0].message.contains("usr"), "{}", e[0]);
+}
+
+#[test]
+fn ids_are_required_and_unique_across_files() {
+    let (d, e) = load_err(&[
+        ("a.cedar", "@id(\"same\")\npermit (principal, action, resource);\n"),
+        (
+            "b.cedar",
+            "\n\n@id(\"same\")\nforbid (principal, action, resource);\npermit (principal, action, resource);\n",
+        ),
+    ]);
+    assert_eq!(e.len(), 2, "{e:?}");
+    assert_eq!(
+        (e[0].file.clone(), e[0].line),
+        (d.path().join("b.cedar"), Some(3))
+    );
+    assert!(e[0].message.contains("a.cedar:1"), "{}", e[0]);
+    assert_eq!(e[1].line, Some(5), "{}", e[1]);
+    assert!(e[1].message.contains("no @id"), "{}", e[1]);
+}
+
+#[test]
+fn annotations_are_checked() {
+    let (_d, e) = load_err(&[(
+        "a.cedar",
+        "@id(\"a\")\n@aproval(\"x\")\npermit (principal, action, resource);\n@id(\"b\")\n@mask(\"m\")\nforbid (principal, action, resource);\n@id(\"c\")\n@require_token\npermit (principal, action, resource);\n@id(\"d\")\n@mask(\"\")\npermit (principal, action, resource);\n",
+    )]);
+    let msgs: Vec<String> = e.iter().map(|e| e.to_string()).collect();
+    assert_eq!(e.len(), 4, "{msgs:?}");
+    assert!(
+        msgs[0].contains(":1: unknown annotation @aproval"),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs[1].contains(":4: @mask is an obligation of a permit"),
+        "{msgs:?}"
+    );
+    assert!(
+        msgs[2].contains(":7: @require_token belongs on a forbid"),
+        "{msgs:?}"
+    );
+    assert!(msgs[3].contains(":10: @mask needs a name"), "{msgs:?}");
+}
+
+#[test]
+fn schema_problems() {
+    let d = tempfile::tempdir().unwrap();
+    let e = PolicySet::load(d.path()).unwrap_err().0;
+    assert!(e[0].to_string().contains("schema.cedarschema"), "{e:?}");
+    std::fs::write(
+        d.path().join(SCHEMA_FILE),
+        "namespace Phigate {\n  entity Workload = {\n    user: Strin,\n  };\n}\n",
+    )
+    .unwrap();
+    let e = PolicySet::load(d.path()).unwrap_err().0;
+    assert_eq!(e[0].file, d.path().join(SCHEMA_FILE));
+    assert!(e[0].message.contains("Strin"), "{e:?}");
+    // Valid Cedar, but not what phigate supplies.
+    std::fs::write(
+        d.path().join(SCHEMA_FILE),
+        "namespace Phigate {\n entity Workload; entity Destination;\n action \"GET\", \"OTHER\" appliesTo { principal: [Workload], resource: [Destination] };\n}\n",
+    )
+    .unwrap();
+    let e = PolicySet::load(d.path()).unwrap_err().0;
+    assert!(
+        e[0].message
+            .contains("does not describe the requests phigate makes"),
+        "{e:?}"
+    );
+    let e = PolicySet::load(&d.path().join("missing")).unwrap_err().0;
+    assert!(
+        e[0].message.contains("cannot read the policy directory"),
+        "{e:?}"
+    );
+}
+
+#[test]
+fn hash_covers_every_file() {
+    let a = dir_with(&[(
+        "a.cedar",
+        "@id(\"a\")\npermit (principal, action, resource);\n",
+    )]);
+    let h1 = PolicySet::load(a.path()).unwrap().hash().to_owned();
+    assert_eq!(PolicySet::load(a.path()).unwrap().hash(), h1);
+    std::fs::write(a.path().join("b.cedar"), "// nothing\n").unwrap();
+    let h2 = PolicySet::load(a.path()).unwrap().hash().to_owned();
+    assert_ne!(h1, h2);
+    // Files other than *.cedar and the schema are not part of the set.
+    std::fs::write(a.path().join("notes.txt"), "x").unwrap();
+    assert_eq!(PolicySet::load(a.path()).unwrap().hash(), h2);
+}
+
+#[test]
+fn unknown_methods_map_to_other() {
+    let d = dir_with(&[(
+        "a.cedar",
+        "@id(\"other\")\npermit (principal, action == Phigate::Action::\"OTHER\", resource);\n",
+    )]);
+    let set = PolicySet::load(d.path()).unwrap();
+    for (m, allowed) in [("PROPFIND", true), ("get", true), ("OTHER", true)] {
+        let c = Case {
+            method: m,
+            ..case(workload("u", ""), None, "GET", "/")
+        };
+        assert_eq!(c.decide(&set).allowed, allowed, "{m}");
+    }
+}

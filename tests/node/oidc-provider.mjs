@@ -1,0 +1,72 @@
+// A real OpenID Connect provider (the `oidc-provider` package) for phigate's tests,
+// on loopback over HTTPS, issuing JWT access tokens by client credentials.
+//
+//   node oidc-provider.mjs --port 9600 --cert c.pem --key k.pem --keys keys.json [--kid k2]
+//
+// --keys: private signing keys (JWKS); created with a new P-256 key (kid --kid, default
+// "k1") when the file does not exist, so restarting with another file rotates keys.
+// Clients (secret = "secret"): clinician-app (groups ["fhir-clinicians"]),
+// billing-app (groups ["billing"]), plain-app (no groups).
+// Resources: https://patients-api (aud patients-api, 300 s), https://other-api
+// (aud other-api), https://short-lived (aud patients-api, 1 s).
+import https from 'node:https';
+import fs from 'node:fs';
+import crypto from 'node:crypto';
+import Provider from 'oidc-provider';
+
+const args = {};
+for (let i = 2; i < process.argv.length; i += 2) args[process.argv[i].slice(2)] = process.argv[i + 1];
+const port = Number(args.port);
+const issuer = `https://127.0.0.1:${port}`;
+
+if (!fs.existsSync(args.keys)) {
+  const { privateKey } = crypto.generateKeyPairSync('ec', { namedCurve: 'P-256' });
+  const jwk = { ...privateKey.export({ format: 'jwk' }), kid: args.kid || 'k1', alg: 'ES256', use: 'sig' };
+  fs.writeFileSync(args.keys, JSON.stringify({ keys: [jwk] }));
+}
+const jwks = JSON.parse(fs.readFileSync(args.keys, 'utf8'));
+
+const GROUPS = { 'clinician-app': ['fhir-clinicians'], 'billing-app': ['billing'], 'plain-app': [] };
+const RESOURCES = {
+  'https://patients-api': { audience: 'patients-api', ttl: 300 },
+  'https://other-api': { audience: 'other-api', ttl: 300 },
+  'https://short-lived': { audience: 'patients-api', ttl: 1 },
+};
+
+const provider = new Provider(issuer, {
+  clients: Object.keys(GROUPS).map((id) => ({
+    client_id: id,
+    client_secret: 'secret',
+    grant_types: ['client_credentials'],
+    redirect_uris: [],
+    response_types: [],
+    token_endpoint_auth_method: 'client_secret_post',
+    id_token_signed_response_alg: 'ES256',
+  })),
+  jwks,
+  features: {
+    devInteractions: { enabled: false },
+    clientCredentials: { enabled: true },
+    resourceIndicators: {
+      enabled: true,
+      defaultResource: () => 'https://patients-api',
+      useGrantedResource: () => true,
+      getResourceServerInfo: (ctx, resource) => {
+        const r = RESOURCES[resource];
+        if (!r) throw new Error(`unknown resource ${resource}`);
+        return {
+          scope: 'api',
+          audience: r.audience,
+          accessTokenTTL: r.ttl,
+          accessTokenFormat: 'jwt',
+          jwt: { sign: { alg: 'ES256' } },
+        };
+      },
+    },
+  },
+  extraTokenClaims: async (ctx, token) => ({ groups: GROUPS[token.clientId] ?? [] }),
+});
+
+https
+  .createServer({ cert: fs.readFileSync(args.cert), key: fs.readFileSync(args.key) }, provider.callback())
+  .listen(port, '127.0.0.1', () => console.log(`oidc-provider ready on ${issuer}`));

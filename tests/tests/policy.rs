@@ -1,0 +1,486 @@
+//! Authorization through the real redirect: the shipped FHIR policies, OIDC tokens
+//! from a real provider (the `oidc-provider` npm package, tests/node), workload
+//! identity rules, hot reload, and `phigate policy explain` agreeing with the proxy.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use phigate_e2e::*;
+use serde_json::Value;
+
+const UP: &str = "127.0.0.2:9443";
+const IDP_PORT: u16 = 9600;
+const NOBODY: u32 = 65534;
+
+fn idp_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("node/oidc-provider.mjs")
+}
+
+/// The OIDC provider inside the world's netns, on 127.0.0.1:`port`.
+fn start_idp(w: &World, pki: &TestPki, port: u16, keys: &Path, kid: &str) -> Background {
+    let script = idp_script();
+    assert!(
+        script.with_file_name("node_modules/oidc-provider").exists(),
+        "oidc-provider is not installed: run `cargo xtask setup` (npm install in tests/node)"
+    );
+    let port_s = port.to_string();
+    let bg = Background::spawn(
+        w.outside(),
+        &[
+            "node",
+            script.to_str().unwrap(),
+            "--port",
+            &port_s,
+            "--cert",
+            pki.cert.to_str().unwrap(),
+            "--key",
+            pki.key.to_str().unwrap(),
+            "--keys",
+            keys.to_str().unwrap(),
+            "--kid",
+            kid,
+        ],
+        w.path(&unique("idp.log")),
+    );
+    assert!(
+        w.netns.wait_port(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(15)
+        ),
+        "the OIDC provider did not start: {}",
+        bg.log_text()
+    );
+    bg
+}
+
+struct Env {
+    w: World,
+    upstream_pki: TestPki,
+    idp_pki: TestPki,
+    idp: Option<Background>,
+    _upstream: Background,
+    /// The agent's CA, readable by every user (curl runs as nobody too).
+    ca: PathBuf,
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.ca);
+    }
+}
+
+impl Env {
+    fn start(tag: &str, policies: &[(&str, &str)]) -> Env {
+        let mut w = World::new(tag);
+        let upstream_pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
+        let idp_pki = TestPki::new(w.dir.path(), "idp", "IP:127.0.0.1");
+        let upstream = node_upstream(&w, "127.0.0.2", 9443, Some(&upstream_pki), &[]);
+        let idp = start_idp(&w, &idp_pki, IDP_PORT, &w.path("idp-keys-1.json"), "k1");
+        w.write_policies(policies);
+        w.write_config(&format!(
+            r#"{agent}
+[policy]
+headers = ["x-purpose"]
+
+[[oidc.issuers]]
+issuer = "https://127.0.0.1:{IDP_PORT}"
+audiences = ["patients-api"]
+ca_file = "{idp_ca}"
+group_map = {{ "fhir-clinicians" = "clinicians" }}
+clock_skew_secs = 0
+jwks_refresh_min_secs = 0
+
+[[destinations]]
+name = "patients-api"
+addresses = ["{UP}"]
+protocol = "https"
+upstream_ca = "{up_ca}"
+"#,
+            agent = w.agent_section(""),
+            idp_ca = idp_pki.ca.display(),
+            up_ca = upstream_pki.ca.display(),
+        ));
+        w.start_agent(false);
+        let ca = std::env::temp_dir().join(unique("phigate-policy-ca.pem"));
+        std::fs::copy(w.path("state/ca.pem"), &ca).unwrap();
+        Env {
+            w,
+            upstream_pki,
+            idp_pki,
+            idp: Some(idp),
+            _upstream: upstream,
+            ca,
+        }
+    }
+
+    fn token_from(&self, port: u16, client: &str, resource: &str) -> String {
+        let out = output(
+            self.w.outside(),
+            &[
+                "curl",
+                "-sS",
+                "--cacert",
+                self.idp_pki.ca.to_str().unwrap(),
+                &format!("https://127.0.0.1:{port}/token"),
+                "-d",
+                "grant_type=client_credentials",
+                "-d",
+                &format!("client_id={client}"),
+                "-d",
+                "client_secret=secret",
+                "-d",
+                &format!("resource={resource}"),
+            ],
+        );
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("token response ({e}): {}", stdout(&out)));
+        v["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no access_token: {v}"))
+            .to_owned()
+    }
+
+    fn token(&self, client: &str) -> String {
+        self.token_from(IDP_PORT, client, "https://patients-api")
+    }
+
+    /// A GET from the protected cgroup (as `uid`, default root): status and body.
+    fn get(&self, token: Option<&str>, path: &str, uid: Option<u32>) -> (u16, Value) {
+        let auth = token.map(|t| format!("authorization: Bearer {t}"));
+        let url = format!("https://{UP}{path}");
+        let mut argv = vec![
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--cacert",
+            self.ca.to_str().unwrap(),
+            "-w",
+            "\n%{http_code}",
+            "-H",
+            "x-purpose: treatment",
+        ];
+        if let Some(a) = &auth {
+            argv.extend(["-H", a.as_str()]);
+        }
+        argv.push(&url);
+        let place = Place {
+            uid,
+            ..self.w.inside()
+        };
+        let out = output(place, &argv);
+        let text = stdout(&out);
+        let (body, code) = text
+            .rsplit_once('\n')
+            .unwrap_or_else(|| panic!("curl: {}{}", text, stderr(&out)));
+        let code: u16 = code.trim().parse().unwrap_or(0);
+        let body = serde_json::from_str(body).unwrap_or(Value::Null);
+        (code, body)
+    }
+
+    /// `phigate policy explain` for the same request, inside the netns (it validates
+    /// tokens against the same provider).
+    fn explain(&self, token: Option<&str>, path: &str, user: &str) -> (bool, u16, String) {
+        let config = self.w.config_path();
+        let token_file = self.w.path(&unique("token"));
+        let mut argv: Vec<String> = vec![
+            phigate_bin().display().to_string(),
+            "policy".into(),
+            "explain".into(),
+            "--config".into(),
+            config.display().to_string(),
+            "--user".into(),
+            user.into(),
+            "-H".into(),
+            "x-purpose: treatment".into(),
+        ];
+        if let Some(t) = token {
+            std::fs::write(&token_file, t).unwrap();
+            argv.extend(["--token-file".into(), token_file.display().to_string()]);
+        }
+        argv.push(format!("GET https://{UP}{path}"));
+        let argv: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let out = output(self.w.outside(), &argv);
+        let text = stdout(&out);
+        let field = |k: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{k}: ")))
+                .unwrap_or_else(|| panic!("explain printed no {k}: {text}{}", stderr(&out)))
+                .to_owned()
+        };
+        (
+            field("decision") == "allow",
+            field("status").parse().unwrap(),
+            field("policies"),
+        )
+    }
+}
+
+fn shipped_fhir() -> String {
+    std::fs::read_to_string(shipped_policies().join("fhir.cedar")).unwrap()
+}
+
+/// A workload rule beside the shipped set: root may read /json (with any valid token,
+/// which the shipped set requires).
+const ROOT_JSON: &str = r#"
+@id("root-reads-json")
+permit (principal, action == Phigate::Action::"GET", resource == Phigate::Destination::"patients-api")
+when { principal.user == "root" && context.path == "/json" };
+"#;
+
+fn tamper(token: &str) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    let mut claims: Value = serde_json::from_slice(&b64.decode(parts[1]).unwrap()).unwrap();
+    claims["groups"] = serde_json::json!(["fhir-clinicians", "billing"]);
+    format!(
+        "{}.{}.{}",
+        parts[0],
+        b64.encode(claims.to_string()),
+        parts[2]
+    )
+}
+
+fn alg_none(token: &str) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let parts: Vec<&str> = token.split('.').collect();
+    format!(
+        "{}.{}.",
+        b64.encode(r#"{"alg":"none","typ":"at+jwt"}"#),
+        parts[1]
+    )
+}
+
+#[test]
+fn tokens_from_a_real_provider_decide_per_group_and_reason() {
+    let mut e = Env::start(
+        "pol-oidc",
+        &[("fhir.cedar", &shipped_fhir()), ("root.cedar", ROOT_JSON)],
+    );
+    let clin = e.token("clinician-app");
+    let bill = e.token("billing-app");
+    let plain = e.token("plain-app");
+
+    // Allowed per group: the upstream answers (its own status, not phigate's).
+    let (code, _) = e.get(Some(&clin), "/fhir/Patient/123", None);
+    assert!(code != 401 && code != 403 && code != 0, "clinician: {code}");
+    let (code, _) = e.get(Some(&bill), "/fhir/Coverage/7", None);
+    assert!(
+        code != 401 && code != 403 && code != 0,
+        "billing coverage: {code}"
+    );
+    let (code, body) = e.get(Some(&bill), "/fhir/Patient/123", None);
+    assert_eq!(code, 403, "{body}");
+    assert_eq!(body["error"], "forbidden");
+    assert_eq!(body["reason"], "no_permit");
+    assert_eq!(body["policy_ids"], serde_json::json!([]));
+    assert!(body["request_id"].as_str().is_some_and(|s| !s.is_empty()));
+    let (code, body) = e.get(Some(&clin), "/fhir//Patient/../Coverage/7", None);
+    assert_eq!((code, body["reason"].as_str()), (403, Some("no_permit")));
+
+    // Each token problem is a 401 naming it.
+    let short = e.token_from(IDP_PORT, "clinician-app", "https://short-lived");
+    let other_aud = e.token_from(IDP_PORT, "clinician-app", "https://other-api");
+    let second = start_idp(&e.w, &e.idp_pki, 9601, &e.w.path("idp2-keys.json"), "x1");
+    let foreign = e.token_from(9601, "clinician-app", "https://patients-api");
+    drop(second);
+    std::thread::sleep(Duration::from_millis(2500));
+    for (what, token, reason) in [
+        ("none", None, "missing"),
+        ("expired", Some(short.as_str()), "expired"),
+        ("audience", Some(other_aud.as_str()), "wrong_audience"),
+        ("issuer", Some(foreign.as_str()), "wrong_issuer"),
+        ("tampered", Some(tamper(&clin).as_str()), "bad_signature"),
+        (
+            "alg none",
+            Some(alg_none(&clin).as_str()),
+            "alg_not_allowed",
+        ),
+    ] {
+        let (code, body) = e.get(token, "/fhir/Patient/123", None);
+        assert_eq!(code, 401, "{what}: {body}");
+        assert_eq!(body["error"], "unauthenticated", "{what}");
+        assert_eq!(body["reason"], reason, "{what}");
+        assert_eq!(
+            body["policy_ids"],
+            serde_json::json!(["patients-api.token-required"]),
+            "{what}"
+        );
+    }
+
+    // Workload identity: the same request as root is allowed, as nobody denied.
+    let (code, _) = e.get(Some(&plain), "/json", None);
+    assert_eq!(code, 200);
+    let (code, body) = e.get(Some(&plain), "/json", Some(NOBODY));
+    assert_eq!((code, body["reason"].as_str()), (403, Some("no_permit")));
+
+    // Key rotation: the provider restarts with a new key; its tokens carry an unknown
+    // kid, phigate re-fetches the keys and accepts them.
+    drop(e.idp.take());
+    e.idp = Some(start_idp(
+        &e.w,
+        &e.idp_pki,
+        IDP_PORT,
+        &e.w.path("idp-keys-2.json"),
+        "k2",
+    ));
+    let rotated = e.token("clinician-app");
+    assert!(rotated.len() > 20);
+    let (code, body) = e.get(Some(&rotated), "/fhir/Patient/1", None);
+    assert!(code != 401 && code != 403, "rotated key: {code} {body}");
+
+    // Records: decision, deciding ids, set hash, the token's identity, never the token.
+    let recs = e.w.wait_records("requests", 13);
+    let allowed = recs
+        .iter()
+        .find(|r| r["policy_ids"] == serde_json::json!(["clinicians.read-clinical"]))
+        .expect("the clinician's request is recorded");
+    assert_eq!(allowed["decision"], "allow");
+    assert_eq!(allowed["oidc_subject"], "clinician-app");
+    assert_eq!(
+        allowed["oidc_issuer"],
+        format!("https://127.0.0.1:{IDP_PORT}")
+    );
+    assert_eq!(allowed["oidc_groups"], serde_json::json!(["clinicians"]));
+    assert!(
+        allowed["oidc_expiry"]
+            .as_str()
+            .is_some_and(|s| s.ends_with('Z')),
+        "{allowed}"
+    );
+    assert_eq!(allowed["policy_set_hash"].as_str().map(str::len), Some(64));
+    let denied: Vec<&Value> = recs.iter().filter(|r| r["decision"] == "deny").collect();
+    assert!(denied.len() >= 8, "{denied:?}");
+    assert!(denied.iter().all(|r| r["outcome"] == "refused"));
+    let all = serde_json::to_string(&recs).unwrap();
+    for t in [&clin, &bill, &plain, &rotated] {
+        let sig = t.rsplit('.').next().unwrap();
+        assert!(
+            !all.contains(sig),
+            "a token's signature reached the records"
+        );
+    }
+    let _ = &e.upstream_pki;
+}
+
+#[test]
+fn explain_agrees_with_the_proxy() {
+    let e = Env::start(
+        "pol-explain",
+        &[("fhir.cedar", &shipped_fhir()), ("root.cedar", ROOT_JSON)],
+    );
+    let clin = e.token("clinician-app");
+    let bill = e.token("billing-app");
+    let plain = e.token("plain-app");
+    let cases: Vec<(Option<&str>, &str, Option<u32>, &str)> = vec![
+        (Some(&clin), "/fhir/Patient/1", None, "root"),
+        (Some(&clin), "/fhir/Coverage/1", None, "root"),
+        (Some(&bill), "/fhir/Coverage/1", None, "root"),
+        (Some(&bill), "/fhir/Observation?patient=1", None, "root"),
+        (None, "/fhir/Patient/1", None, "root"),
+        (Some(&plain), "/json", None, "root"),
+        (Some(&plain), "/json", Some(NOBODY), "nobody"),
+    ];
+    for (token, path, uid, user) in cases {
+        let (code, body) = e.get(token, path, uid);
+        let (allowed, status, ids) = e.explain(token, path, user);
+        let what = format!("{path} as {user}: proxy {code} {body}; explain {status} {ids}");
+        assert_eq!(allowed, code != 401 && code != 403, "{what}");
+        if !allowed {
+            assert_eq!(status, code, "{what}");
+            let proxy_ids: Vec<String> = body["policy_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect();
+            let explained = if ids.starts_with('(') {
+                String::new()
+            } else {
+                ids.clone()
+            };
+            assert_eq!(proxy_ids.join(", "), explained, "{what}");
+        }
+    }
+}
+
+#[test]
+fn hot_reload_applies_a_good_set_and_keeps_the_old_one_on_error() {
+    let allow_json =
+        "@id(\"json\")\npermit (principal, action, resource) when { context.path == \"/json\" };\n";
+    let e = Env::start("pol-reload", &[("a.cedar", allow_json)]);
+    let (code, _) = e.get(None, "/json", None);
+    assert_eq!(code, 200);
+
+    // A broken file: rejected with file:line, the old set keeps serving.
+    std::fs::write(
+        e.w.policies_dir().join("b.cedar"),
+        "@id(\"broken\")\npermit (principal, action, resource)\nwhen { principal.nope == 1 };\n",
+    )
+    .unwrap();
+    wait_until(
+        "the broken set to be rejected",
+        Duration::from_secs(10),
+        || e.w.agent_log().contains("b.cedar:3"),
+    )
+    .unwrap();
+    let (code, _) = e.get(None, "/json", None);
+    assert_eq!(code, 200, "the old set must keep serving");
+
+    // A good change (the file watcher, no signal): /json is no longer allowed.
+    std::fs::remove_file(e.w.policies_dir().join("b.cedar")).unwrap();
+    std::fs::write(
+        e.w.policies_dir().join("a.cedar"),
+        "@id(\"other\")\npermit (principal, action, resource) when { context.path == \"/other\" };\n",
+    )
+    .unwrap();
+    let mut last = 0;
+    wait_until("the new set to deny /json", Duration::from_secs(10), || {
+        last = e.get(None, "/json", None).0;
+        last == 403
+    })
+    .unwrap_or_else(|err| panic!("{err}: last status {last}\n{}", e.w.agent_log()));
+
+    // SIGHUP reloads the same way.
+    std::fs::write(e.w.policies_dir().join("a.cedar"), allow_json).unwrap();
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(e.w.agent_pid() as i32, libc::SIGHUP) };
+    wait_until(
+        "the set to allow /json again",
+        Duration::from_secs(10),
+        || e.get(None, "/json", None).0 == 200,
+    )
+    .unwrap();
+
+    // Every outcome is an event with the set's hash.
+    let t = std::time::Instant::now();
+    let events = loop {
+        let ev: Vec<Value> =
+            e.w.all_records("events")
+                .into_iter()
+                .filter(|r| r["kind"] == "policy_reload")
+                .collect();
+        if ev.iter().any(|r| r["outcome"] == "rejected")
+            && ev.iter().filter(|r| r["outcome"] == "ok").count() >= 2
+        {
+            break ev;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "policy_reload events: {ev:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let rejected = events.iter().find(|r| r["outcome"] == "rejected").unwrap();
+    assert!(
+        rejected["message"].as_str().unwrap().contains("b.cedar:3"),
+        "{rejected}"
+    );
+    let hashes: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter_map(|r| r["policy_set_hash"].as_str())
+        .collect();
+    assert!(hashes.len() >= 2, "{events:?}");
+}
