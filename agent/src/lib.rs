@@ -12,6 +12,7 @@
 //! * [`pipeline`]: one request top to bottom: identify, authorize, approve, forward,
 //!   mask, record.
 //! * [`identity`]: who is calling (workload identity from the kernel, enriched from /proc).
+//! * [`mask`]: PHI masking of bodies and headers by profile (JSON, NDJSON, streaming).
 //! * [`record`]: one record per connection and per request, to the configured sink.
 //!
 //! [`app`] wires them together; [`cli`] is the `phigate` command line.
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod http;
 pub mod identity;
+pub mod mask;
 pub mod pipeline;
 pub mod preflight;
 pub mod proxy;

@@ -35,6 +35,16 @@ impl Pseudonymizer {
         })
     }
 
+    /// A pseudonymizer with a given key (masking tests and `phigate mask`); no path
+    /// segments or query parameters.
+    pub fn with_key(key: [u8; 32]) -> Self {
+        Pseudonymizer {
+            key,
+            segments: Vec::new(),
+            query_params: Vec::new(),
+        }
+    }
+
     /// Query parameters whose values are patient ids (FHIR: `patient`, `subject`).
     pub fn with_query_params(mut self, params: Vec<String>) -> Self {
         self.query_params = params;
