@@ -207,6 +207,9 @@ pub struct Hit {
     pub detector: usize,
 }
 
+const NOT_PLAIN: u8 = 1;
+const TRIGGER: u8 = 2;
+
 /// The detectors of one profile, in priority order (earlier wins an overlap that
 /// starts at the same place with the same length).
 #[derive(Debug, Clone)]
@@ -215,6 +218,8 @@ pub struct Detectors {
     set: Option<RegexSet>,
     /// Bytes that make a string worth scanning.
     trigger: [bool; 256],
+    /// Per byte: NOT_PLAIN | TRIGGER bits.
+    class: [u8; 256],
     www: bool,
     always: bool,
 }
@@ -236,6 +241,15 @@ impl Detectors {
                 Trigger::Always => always = true,
             }
         }
+        let mut class = [0u8; 256];
+        for (b, c) in class.iter_mut().enumerate() {
+            if !(0x20..0x80).contains(&b) || b == usize::from(b'\\') {
+                *c |= NOT_PLAIN;
+            }
+            if trigger[b] {
+                *c |= TRIGGER;
+            }
+        }
         let set = (!list.is_empty()).then(|| {
             RegexSet::new(list.iter().map(|d| d.regex.as_str())).expect("patterns compiled alone")
         });
@@ -243,6 +257,7 @@ impl Detectors {
             list,
             set,
             trigger,
+            class,
             www,
             always,
         }
@@ -271,13 +286,34 @@ impl Detectors {
             || (self.www && memchr::memmem::find(s, b"www.").is_some())
     }
 
+    /// One pass over a JSON string's raw bytes: whether it is plain (printable
+    /// ASCII, no escapes: its text is its bytes) and whether detectors must see it.
+    #[inline]
+    pub fn classify(&self, raw: &[u8]) -> (bool, bool) {
+        let mut acc = 0u8;
+        for b in raw {
+            acc |= self.class[*b as usize];
+        }
+        let plain = acc & NOT_PLAIN == 0;
+        let worth = !self.list.is_empty()
+            && (self.always
+                || acc & TRIGGER != 0
+                || (self.www && memchr::memmem::find(raw, b"www.").is_some()));
+        (plain, worth)
+    }
+
     /// Every identifier in `s`, validated, non-overlapping, in order.
     pub fn find(&self, s: &str, hits: &mut Vec<Hit>) {
         hits.clear();
-        let Some(set) = &self.set else { return };
-        if !self.worth_scanning(s.as_bytes()) {
-            return;
+        if self.worth_scanning(s.as_bytes()) {
+            self.find_all(s, hits);
         }
+    }
+
+    /// [`Self::find`] without the prefilter (the caller ran it).
+    pub fn find_all(&self, s: &str, hits: &mut Vec<Hit>) {
+        hits.clear();
+        let Some(set) = &self.set else { return };
         let matched = set.matches(s);
         if !matched.matched_any() {
             return;

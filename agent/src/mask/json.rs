@@ -15,7 +15,6 @@ use std::sync::Arc;
 
 use memchr::memchr2;
 
-use super::ops::placeholder;
 use super::path::PathDfa;
 use super::profile::Profile;
 use super::{Counts, MaskContext, MaskError, ScalarMasker};
@@ -447,20 +446,37 @@ impl JsonStream {
                     let entity = self.profile.rules[ctx.rule.expect("redact rule") as usize].entity;
                     self.counts.add(entity);
                     self.prefix(out);
-                    write_str(out, &placeholder(&self.profile.entities[entity]));
+                    out.extend_from_slice(&self.profile.placeholders[entity]);
                 }
             }
             Str::Value => {
                 let ctx = self.vctx;
                 let off = self.offset + at as u64;
-                let text = decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?;
-                let masked = self.scalar.text(
-                    &self.profile,
-                    &self.ctx,
-                    ctx.rule.map(|r| r as usize),
-                    text,
-                    &mut self.counts,
-                );
+                let rule = ctx.rule.map(|r| r as usize);
+                let (plain, scan) = self.profile.detectors.classify(raw);
+                let keep = rule.is_some_and(|r| self.profile.rules[r].op == Op::Keep);
+                let masked = if keep || (rule.is_none() && !scan) {
+                    // Copied as is: only validated.
+                    if !plain {
+                        decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?;
+                    }
+                    None
+                } else {
+                    let text = if plain {
+                        // SAFETY: `classify` found only printable ASCII bytes.
+                        unsafe { std::str::from_utf8_unchecked(raw) }
+                    } else {
+                        decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?
+                    };
+                    self.scalar.text_scanned(
+                        &self.profile,
+                        &self.ctx,
+                        rule,
+                        text,
+                        scan,
+                        &mut self.counts,
+                    )
+                };
                 self.prefix(out);
                 match masked {
                     None => {
@@ -559,6 +575,10 @@ pub fn valid_number(t: &[u8]) -> bool {
 
 /// The text of a JSON string's raw content (between the quotes), validated.
 pub fn decode<'a>(raw: &'a [u8], buf: &'a mut String) -> Result<&'a str, &'static str> {
+    // Most strings are printable ASCII without escapes: one pass settles them.
+    if raw.iter().all(|b| (0x20..0x80).contains(b) && *b != b'\\') {
+        return Ok(std::str::from_utf8(raw).expect("ASCII"));
+    }
     if raw.iter().any(|b| *b < 0x20) {
         return Err("control character in a string");
     }

@@ -21,6 +21,7 @@ pub mod json;
 pub mod ops;
 pub mod path;
 pub mod profile;
+pub mod tool;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -123,18 +124,27 @@ impl Counts {
 /// Masks one scalar value under the rule in force (or the detectors, without one).
 pub struct ScalarMasker {
     hits: Vec<Hit>,
+    cache: ops::PseudonymCache,
 }
 
 impl ScalarMasker {
     pub fn new(_profile: &Profile) -> ScalarMasker {
-        ScalarMasker { hits: Vec::new() }
+        ScalarMasker {
+            hits: Vec::new(),
+            cache: ops::PseudonymCache::default(),
+        }
     }
 
-    fn env<'a>(profile: &'a Profile, ctx: &'a MaskContext) -> OpEnv<'a> {
+    fn env<'a>(
+        profile: &'a Profile,
+        ctx: &'a MaskContext,
+        cache: Option<&'a ops::PseudonymCache>,
+    ) -> OpEnv<'a> {
         OpEnv {
             pseudonyms: &ctx.pseudonyms,
             year: ctx.year,
             restricted_zip3: &profile.restricted_zip3,
+            cache,
         }
     }
 
@@ -147,24 +157,41 @@ impl ScalarMasker {
         s: &str,
         counts: &mut Counts,
     ) -> Option<String> {
+        let scan = profile.detectors.worth_scanning(s.as_bytes());
+        self.text_scanned(profile, ctx, rule, s, scan, counts)
+    }
+
+    /// [`Self::text`] when the caller already knows whether detectors must scan it.
+    pub fn text_scanned(
+        &mut self,
+        profile: &Profile,
+        ctx: &MaskContext,
+        rule: Option<usize>,
+        s: &str,
+        scan: bool,
+        counts: &mut Counts,
+    ) -> Option<String> {
         if let Some(r) = rule {
             let r = &profile.rules[r];
             if matches!(r.op, Op::Keep | Op::Drop) {
                 return None;
             }
             counts.add(r.entity);
-            let out =
-                r.op.apply_text(s, &profile.entities[r.entity], &Self::env(profile, ctx))?;
+            let out = r.op.apply_text(
+                s,
+                &profile.entities[r.entity],
+                &Self::env(profile, ctx, Some(&self.cache)),
+            )?;
             return (out != s).then_some(out);
         }
-        if profile.detectors.is_empty() || !profile.detectors.worth_scanning(s.as_bytes()) {
+        if !scan {
             return None;
         }
-        profile.detectors.find(s, &mut self.hits);
+        profile.detectors.find_all(s, &mut self.hits);
         if self.hits.is_empty() {
             return None;
         }
-        let env = Self::env(profile, ctx);
+        let env = Self::env(profile, ctx, Some(&self.cache));
         let mut out = String::with_capacity(s.len() + 16);
         let mut last = 0;
         for h in &self.hits {
@@ -198,10 +225,11 @@ impl ScalarMasker {
             return None;
         }
         counts.add(r.entity);
-        match r
-            .op
-            .apply_number(text, &profile.entities[r.entity], &Self::env(profile, ctx))?
-        {
+        match r.op.apply_number(
+            text,
+            &profile.entities[r.entity],
+            &Self::env(profile, ctx, Some(&self.cache)),
+        )? {
             Scalar::Number(n) if n == text => None,
             other => Some(other),
         }
@@ -298,7 +326,7 @@ pub fn mask_headers(
     headers: &mut HeaderMap,
     counts: &mut Counts,
 ) {
-    let env = ScalarMasker::env(profile, ctx);
+    let env = ScalarMasker::env(profile, ctx, None);
     for h in &profile.headers {
         let Ok(name) = http::HeaderName::from_bytes(h.name.as_bytes()) else {
             continue;

@@ -55,6 +55,39 @@ pub struct OpEnv<'a> {
     /// The current year, for `max_age`.
     pub year: i32,
     pub restricted_zip3: &'a [String],
+    /// Pseudonyms already computed in this body (a patient id recurs in every
+    /// reference to it).
+    pub cache: Option<&'a PseudonymCache>,
+}
+
+impl OpEnv<'_> {
+    fn pseudonym(&self, id: &str) -> String {
+        match self.cache {
+            Some(c) => c.get(self.pseudonyms, id),
+            None => self.pseudonyms.pseudonym(id),
+        }
+    }
+}
+
+/// A bounded memo of pseudonyms, per body.
+#[derive(Default)]
+pub struct PseudonymCache(std::cell::RefCell<rustc_hash::FxHashMap<Box<str>, Box<str>>>);
+
+impl PseudonymCache {
+    const MAX: usize = 16 * 1024;
+
+    pub fn get(&self, p: &Pseudonymizer, id: &str) -> String {
+        let mut map = self.0.borrow_mut();
+        if let Some(v) = map.get(id) {
+            return v.to_string();
+        }
+        let v = p.pseudonym(id);
+        if map.len() >= Self::MAX {
+            map.clear();
+        }
+        map.insert(id.into(), v.as_str().into());
+        v
+    }
 }
 
 pub fn placeholder(entity: &str) -> String {
@@ -105,7 +138,7 @@ impl Op {
                 if is_pseudonym(id) {
                     format!("{s}{history}")
                 } else {
-                    format!("{head}{}{history}", env.pseudonyms.pseudonym(id))
+                    format!("{head}{}{history}", env.pseudonym(id))
                 }
             }
             Op::GeneralizeDate { max_age } => match year_of(s) {
@@ -205,6 +238,7 @@ mod tests {
                     .map(|s| s.to_string())
                     .collect::<Vec<_>>(),
             )),
+            cache: None,
         }
     }
 

@@ -105,6 +105,8 @@ pub struct Profile {
     pub headers: Vec<HeaderRule>,
     /// Entity names counted in records; rules refer to them by index.
     pub entities: Vec<String>,
+    /// `"[REDACTED:ENTITY]"` as JSON text, per entity.
+    pub(crate) placeholders: Vec<Vec<u8>>,
     pub restricted_zip3: Vec<String>,
     /// SHA-256 of the file.
     pub file_hash: String,
@@ -641,6 +643,14 @@ impl Profile {
             detectors: Detectors::new(detectors),
             detector_rules,
             headers,
+            placeholders: entities
+                .iter()
+                .map(|e| {
+                    let mut v = Vec::new();
+                    super::json::write_str(&mut v, &super::ops::placeholder(e));
+                    v
+                })
+                .collect(),
             entities,
             restricted_zip3,
             file_hash: hex::encode(Sha256::digest(text.as_bytes())),
