@@ -259,8 +259,11 @@ pub fn build_pipeline(config: &Config, records: Arc<dyn RecordSink>) -> anyhow::
         config.records.patient_path_segments.clone(),
     )?
     .with_query_params(config.records.patient_query_params.clone());
+    let pseudonyms = Arc::new(pseudonyms);
+    let masking = build_masking(config, pseudonyms.clone())?;
     Ok(Pipeline {
-        pseudonyms: Arc::new(pseudonyms),
+        masking: Arc::new(masking),
+        pseudonyms,
         forwarder: Forwarder::new(
             tls,
             config.agent.mark,
@@ -271,6 +274,43 @@ pub fn build_pipeline(config: &Config, records: Arc<dyn RecordSink>) -> anyhow::
         record_headers: config.records.headers.clone(),
         limits: config.limits.clone(),
         request_timeout: config.timeouts.request,
+    })
+}
+
+/// The masking profiles of `policies_dir` (re-read on every reload; a bad profile
+/// rejects the reload) and each destination's `mask_profile`, which must exist.
+/// Pseudonyms in bodies use the records' key, so they join with `patient_refs`.
+pub fn build_masking(
+    config: &Config,
+    pseudonyms: Arc<Pseudonymizer>,
+) -> anyhow::Result<crate::pipeline::Masking> {
+    let set = crate::mask::ProfileSet::load(&config.agent.policies_dir)?;
+    let mut by_destination = Vec::with_capacity(config.destinations.len());
+    for (i, d) in config.destinations.iter().enumerate() {
+        by_destination.push(match &d.mask_profile {
+            None => None,
+            Some(name) => Some(set.get(name).cloned().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: destinations[{i}].mask_profile: no profile `{name}` in {}/profiles (have: {})",
+                    config.source.display(),
+                    config.agent.policies_dir.display(),
+                    set.names().collect::<Vec<_>>().join(", ")
+                )
+            })?),
+        });
+    }
+    if by_destination.iter().any(Option::is_some) {
+        info!(
+            profiles = set.names().count(),
+            set_hash = set.hash(),
+            "masking profiles loaded"
+        );
+    }
+    Ok(crate::pipeline::Masking {
+        ctx: Arc::new(crate::mask::MaskContext::new(pseudonyms)),
+        settings: config.masking.clone(),
+        by_destination,
+        set,
     })
 }
 

@@ -14,6 +14,7 @@
 //! Entry points: [`BodyMasker`] (a body, chunk by chunk), [`mask_body`] (a whole
 //! body), [`mask_headers`].
 
+pub mod body;
 pub mod detect;
 pub mod dom;
 pub mod encoding;

@@ -71,13 +71,13 @@ impl OpEnv<'_> {
 
 /// A bounded memo of pseudonyms, per body.
 #[derive(Default)]
-pub struct PseudonymCache(std::cell::RefCell<rustc_hash::FxHashMap<Box<str>, Box<str>>>);
+pub struct PseudonymCache(std::sync::Mutex<rustc_hash::FxHashMap<Box<str>, Box<str>>>);
 
 impl PseudonymCache {
     const MAX: usize = 16 * 1024;
 
     pub fn get(&self, p: &Pseudonymizer, id: &str) -> String {
-        let mut map = self.0.borrow_mut();
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = map.get(id) {
             return v.to_string();
         }

@@ -483,7 +483,7 @@ fn safe_harbor_on_fhir_resources() {
                 "subject": {"reference": "Patient/pt-778899", "display": "Zebulon Quimby"},
                 "effectiveDateTime": "2023-11-09T08:30:00-05:00",
                 "valueQuantity": {"value": 120, "unit": "mmHg", "system": "http://unitsofmeasure.org", "code": "mm[Hg]"},
-                "note": [{"text": "Called 617-555-0142; SSN 321-54-9876 on file; portal https://portal.example.org/u/zq from 10.2.3.4"}]
+                "valueString": "Called 617-555-0142; SSN 321-54-9876 on file; portal https://portal.example.org/u/zq from 10.2.3.4"
             }},
             {"resource": {
                 "resourceType": "Coverage", "id": "cov-1", "status": "active",
