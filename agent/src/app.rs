@@ -400,8 +400,13 @@ pub fn build_pipeline(
         config.records.patient_path_segments.clone(),
     )?
     .with_query_params(config.records.patient_query_params.clone());
+    let pseudonyms = Arc::new(pseudonyms);
+    let masking = build_masking(config, pseudonyms.clone())?;
+    let gate = crate::policy::gate::Gatekeeper::from_config(config)?;
+    check_obligations(&gate.policies, &masking.set, &approval_rules)?;
     Ok(Pipeline {
-        pseudonyms: Arc::new(pseudonyms),
+        masking: Arc::new(masking),
+        pseudonyms,
         forwarder: Forwarder::new(
             tls,
             config.agent.mark,
@@ -414,10 +419,45 @@ pub fn build_pipeline(
         record_headers: config.records.headers.clone(),
         limits: config.limits.clone(),
         request_timeout: config.timeouts.request,
-        gate: Arc::new(ArcSwap::from_pointee(
-            crate::policy::gate::Gatekeeper::from_config(config)?,
-        )),
+        gate: Arc::new(ArcSwap::from_pointee(gate)),
     })
+}
+
+/// Every `@mask` names a profile and every `@approval` a rule that exists: a policy
+/// set pointing at nothing is rejected with the policy's file and line, rather than
+/// failing requests later.
+fn check_obligations(
+    policies: &crate::policy::PolicySet,
+    profiles: &crate::mask::ProfileSet,
+    rules: &RuleSet,
+) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for (id, mask, approval) in policies.obligations() {
+        let at = policies
+            .sources()
+            .get(id)
+            .map(|s| format!("{}:{}", s.file.display(), s.line))
+            .unwrap_or_else(|| id.to_owned());
+        if let Some(m) = mask.filter(|m| profiles.get(m).is_none()) {
+            problems.push(format!(
+                "{at}: policy `{id}`: @mask(\"{m}\") names no profile in profiles/ (have: {})",
+                profiles.names().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        if let Some(a) = approval.filter(|a| rules.get(a).is_none()) {
+            problems.push(format!(
+                "{at}: policy `{id}`: @approval(\"{a}\") names no rule in {} (have: {})",
+                crate::approval::rules::RULES_FILE,
+                rules.rules.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+    }
+    problems.sort();
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("{}", problems.join("\n"))
+    }
 }
 
 /// Reports changes in the policy directory (inotify); each triggers a reload. The
@@ -443,6 +483,43 @@ fn watch_policies(dir: &Path) -> tokio::sync::mpsc::UnboundedReceiver<()> {
         Err(e) => warn!(error = %e, "cannot watch the policy directory; reload with SIGHUP"),
     }
     rx
+}
+
+/// The masking profiles of `policies_dir` (re-read on every reload; a bad profile
+/// rejects the reload) and each destination's `mask_profile`, which must exist.
+/// Pseudonyms in bodies use the records' key, so they join with `patient_refs`.
+pub fn build_masking(
+    config: &Config,
+    pseudonyms: Arc<Pseudonymizer>,
+) -> anyhow::Result<crate::pipeline::Masking> {
+    let set = crate::mask::ProfileSet::load(&config.agent.policies_dir)?;
+    let mut by_destination = Vec::with_capacity(config.destinations.len());
+    for (i, d) in config.destinations.iter().enumerate() {
+        by_destination.push(match &d.mask_profile {
+            None => None,
+            Some(name) => Some(set.get(name).cloned().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: destinations[{i}].mask_profile: no profile `{name}` in {}/profiles (have: {})",
+                    config.source.display(),
+                    config.agent.policies_dir.display(),
+                    set.names().collect::<Vec<_>>().join(", ")
+                )
+            })?),
+        });
+    }
+    if by_destination.iter().any(Option::is_some) {
+        info!(
+            profiles = set.names().count(),
+            set_hash = set.hash(),
+            "masking profiles loaded"
+        );
+    }
+    Ok(crate::pipeline::Masking {
+        ctx: Arc::new(crate::mask::MaskContext::new(pseudonyms)),
+        settings: config.masking.clone(),
+        by_destination,
+        set,
+    })
 }
 
 pub fn redirect_settings(config: &Config, cgroup: PathBuf) -> RedirectSettings {

@@ -69,6 +69,28 @@ enum Command {
         #[command(subcommand)]
         command: ApprovalsCommand,
     },
+    /// Mask a JSON or NDJSON file with a masking profile; the result goes to stdout.
+    Mask {
+        /// The profile (a file name in <policies_dir>/profiles, without .toml).
+        #[arg(long, short)]
+        profile: String,
+        /// The directory holding profiles/ (default: the config's policies_dir).
+        #[arg(long)]
+        policies_dir: Option<PathBuf>,
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The file is NDJSON (default: by its extension, .ndjson or .jsonl).
+        #[arg(long)]
+        ndjson: bool,
+        /// `stream` (the agent's single-pass transform) or `dom` (serde_json
+        /// parse, mask, serialize: the benchmark's peer).
+        #[arg(long, default_value = "stream")]
+        engine: String,
+        /// Print throughput, peak memory and the masked count to stderr.
+        #[arg(long)]
+        stats: bool,
+        file: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -299,6 +321,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Policy {
             command: PolicyCommand::Explain(args),
         } => crate::policy::explain::run(*args),
+        Command::Mask {
+            profile,
+            policies_dir,
+            config,
+            ndjson,
+            engine,
+            stats,
+            file,
+        } => {
+            crate::mask::tool::run(crate::mask::tool::Args {
+                profile,
+                policies_dir,
+                config,
+                ndjson,
+                engine,
+                stats,
+                file,
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Config {
             command: ConfigCommand::Check { file },
         } => {

@@ -204,6 +204,10 @@ pub struct Destination {
     pub passthrough_hosts: Vec<String>,
     /// ALPN protocols offered to clients, in preference order (`h2`, `http/1.1`).
     pub alpn: Vec<String>,
+    /// The masking profile (a file in `<policies_dir>/profiles`) applied to this
+    /// destination's bodies; checked against the loaded profiles when the pipeline
+    /// is built.
+    pub mask_profile: Option<String>,
 }
 
 /// The agent's whole configuration, validated.
@@ -217,6 +221,7 @@ pub struct Config {
     pub tls: TlsSection,
     pub records: RecordsSection,
     pub admin: AdminSection,
+    pub masking: MaskingSection,
     pub destinations: Vec<Destination>,
     pub policy: PolicySection,
     pub oidc: OidcSection,
@@ -278,6 +283,29 @@ pub struct OidcIssuer {
     pub ca_file: Option<PathBuf>,
     /// At most one key refresh per this interval when an unknown `kid` shows up.
     pub jwks_refresh_min: Duration,
+}
+
+/// How masking runs on the data path (`[masking]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MaskingSection {
+    /// Bodies up to this size are masked whole before the response starts (so a
+    /// failure is a clean 502 and Content-Length is exact); larger or longer ones
+    /// stream, and a failure mid-stream aborts the response.
+    pub buffer_bytes: usize,
+    /// Masked bodies are recorded up to this many bytes (0: not recorded).
+    pub record_body_bytes: usize,
+    /// Mask request bodies (JSON) before they go upstream, too.
+    pub mask_requests: bool,
+}
+
+impl Default for MaskingSection {
+    fn default() -> Self {
+        MaskingSection {
+            buffer_bytes: 8 << 20,
+            record_body_bytes: 64 << 10,
+            mask_requests: false,
+        }
+    }
 }
 
 /// How records are kept: durability, files, retention, and what they hold.
@@ -395,6 +423,7 @@ struct RawConfig {
     agent: Option<Spanned<RawAgent>>,
     timeouts: Option<RawTimeouts>,
     limits: Option<RawLimits>,
+    masking: Option<RawMasking>,
     tls: Option<Spanned<RawTls>>,
     records: Option<RawRecords>,
     admin: Option<RawAdmin>,
@@ -469,6 +498,14 @@ struct RawTls {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct RawMasking {
+    buffer_bytes: Option<Spanned<u64>>,
+    record_body_bytes: Option<u64>,
+    mask_requests: Option<bool>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct RawLimits {
     max_header_bytes: Option<Spanned<u64>>,
     max_request_body_bytes: Option<Spanned<u64>>,
@@ -484,6 +521,7 @@ struct RawDestination {
     #[serde(default)]
     passthrough_hosts: Vec<String>,
     alpn: Option<Spanned<Vec<String>>>,
+    mask_profile: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -732,6 +770,30 @@ impl Config {
                 Limits {
                     max_header_bytes,
                     max_request_body_bytes,
+                }
+            }
+        };
+
+        let masking = match raw.masking {
+            None => MaskingSection::default(),
+            Some(m) => {
+                let d = MaskingSection::default();
+                MaskingSection {
+                    buffer_bytes: match m.buffer_bytes {
+                        None => d.buffer_bytes,
+                        Some(v) if !(1024..=1 << 30).contains(v.get_ref()) => {
+                            return Err(err(
+                                Some(v.span()),
+                                Some("masking.buffer_bytes".into()),
+                                "must be between 1024 and 1073741824".into(),
+                            ))
+                        }
+                        Some(v) => v.into_inner() as usize,
+                    },
+                    record_body_bytes: m
+                        .record_body_bytes
+                        .map_or(d.record_body_bytes, |v| v as usize),
+                    mask_requests: m.mask_requests.unwrap_or(d.mask_requests),
                 }
             }
         };
@@ -1043,6 +1105,18 @@ impl Config {
                     .map(|h| h.to_ascii_lowercase())
                     .collect(),
                 alpn,
+                mask_profile: match d.mask_profile {
+                    None => None,
+                    Some(p) if d.protocol == Protocol::Tcp => {
+                        return Err(err(
+                            Some(p.span()),
+                            Some(format!("destinations[{i}].mask_profile")),
+                            "a tcp destination's bytes are not inspected, so they cannot be masked"
+                                .into(),
+                        ))
+                    }
+                    Some(p) => Some(p.into_inner()),
+                },
             });
         }
 
@@ -1108,6 +1182,7 @@ impl Config {
             tls,
             records,
             admin,
+            masking,
             destinations,
             policy,
             oidc,
@@ -1313,6 +1388,24 @@ protocol = "tcp"
         assert_eq!(e.key.as_deref(), Some("oidc.issuers[0].issuer"));
         let e = parse("[[oidc.issuers]]\nissuer = \"https://i\"\naudiences = []\n").unwrap_err();
         assert_eq!(e.key.as_deref(), Some("oidc.issuers[0].audiences"));
+    }
+
+    #[test]
+    fn masking_settings_and_profiles() {
+        let c = parse("[masking]\nbuffer_bytes = 4096\nmask_requests = true\n[[destinations]]\nname = \"a\"\nprotocol = \"https\"\naddresses = [\"127.0.0.2:1\"]\nmask_profile = \"safe_harbor\"\n").unwrap();
+        assert_eq!(c.masking.buffer_bytes, 4096);
+        assert!(c.masking.mask_requests);
+        assert_eq!(c.masking.record_body_bytes, 64 << 10);
+        assert_eq!(
+            c.destinations[0].mask_profile.as_deref(),
+            Some("safe_harbor")
+        );
+        let e = parse("[masking]\nbuffer_bytes = 1\n").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("masking.buffer_bytes"));
+        assert_eq!(e.line, Some(2));
+        let e = parse("[[destinations]]\nname = \"a\"\nprotocol = \"tcp\"\naddresses = [\"127.0.0.2:1\"]\nmask_profile = \"x\"\n").unwrap_err();
+        assert_eq!(e.line, Some(5), "{e}");
+        assert!(e.message.contains("cannot be masked"), "{e}");
     }
 
     #[test]

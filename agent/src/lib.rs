@@ -13,6 +13,7 @@
 //!   mask, record.
 //! * [`identity`]: who is calling (workload identity from the kernel, enriched from /proc).
 //! * [`policy`]: the Cedar policy set that decides every request (authorize stage).
+//! * [`mask`]: PHI masking of bodies and headers by profile (JSON, NDJSON, streaming).
 //! * [`record`]: one record per connection and per request, to the configured sink.
 //!
 //! [`app`] wires them together; [`cli`] is the `phigate` command line.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod console;
 pub mod http;
 pub mod identity;
+pub mod mask;
 pub mod pipeline;
 pub mod policy;
 pub mod preflight;

@@ -13,11 +13,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{header, HeaderValue, Request, Response, StatusCode};
+use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use rustls_pki_types::ServerName;
 use tracing::{debug, warn};
 
+use crate::config::MaskingSection;
 use crate::config::{Limits, Protocol};
 use crate::http::body::{
     boxed, find_in_chain, json_error, BodyEnd, BodyTooLarge, Limited, Observed, PhiBody,
@@ -27,6 +28,8 @@ use crate::http::forward::{
     strip_hop_by_hop, upstream_uri, ConnectError, Forwarder, UpstreamInfo, UpstreamKey,
 };
 use crate::identity::Workload;
+use crate::mask::body::{MaskReport, MaskedBody, SharedReport};
+use crate::mask::{BodyMasker, Counts, MaskContext, Profile, ProfileSet};
 use crate::policy::gate::{Gatekeeper, Subject};
 use crate::policy::{status_for, Reason};
 use crate::record::pseudonym::Pseudonymizer;
@@ -56,8 +59,18 @@ pub struct ConnContext {
     pub in_flight: AtomicU64,
 }
 
+/// The masking profiles in force and which one applies where.
+pub struct Masking {
+    pub set: ProfileSet,
+    pub ctx: Arc<MaskContext>,
+    pub settings: MaskingSection,
+    /// By destination index: its `mask_profile`.
+    pub by_destination: Vec<Option<Arc<Profile>>>,
+}
+
 pub struct Pipeline {
     pub forwarder: Forwarder,
+    pub masking: Arc<Masking>,
     pub records: Arc<dyn RecordSink>,
     /// Held and granted approvals, and the rules a policy obligation may name.
     pub approvals: Arc<crate::approval::Approvals>,
@@ -75,6 +88,24 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The masking profile for a request: the one the policy decision names (so
+    /// "minimum necessary" can differ by role and route), else the destination's
+    /// `mask_profile`. Names were checked against the profile set at load.
+    pub fn mask_profile_for(
+        &self,
+        conn: &ConnContext,
+        decision: &crate::policy::Decision,
+    ) -> Option<Arc<Profile>> {
+        if let Some(name) = &decision.mask_profile {
+            return self.masking.set.get(name).cloned();
+        }
+        self.masking
+            .by_destination
+            .get(conn.dest_index)
+            .cloned()
+            .flatten()
+    }
+
     pub async fn handle(
         self: Arc<Self>,
         conn: Arc<ConnContext>,
@@ -162,6 +193,7 @@ impl Pipeline {
                     .await)
             }
         };
+        let profile = self.mask_profile_for(&conn, &verdict.decision);
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
         let authority = ex
@@ -190,7 +222,22 @@ impl Pipeline {
             Observed::counting(body, ex.request_bytes.clone()),
             self.limits.max_request_body_bytes,
         );
-        let upstream_req = Request::from_parts(parts, boxed(body));
+        let mut ex = ex;
+        let body = match profile
+            .as_ref()
+            .filter(|_| self.masking.settings.mask_requests)
+        {
+            Some(p) => match ex.mask_request(&mut parts, body, p, &self.masking) {
+                Ok(b) => b,
+                Err(reason) => {
+                    return Ok(ex
+                        .answer(StatusCode::BAD_REQUEST, "masking_failed", &reason)
+                        .await)
+                }
+            },
+            None => boxed(body),
+        };
+        let upstream_req = Request::from_parts(parts, body);
 
         let sent = tokio::time::timeout(
             self.request_timeout,
@@ -231,9 +278,14 @@ impl Pipeline {
             }
         }
 
-        // 5. mask: no masking profile applies at this stage; the body streams as is.
+        // 5. mask: the profile chosen for this request rewrites headers and body.
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
+        if let Some(profile) = profile {
+            return Ok(ex
+                .masked_response(parts, body, profile, &self.masking)
+                .await);
+        }
 
         // 6. record: written when the last byte of the response has passed; the end of
         //    the response is released only once the record is durable.
@@ -325,7 +377,7 @@ impl Pipeline {
                     resp.headers_mut()
                         .insert(crate::approval::APPROVAL_ID_HEADER, v);
                 }
-                Err(ex.answer_with(resp, reason).await)
+                Err(ex.answer_with(resp, code, reason).await)
             }
             Gate::Unavailable(e) => Err(ex
                 .answer(
@@ -378,6 +430,9 @@ struct Exchange {
     t0: Instant,
     request_bytes: Arc<AtomicU64>,
     written: bool,
+    /// Masking of the response and request bodies, when a profile applies.
+    mask_report: Option<SharedReport>,
+    request_mask_report: Option<SharedReport>,
 }
 
 impl Drop for Exchange {
@@ -415,6 +470,8 @@ impl Exchange {
             t0: Instant::now(),
             request_bytes: Arc::new(AtomicU64::new(0)),
             written: false,
+            mask_report: None,
+            request_mask_report: None,
             record: RequestRecord {
                 request_id: new_id(),
                 connection_id: conn.connection_id.clone(),
@@ -522,13 +579,19 @@ impl Exchange {
     /// phigate answers the client itself; the record is written (and durable) first.
     async fn answer(self, status: StatusCode, code: &str, reason: &str) -> Response<PhiBody> {
         let resp = json_error(status, code, reason, &self.record.request_id);
-        self.answer_with(resp, reason).await
+        self.answer_with(resp, code, reason).await
     }
 
     /// Like `answer`, with the response already made.
-    async fn answer_with(mut self, resp: Response<PhiBody>, reason: &str) -> Response<PhiBody> {
+    async fn answer_with(
+        mut self,
+        resp: Response<PhiBody>,
+        code: &str,
+        reason: &str,
+    ) -> Response<PhiBody> {
         let status = resp.status();
         self.record.outcome = match status {
+            _ if code == "masking_failed" => "masking_failed",
             StatusCode::GATEWAY_TIMEOUT => "upstream_timeout",
             StatusCode::BAD_GATEWAY => "upstream_error",
             _ => "refused",
@@ -571,11 +634,15 @@ impl Exchange {
         resp
     }
 
-    async fn stream_response(
+    async fn stream_response<B>(
         mut self,
         parts: http::response::Parts,
-        body: Incoming,
-    ) -> Response<PhiBody> {
+        body: B,
+    ) -> Response<PhiBody>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Unpin + Send + Sync + 'static,
+        B::Error: Into<crate::http::body::BoxError> + std::fmt::Display,
+    {
         let announced = parts
             .headers
             .get(header::CONTENT_LENGTH)
@@ -648,8 +715,250 @@ impl Exchange {
         });
     }
 
+    /// The masking profile's response: headers masked; a JSON or NDJSON body decoded
+    /// and masked (whole when it fits `buffer_bytes`, so a failure is a clean 502,
+    /// else streamed); any other body refused unless the profile lets it pass.
+    async fn masked_response(
+        mut self,
+        mut parts: http::response::Parts,
+        mut body: Incoming,
+        profile: Arc<Profile>,
+        masking: &Masking,
+    ) -> Response<PhiBody> {
+        use http_body_util::BodyExt;
+        self.record.masking_profile = Some(profile.name.clone());
+        self.record.masking_set_hash = Some(masking.set.hash().to_owned());
+        let mut header_counts = Counts::new(&profile);
+        crate::mask::mask_headers(
+            &profile,
+            &masking.ctx,
+            &mut parts.headers,
+            &mut header_counts,
+        );
+        self.record.masking_counts = header_counts.by_entity(&profile);
+        if http_body::Body::is_end_stream(&body) {
+            return self.stream_response(parts, body).await;
+        }
+        let header = |h: &http::HeaderMap, name| {
+            h.get(name)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let content_type = header(&parts.headers, header::CONTENT_TYPE);
+        let Some(kind) = crate::mask::body_kind(content_type.as_deref()) else {
+            if profile.passes_through(content_type.as_deref()) {
+                self.record.error = Some(format!(
+                    "body not masked: content type `{}` passes through under profile `{}`",
+                    content_type.as_deref().unwrap_or(""),
+                    profile.name
+                ));
+                return self.stream_response(parts, body).await;
+            }
+            let reason = format!(
+                "the response's content type `{}` is not one masking profile `{}` can mask, and the profile does not let it pass",
+                content_type.as_deref().unwrap_or("(none)"),
+                profile.name
+            );
+            return self
+                .answer(StatusCode::BAD_GATEWAY, "masking_failed", &reason)
+                .await;
+        };
+        let encoding = header(&parts.headers, header::CONTENT_ENCODING);
+        let mut masker = match BodyMasker::new(
+            profile.clone(),
+            masking.ctx.clone(),
+            kind,
+            encoding.as_deref(),
+        ) {
+            Ok(m) => m,
+            Err(e) => {
+                return self
+                    .answer(StatusCode::BAD_GATEWAY, "masking_failed", &e.to_string())
+                    .await
+            }
+        };
+        let announced: Option<u64> =
+            header(&parts.headers, header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
+        let original_headers = profile.pass_unparsable.then(|| parts.headers.clone());
+        // The client gets the decoded, masked representation.
+        for h in [
+            header::CONTENT_ENCODING,
+            header::CONTENT_LENGTH,
+            HeaderName::from_static("content-md5"),
+            HeaderName::from_static("digest"),
+            HeaderName::from_static("content-digest"),
+            HeaderName::from_static("repr-digest"),
+        ] {
+            parts.headers.remove(h);
+        }
+        if let Some(etag) = header(&parts.headers, header::ETAG) {
+            if !etag.starts_with("W/") {
+                if let Ok(v) = HeaderValue::from_str(&format!("W/{etag}")) {
+                    parts.headers.insert(header::ETAG, v);
+                }
+            }
+        }
+        let settings = &masking.settings;
+        let report: SharedReport = Arc::new(std::sync::Mutex::new(MaskReport::default()));
+        self.mask_report = Some(report.clone());
+        let mut out = Vec::new();
+        let mut raw = profile.pass_unparsable.then(Vec::new);
+        if announced.is_none_or(|n| n <= settings.buffer_bytes as u64) {
+            loop {
+                let step = match body.frame().await {
+                    None => masker.finish(&mut out).map(|()| true),
+                    Some(Err(e)) => {
+                        let reason = format!("the upstream response body failed: {e}");
+                        return self
+                            .answer(StatusCode::BAD_GATEWAY, "upstream_unavailable", &reason)
+                            .await;
+                    }
+                    // Trailers of a buffered body are dropped: the body is whole.
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => {
+                            if let Some(r) = &mut raw {
+                                r.extend_from_slice(&data);
+                            }
+                            masker.push(&data, &mut out).map(|()| false)
+                        }
+                        Err(_) => Ok(false),
+                    },
+                };
+                match step {
+                    Ok(true) => {
+                        {
+                            let mut r = report.lock().expect("report lock");
+                            r.counts = masker.counts().by_entity(&profile);
+                            r.keep(&out, settings.record_body_bytes);
+                        }
+                        parts
+                            .headers
+                            .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+                        let full = http_body_util::Full::new(bytes::Bytes::from(out));
+                        return self.stream_response(parts, full).await;
+                    }
+                    Ok(false) if out.len() > settings.buffer_bytes => break,
+                    Ok(false) => {}
+                    Err(e) => {
+                        if let (Some(raw), Some(h)) = (raw, original_headers) {
+                            // The profile lets an unparsable body pass: as it came.
+                            parts.headers = h;
+                            self.mask_report = None;
+                            self.record.error = Some(format!(
+                                "body not masked: {e}; passed unmasked under profile `{}` (pass_unparsable)",
+                                profile.name
+                            ));
+                            let full = http_body_util::Full::new(bytes::Bytes::from(raw));
+                            return self.stream_response(parts, full).await;
+                        }
+                        return self
+                            .answer(StatusCode::BAD_GATEWAY, "masking_failed", &e.to_string())
+                            .await;
+                    }
+                }
+            }
+        }
+        // Too large to hold: stream; a failure from here on aborts the response.
+        report
+            .lock()
+            .expect("report lock")
+            .keep(&out, settings.record_body_bytes);
+        let masked = MaskedBody::new(
+            body,
+            masker,
+            Some(bytes::Bytes::from(out)),
+            report,
+            settings.record_body_bytes,
+        );
+        self.stream_response(parts, masked).await
+    }
+
+    /// With `mask_requests`, a JSON request body is masked before it goes upstream.
+    fn mask_request<B>(
+        &mut self,
+        parts: &mut http::request::Parts,
+        body: B,
+        profile: &Arc<Profile>,
+        masking: &Masking,
+    ) -> Result<PhiBody, String>
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Unpin + Send + Sync + 'static,
+        B::Error: Into<crate::http::body::BoxError>,
+    {
+        let mut counts = Counts::new(profile);
+        crate::mask::mask_headers(profile, &masking.ctx, &mut parts.headers, &mut counts);
+        self.record.masking_profile = Some(profile.name.clone());
+        self.record.masking_set_hash = Some(masking.set.hash().to_owned());
+        let text = |n| {
+            parts
+                .headers
+                .get(n)
+                .and_then(|v: &HeaderValue| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let Some(kind) = crate::mask::body_kind(text(header::CONTENT_TYPE).as_deref()) else {
+            // Only JSON request bodies are masked; others (and none) go as they are.
+            return Ok(boxed(body));
+        };
+        let masker = BodyMasker::new(
+            profile.clone(),
+            masking.ctx.clone(),
+            kind,
+            text(header::CONTENT_ENCODING).as_deref(),
+        )
+        .map_err(|e| e.to_string())?;
+        parts.headers.remove(header::CONTENT_ENCODING);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let report: SharedReport = Arc::new(std::sync::Mutex::new(MaskReport::default()));
+        self.request_mask_report = Some(report.clone());
+        Ok(boxed(MaskedBody::new(
+            body,
+            masker,
+            None,
+            report,
+            masking.settings.record_body_bytes,
+        )))
+    }
+
+    /// Moves what masking learned into the record.
+    fn take_masking(&mut self) {
+        if let Some(r) = &self.mask_report {
+            let r = r.lock().expect("report lock");
+            for (k, v) in &r.counts {
+                *self.record.masking_counts.entry(k.clone()).or_default() += v;
+            }
+            if !r.recorded.is_empty() {
+                self.record.response_body = Some(String::from_utf8_lossy(&r.recorded).into_owned());
+                self.record.response_body_truncated = r.truncated;
+            }
+            if let Some(e) = &r.error {
+                self.record.outcome = "masking_failed";
+                self.record.error = Some(format!(
+                    "response body masking failed; the response was cut off: {e}"
+                ));
+            }
+        }
+        if let Some(r) = &self.request_mask_report {
+            let r = r.lock().expect("report lock");
+            for (k, v) in &r.counts {
+                *self.record.masking_counts.entry(k.clone()).or_default() += v;
+            }
+            if !r.recorded.is_empty() {
+                self.record.request_body = Some(String::from_utf8_lossy(&r.recorded).into_owned());
+                self.record.request_body_truncated = r.truncated;
+            }
+            if let Some(e) = &r.error {
+                self.record.outcome = "masking_failed";
+                self.record.error = Some(format!(
+                    "request body masking failed; the request was cut off: {e}"
+                ));
+            }
+        }
+    }
+
     /// Submits the record; the ticket resolves when it is durable.
     fn write(&mut self) -> Durable {
+        self.take_masking();
         self.written = true;
         self.conn.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.record.end_time = SystemTime::now();

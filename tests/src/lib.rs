@@ -5,6 +5,8 @@
 //! `cgroup.procs` between fork and exec, so no `ip netns exec` (which remounts /sys
 //! and hides the cgroup2 mount).
 
+pub mod fhir;
+
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};

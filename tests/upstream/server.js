@@ -11,6 +11,10 @@
 //   GET  /trailers         a body followed by trailers x-checksum
 //   GET  /slow?ms=N        answers after N ms
 //   GET  /stats            {"connections": n, "requests": n}
+//   GET  /files/NAME       a file of --files DIR; content type by extension (.json:
+//                          application/fhir+json, .ndjson: application/fhir+ndjson,
+//                          else text/plain); ?gzip=1 / ?br=1 encoded; ?chunked=1
+//                          without content-length; etag "v1"
 //   Upgrade: websocket-ish  101, then echoes bytes back
 // Every response carries x-upstream-proto (h2 | http/1.1) and x-upstream-conn (a
 // per-connection id, to check keep-alive reuse).
@@ -122,6 +126,42 @@ function handler(req, res) {
       return;
     }
     case '/stats': {
+      res.setHeader('content-type', 'application/json');
+      res.end(JSON.stringify({ connections, requests }));
+      return;
+    }
+    default:
+      break;
+  }
+  if (url.pathname.startsWith('/files/') && args.files) {
+    const name = url.pathname.slice('/files/'.length).replace(/[^A-Za-z0-9._-]/g, '');
+    let body;
+    try { body = fs.readFileSync(require('path').join(args.files, name)); } catch (e) {
+      res.statusCode = 404; res.end('no such file'); return;
+    }
+    const type = name.endsWith('.ndjson') ? 'application/fhir+ndjson'
+      : name.endsWith('.json') ? 'application/fhir+json' : 'text/plain';
+    res.setHeader('content-type', type);
+    res.setHeader('etag', '"v1"');
+    if (url.searchParams.get('gzip')) {
+      body = require('zlib').gzipSync(body);
+      res.setHeader('content-encoding', 'gzip');
+    } else if (url.searchParams.get('br')) {
+      body = require('zlib').brotliCompressSync(body);
+      res.setHeader('content-encoding', 'br');
+    }
+    if (url.searchParams.get('chunked')) {
+      // Several writes, no length: the body streams.
+      for (let i = 0; i < body.length; i += 7919) res.write(body.subarray(i, i + 7919));
+      res.end();
+    } else {
+      res.setHeader('content-length', body.length);
+      res.end(body);
+    }
+    return;
+  }
+  switch (url.pathname) {
+    case '/stats-unused': {
       res.setHeader('content-type', 'application/json');
       res.end(JSON.stringify({ connections, requests }));
       return;

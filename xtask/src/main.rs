@@ -3,7 +3,7 @@
 //! - `setup`: install what building and testing need (idempotent; prints each step).
 //! - `test`:  setup, fmt, clippy, build, every test (what `.ci/run` runs).
 //! - `demo`:  setup, build, then a guided run of phigate on a demo API.
-//! - `bench`: side-by-side figures (`bench proxy`).
+//! - `bench`: side-by-side figures (`bench proxy`, `bench mask`).
 
 mod bench;
 mod demo;
@@ -36,7 +36,7 @@ enum Task {
     Package,
     /// Benchmarks, printed side by side with a peer in the same run.
     Bench {
-        /// Which benchmark: `proxy`, `records`, `policy`.
+        /// Which benchmark: `proxy`, `records`, `policy`, `mask`.
         name: String,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]

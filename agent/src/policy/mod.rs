@@ -503,6 +503,14 @@ impl PolicySet {
         &self.sources
     }
 
+    /// Every `@mask` and `@approval` obligation: (policy id, profile, approval rule),
+    /// so the names can be checked against the profiles and rules that must exist.
+    pub fn obligations(&self) -> impl Iterator<Item = (&str, Option<&str>, Option<&str>)> {
+        self.obligations
+            .iter()
+            .map(|(id, o)| (id.as_str(), o.mask.as_deref(), o.approval.as_deref()))
+    }
+
     pub fn len(&self) -> usize {
         self.sources.len()
     }

@@ -14,7 +14,8 @@ use sha2::Sha256;
 pub const KEY_FILE: &str = "pseudonym.key";
 
 pub struct Pseudonymizer {
-    key: [u8; 32],
+    /// The keyed HMAC, prepared once (the key's pads hashed); cloned per pseudonym.
+    mac: Hmac<Sha256>,
     /// Path segments after which the next segment is a patient id (FHIR: `Patient`).
     segments: Vec<String>,
     query_params: Vec<String>,
@@ -29,10 +30,20 @@ impl Pseudonymizer {
             .try_into()
             .map_err(|_| anyhow::anyhow!("{}: not a 32-byte key", path.display()))?;
         Ok(Pseudonymizer {
-            key,
+            mac: Hmac::<Sha256>::new_from_slice(&key).expect("any key length"),
             segments,
             query_params: vec!["patient".into(), "subject".into()],
         })
+    }
+
+    /// A pseudonymizer with a given key (masking tests and `phigate mask`); no path
+    /// segments or query parameters.
+    pub fn with_key(key: [u8; 32]) -> Self {
+        Pseudonymizer {
+            mac: Hmac::<Sha256>::new_from_slice(&key).expect("any key length"),
+            segments: Vec::new(),
+            query_params: Vec::new(),
+        }
     }
 
     /// Query parameters whose values are patient ids (FHIR: `patient`, `subject`).
@@ -42,10 +53,17 @@ impl Pseudonymizer {
     }
 
     pub fn pseudonym(&self, id: &str) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("any key length");
+        let mut mac = self.mac.clone();
         mac.update(id.as_bytes());
         let digest = mac.finalize().into_bytes();
-        format!("p:{}", &hex::encode(digest)[..32])
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut out = String::with_capacity(34);
+        out.push_str("p:");
+        for b in &digest[..16] {
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        out
     }
 
     /// The path with every patient id replaced by its pseudonym, and those pseudonyms.

@@ -1,0 +1,666 @@
+//! The streaming JSON transform: one pass over the bytes, no document tree.
+//!
+//! A tokenizer tracks the path to the current value (a stack of containers, each with
+//! its state in the rules' path automaton) and rewrites the string and number values
+//! that rules or detectors select; dropped members and elements are parsed but not
+//! written. It is resumable at any byte: [`JsonStream::push`] takes chunks as they
+//! arrive, and holds back at most one unfinished token (a string or number cut by a
+//! chunk boundary, bounded by `max_value_bytes`). Output is compact JSON (insignificant
+//! whitespace removed); values nothing selects are copied byte for byte.
+//!
+//! In `lines` mode (NDJSON) the input is a sequence of JSON values and each is
+//! written on its own line.
+
+use std::sync::Arc;
+
+use memchr::memchr2;
+
+use super::path::PathDfa;
+use super::profile::Profile;
+use super::{Counts, MaskContext, MaskError, ScalarMasker};
+use crate::mask::ops::{Op, Scalar};
+
+#[derive(Debug, Clone, Copy)]
+struct Ctx {
+    state: u32,
+    /// The rule in force at this node: its own match, else the nearest ancestor's.
+    rule: Option<u32>,
+    /// Inside a dropped member or element: parsed, not written.
+    suppressed: bool,
+}
+
+#[derive(Debug)]
+struct Frame {
+    obj: bool,
+    ctx: Ctx,
+    /// A member or element was written (the next needs a comma).
+    emitted: bool,
+    next_index: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Str {
+    Key,
+    /// Buffered, then masked or copied.
+    Value,
+    /// Not kept: replaced by the rule's placeholder (or nothing, when suppressed).
+    Skip,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lex {
+    Value,
+    ObjFirst,
+    ObjKey,
+    Colon,
+    ObjNext,
+    ArrFirst,
+    ArrNext,
+    Str(Str, bool),
+    Scalar,
+    End,
+}
+
+pub struct JsonStream {
+    profile: Arc<Profile>,
+    ctx: Arc<MaskContext>,
+    dfa: PathDfa,
+    lines: bool,
+    stack: Vec<Frame>,
+    lex: Lex,
+    /// The context of the value about to start (set when its key completes).
+    vctx: Ctx,
+    /// An unfinished token carried across chunks.
+    pending: Vec<u8>,
+    /// The raw (escaped) key of the member whose value comes next.
+    key: Vec<u8>,
+    decoded: String,
+    counts: Counts,
+    /// Bytes consumed before the current chunk (for error offsets).
+    offset: u64,
+    values: u64,
+    max_value_bytes: usize,
+    scalar: ScalarMasker,
+}
+
+const DEFAULT_MAX_VALUE: usize = 16 << 20;
+
+#[inline]
+fn is_ws(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+#[inline]
+fn is_scalar_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.')
+}
+
+impl JsonStream {
+    pub fn new(profile: Arc<Profile>, ctx: Arc<MaskContext>, lines: bool) -> JsonStream {
+        let dfa = profile.dfa.clone();
+        let root = Ctx {
+            state: dfa.root(),
+            rule: dfa.root_match(),
+            suppressed: false,
+        };
+        let counts = Counts::new(&profile);
+        JsonStream {
+            scalar: ScalarMasker::new(&profile),
+            profile,
+            ctx,
+            dfa,
+            lines,
+            stack: Vec::with_capacity(32),
+            lex: Lex::Value,
+            vctx: root,
+            pending: Vec::new(),
+            key: Vec::new(),
+            decoded: String::new(),
+            counts,
+            offset: 0,
+            values: 0,
+            max_value_bytes: DEFAULT_MAX_VALUE,
+        }
+    }
+
+    /// Longest string or number held while it is cut by chunk boundaries.
+    pub fn max_value_bytes(mut self, n: usize) -> Self {
+        self.max_value_bytes = n;
+        self
+    }
+
+    pub fn counts(&self) -> &Counts {
+        &self.counts
+    }
+
+    fn err(&self, at: usize, message: impl Into<String>) -> MaskError {
+        MaskError::Syntax {
+            offset: self.offset + at as u64,
+            message: message.into(),
+        }
+    }
+
+    fn root_ctx(&self) -> Ctx {
+        Ctx {
+            state: self.dfa.root(),
+            rule: self.dfa.root_match(),
+            suppressed: false,
+        }
+    }
+
+    /// Masks a chunk, appending output to `out`.
+    pub fn push(&mut self, b: &[u8], out: &mut Vec<u8>) -> Result<(), MaskError> {
+        let mut i = 0;
+        let n = b.len();
+        while i < n {
+            match self.lex {
+                Lex::Str(kind, mut esc) => {
+                    let start = i;
+                    let mut j = i;
+                    let end = loop {
+                        if esc {
+                            if j >= n {
+                                break None;
+                            }
+                            esc = false;
+                            j += 1;
+                            continue;
+                        }
+                        match memchr2(b'"', b'\\', &b[j..]) {
+                            None => break None,
+                            Some(k) if b[j + k] == b'"' => break Some(j + k),
+                            Some(k) => {
+                                esc = true;
+                                j += k + 1;
+                            }
+                        }
+                    };
+                    match end {
+                        None => {
+                            if kind != Str::Skip {
+                                self.hold(&b[start..], i)?;
+                            }
+                            self.lex = Lex::Str(kind, esc);
+                            i = n;
+                        }
+                        Some(e) => {
+                            if self.pending.is_empty() {
+                                self.string_done(kind, &b[start..e], out, e)?;
+                            } else {
+                                let mut held = std::mem::take(&mut self.pending);
+                                if kind != Str::Skip {
+                                    held.extend_from_slice(&b[start..e]);
+                                }
+                                let r = self.string_done(kind, &held, out, e);
+                                held.clear();
+                                self.pending = held;
+                                r?;
+                            }
+                            i = e + 1;
+                        }
+                    }
+                }
+                Lex::Scalar => {
+                    let start = i;
+                    while i < n && is_scalar_byte(b[i]) {
+                        i += 1;
+                    }
+                    if i == n {
+                        self.hold(&b[start..], start)?;
+                    } else if self.pending.is_empty() {
+                        self.scalar_done(&b[start..i], out, i)?;
+                    } else {
+                        let mut held = std::mem::take(&mut self.pending);
+                        held.extend_from_slice(&b[start..i]);
+                        let r = self.scalar_done(&held, out, i);
+                        held.clear();
+                        self.pending = held;
+                        r?;
+                    }
+                }
+                _ => {
+                    let c = b[i];
+                    if is_ws(c) {
+                        i += 1;
+                        continue;
+                    }
+                    self.structural(c, out, i)?;
+                    i += 1;
+                }
+            }
+        }
+        self.offset += n as u64;
+        Ok(())
+    }
+
+    /// The input ended: anything unfinished is an error.
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
+        if self.lex == Lex::Scalar {
+            let held = std::mem::take(&mut self.pending);
+            self.scalar_done(&held, out, 0)?;
+        }
+        match self.lex {
+            Lex::End => Ok(()),
+            Lex::Value if self.stack.is_empty() && self.lines => Ok(()),
+            Lex::Value if self.stack.is_empty() && self.values == 0 => {
+                Err(self.err(0, "the body holds no JSON value"))
+            }
+            _ => Err(self.err(0, "the body ends inside a JSON value")),
+        }
+    }
+
+    fn hold(&mut self, bytes: &[u8], at: usize) -> Result<(), MaskError> {
+        if self.pending.len() + bytes.len() > self.max_value_bytes {
+            return Err(self.err(
+                at,
+                format!(
+                    "a single value is longer than {} bytes, more than masking holds",
+                    self.max_value_bytes
+                ),
+            ));
+        }
+        self.pending.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn structural(&mut self, c: u8, out: &mut Vec<u8>, at: usize) -> Result<(), MaskError> {
+        match self.lex {
+            Lex::Value => self.begin_value(c, out, at),
+            Lex::End if self.lines => {
+                self.vctx = self.root_ctx();
+                self.begin_value(c, out, at)
+            }
+            Lex::End => Err(self.err(at, "data after the JSON value")),
+            Lex::ArrFirst if c == b']' => self.close(out),
+            Lex::ArrFirst => {
+                self.vctx = self.element_ctx();
+                self.begin_value(c, out, at)
+            }
+            Lex::ArrNext => match c {
+                b',' => {
+                    self.vctx = self.element_ctx();
+                    self.lex = Lex::Value;
+                    Ok(())
+                }
+                b']' => self.close(out),
+                _ => Err(self.err(at, "expected `,` or `]` in an array")),
+            },
+            Lex::ObjFirst | Lex::ObjKey => match c {
+                b'"' => {
+                    self.key.clear();
+                    self.lex = Lex::Str(Str::Key, false);
+                    Ok(())
+                }
+                b'}' if self.lex == Lex::ObjFirst => self.close(out),
+                _ => Err(self.err(at, "expected a member name")),
+            },
+            Lex::Colon => {
+                if c != b':' {
+                    return Err(self.err(at, "expected `:` after a member name"));
+                }
+                self.lex = Lex::Value;
+                Ok(())
+            }
+            Lex::ObjNext => match c {
+                b',' => {
+                    self.lex = Lex::ObjKey;
+                    Ok(())
+                }
+                b'}' => self.close(out),
+                _ => Err(self.err(at, "expected `,` or `}` in an object")),
+            },
+            Lex::Str(..) | Lex::Scalar => unreachable!("handled by push"),
+        }
+    }
+
+    /// The context of the next array element.
+    fn element_ctx(&mut self) -> Ctx {
+        let f = self.stack.last_mut().expect("inside an array");
+        let index = f.next_index;
+        f.next_index += 1;
+        let parent = f.ctx;
+        if parent.suppressed {
+            return parent;
+        }
+        let t = self.dfa.index(parent.state, index);
+        self.child(parent, t.state, t.matched)
+    }
+
+    fn child(&mut self, parent: Ctx, state: u32, matched: Option<u32>) -> Ctx {
+        let rule = matched.or(parent.rule);
+        let mut suppressed = false;
+        if let Some(m) = matched {
+            let r = &self.profile.rules[m as usize];
+            if r.op == Op::Drop {
+                self.counts.add(r.entity);
+                suppressed = true;
+            }
+        }
+        Ctx {
+            state,
+            rule,
+            suppressed,
+        }
+    }
+
+    /// Writes what precedes a value: the comma, and for a member its name.
+    fn prefix(&mut self, out: &mut Vec<u8>) {
+        if let Some(f) = self.stack.last_mut() {
+            if f.emitted {
+                out.push(b',');
+            }
+            f.emitted = true;
+            if f.obj {
+                out.push(b'"');
+                out.extend_from_slice(&self.key);
+                out.extend_from_slice(b"\":");
+            }
+        }
+    }
+
+    fn begin_value(&mut self, c: u8, out: &mut Vec<u8>, at: usize) -> Result<(), MaskError> {
+        let ctx = self.vctx;
+        match c {
+            b'{' | b'[' => {
+                if !ctx.suppressed {
+                    self.prefix(out);
+                    out.push(c);
+                }
+                self.stack.push(Frame {
+                    obj: c == b'{',
+                    ctx,
+                    emitted: false,
+                    next_index: 0,
+                });
+                self.lex = if c == b'{' {
+                    Lex::ObjFirst
+                } else {
+                    Lex::ArrFirst
+                };
+            }
+            b'"' => {
+                let skip = ctx.suppressed
+                    || ctx
+                        .rule
+                        .is_some_and(|r| self.profile.rules[r as usize].op == Op::Redact);
+                self.lex = Lex::Str(if skip { Str::Skip } else { Str::Value }, false);
+            }
+            b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => {
+                self.pending.clear();
+                self.pending.push(c);
+                self.lex = Lex::Scalar;
+            }
+            _ => return Err(self.err(at, "expected a JSON value")),
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
+        let f = self.stack.pop().expect("a container is open");
+        if !f.ctx.suppressed {
+            out.push(if f.obj { b'}' } else { b']' });
+        }
+        self.after_value(out, f.ctx.suppressed);
+        Ok(())
+    }
+
+    fn after_value(&mut self, out: &mut Vec<u8>, suppressed: bool) {
+        match self.stack.last() {
+            None => {
+                self.values += 1;
+                if self.lines && !suppressed {
+                    out.push(b'\n');
+                }
+                self.lex = Lex::End;
+            }
+            Some(f) => self.lex = if f.obj { Lex::ObjNext } else { Lex::ArrNext },
+        }
+    }
+
+    fn string_done(
+        &mut self,
+        kind: Str,
+        raw: &[u8],
+        out: &mut Vec<u8>,
+        at: usize,
+    ) -> Result<(), MaskError> {
+        match kind {
+            Str::Key => {
+                self.key.clear();
+                self.key.extend_from_slice(raw);
+                let parent = self.stack.last().expect("inside an object").ctx;
+                let off = self.offset + at as u64;
+                self.vctx = if parent.suppressed {
+                    parent
+                } else {
+                    let key = decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?;
+                    let t = self.dfa.key(parent.state, key);
+                    self.child(parent, t.state, t.matched)
+                };
+                self.lex = Lex::Colon;
+                return Ok(());
+            }
+            Str::Skip => {
+                let ctx = self.vctx;
+                if !ctx.suppressed {
+                    let entity = self.profile.rules[ctx.rule.expect("redact rule") as usize].entity;
+                    self.counts.add(entity);
+                    self.prefix(out);
+                    out.extend_from_slice(&self.profile.placeholders[entity]);
+                }
+            }
+            Str::Value => {
+                let ctx = self.vctx;
+                let off = self.offset + at as u64;
+                let rule = ctx.rule.map(|r| r as usize);
+                let (plain, scan) = self.profile.detectors.classify(raw);
+                let keep = rule.is_some_and(|r| self.profile.rules[r].op == Op::Keep);
+                let masked = if keep || (rule.is_none() && !scan) {
+                    // Copied as is: only validated.
+                    if !plain {
+                        decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?;
+                    }
+                    None
+                } else {
+                    let text = if plain {
+                        // SAFETY: `classify` found only printable ASCII bytes.
+                        unsafe { std::str::from_utf8_unchecked(raw) }
+                    } else {
+                        decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?
+                    };
+                    self.scalar.text_scanned(
+                        &self.profile,
+                        &self.ctx,
+                        rule,
+                        text,
+                        scan,
+                        &mut self.counts,
+                    )
+                };
+                self.prefix(out);
+                match masked {
+                    None => {
+                        out.push(b'"');
+                        out.extend_from_slice(raw);
+                        out.push(b'"');
+                    }
+                    Some(m) => write_str(out, &m),
+                }
+            }
+        }
+        self.after_value(out, self.vctx.suppressed);
+        Ok(())
+    }
+
+    fn scalar_done(&mut self, tok: &[u8], out: &mut Vec<u8>, at: usize) -> Result<(), MaskError> {
+        let ctx = self.vctx;
+        match tok {
+            b"true" | b"false" | b"null" => {
+                if !ctx.suppressed {
+                    self.prefix(out);
+                    out.extend_from_slice(tok);
+                }
+            }
+            _ => {
+                if !valid_number(tok) {
+                    return Err(self.err(at, "not a JSON number or literal"));
+                }
+                if !ctx.suppressed {
+                    let text = std::str::from_utf8(tok).expect("ASCII");
+                    let masked = self.scalar.number(
+                        &self.profile,
+                        &self.ctx,
+                        ctx.rule.map(|r| r as usize),
+                        text,
+                        &mut self.counts,
+                    );
+                    self.prefix(out);
+                    match masked {
+                        None => out.extend_from_slice(tok),
+                        Some(Scalar::Number(n)) => out.extend_from_slice(n.as_bytes()),
+                        Some(Scalar::Text(t)) => write_str(out, &t),
+                    }
+                }
+            }
+        }
+        self.after_value(out, ctx.suppressed);
+        Ok(())
+    }
+}
+
+fn syntax(offset: u64, message: &str) -> MaskError {
+    MaskError::Syntax {
+        offset,
+        message: message.to_owned(),
+    }
+}
+
+/// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
+pub fn valid_number(t: &[u8]) -> bool {
+    let mut i = 0;
+    let digits = |i: &mut usize| {
+        let s = *i;
+        while *i < t.len() && t[*i].is_ascii_digit() {
+            *i += 1;
+        }
+        *i > s
+    };
+    if t.first() == Some(&b'-') {
+        i += 1;
+    }
+    match t.get(i) {
+        Some(b'0') => i += 1,
+        Some(b'1'..=b'9') => {
+            digits(&mut i);
+        }
+        _ => return false,
+    }
+    if t.get(i) == Some(&b'.') {
+        i += 1;
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    if matches!(t.get(i), Some(b'e' | b'E')) {
+        i += 1;
+        if matches!(t.get(i), Some(b'+' | b'-')) {
+            i += 1;
+        }
+        if !digits(&mut i) {
+            return false;
+        }
+    }
+    i == t.len()
+}
+
+/// The text of a JSON string's raw content (between the quotes), validated.
+pub fn decode<'a>(raw: &'a [u8], buf: &'a mut String) -> Result<&'a str, &'static str> {
+    // Most strings are printable ASCII without escapes: one pass settles them.
+    if raw.iter().all(|b| (0x20..0x80).contains(b) && *b != b'\\') {
+        return Ok(std::str::from_utf8(raw).expect("ASCII"));
+    }
+    if raw.iter().any(|b| *b < 0x20) {
+        return Err("control character in a string");
+    }
+    if !raw.contains(&b'\\') {
+        return std::str::from_utf8(raw).map_err(|_| "a string is not valid UTF-8");
+    }
+    let s = std::str::from_utf8(raw).map_err(|_| "a string is not valid UTF-8")?;
+    buf.clear();
+    let mut chars = s.char_indices();
+    let hex4 = |at: usize| -> Result<u32, &'static str> {
+        s.get(at..at + 4)
+            .filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))
+            .and_then(|h| u32::from_str_radix(h, 16).ok())
+            .ok_or("a `\\u` escape needs four hex digits")
+    };
+    while let Some((i, c)) = chars.next() {
+        if c != '\\' {
+            buf.push(c);
+            continue;
+        }
+        let (_, e) = chars.next().ok_or("a string ends inside an escape")?;
+        match e {
+            '"' => buf.push('"'),
+            '\\' => buf.push('\\'),
+            '/' => buf.push('/'),
+            'b' => buf.push('\u{8}'),
+            'f' => buf.push('\u{c}'),
+            'n' => buf.push('\n'),
+            'r' => buf.push('\r'),
+            't' => buf.push('\t'),
+            'u' => {
+                let hi = hex4(i + 2)?;
+                for _ in 0..4 {
+                    chars.next();
+                }
+                let c = if (0xd800..0xdc00).contains(&hi) {
+                    if s.get(i + 6..i + 8) != Some("\\u") {
+                        return Err("a lone surrogate in a `\\u` escape");
+                    }
+                    let lo = hex4(i + 8)?;
+                    if !(0xdc00..0xe000).contains(&lo) {
+                        return Err("a lone surrogate in a `\\u` escape");
+                    }
+                    for _ in 0..6 {
+                        chars.next();
+                    }
+                    0x10000 + ((hi - 0xd800) << 10) + (lo - 0xdc00)
+                } else {
+                    hi
+                };
+                buf.push(char::from_u32(c).ok_or("a lone surrogate in a `\\u` escape")?);
+            }
+            _ => return Err("unknown escape in a string"),
+        }
+    }
+    Ok(buf.as_str())
+}
+
+/// Writes `s` as a JSON string.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    let b = s.as_bytes();
+    let mut start = 0;
+    for (i, &c) in b.iter().enumerate() {
+        let esc: &[u8] = match c {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..=0x1f => {
+                out.extend_from_slice(&b[start..i]);
+                out.extend_from_slice(format!("\\u{c:04x}").as_bytes());
+                start = i + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.extend_from_slice(&b[start..i]);
+        out.extend_from_slice(esc);
+        start = i + 1;
+    }
+    out.extend_from_slice(&b[start..]);
+    out.push(b'"');
+}

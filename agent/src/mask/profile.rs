@@ -1,0 +1,793 @@
+//! Masking profiles: one TOML file per profile in `<policies_dir>/profiles/`, the
+//! profile named by the file stem. Loaded and validated as a set, so a bad file
+//! rejects the whole (re)load with its file, line and field.
+//!
+//! ```toml
+//! description = "..."
+//! pass_through = ["text/plain"]   # content types sent unmasked (recorded); others fail closed
+//! pass_unparsable = false         # true: a buffered body that is not valid JSON goes out raw
+//!
+//! [[rule]]                        # path rules: the first rule matching the nearest node wins
+//! path = "$..birthDate"
+//! op = "generalize_date"
+//! max_age = 89
+//!
+//! [[rule]]                        # detector rules: text values no path rule covers
+//! detector = "ssn"
+//! op = "redact"
+//!
+//! [[pattern]]                     # configured detectors (MRN, health plan, account numbers)
+//! name = "mrn"
+//! regex = 'MRN[-: ]*[0-9]{6,10}'
+//!
+//! [[header]]
+//! name = "content-location"
+//! op = "pseudonymize"
+//! split_last = "/"
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use toml::Spanned;
+
+use super::detect::{Detector, Detectors, BUILTIN};
+use super::ops::{Op, OP_NAMES, RESTRICTED_ZIP3};
+use super::path::{JsonPath, PathDfa, Selector};
+
+/// A profile error: file, line, field and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileError {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ProfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, ": {field}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ProfileError {}
+
+/// A path rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub path: JsonPath,
+    pub op: Op,
+    pub entity: usize,
+}
+
+/// What a detector's finds become.
+#[derive(Debug, Clone)]
+pub struct DetectorRule {
+    pub op: Op,
+    pub entity: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct HeaderRule {
+    /// Lower case.
+    pub name: String,
+    pub op: Op,
+    pub entity: usize,
+}
+
+/// One validated profile.
+#[derive(Debug, Clone)]
+pub struct Profile {
+    pub name: String,
+    pub description: String,
+    /// Content types (`type/subtype`, or `type/*`) sent unmasked; the record says so.
+    pub pass_through: Vec<String>,
+    /// A buffered body that is not valid JSON is sent raw instead of refused.
+    pub pass_unparsable: bool,
+    pub rules: Vec<Rule>,
+    /// The automaton of the rules' paths (a fresh copy per body warms its own cache).
+    pub(crate) dfa: PathDfa,
+    pub detectors: Detectors,
+    /// Parallel to `detectors`.
+    pub detector_rules: Vec<DetectorRule>,
+    pub headers: Vec<HeaderRule>,
+    /// Entity names counted in records; rules refer to them by index.
+    pub entities: Vec<String>,
+    /// `"[REDACTED:ENTITY]"` as JSON text, per entity.
+    pub(crate) placeholders: Vec<Vec<u8>>,
+    pub restricted_zip3: Vec<String>,
+    /// SHA-256 of the file.
+    pub file_hash: String,
+}
+
+/// Every profile of a policies directory, and the hash of the set.
+#[derive(Debug, Clone, Default)]
+pub struct ProfileSet {
+    profiles: BTreeMap<String, Arc<Profile>>,
+    hash: String,
+}
+
+impl ProfileSet {
+    /// Loads `<policies_dir>/profiles/*.toml`. No such directory: an empty set.
+    pub fn load(policies_dir: &Path) -> Result<ProfileSet, ProfileError> {
+        let dir = policies_dir.join("profiles");
+        let mut files = Vec::new();
+        match std::fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries {
+                    let e = e.map_err(|e| ProfileError {
+                        file: dir.clone(),
+                        line: None,
+                        field: None,
+                        message: format!("cannot list profiles: {e}"),
+                    })?;
+                    let p = e.path();
+                    if p.extension().is_some_and(|x| x == "toml") {
+                        files.push(p);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(ProfileError {
+                    file: dir,
+                    line: None,
+                    field: None,
+                    message: format!("cannot list profiles: {e}"),
+                })
+            }
+        }
+        files.sort();
+        let mut profiles = BTreeMap::new();
+        for f in files {
+            let text = std::fs::read_to_string(&f).map_err(|e| ProfileError {
+                file: f.clone(),
+                line: None,
+                field: None,
+                message: format!("cannot read: {e}"),
+            })?;
+            let p = Profile::parse(&f, &text)?;
+            profiles.insert(p.name.clone(), Arc::new(p));
+        }
+        Ok(ProfileSet::from_profiles(profiles.into_values().collect()))
+    }
+
+    pub fn from_profiles(list: Vec<Arc<Profile>>) -> ProfileSet {
+        let profiles: BTreeMap<String, Arc<Profile>> =
+            list.into_iter().map(|p| (p.name.clone(), p)).collect();
+        let mut h = Sha256::new();
+        for (name, p) in &profiles {
+            h.update(name.as_bytes());
+            h.update([0]);
+            h.update(p.file_hash.as_bytes());
+            h.update([b'\n']);
+        }
+        ProfileSet {
+            profiles,
+            hash: hex::encode(h.finalize()),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<Profile>> {
+        self.profiles.get(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.profiles.keys().map(String::as_str)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.profiles.is_empty()
+    }
+
+    /// SHA-256 over the set: each profile's name and file hash, in name order.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+}
+
+// ---- raw, as written ----------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProfile {
+    name: Option<Spanned<String>>,
+    description: Option<String>,
+    pass_through: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    pass_unparsable: bool,
+    restricted_zip3: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    rule: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    pattern: Vec<Spanned<RawPattern>>,
+    #[serde(default)]
+    header: Vec<Spanned<RawHeader>>,
+}
+
+/// The operator fields rules and header rules share.
+struct RawOp<'a> {
+    op: &'a Spanned<String>,
+    keep_last: &'a Option<Spanned<u32>>,
+    split_last: &'a Option<Spanned<String>>,
+    max_age: &'a Option<Spanned<u32>>,
+}
+
+macro_rules! raw_op {
+    ($r:expr) => {
+        RawOp {
+            op: &$r.op,
+            keep_last: &$r.keep_last,
+            split_last: &$r.split_last,
+            max_age: &$r.max_age,
+        }
+    };
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    path: Option<Spanned<String>>,
+    detector: Option<Spanned<String>>,
+    op: Spanned<String>,
+    entity: Option<Spanned<String>>,
+    keep_last: Option<Spanned<u32>>,
+    split_last: Option<Spanned<String>>,
+    max_age: Option<Spanned<u32>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPattern {
+    name: Spanned<String>,
+    regex: Spanned<String>,
+    entity: Option<Spanned<String>>,
+    #[serde(default)]
+    luhn: bool,
+    #[serde(default = "yes")]
+    requires_digit: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHeader {
+    name: Spanned<String>,
+    op: Spanned<String>,
+    entity: Option<Spanned<String>>,
+    keep_last: Option<Spanned<u32>>,
+    split_last: Option<Spanned<String>>,
+    max_age: Option<Spanned<u32>>,
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl Profile {
+    /// Parses and validates one profile file; its name is the file stem.
+    pub fn parse(file: &Path, text: &str) -> Result<Profile, ProfileError> {
+        let err =
+            |span: Option<Range<usize>>, field: Option<String>, message: String| ProfileError {
+                file: file.to_owned(),
+                line: span.map(|s| line_of(text, s.start)),
+                field,
+                message,
+            };
+        let stem = file
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if !valid_name(&stem) {
+            return Err(err(
+                None,
+                None,
+                "a profile file name is its name: letters, digits, `_` and `-`, then `.toml`"
+                    .into(),
+            ));
+        }
+        let raw: RawProfile = toml::from_str(text).map_err(|e| {
+            let message = e
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("invalid TOML")
+                .to_owned();
+            err(e.span(), None, message)
+        })?;
+        if let Some(n) = &raw.name {
+            if n.get_ref() != &stem {
+                return Err(err(
+                    Some(n.span()),
+                    Some("name".into()),
+                    format!(
+                        "`{}` differs from the file name `{stem}`; a profile is named by its file",
+                        n.get_ref()
+                    ),
+                ));
+            }
+        }
+
+        let mut entities: Vec<String> = Vec::new();
+        let mut entity = |name: &str| -> usize {
+            match entities.iter().position(|e| e == name) {
+                Some(i) => i,
+                None => {
+                    entities.push(name.to_owned());
+                    entities.len() - 1
+                }
+            }
+        };
+        let check_entity = |e: &Spanned<String>, field: String| -> Result<String, ProfileError> {
+            let v = e.get_ref();
+            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(err(
+                    Some(e.span()),
+                    Some(field),
+                    "an entity is letters, digits and `_` (it appears in placeholders and records)"
+                        .into(),
+                ));
+            }
+            Ok(v.to_ascii_uppercase())
+        };
+        let parse_op = |r: RawOp<'_>, field: &str| -> Result<Op, ProfileError> {
+            let name = r.op.get_ref().as_str();
+            let misplaced = |span: Range<usize>, param: &str, owner: &str| {
+                err(
+                    Some(span),
+                    Some(format!("{field}.{param}")),
+                    format!("only meaningful with op = \"{owner}\""),
+                )
+            };
+            if let Some(k) = r.keep_last {
+                if name != "partial" {
+                    return Err(misplaced(k.span(), "keep_last", "partial"));
+                }
+            }
+            if let Some(k) = r.split_last {
+                if name != "pseudonymize" {
+                    return Err(misplaced(k.span(), "split_last", "pseudonymize"));
+                }
+            }
+            if let Some(k) = r.max_age {
+                if name != "generalize_date" {
+                    return Err(misplaced(k.span(), "max_age", "generalize_date"));
+                }
+            }
+            Ok(match name {
+                "keep" => Op::Keep,
+                "redact" => Op::Redact,
+                "partial" => Op::Partial {
+                    keep_last: r.keep_last.as_ref().map_or(4, |k| *k.get_ref() as usize),
+                },
+                "pseudonymize" => Op::Pseudonymize {
+                    split_last: match r.split_last {
+                        None => None,
+                        Some(s) => {
+                            let mut c = s.get_ref().chars();
+                            match (c.next(), c.next()) {
+                                (Some(ch), None) => Some(ch),
+                                _ => {
+                                    return Err(err(
+                                        Some(s.span()),
+                                        Some(format!("{field}.split_last")),
+                                        "one character, e.g. \"/\"".into(),
+                                    ))
+                                }
+                            }
+                        }
+                    },
+                },
+                "generalize_date" => Op::GeneralizeDate {
+                    max_age: r.max_age.as_ref().map(|m| *m.get_ref()),
+                },
+                "zip3" => Op::Zip3,
+                "age_cap" => Op::AgeCap,
+                "drop" => Op::Drop,
+                other => {
+                    return Err(err(
+                        Some(r.op.span()),
+                        Some(format!("{field}.op")),
+                        format!(
+                            "`{other}` is not an operator; one of {}",
+                            OP_NAMES.join(", ")
+                        ),
+                    ))
+                }
+            })
+        };
+
+        // Configured patterns first: rules refer to them by name.
+        let mut patterns: BTreeMap<String, (Detector, String)> = BTreeMap::new();
+        for (i, p) in raw.pattern.iter().enumerate() {
+            let p = p.get_ref();
+            let field = format!("pattern[{i}]");
+            let name = p.name.get_ref();
+            if !valid_name(name) {
+                return Err(err(
+                    Some(p.name.span()),
+                    Some(format!("{field}.name")),
+                    "letters, digits, `_` and `-`".into(),
+                ));
+            }
+            if BUILTIN.contains(&name.as_str()) || patterns.contains_key(name) {
+                return Err(err(
+                    Some(p.name.span()),
+                    Some(format!("{field}.name")),
+                    format!("`{name}` is already a detector"),
+                ));
+            }
+            let d = Detector::pattern(name, p.regex.get_ref(), p.luhn, p.requires_digit)
+                .map_err(|m| err(Some(p.regex.span()), Some(format!("{field}.regex")), m))?;
+            let ent = match &p.entity {
+                Some(e) => check_entity(e, format!("{field}.entity"))?,
+                None => name.to_ascii_uppercase().replace('-', "_"),
+            };
+            patterns.insert(name.clone(), (d, ent));
+        }
+
+        let mut rules = Vec::new();
+        let mut detectors = Vec::new();
+        let mut detector_rules = Vec::new();
+        for (i, r) in raw.rule.iter().enumerate() {
+            let rspan = r.span();
+            let r = r.get_ref();
+            let field = format!("rule[{i}]");
+            let op = parse_op(raw_op!(r), &field)?;
+            let explicit = match &r.entity {
+                Some(e) => Some(check_entity(e, format!("{field}.entity"))?),
+                None => None,
+            };
+            match (&r.path, &r.detector) {
+                (Some(p), None) => {
+                    let path = JsonPath::parse(p.get_ref()).map_err(|e| {
+                        err(
+                            Some(p.span()),
+                            Some(format!("{field}.path")),
+                            format!("`{}`: {e}", p.get_ref()),
+                        )
+                    })?;
+                    if path.segments.is_empty() {
+                        return Err(err(
+                            Some(p.span()),
+                            Some(format!("{field}.path")),
+                            "`$` is the whole document; name the fields to mask".into(),
+                        ));
+                    }
+                    let ent = explicit.unwrap_or_else(|| {
+                        path.segments
+                            .iter()
+                            .rev()
+                            .find_map(|s| match &s.selector {
+                                Selector::Name(n) => Some(
+                                    n.chars()
+                                        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                                        .collect::<String>()
+                                        .to_ascii_uppercase(),
+                                ),
+                                _ => None,
+                            })
+                            .filter(|n| !n.is_empty())
+                            .unwrap_or_else(|| "FIELD".into())
+                    });
+                    rules.push(Rule {
+                        path,
+                        op,
+                        entity: entity(&ent),
+                    });
+                }
+                (None, Some(d)) => {
+                    let name = d.get_ref();
+                    if matches!(op, Op::Keep | Op::Drop | Op::AgeCap) {
+                        return Err(err(
+                            Some(r.op.span()),
+                            Some(format!("{field}.op")),
+                            "a detector's find is replaced inside its text: use redact, partial, pseudonymize, generalize_date or zip3".into(),
+                        ));
+                    }
+                    if detectors.iter().any(|x: &Detector| &x.name == name) {
+                        return Err(err(
+                            Some(d.span()),
+                            Some(format!("{field}.detector")),
+                            format!("`{name}` already has a rule"),
+                        ));
+                    }
+                    let (det, default_entity) = match Detector::builtin(name) {
+                        Some(b) => (b, name.to_ascii_uppercase()),
+                        None => match patterns.get(name) {
+                            Some((p, e)) => (p.clone(), e.clone()),
+                            None => {
+                                return Err(err(
+                                    Some(d.span()),
+                                    Some(format!("{field}.detector")),
+                                    format!(
+                                        "no detector `{name}`; built in: {}; or declare it as a [[pattern]]",
+                                        BUILTIN.join(", ")
+                                    ),
+                                ))
+                            }
+                        },
+                    };
+                    detectors.push(det);
+                    detector_rules.push(super::profile::DetectorRule {
+                        op,
+                        entity: entity(&explicit.unwrap_or(default_entity)),
+                    });
+                }
+                _ => {
+                    return Err(err(
+                        Some(rspan),
+                        Some(field),
+                        "a rule has either `path` or `detector`".into(),
+                    ))
+                }
+            }
+        }
+        for (name, (_, _)) in &patterns {
+            if !detectors.iter().any(|d| &d.name == name) {
+                let span = raw
+                    .pattern
+                    .iter()
+                    .find(|p| p.get_ref().name.get_ref() == name)
+                    .map(|p| p.span());
+                return Err(err(
+                    span,
+                    Some("pattern".into()),
+                    format!("pattern `{name}` is declared but no rule uses it"),
+                ));
+            }
+        }
+
+        let mut headers = Vec::new();
+        for (i, h) in raw.header.iter().enumerate() {
+            let h = h.get_ref();
+            let field = format!("header[{i}]");
+            let name = h.name.get_ref().to_ascii_lowercase();
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(err(
+                    Some(h.name.span()),
+                    Some(format!("{field}.name")),
+                    "not a valid header name".into(),
+                ));
+            }
+            let op = parse_op(raw_op!(h), &field)?;
+            if op == Op::Keep {
+                return Err(err(
+                    Some(h.op.span()),
+                    Some(format!("{field}.op")),
+                    "headers are kept unless a rule masks them".into(),
+                ));
+            }
+            let ent = match &h.entity {
+                Some(e) => check_entity(e, format!("{field}.entity"))?,
+                None => "HEADER".into(),
+            };
+            headers.push(HeaderRule {
+                name,
+                op,
+                entity: entity(&ent),
+            });
+        }
+
+        let mut pass_through = Vec::new();
+        for (i, t) in raw.pass_through.iter().flatten().enumerate() {
+            let v = t.get_ref().trim().to_ascii_lowercase();
+            let ok = v
+                .split_once('/')
+                .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && !v.contains(';'));
+            if !ok || super::body_kind(Some(&v)).is_some() {
+                return Err(err(
+                    Some(t.span()),
+                    Some(format!("pass_through[{i}]")),
+                    if ok {
+                        "JSON and NDJSON are always masked; they cannot pass through".into()
+                    } else {
+                        "a media type like \"text/plain\" or \"image/*\"".into()
+                    },
+                ));
+            }
+            pass_through.push(v);
+        }
+        let restricted_zip3 = match &raw.restricted_zip3 {
+            None => RESTRICTED_ZIP3.iter().map(|s| s.to_string()).collect(),
+            Some(list) => {
+                let mut v = Vec::new();
+                for (i, z) in list.iter().enumerate() {
+                    let s = z.get_ref();
+                    if s.len() != 3 || !s.bytes().all(|b| b.is_ascii_digit()) {
+                        return Err(err(
+                            Some(z.span()),
+                            Some(format!("restricted_zip3[{i}]")),
+                            "three digits".into(),
+                        ));
+                    }
+                    v.push(s.clone());
+                }
+                v
+            }
+        };
+        let dfa = PathDfa::new(rules.iter().map(|r| r.path.clone()).collect());
+        Ok(Profile {
+            name: stem,
+            description: raw.description.unwrap_or_default(),
+            pass_through,
+            pass_unparsable: raw.pass_unparsable,
+            rules,
+            dfa,
+            detectors: Detectors::new(detectors),
+            detector_rules,
+            headers,
+            placeholders: entities
+                .iter()
+                .map(|e| {
+                    let mut v = Vec::new();
+                    super::json::write_str(&mut v, &super::ops::placeholder(e));
+                    v
+                })
+                .collect(),
+            entities,
+            restricted_zip3,
+            file_hash: hex::encode(Sha256::digest(text.as_bytes())),
+        })
+    }
+
+    /// Whether a content type (`type/subtype`, parameters ignored) passes unmasked.
+    pub fn passes_through(&self, content_type: Option<&str>) -> bool {
+        let Some(ct) = content_type else { return false };
+        let media = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        self.pass_through
+            .iter()
+            .any(|p| match p.strip_suffix("/*") {
+                Some(top) => media.split('/').next() == Some(top),
+                None => *p == media || p == "*/*",
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Profile, ProfileError> {
+        Profile::parse(Path::new("/p/profiles/test.toml"), text)
+    }
+
+    #[test]
+    fn a_profile_parses() {
+        let p = parse(
+            r#"
+description = "t"
+pass_through = ["text/plain", "image/*"]
+[[rule]]
+path = "$..name"
+op = "redact"
+[[rule]]
+path = "$..birthDate"
+op = "generalize_date"
+max_age = 89
+[[rule]]
+detector = "ssn"
+op = "partial"
+keep_last = 4
+[[rule]]
+detector = "mrn"
+op = "pseudonymize"
+[[pattern]]
+name = "mrn"
+regex = 'MRN[0-9]{6}'
+[[header]]
+name = "X-Patient"
+op = "drop"
+"#,
+        )
+        .unwrap();
+        assert_eq!(p.name, "test");
+        assert_eq!(p.rules.len(), 2);
+        assert_eq!(p.detectors.len(), 2);
+        assert_eq!(
+            p.entities,
+            vec!["NAME", "BIRTHDATE", "SSN", "MRN", "HEADER"]
+        );
+        assert_eq!(p.headers[0].name, "x-patient");
+        assert!(p.passes_through(Some("text/plain; charset=utf-8")));
+        assert!(p.passes_through(Some("image/png")));
+        assert!(!p.passes_through(Some("text/html")));
+        assert!(!p.passes_through(None));
+    }
+
+    #[test]
+    fn errors_name_line_and_field() {
+        let cases = [
+            ("[[rule]]\npath = \"$..a\"\nop = \"scramble\"\n", 3, "rule[0].op", "not an operator"),
+            ("[[rule]]\npath = \"$..a[-1]\"\nop = \"redact\"\n", 2, "rule[0].path", "negative"),
+            ("[[rule]]\ndetector = \"dna\"\nop = \"redact\"\n", 2, "rule[0].detector", "no detector"),
+            ("[[rule]]\npath = \"$.a\"\nop = \"redact\"\nkeep_last = 2\n", 4, "rule[0].keep_last", "partial"),
+            ("[[rule]]\nop = \"redact\"\n", 1, "rule[0]", "either"),
+            ("[[rule]]\ndetector = \"ssn\"\nop = \"drop\"\n", 3, "rule[0].op", "inside its text"),
+            ("[[pattern]]\nname = \"m\"\nregex = \"(\"\n[[rule]]\ndetector = \"m\"\nop = \"redact\"\n", 3, "pattern[0].regex", ""),
+            ("pass_through = [\"application/json\"]\n", 1, "pass_through[0]", "always masked"),
+            ("name = \"other\"\n", 1, "name", "file name"),
+            ("[[rule]]\npath = \"$\"\nop = \"redact\"\n", 2, "rule[0].path", "whole document"),
+            ("[[rule]]\npath = \"$.a\"\nop = \"redact\"\nentity = \"a b\"\n", 4, "rule[0].entity", "letters"),
+        ];
+        for (text, line, field, needle) in cases {
+            let e = parse(text).unwrap_err();
+            assert_eq!(e.line, Some(line), "{text}: {e}");
+            assert_eq!(e.field.as_deref(), Some(field), "{text}: {e}");
+            assert!(e.message.contains(needle), "{text}: {e}");
+            assert!(
+                e.to_string()
+                    .starts_with(&format!("/p/profiles/test.toml:{line}: {field}: ")),
+                "{e}"
+            );
+        }
+        let e = parse("[[rule]]\npath = \"$.a\"\nop = \"redact\"\nwhat = 1\n").unwrap_err();
+        assert_eq!(e.line, Some(4), "{e}");
+        assert!(e.message.contains("what"), "{e}");
+    }
+
+    #[test]
+    fn the_set_loads_from_the_policies_dir_and_hashes() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(ProfileSet::load(d.path()).unwrap().is_empty());
+        std::fs::create_dir(d.path().join("profiles")).unwrap();
+        std::fs::write(
+            d.path().join("profiles/a.toml"),
+            "[[rule]]\npath = \"$..name\"\nop = \"redact\"\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("profiles/README.md"), "ignored").unwrap();
+        let s1 = ProfileSet::load(d.path()).unwrap();
+        assert_eq!(s1.names().collect::<Vec<_>>(), vec!["a"]);
+        std::fs::write(
+            d.path().join("profiles/a.toml"),
+            "[[rule]]\npath = \"$..name\"\nop = \"drop\"\n",
+        )
+        .unwrap();
+        let s2 = ProfileSet::load(d.path()).unwrap();
+        assert_ne!(s1.hash(), s2.hash());
+        assert_eq!(s2.hash().len(), 64);
+        std::fs::write(d.path().join("profiles/b.toml"), "[[rule]]\n").unwrap();
+        let e = ProfileSet::load(d.path()).unwrap_err();
+        assert!(e.file.ends_with("b.toml"), "{e}");
+    }
+
+    #[test]
+    fn the_shipped_profiles_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let set = ProfileSet::load(&dir).unwrap_or_else(|e| panic!("{e}"));
+        assert!(set.get("safe_harbor").is_some());
+        assert!(set.get("minimum_necessary_billing").is_some());
+    }
+}

@@ -1,0 +1,195 @@
+//! PHI masking through the real redirect: synthetic FHIR patients whose identifiers
+//! are all known go through phigate under `safe_harbor`; none of those strings may
+//! reach the client, nor any record (the Parquet files, read with DuckDB).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use phigate_e2e::*;
+use serde_json::Value;
+
+const UP: &str = "127.0.0.2:9443";
+
+struct Masked {
+    w: World,
+    _upstream: Background,
+    identifiers: Vec<String>,
+}
+
+fn start(tag: &str) -> Masked {
+    let mut w = World::new(tag);
+    let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
+    // The data: a Bundle, a bulk export, one Patient, a text file.
+    let files = w.path("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let (bundle, mut identifiers) = fhir::bundle(42, 12);
+    std::fs::write(
+        files.join("bundle.json"),
+        serde_json::to_vec_pretty(&bundle).unwrap(),
+    )
+    .unwrap();
+    let mut ndjson = Vec::new();
+    for i in 100..130 {
+        let p = fhir::patient(42, i);
+        for r in &p.resources {
+            ndjson.extend(serde_json::to_vec(r).unwrap());
+            ndjson.push(b'\n');
+        }
+        identifiers.extend(p.identifiers);
+    }
+    std::fs::write(files.join("export.ndjson"), ndjson).unwrap();
+    let one = fhir::patient(42, 200);
+    std::fs::write(
+        files.join("patient.json"),
+        serde_json::to_vec(&one.resources[0]).unwrap(),
+    )
+    .unwrap();
+    identifiers.extend(one.identifiers);
+    std::fs::write(files.join("note.txt"), "plain text").unwrap();
+    // The shipped profiles.
+    let profiles = w.path("policies/profiles");
+    std::fs::create_dir_all(&profiles).unwrap();
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/profiles");
+    for f in std::fs::read_dir(shipped).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, profiles.join(f.file_name().unwrap())).unwrap();
+    }
+    let upstream = node_upstream(
+        &w,
+        "127.0.0.2",
+        9443,
+        Some(&pki),
+        &["--files", files.to_str().unwrap()],
+    );
+    // A small buffer: the Bundle and the export stream, the Patient is buffered.
+    w.write_config(&format!(
+        "{}\n[masking]\nbuffer_bytes = 16384\nrecord_body_bytes = 1000000\n\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\nmask_profile = \"safe_harbor\"\n",
+        w.agent_section(""),
+        pki.ca.display()
+    ));
+    w.start_agent(false);
+    Masked {
+        w,
+        _upstream: upstream,
+        identifiers,
+    }
+}
+
+fn curl(m: &Masked, args: &[&str]) -> (String, String) {
+    let ca = m.w.path("state/ca.pem").display().to_string();
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "--max-time",
+        "30",
+        "--cacert",
+        ca.as_str(),
+        "-D",
+        "/dev/stderr",
+    ];
+    argv.extend_from_slice(args);
+    let out = output(m.w.inside(), &argv);
+    (stdout(&out), stderr(&out))
+}
+
+fn assert_no_identifier(m: &Masked, what: &str, text: &str) {
+    for id in &m.identifiers {
+        assert!(
+            !text.contains(id.as_str()),
+            "{what}: identifier {id:?} leaked"
+        );
+    }
+}
+
+#[test]
+fn no_known_identifier_reaches_the_client_or_the_records() {
+    let m = start("mask-leak");
+    let cases = [
+        ("/files/bundle.json", false),
+        ("/files/bundle.json?gzip=1", false),
+        ("/files/bundle.json?br=1&chunked=1", false),
+        ("/files/export.ndjson?chunked=1", true),
+        ("/files/export.ndjson?gzip=1", true),
+        ("/files/patient.json", false),
+    ];
+    for (path, ndjson) in cases {
+        let (body, head) = curl(&m, &["--compressed", &format!("https://{UP}{path}")]);
+        assert!(head.starts_with("HTTP/2 200"), "{path}: {head}\n{body}");
+        assert!(
+            !head.to_lowercase().contains("content-encoding"),
+            "{path}: sent decoded: {head}"
+        );
+        assert!(head.contains("etag: W/\"v1\""), "{path}: weak etag: {head}");
+        assert_no_identifier(&m, path, &body);
+        if ndjson {
+            for line in body.lines() {
+                serde_json::from_str::<Value>(line)
+                    .unwrap_or_else(|e| panic!("{path}: {e}: {line}"));
+            }
+        } else {
+            serde_json::from_str::<Value>(&body).unwrap_or_else(|e| panic!("{path}: {e}"));
+        }
+        assert!(body.contains("[REDACTED:NAME]"), "{path}: masked");
+    }
+    // The buffered Patient has an exact length.
+    let (_, head) = curl(&m, &[&format!("https://{UP}/files/patient.json")]);
+    assert!(head.contains("content-length:"), "{head}");
+
+    // A content type the profile does not know: refused, never raw.
+    let (body, head) = curl(&m, &[&format!("https://{UP}/files/note.txt")]);
+    assert!(head.starts_with("HTTP/2 502"), "{head}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "masking_failed", "{v}");
+    assert!(!body.contains("plain text"));
+
+    let recs = m.w.wait_records("requests", cases.len() + 2);
+    for r in &recs {
+        assert_eq!(r["masking_profile"], "safe_harbor", "{r}");
+        assert_eq!(r["masking_set_hash"].as_str().unwrap().len(), 64, "{r}");
+    }
+    let ok: Vec<&Value> = recs.iter().filter(|r| r["status"] == 200).collect();
+    assert_eq!(ok.len(), cases.len() + 1);
+    for r in &ok {
+        assert_eq!(r["outcome"], "complete", "{r}");
+        assert!(
+            r["response_body"]
+                .as_str()
+                .unwrap()
+                .contains("[REDACTED:NAME]"),
+            "{r}"
+        );
+        assert!(r["masking_counts"].to_string().contains("NAME"), "{r}");
+    }
+    let refused = recs.iter().find(|r| r["status"] == 502).unwrap();
+    assert_eq!(refused["outcome"], "masking_failed", "{refused}");
+
+    // Every row of every table, as DuckDB reads the Parquet files.
+    let mut m = m;
+    assert!(m.w.sigterm(Duration::from_secs(20)).success());
+    let script = r#"
+import duckdb, sys, glob
+records = sys.argv[1]
+c = duckdb.connect()
+for table in ["requests", "connections", "events"]:
+    files = glob.glob(f"{records}/{table}/*/*.parquet")
+    if not files:
+        continue
+    cur = c.execute(f"SELECT * FROM read_parquet('{records}/{table}/*/*.parquet', union_by_name = true)")
+    for row in cur.fetchall():
+        print(repr(row))
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script])
+        .arg(m.w.records_dir())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let rows = stdout(&out);
+    assert!(
+        rows.contains("REDACTED:NAME"),
+        "the masked bodies are in the records"
+    );
+    assert!(rows.lines().count() >= cases.len() + 2);
+    assert_no_identifier(&m, "records", &rows);
+}
