@@ -414,11 +414,22 @@ fn approvals(
         Some(s) => s,
         None => Config::load(config)?.admin.socket,
     };
-    let (req, list) = match command {
-        ApprovalsCommand::List => (AdminRequest::List, true),
-        ApprovalsCommand::Show { id } => (AdminRequest::Show { id }, false),
-        ApprovalsCommand::Approve { id, reason } => (AdminRequest::Approve { id, reason }, false),
-        ApprovalsCommand::Deny { id, reason } => (AdminRequest::Deny { id, reason }, false),
+    #[derive(PartialEq)]
+    enum Show {
+        List,
+        Full,
+        Decided(&'static str),
+    }
+    let (req, show) = match command {
+        ApprovalsCommand::List => (AdminRequest::List, Show::List),
+        ApprovalsCommand::Show { id } => (AdminRequest::Show { id }, Show::Full),
+        ApprovalsCommand::Approve { id, reason } => (
+            AdminRequest::Approve { id, reason },
+            Show::Decided("approved"),
+        ),
+        ApprovalsCommand::Deny { id, reason } => {
+            (AdminRequest::Deny { id, reason }, Show::Decided("denied"))
+        }
     };
     let resp = crate::admin::call(&socket, &req)?;
     if !resp.ok {
@@ -429,7 +440,18 @@ fn approvals(
         );
         return Ok(ExitCode::from(1));
     }
-    if list {
+    if let Show::Decided(verb) = show {
+        for a in &resp.approvals {
+            println!(
+                "{verb} {} as {}: the approval is now {} ({} of {} approvals)",
+                a.id,
+                resp.reviewer,
+                a.state.as_str(),
+                a.approvals.len(),
+                a.quorum
+            );
+        }
+    } else if show == Show::List {
         if resp.approvals.is_empty() {
             println!("no open approvals for {}", resp.reviewer);
         }

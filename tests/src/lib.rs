@@ -292,10 +292,17 @@ impl World {
             "/sys/fs/bpf/{}",
             unique(&format!("phigate-test-{tag}"))
         ));
+        let dir = tempfile::tempdir().unwrap();
+        // Traversable by the unprivileged users tests run clients and reviewers as;
+        // what phigate keeps private (state, records) it creates 0700 itself.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
         let w = World {
             netns,
             cgroup,
-            dir: tempfile::tempdir().unwrap(),
+            dir,
             pin_dir,
             agent: None,
             agent_env: Vec::new(),

@@ -11,6 +11,7 @@
 //   GET  /trailers         a body followed by trailers x-checksum
 //   GET  /slow?ms=N        answers after N ms
 //   GET  /stats            {"connections": n, "requests": n}
+//   GET  /fhir/TYPE/ID     --files DIR's TYPE-ID.json (TYPE-export.ndjson for $export)
 //   GET  /files/NAME       a file of --files DIR; content type by extension (.json:
 //                          application/fhir+json, .ndjson: application/fhir+ndjson,
 //                          else text/plain); ?gzip=1 / ?br=1 encoded; ?chunked=1
@@ -133,8 +134,15 @@ function handler(req, res) {
     default:
       break;
   }
-  if (url.pathname.startsWith('/files/') && args.files) {
-    const name = url.pathname.slice('/files/'.length).replace(/[^A-Za-z0-9._-]/g, '');
+  // A FHIR-shaped view of --files: /fhir/Patient/123 -> Patient-123.json,
+  // /fhir/Patient/$export -> Patient-export.ndjson.
+  let fhirName = null;
+  if (url.pathname.startsWith('/fhir/') && args.files) {
+    const rest = url.pathname.slice('/fhir/'.length).replace(/\$/g, '').split('/').join('-');
+    fhirName = rest.endsWith('export') ? `${rest}.ndjson` : `${rest}.json`;
+  }
+  if ((url.pathname.startsWith('/files/') || fhirName) && args.files) {
+    const name = (fhirName || url.pathname.slice('/files/'.length)).replace(/[^A-Za-z0-9._-]/g, '');
     let body;
     try { body = fs.readFileSync(require('path').join(args.files, name)); } catch (e) {
       res.statusCode = 404; res.end('no such file'); return;

@@ -26,6 +26,7 @@ fn check_interrupt() -> anyhow::Result<()> {
 }
 
 const UPSTREAM: &str = "127.0.0.2:9443";
+const IDP: &str = "127.0.0.1:9600";
 const CA_NAME: &str = "phigate-demo-ca";
 
 pub fn run() -> anyhow::Result<()> {
@@ -57,8 +58,12 @@ struct Demo {
     cgroup: PathBuf,
     config: PathBuf,
     upstream: Option<Child>,
+    idp: Option<Child>,
     agent: Option<Child>,
     ca_installed: bool,
+    /// Users and groups the tour created (removed at the end).
+    created_users: Vec<String>,
+    created_groups: Vec<String>,
 }
 
 fn banner(s: &str) {
@@ -80,28 +85,38 @@ impl Demo {
             dir,
             cgroup,
             upstream: None,
+            idp: None,
             agent: None,
             ca_installed: false,
+            created_users: Vec::new(),
+            created_groups: Vec::new(),
         })
     }
 
     fn tour(&mut self) -> anyhow::Result<()> {
         banner(&format!(
-            "1. a demo patient API over TLS on {UPSTREAM} (its own CA, as a real API has)"
+            "1. a FHIR patient API over TLS on {UPSTREAM} (its own CA, as a real API has)"
         ));
         self.start_upstream()?;
         check_interrupt()?;
 
-        banner("2. phigate: config protecting that API, programs attached to a demo cgroup");
+        banner(&format!(
+            "2. an OpenID Connect provider on {IDP} issuing tokens to a clinician app and a billing app"
+        ));
+        self.start_idp()?;
+        check_interrupt()?;
+
+        banner("3. phigate with the shipped policies (policies/): Cedar rules, masking profiles, approval rules");
         std::fs::create_dir_all(&self.cgroup)
             .with_context(|| format!("creating {}", self.cgroup.display()))?;
         self.write_config()?;
+        let out = Command::new(&self.bin)
+            .args(["policy", "check", "--config"])
+            .arg(&self.config)
+            .output()?;
+        say(String::from_utf8_lossy(&out.stdout).trim());
         say(&format!("protected cgroup: {}", self.cgroup.display()));
-        say(&format!("config: {}", self.config.display()));
         self.start_agent()?;
-        check_interrupt()?;
-
-        banner("3. the host trusts phigate's CA (the only change clients need)");
         let out = Command::new(&self.bin)
             .args(["ca", "install", "--name", CA_NAME, "--config"])
             .arg(&self.config)
@@ -113,121 +128,104 @@ impl Demo {
             );
         }
         self.ca_installed = true;
-        say(String::from_utf8_lossy(&out.stdout).trim());
+        say("the host trusts phigate's CA: the only change clients need");
         check_interrupt()?;
 
-        banner(&format!(
-            "4. an unchanged client in the protected cgroup: curl https://{UPSTREAM}/json"
-        ));
-        let body = self.in_cgroup(&[
+        banner(
+            "4. a clinician reads patient 123: allowed by policy, masked by the `clinical` profile",
+        );
+        let token = self.token("clinician-app")?;
+        let client = self.in_cgroup(&[
             "curl",
             "-sS",
-            "--http2",
             "--max-time",
             "10",
-            &format!("https://{UPSTREAM}/json?bytes=200"),
-        ])?;
-        say(&format!("response: {}", truncate(&body, 160)));
-        let rec = self.wait_record("requests", 1)?;
-        let conn = self.wait_connection(rec["connection_id"].as_str().unwrap_or_default())?;
-        say("what phigate saw and recorded:");
-        say(&format!(
-            "  redirected        yes: original destination {}",
-            rec["original_dst"].as_str().unwrap_or("?")
-        ));
-        say(&format!(
-            "  caller            pid {} uid {} ({}) comm {}",
-            rec["pid"],
-            rec["uid"],
-            rec["user"].as_str().unwrap_or("?"),
-            rec["comm"].as_str().unwrap_or("?")
-        ));
-        say(&format!(
-            "  executable        {} sha256 {}",
-            rec["exe_path"].as_str().unwrap_or("?"),
-            truncate(rec["exe_sha256"].as_str().unwrap_or("?"), 16)
-        ));
-        say(&format!(
-            "  cgroup            {}",
-            rec["cgroup_path"].as_str().unwrap_or("?")
-        ));
-        say(&format!(
-            "  client TLS        {} ALPN {} SNI {}",
-            rec["tls_version"].as_str().unwrap_or("?"),
-            rec["alpn"].as_str().unwrap_or("?"),
-            rec["sni"]
-                .as_str()
-                .unwrap_or("(none: IP address, certificate minted for the IP)")
-        ));
-        say(&format!(
-            "  upstream TLS      {} verified, certificate subject {}",
-            rec["upstream_tls_version"].as_str().unwrap_or("?"),
-            rec["upstream_cert_subject"].as_str().unwrap_or("?")
-        ));
-        say(&format!(
-            "  request           {} {} -> {} in {:.1} ms, {} bytes back",
-            rec["method"].as_str().unwrap_or("?"),
-            rec["path"].as_str().unwrap_or("?"),
-            rec["status"],
-            rec["latency_ms"].as_f64().unwrap_or(0.0),
-            rec["response_bytes"]
-        ));
-        say(&format!(
-            "  connection        {} bytes up, {} bytes down, outcome {}",
-            conn["bytes_up"],
-            conn["bytes_down"],
-            conn["outcome"].as_str().unwrap_or("?")
-        ));
-        check_interrupt()?;
-
-        banner(&format!(
-            "4b. a read of patient 123: GET https://{UPSTREAM}/fhir/Patient/123"
-        ));
-        let status = self.in_cgroup(&[
-            "curl",
-            "-sS",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "--max-time",
-            "10",
+            "-H",
+            &format!("authorization: Bearer {token}"),
             &format!("https://{UPSTREAM}/fhir/Patient/123"),
         ])?;
+        let raw = self.upstream_direct("/fhir/Patient/123")?;
+        let (raw, client): (Value, Value) = (
+            serde_json::from_str(&raw).context("the API's answer")?,
+            serde_json::from_str(&client).with_context(|| format!("phigate's answer: {client}"))?,
+        );
         say(&format!(
-            "status {status}; recorded with the patient id pseudonymized"
+            "{:<22} {:<34} {}",
+            "field", "at the API (raw)", "at the client"
+        ));
+        for (label, ptr) in [
+            ("SSN", "/identifier/0/value"),
+            ("medical record no.", "/identifier/1/value"),
+            ("name", "/name/0/family"),
+            ("birth date", "/birthDate"),
+        ] {
+            say(&format!(
+                "{label:<22} {:<34} {}",
+                raw.pointer(ptr).map(|v| v.to_string()).unwrap_or_default(),
+                client
+                    .pointer(ptr)
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "(removed)".into())
+            ));
+        }
+        let rec = self.wait_request(|r| {
+            r["path"]
+                .as_str()
+                .is_some_and(|p| p.starts_with("/fhir/Patient/p:"))
+        })?;
+        say(&format!(
+            "recorded: {} by {} ({}), policies {}, profile {}, masked {}",
+            rec["decision"].as_str().unwrap_or("?"),
+            rec["oidc_subject"].as_str().unwrap_or("?"),
+            rec["oidc_groups"],
+            rec["policy_ids"],
+            rec["masking_profile"].as_str().unwrap_or("-"),
+            rec["masking_counts"]
+        ));
+        say(&format!(
+            "the path is recorded as {} (the patient id as a keyed pseudonym)",
+            rec["path"].as_str().unwrap_or("?")
         ));
         check_interrupt()?;
 
-        banner("5. the same client outside the protected cgroup is not redirected");
-        let out = Command::new("curl")
-            .args([
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "10",
-                "--cacert",
-            ])
-            .arg(self.dir.join("upstream-ca.pem"))
-            .arg(format!("https://{UPSTREAM}/json?bytes=200"))
-            .output()?;
-        say(&format!(
-            "status {} straight from the API (its own certificate); records still: {}",
-            String::from_utf8_lossy(&out.stdout),
-            self.records("requests").len()
-        ));
+        banner("5. billing reads the same patient: denied (billing may read Coverage only)");
+        let token = self.token("billing-app")?;
+        let denied = self.in_cgroup(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            " (HTTP %{http_code})",
+            "-H",
+            &format!("authorization: Bearer {token}"),
+            &format!("https://{UPSTREAM}/fhir/Patient/123"),
+        ])?;
+        say(&format!("billing-app: {}", denied.trim()));
+        let anonymous = self.in_cgroup(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            " (HTTP %{http_code})",
+            &format!("https://{UPSTREAM}/fhir/Patient/123"),
+        ])?;
+        say(&format!("no token:    {}", anonymous.trim()));
+        check_interrupt()?;
 
-        banner("6. phigate stops: SIGTERM drains; the programs stay pinned (fail closed)");
+        banner("6. the nightly export job asks for $export: held until a privacy officer approves");
+        self.export_with_approval()?;
+        check_interrupt()?;
+
+        banner("7. phigate stops: SIGTERM drains; the programs stay pinned (fail closed)");
         self.stop_agent()?;
         let r = self.in_cgroup(&[
             "curl",
             "-sS",
             "--max-time",
             "5",
-            &format!("https://{UPSTREAM}/json"),
+            &format!("https://{UPSTREAM}/fhir/Patient/123"),
         ]);
         say(&match r {
             Ok(_) => "unexpected: the API answered while phigate was down".to_owned(),
@@ -240,9 +238,83 @@ impl Demo {
         self.audit()
     }
 
+    /// The export job (its own unit and user) waits; a reviewer (a local user in the
+    /// rule's group) approves through the admin socket; the export completes masked.
+    fn export_with_approval(&mut self) -> anyhow::Result<()> {
+        self.ensure_group("privacy-officers")?;
+        self.ensure_user("fhir-export", None)?;
+        self.ensure_user("privacy-demo", Some("privacy-officers"))?;
+        let unit = self.cgroup.join("fhir-export.service");
+        std::fs::create_dir_all(&unit)?;
+        let procs = unit.join("cgroup.procs");
+        let job = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec setpriv --reuid=fhir-export --regid=fhir-export --init-groups \"$@\"",
+                procs.display()
+            ))
+            .args(["sh", "curl", "-sS", "--max-time", "60", "-w", "\n%{http_code}"])
+            .arg(format!("https://{UPSTREAM}/fhir/Patient/$export"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        say("fhir-export.service (user fhir-export): GET /fhir/Patient/$export ... waiting");
+        let t = Instant::now();
+        let id = loop {
+            check_interrupt()?;
+            let list = self.as_user("privacy-demo", &["approvals", "list"])?;
+            if let Some(line) = list.lines().find(|l| l.contains("$export")) {
+                say("privacy-demo$ phigate approvals list");
+                say(&format!("  {}", line.trim()));
+                break line
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or_default()
+                    .to_owned();
+            }
+            if t.elapsed() > Duration::from_secs(15) {
+                bail!("the export was not held for approval: {list}");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        std::thread::sleep(Duration::from_millis(800));
+        let reason = "monthly registry report, ticket PRIV-1042";
+        say(&format!(
+            "privacy-demo$ phigate approvals approve {id} --reason \"{reason}\""
+        ));
+        let out = self.as_user(
+            "privacy-demo",
+            &["approvals", "approve", &id, "--reason", reason],
+        )?;
+        say(&format!(
+            "  {}",
+            truncate(out.lines().next().unwrap_or(""), 100)
+        ));
+        let done = job.wait_with_output()?;
+        let text = String::from_utf8_lossy(&done.stdout).into_owned();
+        let (body, status) = text.rsplit_once('\n').unwrap_or(("", &text));
+        let first = body.lines().next().unwrap_or_default().to_owned();
+        say(&format!(
+            "the job's request completed: HTTP {status}, the export masked by `safe_harbor`:"
+        ));
+        say(&format!("  {}", truncate(&first, 190)));
+        let rec =
+            self.wait_request(|r| r["approval_id"] == id.as_str() && r["decision"] == "approved")?;
+        say(&format!(
+            "recorded: decision {}, approval {}, approvers {}, reason \"{}\", unit {}, user {}",
+            rec["decision"].as_str().unwrap_or("?"),
+            truncate(rec["approval_id"].as_str().unwrap_or("?"), 13),
+            rec["approvers"],
+            rec["approval_reason"].as_str().unwrap_or("?"),
+            rec["systemd_unit"].as_str().unwrap_or("?"),
+            rec["user"].as_str().unwrap_or("?")
+        ));
+        Ok(())
+    }
+
     /// The auditor's side: verify the records, then ask DuckDB who accessed a patient.
     fn audit(&self) -> anyhow::Result<()> {
-        banner("7. the auditor: `phigate audit verify`, then DuckDB over the Parquet records");
+        banner("8. the auditor: `phigate audit verify`, then DuckDB over the Parquet records");
         let config = self.config.to_str().unwrap_or_default();
         let out = Command::new(&self.bin)
             .args(["audit", "verify", "--config", config])
@@ -264,12 +336,19 @@ impl Demo {
             "patient 123 appears in the records only as its keyed pseudonym {patient}"
         ));
         let sql = format!(
-            "SELECT strftime(start_time, '%H:%M:%S') AS time, user, comm, method, path, status, decision \
-             FROM requests WHERE list_contains(patient_refs, '{patient}') ORDER BY start_time"
+            "SELECT strftime(start_time, '%H:%M:%S') AS time, coalesce(oidc_subject, user) AS who, systemd_unit AS unit, \
+             method, path, status, decision, policy_ids, masking_profile AS masked_by, approvers \
+             FROM requests WHERE list_contains(patient_refs, '{patient}') OR path LIKE '%$export' ORDER BY start_time"
         );
-        say("who accessed patient 123 (docs/queries/patient_access.sql does this by date range):");
-        say(&format!("  {sql}"));
+        say("every access to patient 123 and every export, with who decided (docs/queries/patient_access.sql, decisions.sql):");
         for l in self.duckdb(&sql)?.lines() {
+            say(l);
+        }
+        let sql =
+            "SELECT strftime(time, '%H:%M:%S') AS time, state, rule, requester, reviewer, reason \
+                   FROM approvals ORDER BY time";
+        say("the approval, step by step (the approvals table):");
+        for l in self.duckdb(sql)?.lines() {
             say(l);
         }
         say("every query in docs/queries works the same way; see README, Audit with DuckDB");
@@ -280,6 +359,24 @@ impl Demo {
         let d = &self.dir;
         let Pki { ca, cert, key } =
             make_pki(d, "demo API CA", "IP:127.0.0.2,DNS:patients.demo.test")?;
+        let files = d.join("fhir");
+        std::fs::create_dir_all(&files)?;
+        std::fs::write(
+            files.join("Patient-123.json"),
+            patient("123", "Chalmers", "Peter", "123-45-6789", "1974-12-25").to_string(),
+        )?;
+        let export: Vec<String> = [
+            ("123", "Chalmers", "Peter", "123-45-6789", "1974-12-25"),
+            ("124", "Windsor", "Amy", "987-65-4329", "1931-03-02"),
+            ("125", "Okafor", "Chidi", "219-09-9999", "1988-07-14"),
+        ]
+        .iter()
+        .map(|(id, f, g, ssn, b)| patient(id, f, g, ssn, b).to_string())
+        .collect();
+        std::fs::write(
+            files.join("Patient-export.ndjson"),
+            export.join("\n") + "\n",
+        )?;
         let log = std::fs::File::create(d.join("upstream.log"))?;
         let child = Command::new("node")
             .arg(root_dir().join("tests/upstream/server.js"))
@@ -287,6 +384,8 @@ impl Demo {
             .arg(&cert)
             .arg("--key")
             .arg(&key)
+            .arg("--files")
+            .arg(&files)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -302,7 +401,9 @@ impl Demo {
     }
 
     fn write_config(&self) -> anyhow::Result<()> {
-        crate::util::allow_all_policies(&self.dir.join("policies"))?;
+        // The shipped policies, as an operator installs them.
+        let policies = self.dir.join("policies");
+        copy_dir(&root_dir().join("policies"), &policies)?;
         let d = self.dir.display();
         std::fs::write(
             &self.config,
@@ -316,8 +417,17 @@ cgroup = "{cg}"
 bpf_pin_dir = "/sys/fs/bpf/phigate-demo"
 fail_mode = "closed"
 
+[admin]
+socket = "{d}/admin.sock"
+
 [records]
 rotate_secs = 0.5   # the tour reads its records at once; hosts keep the default 60
+
+[[oidc.issuers]]
+issuer = "https://{IDP}"
+audiences = ["patients-api"]
+ca_file = "{d}/idp/ca.pem"
+group_map = {{ "fhir-clinicians" = "clinicians" }}
 
 [[destinations]]
 name = "patients-api"
@@ -329,6 +439,141 @@ upstream_ca = "{d}/upstream-ca.pem"
             ),
         )?;
         Ok(())
+    }
+
+    /// The OIDC provider of the tests (tests/node: the `oidc-provider` package).
+    fn start_idp(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.join("idp");
+        std::fs::create_dir_all(&d)?;
+        let Pki { ca, cert, key } = make_pki(&d, "demo IdP CA", "IP:127.0.0.1")?;
+        std::fs::copy(&ca, d.join("ca.pem"))?;
+        let script = root_dir().join("tests/node/oidc-provider.mjs");
+        let log = std::fs::File::create(d.join("idp.log"))?;
+        let child = Command::new("node")
+            .arg(&script)
+            .args(["--port", "9600", "--cert"])
+            .arg(&cert)
+            .arg("--key")
+            .arg(&key)
+            .arg("--keys")
+            .arg(d.join("keys.json"))
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the OIDC provider (`cargo xtask setup` installs it)")?;
+        self.idp = Some(child);
+        wait_port(IDP, Duration::from_secs(15))?;
+        say("issuer https://127.0.0.1:9600; clients clinician-app (group fhir-clinicians), billing-app (group billing)");
+        Ok(())
+    }
+
+    /// A client-credentials access token for `client`.
+    fn token(&self, client: &str) -> anyhow::Result<String> {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(self.dir.join("idp/ca.pem"))
+            .arg(format!("https://{IDP}/token"))
+            .args([
+                "-d",
+                "grant_type=client_credentials",
+                "-d",
+                &format!("client_id={client}"),
+                "-d",
+                "client_secret=secret",
+                "-d",
+                "resource=https://patients-api",
+            ])
+            .output()?;
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .with_context(|| format!("token response: {}", String::from_utf8_lossy(&out.stdout)))?;
+        v["access_token"]
+            .as_str()
+            .map(str::to_owned)
+            .with_context(|| format!("no token in {v}"))
+    }
+
+    /// The API itself, outside the protected cgroup (what it really returns).
+    fn upstream_direct(&self, path: &str) -> anyhow::Result<String> {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(self.dir.join("upstream-ca.pem"))
+            .arg(format!("https://{UPSTREAM}{path}"))
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn ensure_group(&mut self, g: &str) -> anyhow::Result<()> {
+        if Command::new("getent")
+            .args(["group", g])
+            .output()?
+            .status
+            .success()
+        {
+            return Ok(());
+        }
+        crate::util::exec(Command::new("groupadd").args(["--system", g]))?;
+        self.created_groups.push(g.to_owned());
+        Ok(())
+    }
+
+    fn ensure_user(&mut self, u: &str, group: Option<&str>) -> anyhow::Result<()> {
+        if Command::new("getent")
+            .args(["passwd", u])
+            .output()?
+            .status
+            .success()
+        {
+            return Ok(());
+        }
+        let mut cmd = Command::new("useradd");
+        cmd.args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "--user-group",
+        ]);
+        if let Some(g) = group {
+            cmd.args(["--groups", g]);
+        }
+        crate::util::exec(cmd.arg(u))?;
+        self.created_users.push(u.to_owned());
+        Ok(())
+    }
+
+    /// `phigate ARGS` run as local user `u` (the admin socket knows them by uid).
+    fn as_user(&self, u: &str, args: &[&str]) -> anyhow::Result<String> {
+        let socket = self.dir.join("admin.sock");
+        let out = Command::new("setpriv")
+            .args(["--reuid", u, "--regid", u, "--init-groups"])
+            .arg(&self.bin)
+            .args(&args[..1])
+            .arg("--socket")
+            .arg(&socket)
+            .args(&args[1..])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "phigate {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The first request record `f` accepts (records land every half second).
+    fn wait_request(&self, f: impl Fn(&Value) -> bool) -> anyhow::Result<Value> {
+        let t = Instant::now();
+        loop {
+            if let Some(r) = self.records("requests").into_iter().find(|r| f(r)) {
+                return Ok(r);
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!("the expected request record did not appear");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     fn start_agent(&mut self) -> anyhow::Result<()> {
@@ -417,38 +662,6 @@ upstream_ca = "{d}/upstream-ca.pem"
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    fn wait_record(&self, table: &str, n: usize) -> anyhow::Result<Value> {
-        let t = Instant::now();
-        loop {
-            let r = self.records(table);
-            if r.len() >= n {
-                return Ok(r[n - 1].clone());
-            }
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!("no {table} record appeared");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// The connection record with this id (written when the connection closes).
-    fn wait_connection(&self, id: &str) -> anyhow::Result<Value> {
-        let t = Instant::now();
-        loop {
-            if let Some(c) = self
-                .records("connections")
-                .into_iter()
-                .find(|c| c["connection_id"] == id)
-            {
-                return Ok(c);
-            }
-            if t.elapsed() > Duration::from_secs(10) {
-                bail!("no connection record for {id}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
     fn cleanup(&mut self) {
         banner("cleaning up");
         let _ = self.stop_agent();
@@ -458,10 +671,20 @@ upstream_ca = "{d}/upstream-ca.pem"
                 .arg(&self.config)
                 .status();
         }
-        if let Some(mut u) = self.upstream.take() {
-            let _ = u.kill();
-            let _ = u.wait();
+        for mut c in [self.upstream.take(), self.idp.take()]
+            .into_iter()
+            .flatten()
+        {
+            let _ = c.kill();
+            let _ = c.wait();
         }
+        for u in self.created_users.drain(..) {
+            let _ = Command::new("userdel").arg(&u).status();
+        }
+        for g in self.created_groups.drain(..) {
+            let _ = Command::new("groupdel").arg(&g).status();
+        }
+        let _ = std::fs::remove_dir(self.cgroup.join("fhir-export.service"));
         if self.ca_installed {
             let _ = std::fs::remove_file(format!("/usr/local/share/ca-certificates/{CA_NAME}.crt"));
             let _ = Command::new("update-ca-certificates")
@@ -526,4 +749,35 @@ fn truncate(s: &str, n: usize) -> String {
     } else {
         format!("{}…", &s[..n])
     }
+}
+
+/// A synthetic FHIR Patient with the identifiers the masking profiles act on.
+fn patient(id: &str, family: &str, given: &str, ssn: &str, birth: &str) -> Value {
+    serde_json::json!({
+        "resourceType": "Patient",
+        "id": id,
+        "identifier": [
+            {"system": "http://hl7.org/fhir/sid/us-ssn", "value": ssn},
+            {"system": "urn:oid:2.16.840.1.113883.19.5", "value": format!("MRN-{id}0042")}
+        ],
+        "name": [{"family": family, "given": [given]}],
+        "telecom": [{"system": "phone", "value": "555-867-5309"}, {"system": "email", "value": format!("{}@example.org", given.to_lowercase())}],
+        "gender": "unknown",
+        "birthDate": birth,
+        "address": [{"line": ["534 Erewhon St"], "city": "Springfield", "state": "IL", "postalCode": "62704"}]
+    })
+}
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), target)?;
+        }
+    }
+    Ok(())
 }

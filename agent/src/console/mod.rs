@@ -203,6 +203,7 @@ impl Console {
     async fn login(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         let form = form(req).await;
         if form.origin.as_deref().is_some_and(|o| o != self.origin) {
+            warn!(origin = ?form.origin, expected = %self.origin, "console login from a foreign origin refused");
             return forbidden();
         }
         let name = form.fields.get("username").cloned().unwrap_or_default();
@@ -290,10 +291,14 @@ struct Form {
 
 /// A urlencoded form body (at most 16 KiB).
 async fn form(req: Request<Incoming>) -> Form {
+    // Browsers send `Origin: null` where they withhold the origin (privacy modes,
+    // some policies): that says nothing, like no header; a real foreign origin is
+    // refused, and the CSRF token stays the check that counts.
     let origin = req
         .headers()
         .get(header::ORIGIN)
         .and_then(|v| v.to_str().ok())
+        .filter(|o| *o != "null")
         .map(str::to_owned);
     let body = Limited::new(req.into_body(), 16 * 1024)
         .collect()

@@ -52,6 +52,7 @@ struct Case<'a> {
     method: &'a str,
     path: &'a str,
     query: Vec<(String, String)>,
+    clock: Clock,
 }
 
 impl Case<'_> {
@@ -65,7 +66,7 @@ impl Case<'_> {
             path: self.path,
             query: &self.query,
             headers: &[],
-            clock: NOON_MON,
+            clock: self.clock,
             has_approval: false,
         })
     }
@@ -79,13 +80,41 @@ fn case<'a>(w: Workload, t: Option<TokenIdentity>, method: &'a str, path: &'a st
         method,
         path,
         query: Vec::new(),
+        clock: NOON_MON,
     }
+}
+
+#[test]
+fn clinicians_reading_off_hours_need_an_approval() {
+    let set = PolicySet::load(&shipped_dir()).unwrap_or_else(|e| panic!("{e}"));
+    let mut c = case(
+        workload("ehr", "ehr.service"),
+        Some(token(&["clinicians"])),
+        "GET",
+        "/fhir/Patient/123",
+    );
+    c.clock = Clock {
+        hour: 22,
+        minute: 30,
+        weekday: 3,
+    };
+    let d = c.decide(&set);
+    assert!(d.allowed, "{d:?}");
+    assert_eq!(
+        d.policy_ids,
+        ["clinicians.off-hours", "clinicians.read-clinical"]
+    );
+    assert_eq!(d.mask_profile.as_deref(), Some("clinical"));
+    assert_eq!(d.approval_rule.as_deref(), Some("off_hours"));
+    // Off hours does not widen what clinicians may read.
+    c.path = "/fhir/Coverage/9";
+    assert!(!c.decide(&set).allowed);
 }
 
 #[test]
 fn shipped_policies_load_and_decide() {
     let set = PolicySet::load(&shipped_dir()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(set.len(), 6);
+    assert_eq!(set.len(), 7);
     assert_eq!(set.hash().len(), 64);
     let app = || workload("ehr", "ehr.service");
     let job = || workload("fhir-export", "fhir-export.service");
@@ -146,7 +175,7 @@ fn shipped_policies_load_and_decide() {
             true,
             Reason::Permitted,
             &["billing.read-coverage"],
-            Some("billing"),
+            Some("minimum_necessary_billing"),
             None,
         ),
         (
