@@ -162,7 +162,8 @@ impl Pipeline {
         //    until reviewers approve this exact request.
         let mut req = req.map(boxed);
         if let Some(rule) = decision.approval_rule.clone() {
-            match self.approve(ex, &conn, &rule, req).await {
+            let profile = self.mask_profile_for(&conn, decision);
+            match self.approve(ex, &conn, &rule, profile, req).await {
                 Ok((e, r)) => (ex, req) = (e, r),
                 Err(resp) => return Ok(resp),
             }
@@ -300,6 +301,7 @@ impl Pipeline {
         mut ex: Exchange,
         conn: &ConnContext,
         rule_name: &str,
+        profile: Option<Arc<Profile>>,
         req: Request<PhiBody>,
     ) -> Result<(Exchange, Request<PhiBody>), Response<PhiBody>> {
         use crate::approval::{Gate, State};
@@ -329,7 +331,8 @@ impl Pipeline {
                     .await)
             }
         };
-        let (binding, summary) = approval_binding(&ex.record, conn, &parts, &bytes);
+        let (binding, mut summary) = approval_binding(&ex.record, conn, &parts, &bytes);
+        summary.preview = Some(self.preview(profile.as_ref(), &parts, &bytes));
         match self.approvals.gate(&rule, &binding, summary).await {
             Gate::Proceed {
                 approval_id,
@@ -386,6 +389,52 @@ impl Pipeline {
                     &format!("the approval could not be recorded: {e}"),
                 )
                 .await),
+        }
+    }
+
+    /// What reviewers may see of a request body: masked with the request's profile,
+    /// or only its size and type. Never the raw bytes.
+    fn preview(
+        &self,
+        profile: Option<&Arc<Profile>>,
+        parts: &http::request::Parts,
+        body: &[u8],
+    ) -> String {
+        const PREVIEW_CHARS: usize = 600;
+        if body.is_empty() {
+            return format!("(no request body: a {} request)", parts.method);
+        }
+        let ctype = parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok());
+        let encoding = parts
+            .headers
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok());
+        let masked = profile
+            .zip(crate::mask::body_kind(ctype))
+            .and_then(|(p, kind)| {
+                crate::mask::mask_body(p, &self.masking.ctx, kind, encoding, body).ok()
+            });
+        match masked {
+            Some((bytes, _)) => {
+                let text = String::from_utf8_lossy(&bytes);
+                let mut cut = PREVIEW_CHARS.min(text.len());
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                format!(
+                    "{}{}",
+                    &text[..cut],
+                    if cut < text.len() { "…" } else { "" }
+                )
+            }
+            None => format!(
+                "(a {}-byte {} body, not shown: no masking profile applies to it)",
+                body.len(),
+                ctype.unwrap_or("untyped")
+            ),
         }
     }
 

@@ -45,9 +45,22 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     let dir = tempfile::tempdir().unwrap();
     let up = upstream();
     let cfg = format!(
-        "[agent]\nlisten = \"127.0.0.1:15001\"\nstate_dir = \"{d}/state\"\nrecords_dir = \"{d}/records\"\n[[destinations]]\nname = \"api\"\naddresses = [\"{up}\"]\nprotocol = \"http\"\n",
+        "[agent]\nlisten = \"127.0.0.1:15001\"\nstate_dir = \"{d}/state\"\nrecords_dir = \"{d}/records\"\npolicies_dir = \"{d}/policies\"\n[[destinations]]\nname = \"api\"\naddresses = [\"{up}\"]\nprotocol = \"http\"\n",
         d = dir.path().display()
     );
+    // Deny by default: this test is about the data path, so one permit for all.
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/schema.cedarschema"),
+        policies.join("schema.cedarschema"),
+    )
+    .unwrap();
+    std::fs::write(
+        policies.join("allow-all.cedar"),
+        "@id(\"test.allow-all\")\npermit (principal, action, resource);\n",
+    )
+    .unwrap();
     let config = Config::parse(&dir.path().join("phigate.toml"), &cfg).unwrap();
     let (store, _) = phigate::app::open_store(&config).unwrap();
     let store = Arc::new(store);

@@ -20,6 +20,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "nginx-light",
     "wrk",
     "nodejs",
+    // The reviewer console is tested in headless Chromium through its driver.
+    "chromium",
+    "chromium-driver",
 ];
 
 /// Python modules (import name, pip name).
@@ -28,6 +31,7 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("duckdb", "duckdb"),
     // DuckDB hands TIMESTAMP WITH TIME ZONE values to Python through pytz.
     ("pytz", "pytz"),
+    ("selenium", "selenium"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
