@@ -665,7 +665,7 @@ impl Exchange {
         }
         let reason = match find_in_chain::<ConnectError>(e) {
             Some(c) => c.to_string(),
-            None => format!("upstream request failed: {}", error_chain(e)),
+            None => format!("upstream request failed: {}", crate::http::error_chain(e)),
         };
         warn!(request = %self.record.request_id, reason = %reason, "upstream failed");
         self.answer(StatusCode::BAD_GATEWAY, "upstream_unavailable", &reason)
@@ -1205,17 +1205,6 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
             .trim_end_matches(']')
             .to_owned(),
     )
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// hyper needs the handler's future to be Send; when a change breaks that, this says

@@ -43,20 +43,14 @@ pub fn json_error(
     reason: &str,
     request_id: &str,
 ) -> Response<PhiBody> {
-    let body = serde_json::json!({
-        "error": code,
-        "reason": reason,
-        "request_id": request_id,
-    });
-    let mut r = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+    json_answer(
+        status,
+        serde_json::json!({
+            "error": code,
+            "reason": reason,
+            "request_id": request_id,
+        }),
+    )
 }
 
 /// A request held for approval, or refused by its approval's outcome: 403 with the
@@ -67,21 +61,15 @@ pub fn json_approval(
     approval_id: &str,
     request_id: &str,
 ) -> Response<PhiBody> {
-    let body = serde_json::json!({
-        "error": code,
-        "reason": reason,
-        "approval_id": approval_id,
-        "request_id": request_id,
-    });
-    let mut r = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
-    *r.status_mut() = StatusCode::FORBIDDEN;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    r
+    json_answer(
+        StatusCode::FORBIDDEN,
+        serde_json::json!({
+            "error": code,
+            "reason": reason,
+            "approval_id": approval_id,
+            "request_id": request_id,
+        }),
+    )
 }
 
 /// phigate's refusal by policy: like [`json_error`], plus the ids of the policies
@@ -93,14 +81,27 @@ pub fn json_denial(
     policy_ids: &[String],
     request_id: &str,
 ) -> Response<PhiBody> {
-    let mut r = json_error(status, code, reason, request_id);
-    let body = serde_json::json!({
-        "error": code,
-        "reason": reason,
-        "policy_ids": policy_ids,
-        "request_id": request_id,
-    });
-    *r.body_mut() = boxed(Full::new(Bytes::from(body.to_string())));
+    json_answer(
+        status,
+        serde_json::json!({
+            "error": code,
+            "reason": reason,
+            "policy_ids": policy_ids,
+            "request_id": request_id,
+        }),
+    )
+}
+
+/// A JSON answer of phigate's own, never cached.
+fn json_answer(status: StatusCode, body: serde_json::Value) -> Response<PhiBody> {
+    let mut r = Response::new(boxed(Full::new(Bytes::from(body.to_string()))));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
 

@@ -112,3 +112,15 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> (Outcome, Option<String>) 
     }
     (Outcome::Error, Some(text))
 }
+
+/// An error with its sources, `outer: inner: innermost`, for logs and 502 reasons.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

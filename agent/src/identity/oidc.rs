@@ -434,7 +434,7 @@ impl Fetcher {
         let resp = tokio::time::timeout(FETCH_TIMEOUT, self.forwarder.send(&key, req))
             .await
             .map_err(|_| format!("{url}: no answer within {FETCH_TIMEOUT:?}"))?
-            .map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+            .map_err(|e| format!("{url}: {}", crate::http::error_chain(&e)))?;
         if resp.status() != StatusCode::OK {
             return Err(format!("{url}: HTTP {}", resp.status()));
         }
@@ -445,17 +445,6 @@ impl Fetcher {
             .to_bytes();
         serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 #[cfg(test)]

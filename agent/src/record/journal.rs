@@ -39,7 +39,7 @@ const SEGMENT_BYTES: u64 = 64 << 20;
 /// One group commit writes at most this much.
 const BATCH_BYTES: usize = 8 << 20;
 /// Segments grow by this much zeroed, synced space at a time.
-const PREALLOC: u64 = 4 << 20;
+const PREALLOC: u64 = 1 << 20;
 
 /// One journaled record.
 #[derive(Debug, Clone)]
@@ -284,9 +284,14 @@ impl JournalThread {
             waiters.push((s.table, s.done));
             entries.push(e);
         }
+        // No room to preallocate (a nearly full disk) is not a failure yet: the
+        // entries may still fit, written plainly; if they do not, that write fails.
+        if self.reserve(buf.len() as u64).is_err() {
+            let _ = self.file.set_len(self.allocated.max(self.size));
+        }
         let result = self
-            .reserve(buf.len() as u64)
-            .and_then(|()| self.file.write_all_at(buf, self.size))
+            .file
+            .write_all_at(buf, self.size)
             .and_then(|()| match self.durability {
                 Durability::Strict => self.file.sync_data(),
                 Durability::Batched { window } => {
@@ -338,8 +343,11 @@ impl JournalThread {
 
     /// Makes sure `len` more bytes fit in zeroed, synced space; extends by PREALLOC
     /// steps (one sync of data and size per step, not per commit).
+    /// On failure `allocated` is unchanged and the caller cuts the file back to it.
     fn reserve(&mut self, len: u64) -> std::io::Result<()> {
         let need = self.size + len;
+        // Never zero what plain (unreserved) writes already put past `allocated`.
+        self.allocated = self.allocated.max(self.size);
         if need <= self.allocated {
             return Ok(());
         }
