@@ -319,7 +319,9 @@ impl World {
         self.path("policies")
     }
 
-    /// Replaces the policy files (`*.cedar`) with `files`, beside the shipped schema.
+    /// Replaces the policy files (`*.cedar`) with `files`, beside the shipped schema,
+    /// masking profiles and approval rules (policies may name them; a test may
+    /// overwrite approvals.toml after).
     pub fn write_policies(&self, files: &[(&str, &str)]) {
         let dir = self.policies_dir();
         std::fs::create_dir_all(&dir).unwrap();
@@ -334,6 +336,21 @@ impl World {
             dir.join("schema.cedarschema"),
         )
         .unwrap();
+        if !dir.join("approvals.toml").exists() {
+            std::fs::copy(
+                shipped_policies().join("approvals.toml"),
+                dir.join("approvals.toml"),
+            )
+            .unwrap();
+        }
+        std::fs::create_dir_all(dir.join("profiles")).unwrap();
+        for e in std::fs::read_dir(shipped_policies().join("profiles")).unwrap() {
+            let p = e.unwrap().path();
+            let target = dir.join("profiles").join(p.file_name().unwrap());
+            if !target.exists() {
+                std::fs::copy(&p, target).unwrap();
+            }
+        }
         for (name, text) in files {
             std::fs::write(dir.join(name), text).unwrap();
         }

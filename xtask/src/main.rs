@@ -127,7 +127,15 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
             Ok(())
         })?;
         run("end-to-end tests", &mut || {
-            let mut args = vec!["test", "--release", "-p", "phigate-e2e", "--"];
+            // Every failing test of every binary, not just the first binary's.
+            let mut args = vec![
+                "test",
+                "--release",
+                "--no-fail-fast",
+                "-p",
+                "phigate-e2e",
+                "--",
+            ];
             if let Some(f) = filter {
                 args.push(f);
             }
