@@ -14,7 +14,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 /// A config error, pointing at where in which file it is.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub file: PathBuf,
     /// 1-based line, when the error has a location.

@@ -27,9 +27,8 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::fmt;
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -39,30 +38,10 @@ use toml::Spanned;
 use super::detect::{Detector, Detectors, BUILTIN};
 use super::ops::{Op, OP_NAMES, RESTRICTED_ZIP3};
 use super::path::{JsonPath, PathDfa, Selector};
+use crate::config::line_of;
 
-/// A profile error: file, line, field and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProfileError {
-    pub file: PathBuf,
-    pub line: Option<usize>,
-    pub field: Option<String>,
-    pub message: String,
-}
-
-impl fmt::Display for ProfileError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.file.display())?;
-        if let Some(line) = self.line {
-            write!(f, ":{line}")?;
-        }
-        if let Some(field) = &self.field {
-            write!(f, ": {field}")?;
-        }
-        write!(f, ": {}", self.message)
-    }
-}
-
-impl std::error::Error for ProfileError {}
+/// A profile error: file, line, field and why (the same shape as a config error).
+pub type ProfileError = crate::config::ConfigError;
 
 /// A path rule.
 #[derive(Debug, Clone)]
@@ -130,7 +109,7 @@ impl ProfileSet {
                     let e = e.map_err(|e| ProfileError {
                         file: dir.clone(),
                         line: None,
-                        field: None,
+                        key: None,
                         message: format!("cannot list profiles: {e}"),
                     })?;
                     let p = e.path();
@@ -144,7 +123,7 @@ impl ProfileSet {
                 return Err(ProfileError {
                     file: dir,
                     line: None,
-                    field: None,
+                    key: None,
                     message: format!("cannot list profiles: {e}"),
                 })
             }
@@ -155,7 +134,7 @@ impl ProfileSet {
             let text = std::fs::read_to_string(&f).map_err(|e| ProfileError {
                 file: f.clone(),
                 line: None,
-                field: None,
+                key: None,
                 message: format!("cannot read: {e}"),
             })?;
             let p = Profile::parse(&f, &text)?;
@@ -275,14 +254,6 @@ struct RawHeader {
     max_age: Option<Spanned<u32>>,
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|b| *b == b'\n')
-        .count()
-        + 1
-}
-
 fn valid_name(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
@@ -296,7 +267,7 @@ impl Profile {
             |span: Option<Range<usize>>, field: Option<String>, message: String| ProfileError {
                 file: file.to_owned(),
                 line: span.map(|s| line_of(text, s.start)),
-                field,
+                key: field,
                 message,
             };
         let stem = file
@@ -744,7 +715,7 @@ op = "drop"
         for (text, line, field, needle) in cases {
             let e = parse(text).unwrap_err();
             assert_eq!(e.line, Some(line), "{text}: {e}");
-            assert_eq!(e.field.as_deref(), Some(field), "{text}: {e}");
+            assert_eq!(e.key.as_deref(), Some(field), "{text}: {e}");
             assert!(e.message.contains(needle), "{text}: {e}");
             assert!(
                 e.to_string()
