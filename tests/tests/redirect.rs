@@ -171,6 +171,9 @@ fn fail_closed_refuses_while_the_agent_is_dead_and_recovers_on_restart() {
         "served"
     );
     assert_eq!(up.connections(), 1);
+    // A tcp connection's record is written when both sides have closed, which may be
+    // just after curl is done: let it land before the agent is killed.
+    w.wait_records("connections", 1);
 
     w.kill9();
     let out = curl(w.inside(), "http://127.0.0.2:9443/");
