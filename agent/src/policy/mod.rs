@@ -14,7 +14,9 @@
 
 pub mod explain;
 pub mod gate;
+mod index;
 pub mod normalize;
+pub mod revoke;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt;
@@ -207,6 +209,8 @@ pub struct PolicySet {
     hash: String,
     dir: PathBuf,
     authorizer: Authorizer,
+    /// Which policies may apply to a request, so Cedar evaluates only those.
+    index: index::Index,
 }
 
 impl fmt::Debug for PolicySet {
@@ -220,7 +224,28 @@ impl fmt::Debug for PolicySet {
 }
 
 fn type_name(t: &str) -> EntityTypeName {
-    EntityTypeName::from_str(&format!("{NS}::{t}")).expect("valid type name")
+    // Parsing a name runs Cedar's parser: the request's types are parsed once.
+    static TYPES: std::sync::LazyLock<HashMap<&'static str, EntityTypeName>> =
+        std::sync::LazyLock::new(|| {
+            [
+                "Workload",
+                "Token",
+                "Params",
+                "Headers",
+                "Destination",
+                "Action",
+            ]
+            .into_iter()
+            .map(|t| {
+                let name = EntityTypeName::from_str(&format!("{NS}::{t}"));
+                (t, name.expect("valid type name"))
+            })
+            .collect()
+        });
+    match TYPES.get(t) {
+        Some(n) => n.clone(),
+        None => EntityTypeName::from_str(&format!("{NS}::{t}")).expect("valid type name"),
+    }
 }
 
 fn uid(t: &str, id: &str) -> EntityUid {
@@ -466,7 +491,18 @@ impl PolicySet {
             return Err(PolicyErrors(errors));
         }
 
+        let action_groups = action_names
+            .iter()
+            .map(|a| {
+                let groups = actions
+                    .ancestors(&uid("Action", a))
+                    .map(|it| it.map(|g| g.id().unescaped().to_owned()).collect())
+                    .unwrap_or_default();
+                (a.clone(), groups)
+            })
+            .collect();
         let ps = PolicySet {
+            index: index::Index::new(&set, action_groups),
             policies: set,
             schema,
             actions,
@@ -552,6 +588,16 @@ impl PolicySet {
         Entities::from_entities(entities.iter().cloned(), Some(&self.schema))
             .map_err(|e| e.to_string())?;
         Ok(())
+    }
+
+    /// The schema action a method is asked as. Methods are case-sensitive (RFC 9110
+    /// 9.1): `get` is not GET.
+    fn action_for<'m>(&self, method: &'m str) -> &'m str {
+        if self.action_names.contains(method) && method != OTHER_ACTION {
+            method
+        } else {
+            OTHER_ACTION
+        }
     }
 
     /// The Cedar request and entities for `req` (validated against `schema` if given).
@@ -662,12 +708,7 @@ impl PolicySet {
             ));
             entities.push(token);
         }
-        // Methods are case-sensitive (RFC 9110 9.1): `get` is not GET.
-        let action = if self.action_names.contains(req.method) && req.method != OTHER_ACTION {
-            req.method.to_owned()
-        } else {
-            OTHER_ACTION.to_owned()
-        };
+        let action = self.action_for(req.method).to_owned();
         let context = Context::from_pairs(ctx).map_err(|e| e.to_string())?;
         let request = Request::new(
             principal,
@@ -687,6 +728,16 @@ impl PolicySet {
 
     /// Decides one request. Deny by default; see the module docs for obligations.
     pub fn decide(&self, req: &AccessRequest<'_>) -> Decision {
+        let candidates = self.index.candidates(req, self.action_for(req.method));
+        self.decide_among(req, &candidates)
+    }
+
+    /// Decides with `policies`: the candidates for `req`, or (in tests) the whole set.
+    fn decide_among(
+        &self,
+        req: &AccessRequest<'_>,
+        policies: &cedar_policy::PolicySet,
+    ) -> Decision {
         let deny = |reason: Reason, policy_ids: Vec<String>, errors: Vec<String>| Decision {
             allowed: false,
             policy_ids,
@@ -699,9 +750,7 @@ impl PolicySet {
             Ok(r) => r,
             Err(e) => return deny(Reason::EvaluationError, Vec::new(), vec![e]),
         };
-        let response = self
-            .authorizer
-            .is_authorized(&request, &self.policies, &entities);
+        let response = self.authorizer.is_authorized(&request, policies, &entities);
         let diagnostics = response.diagnostics();
         let mut errors = Vec::new();
         let mut forbid_failed = Vec::new();
