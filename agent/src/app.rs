@@ -131,6 +131,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         stop_accepting: CancellationToken::new(),
         force_close: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        live: Default::default(),
     });
 
     let mut serving = Vec::new();
@@ -165,9 +166,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 systemd::reloading();
                 let reloaded = reload(&config_path, &proxy, &redirector);
                 systemd::ready();
-                let (outcome, message) = match reloaded {
-                    Ok(()) => ("ok", None),
-                    Err(e) => ("rejected", Some(e)),
+                let (outcome, message, revoked) = match reloaded {
+                    Ok(revoked) => ("ok", None, revoked),
+                    Err(e) => ("rejected", Some(e), Vec::new()),
                 };
                 let mut ev = EventRecord::new(store.origin(), "config_reload", outcome);
                 ev.config_hash = config_hash(&config_path);
@@ -184,11 +185,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     crate::policy::hash_dir(&dir)
                 };
                 ev.message = Some(match &message {
-                    None => format!("{trigger}: policy set of {} in force", dir.display()),
+                    None => format!(
+                        "{trigger}: policy set of {} in force; open connections revoked: {}",
+                        dir.display(),
+                        revoked.len()
+                    ),
                     Some(m) => format!("{trigger}: {m}"),
                 });
                 if let Err(e) = store.event(ev).await {
                     error!(error = %e, "cannot record the policy reload");
+                }
+                for r in revoked {
+                    let mut ev = EventRecord::new(store.origin(), "connection_revoked", "ok");
+                    ev.policy_set_hash = Some(r.why.policy_set_hash.clone());
+                    ev.message = Some(format!(
+                        "connection {} to {} (pid {}, uid {}) closed: {} on a {} request",
+                        r.connection_id, r.destination, r.pid, r.uid, r.why, r.why.method
+                    ));
+                    if let Err(e) = store.event(ev).await {
+                        error!(error = %e, "cannot record a revoked connection");
+                    }
                 }
             }
         }
@@ -225,8 +241,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// SIGHUP: the whole file is validated first; a bad file changes nothing. The error
-/// (file, line, key) is returned for the events table.
-fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) -> Result<(), String> {
+/// (file, line, key) is returned for the events table; on success, the open
+/// connections the new policy set closed.
+fn reload(
+    path: &Path,
+    proxy: &Proxy,
+    redirector: &Redirector,
+) -> Result<Vec<crate::proxy::live::RevokedConnection>, String> {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -284,7 +305,17 @@ fn reload(path: &Path, proxy: &Proxy, redirector: &Redirector) -> Result<(), Str
     info!(policies = pipeline.gate.load().policies.len(), set = %pipeline.gate.load().policies.hash(), "policy set in force");
     proxy.pipeline.store(Arc::new(pipeline));
     proxy.config.store(Arc::new(next));
-    Ok(())
+    // Revocation takes effect at once: open connections are decided again.
+    let gate = proxy.pipeline.load().gate.load_full();
+    let revoked = proxy.live.revoke_disallowed(&gate);
+    if !revoked.is_empty() {
+        info!(
+            revoked = revoked.len(),
+            open = proxy.live.len(),
+            "open connections re-checked"
+        );
+    }
+    Ok(revoked)
 }
 
 /// Verifies the records every `every` and records each outcome in `events`, so a

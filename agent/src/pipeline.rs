@@ -57,6 +57,9 @@ pub struct ConnContext {
     pub requests: AtomicU64,
     /// Requests not yet recorded: a connection waiting on its upstream is not idle.
     pub in_flight: AtomicU64,
+    /// The accesses the policies granted on this connection; a new policy set that
+    /// no longer allows one of them closes the connection.
+    pub grants: Arc<crate::policy::revoke::Grants>,
 }
 
 /// The masking profiles in force and which one applies where.
@@ -158,6 +161,24 @@ impl Pipeline {
         if !decision.allowed {
             return Ok(ex.deny(decision).await);
         }
+        // Held while this request lasts, so a new policy set can take it back.
+        ex.grant = Some(conn.grants.grant(verdict.access.clone()));
+        if !Arc::ptr_eq(&gate, &self.gate.load()) {
+            // A reload landed while deciding: the new set decides too (its sweep of
+            // open connections may have run before this grant was held).
+            let now = self.gate.load_full();
+            let d = now.recheck(&conn.workload, &conn.destination, &verdict.access);
+            if !d.allowed {
+                ex.authorized(
+                    &crate::policy::gate::Verdict {
+                        decision: d.clone(),
+                        access: verdict.access.clone(),
+                    },
+                    now.policies.hash(),
+                );
+                return Ok(ex.deny(&d).await);
+            }
+        }
         // 3. approve: a permit naming an approval rule holds (or refuses) the request
         //    until reviewers approve this exact request.
         let mut req = req.map(boxed);
@@ -169,7 +190,19 @@ impl Pipeline {
             }
         }
 
-        // 4. forward
+        // 4. forward (unless a new policy set revoked this connection meanwhile, e.g.
+        //    while the request was held for approval)
+        if conn.grants.is_revoked() {
+            let why = conn.grants.reason().map(ToString::to_string);
+            return Ok(ex
+                .answer(
+                    StatusCode::FORBIDDEN,
+                    "access_revoked",
+                    why.as_deref()
+                        .unwrap_or("the policy set no longer allows this connection"),
+                )
+                .await);
+        }
         if let Some(len) = content_length(&req) {
             if len > self.limits.max_request_body_bytes {
                 return Ok(ex
@@ -204,8 +237,8 @@ impl Pipeline {
             .unwrap_or_else(|| conn.original_dst.to_string());
         // The path that was authorized (normalized) is the path forwarded.
         let path = match parts.uri.query() {
-            Some(q) => format!("{}?{q}", verdict.path),
-            None => verdict.path.clone(),
+            Some(q) => format!("{}?{q}", verdict.access.path),
+            None => verdict.access.path.clone(),
         };
         parts.uri = match upstream_uri(key.server_name.is_some(), &authority, &path) {
             Ok(u) => u,
@@ -482,6 +515,8 @@ struct Exchange {
     /// Masking of the response and request bodies, when a profile applies.
     mask_report: Option<SharedReport>,
     request_mask_report: Option<SharedReport>,
+    /// The access the policies granted, held until the record is written.
+    grant: Option<crate::policy::revoke::Grant>,
 }
 
 impl Drop for Exchange {
@@ -521,6 +556,7 @@ impl Exchange {
             written: false,
             mask_report: None,
             request_mask_report: None,
+            grant: None,
             record: RequestRecord {
                 request_id: new_id(),
                 connection_id: conn.connection_id.clone(),
@@ -576,7 +612,7 @@ impl Exchange {
 
     /// The authorize stage's facts, into the record (the token only as its claims).
     fn authorized(&mut self, v: &crate::policy::gate::Verdict, set_hash: &str) {
-        if let Ok(t) = &v.token {
+        if let Ok(t) = &v.access.token {
             self.record.oidc_issuer = Some(t.issuer.clone());
             self.record.oidc_subject = Some(t.subject.clone());
             self.record.oidc_groups = t.groups.clone();
@@ -740,24 +776,34 @@ impl Exchange {
         upstream: hyper::upgrade::OnUpgrade,
     ) {
         let mut ex = self;
+        let grants = ex.conn.grants.clone();
         tokio::spawn(async move {
-            let result = async {
+            let relay = async {
                 let (c, u) = tokio::try_join!(client, upstream)?;
                 let mut c = hyper_util::rt::TokioIo::new(c);
                 let mut u = hyper_util::rt::TokioIo::new(u);
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                     tokio::io::copy_bidirectional(&mut c, &mut u).await?,
                 )
-            }
-            .await;
+            };
+            // A tunnel outlives its request: a new policy set that revokes the
+            // connection closes the tunnel too.
+            let result = tokio::select! {
+                r = relay => Some(r),
+                _ = grants.revoked().cancelled() => None,
+            };
             match result {
-                Ok((up, down)) => {
+                Some(Ok((up, down))) => {
                     ex.request_bytes.fetch_add(up, Ordering::Relaxed);
                     ex.record.response_bytes = down;
                 }
-                Err(e) => {
+                Some(Err(e)) => {
                     ex.record.outcome = "upgrade_failed";
                     ex.record.error = Some(e.to_string());
+                }
+                None => {
+                    ex.record.outcome = "revoked";
+                    ex.record.error = grants.reason().map(ToString::to_string);
                 }
             }
             drop(ex.write());

@@ -91,6 +91,7 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
         stop_accepting: CancellationToken::new(),
         force_close: CancellationToken::new(),
         tasks: TaskTracker::new(),
+        live: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = listener.local_addr().unwrap();

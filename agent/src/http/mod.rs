@@ -60,6 +60,11 @@ where
         _ = lifetime => Outcome::LifetimeExceeded,
         _ = idle(meter, &ctx_idle, timeouts.idle) => Outcome::IdleTimeout,
         _ = force_close.cancelled() => Outcome::Drained,
+        // Revocation takes effect at once: no grace for in-flight streams, whose
+        // accesses may be the ones revoked. Dropping the connection ends them.
+        _ = ctx_idle.grants.revoked().cancelled() => {
+            return (Outcome::Revoked, ctx_idle.grants.reason().map(ToString::to_string))
+        }
     };
     // Finish in-flight requests (HTTP/2 GOAWAY; HTTP/1 closes after the current
     // response), bounded.

@@ -72,6 +72,22 @@ pub struct TokenValidator {
 }
 
 impl TokenValidator {
+    /// Re-checks a token validated earlier, without the token: its issuer must still
+    /// be configured and it must not have expired since (within the issuer's skew).
+    /// Used when a new policy set is applied to open connections.
+    pub fn still_valid(&self, t: &TokenIdentity, now_secs: i64) -> Result<(), TokenError> {
+        let issuer = self
+            .issuers
+            .iter()
+            .find(|i| i.cfg.issuer == t.issuer)
+            .ok_or(TokenError::WrongIssuer)?;
+        let skew = i64::try_from(issuer.cfg.clock_skew.as_secs()).unwrap_or(i64::MAX);
+        if t.expires_at.saturating_add(skew) < now_secs {
+            return Err(TokenError::Expired);
+        }
+        Ok(())
+    }
+
     /// Sets up the issuers. Keys from files are read now (a bad file is an error);
     /// discovered keys are fetched on first use, so an unreachable issuer does not
     /// stop the agent (its tokens fail with `keys_unavailable` meanwhile).

@@ -156,7 +156,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     println!("reason: {}", d.reason.code());
     println!("status: {}", super::status_for(d).as_u16());
     println!("destination: {destination}");
-    println!("path: {}", verdict.path);
+    println!("path: {}", verdict.access.path);
     println!(
         "policies: {}",
         if d.policy_ids.is_empty() {
@@ -167,7 +167,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     );
     println!("mask: {}", d.mask_profile.as_deref().unwrap_or("-"));
     println!("approval: {}", d.approval_rule.as_deref().unwrap_or("-"));
-    match &verdict.token {
+    match &verdict.access.token {
         Ok(t) => println!(
             "token: valid; issuer {}, subject {}, groups [{}], expires {}",
             t.issuer,

@@ -26,10 +26,24 @@ pub struct Gatekeeper {
 #[derive(Debug, Clone)]
 pub struct Verdict {
     pub decision: Decision,
-    /// The validated token, or why there is none.
-    pub token: Result<TokenIdentity, TokenError>,
+    /// What was decided about, kept so a later policy set can decide it again.
+    pub access: Arc<Access>,
+}
+
+/// A request as the policies saw it, owned and without the token itself (only what
+/// validation made of it). An open connection keeps the accesses it was granted so a
+/// new policy set can re-decide them ([`Gatekeeper::recheck`]).
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub method: String,
     /// The normalized path the decision was about (and that is forwarded).
     pub path: String,
+    pub query: Vec<(String, String)>,
+    /// The configured headers, as handed to policies.
+    pub headers: Vec<(String, String)>,
+    /// The validated token, or why there is none.
+    pub token: Result<TokenIdentity, TokenError>,
+    pub has_approval: bool,
 }
 
 /// The request target cannot be normalized: answered 400.
@@ -79,22 +93,52 @@ impl Gatekeeper {
             })
             .collect();
         let token = self.tokens.validate_headers(s.headers).await;
-        let decision = self.policies.decide(&AccessRequest {
-            workload: s.workload,
-            token: token.as_ref().ok(),
-            token_error: token.as_ref().err().copied(),
-            destination: s.destination,
-            method: s.method,
-            path: &path,
-            query: &query,
-            headers: &headers,
-            clock: clock.unwrap_or_else(|| Clock::now(&self.tz)),
+        let access = Access {
+            method: s.method.to_owned(),
+            path,
+            query,
+            headers,
+            token,
             has_approval: s.has_approval,
-        });
+        };
+        let decision = self.decide(
+            s.workload,
+            s.destination,
+            &access,
+            clock.unwrap_or_else(|| Clock::now(&self.tz)),
+        );
         Ok(Verdict {
             decision,
-            token,
-            path,
+            access: Arc::new(access),
+        })
+    }
+
+    /// Decides again, with this gate's policies and issuers, an access granted
+    /// earlier on an open connection: a token that has expired since, or whose issuer
+    /// is gone, counts as such.
+    pub fn recheck(&self, workload: &Workload, destination: &str, access: &Access) -> Decision {
+        let mut access = access.clone();
+        if let Ok(t) = &access.token {
+            let now = jiff::Timestamp::now().as_second();
+            if let Err(e) = self.tokens.still_valid(t, now) {
+                access.token = Err(e);
+            }
+        }
+        self.decide(workload, destination, &access, Clock::now(&self.tz))
+    }
+
+    fn decide(&self, workload: &Workload, destination: &str, a: &Access, clock: Clock) -> Decision {
+        self.policies.decide(&AccessRequest {
+            workload,
+            token: a.token.as_ref().ok(),
+            token_error: a.token.as_ref().err().copied(),
+            destination,
+            method: &a.method,
+            path: &a.path,
+            query: &a.query,
+            headers: &a.headers,
+            clock,
+            has_approval: a.has_approval,
         })
     }
 }

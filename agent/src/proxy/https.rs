@@ -98,6 +98,7 @@ where
     rec.alpn = client_tls.alpn.clone();
 
     let ctx = Arc::new(proxy.conn_context(rec, dest_index, dest, conn, Some(client_tls)));
+    let _listed = proxy.live.list(&ctx);
     let outcome = crate::http::serve(
         stream,
         Arc::clone(&ctx),

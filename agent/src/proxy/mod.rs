@@ -3,6 +3,7 @@
 
 pub mod https;
 pub mod io;
+pub mod live;
 pub mod tcp;
 pub mod upstream;
 
@@ -40,6 +41,8 @@ pub struct Proxy {
     /// Cancelled when the drain bound has elapsed: open connections are closed.
     pub force_close: CancellationToken,
     pub tasks: TaskTracker,
+    /// Open HTTP connections, re-checked when the policy set changes.
+    pub live: live::LiveConnections,
 }
 
 /// A connection that was accepted and attributed, before protocol handling.
@@ -196,6 +199,7 @@ impl Proxy {
                 let ctx = self.conn_context(&rec, dest_index, dest, &conn, None);
                 let pipeline = self.pipeline.load_full();
                 let ctx = Arc::new(ctx);
+                let _listed = self.live.list(&ctx);
                 let outcome = crate::http::serve(
                     client,
                     Arc::clone(&ctx),
@@ -242,6 +246,7 @@ impl Proxy {
             tls,
             requests: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            grants: Arc::default(),
         }
     }
 

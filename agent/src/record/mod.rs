@@ -61,6 +61,8 @@ pub enum Outcome {
     Uninspected,
     /// Records could not be written: the connection was refused (fail closed).
     RecordsUnavailable,
+    /// A new policy set no longer allowed what the connection was doing: closed.
+    Revoked,
 }
 
 /// Facts every row carries about the agent that wrote it.
