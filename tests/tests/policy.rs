@@ -484,3 +484,123 @@ fn hot_reload_applies_a_good_set_and_keeps_the_old_one_on_error() {
         .collect();
     assert!(hashes.len() >= 2, "{events:?}");
 }
+
+/// Revocation: a reload that no longer allows what an open HTTP/2 connection was
+/// granted closes that connection at once (no further request needed), records it,
+/// and leaves connections whose accesses are still allowed open and serving.
+#[test]
+fn a_reload_closes_open_http2_connections_it_no_longer_allows() {
+    let both = "@id(\"json\")\npermit (principal, action, resource) when { context.path == \"/json\" };\n\
+                @id(\"headers\")\npermit (principal, action, resource) when { context.path == \"/headers\" };\n";
+    let e = Env::start("pol-revoke", &[("a.cedar", both)]);
+    let script = idp_script().with_file_name("h2-session.mjs");
+    let go = e.w.path("go");
+    let session = |path: &str, log: &str| {
+        Background::spawn(
+            e.w.inside(),
+            &[
+                "node",
+                script.to_str().unwrap(),
+                "--url",
+                &format!("https://{UP}"),
+                "--ca",
+                e.ca.to_str().unwrap(),
+                "--path",
+                path,
+                "--go",
+                go.to_str().unwrap(),
+                "--timeout",
+                "30",
+            ],
+            e.w.path(log),
+        )
+    };
+    let events = |b: &Background| -> Vec<Value> {
+        b.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    };
+    let revoked = session("/json", "revoked.log");
+    let kept = session("/headers", "kept.log");
+    for b in [&revoked, &kept] {
+        wait_until("the first response", Duration::from_secs(15), || {
+            events(b).iter().any(|v| v["event"] == "response")
+        })
+        .unwrap_or_else(|err| panic!("{err}: {}", b.log_text()));
+        assert_eq!(events(b)[0]["status"], 200, "{}", b.log_text());
+    }
+
+    // /json is no longer allowed; both sessions sit idle, holding their connection.
+    std::fs::write(
+        e.w.policies_dir().join("a.cedar"),
+        "@id(\"headers\")\npermit (principal, action, resource) when { context.path == \"/headers\" };\n",
+    )
+    .unwrap();
+    wait_until(
+        "the /json session to be closed by the agent",
+        Duration::from_secs(10),
+        || events(&revoked).iter().any(|v| v["event"] == "closed"),
+    )
+    .unwrap_or_else(|err| panic!("{err}: {}\n{}", revoked.log_text(), e.w.agent_log()));
+    let r = events(&revoked);
+    assert_eq!(
+        r.iter().filter(|v| v["event"] == "response").count(),
+        1,
+        "closed without sending another request: {r:?}"
+    );
+
+    // The other session is still open and still served.
+    std::fs::write(&go, "").unwrap();
+    wait_until(
+        "the kept session's second answer",
+        Duration::from_secs(15),
+        || events(&kept).iter().any(|v| v["event"] == "done"),
+    )
+    .unwrap_or_else(|err| panic!("{err}: {}", kept.log_text()));
+    let k = events(&kept);
+    let statuses: Vec<&Value> = k
+        .iter()
+        .filter(|v| v["event"] == "response")
+        .map(|v| &v["status"])
+        .collect();
+    assert_eq!(statuses, [200, 200], "{k:?}");
+    let closed_at = k.iter().position(|v| v["event"] == "closed");
+    let done_at = k.iter().position(|v| v["event"] == "done").unwrap();
+    assert!(closed_at.is_none_or(|c| c > done_at), "{k:?}");
+
+    // Recorded: the connection's outcome, and an event naming it and the new set.
+    let conns = wait_until_records(&e.w, "connections", |c| c["outcome"] == "revoked");
+    assert_eq!(conns.len(), 1, "{conns:?}");
+    let id = conns[0]["connection_id"].as_str().unwrap().to_owned();
+    assert!(
+        conns[0]["error"].as_str().unwrap().contains("no_permit"),
+        "{}",
+        conns[0]
+    );
+    let ev = wait_until_records(&e.w, "events", |r| r["kind"] == "connection_revoked");
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    let msg = ev[0]["message"].as_str().unwrap();
+    assert!(msg.contains(&id), "{msg}");
+    let reload = wait_until_records(&e.w, "events", |r| {
+        r["kind"] == "policy_reload" && r["outcome"] == "ok"
+    });
+    assert_eq!(reload[0]["policy_set_hash"], ev[0]["policy_set_hash"]);
+    // The request on the revoked connection was recorded as allowed by `json`.
+    let reqs = e.w.all_records("requests");
+    assert!(reqs
+        .iter()
+        .any(|r| r["connection_id"] == id.as_str() && r["status"] == 200));
+}
+
+/// Rows of `table` matching `pred`, waiting up to 10 s for at least one.
+fn wait_until_records(w: &World, table: &str, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let t = std::time::Instant::now();
+    loop {
+        let rows: Vec<Value> = w.all_records(table).into_iter().filter(&pred).collect();
+        if !rows.is_empty() || t.elapsed() > Duration::from_secs(10) {
+            return rows;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
