@@ -92,7 +92,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     crate::approval::spawn_sweeper(&approvals);
     let admin = crate::admin::bind(&config.admin.socket, config.admin.socket_group.as_deref())?;
     info!(socket = %config.admin.socket.display(), "admin socket");
-    tokio::spawn(crate::admin::serve(admin, approvals.clone()));
     let ca = Arc::new(load_ca(&config)?);
     let minter = Arc::new(LeafMinter::new(ca, config.tls.leaf_cache_size)?);
     if let (Some(addr), Some(accounts)) =
@@ -134,6 +133,27 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         live: Default::default(),
     });
 
+    let started = std::time::Instant::now();
+    let status: crate::admin::StatusSource = {
+        let (proxy, redirector, store, approvals) = (
+            proxy.clone(),
+            redirector.clone(),
+            store.clone(),
+            approvals.clone(),
+        );
+        Arc::new(move || status(&proxy, &redirector, &store, &approvals, started))
+    };
+    tokio::spawn(crate::admin::serve(
+        admin,
+        approvals.clone(),
+        status.clone(),
+    ));
+    if let Some(addr) = proxy.config.load().admin.metrics_listen {
+        let metrics = crate::metrics::get();
+        metrics.set_sampler(Box::new(move |m| sample(m, &status())));
+        crate::metrics::serve(addr)?;
+    }
+
     let mut serving = Vec::new();
     for l in listeners {
         info!(addr = %l.local_addr()?, "listening");
@@ -170,6 +190,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     Ok(revoked) => ("ok", None, revoked),
                     Err(e) => ("rejected", Some(e), Vec::new()),
                 };
+                // One file set holds both: a reload is of the config and the policies.
+                let metrics = crate::metrics::get();
+                metrics.reload("config", outcome);
+                metrics.reload("policy", outcome);
+                metrics.revoked.inc_by(revoked.len() as u64);
                 let mut ev = EventRecord::new(store.origin(), "config_reload", outcome);
                 ev.config_hash = config_hash(&config_path);
                 ev.message = message.clone().map(|m| format!("{trigger}: {m}"));
@@ -316,6 +341,93 @@ fn reload(
         );
     }
     Ok(revoked)
+}
+
+/// What `phigate status` shows, read from the running parts.
+fn status(
+    proxy: &Proxy,
+    redirector: &Redirector,
+    store: &RecordStore,
+    approvals: &Approvals,
+    started: std::time::Instant,
+) -> crate::admin::Status {
+    let config = proxy.config.load();
+    let gate = proxy.pipeline.load().gate.load_full();
+    let mut listeners = vec![config.agent.listen_v4.to_string()];
+    listeners.extend(config.agent.listen_v6.map(|a| a.to_string()));
+    crate::admin::Status {
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        pid: std::process::id(),
+        uptime_secs: started.elapsed().as_secs(),
+        listeners,
+        metrics_listen: config.admin.metrics_listen.map(|a| a.to_string()),
+        cgroup: redirector.cgroup().display().to_string(),
+        bpf_pin_dir: redirector.pin_path().display().to_string(),
+        fail_mode: format!("{:?}", config.agent.fail_mode).to_lowercase(),
+        ebpf_counters: redirector
+            .counters()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect(),
+        ebpf_maps: redirector
+            .map_occupancy()
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v as u64))
+            .collect(),
+        destinations: config
+            .destinations
+            .iter()
+            .map(|d| crate::admin::StatusDestination {
+                name: d.name.clone(),
+                protocol: d.protocol.as_str().to_owned(),
+                addresses: d.addresses.iter().map(ToString::to_string).collect(),
+                mask_profile: d.mask_profile.clone(),
+            })
+            .collect(),
+        policy_set_hash: gate.policies.hash().to_owned(),
+        policies: gate.policies.len(),
+        records: store.progress(),
+        records_writable: proxy.records.writable(),
+        open_connections: proxy.live.len(),
+        approvals_pending: approvals.list().len(),
+        counters: crate::metrics::get().totals(),
+    }
+}
+
+/// The scrape-time gauges, from a fresh status.
+fn sample(m: &crate::metrics::Metrics, s: &crate::admin::Status) {
+    use crate::metrics::{NameLabels, PolicySetLabels, StateLabels};
+    let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    m.open_connections.set(gauge(s.open_connections as u64));
+    m.approvals
+        .get_or_create(&StateLabels {
+            state: "pending".into(),
+        })
+        .set(gauge(s.approvals_pending as u64));
+    m.journal_entries.set(gauge(s.records.journal_entries));
+    m.journal_bytes.set(gauge(s.records.journal_bytes));
+    m.parquet_rows.set(gauge(s.records.parquet_rows));
+    m.journal_lag.set(gauge(s.records.lag_entries));
+    m.records_writable.set(i64::from(s.records_writable));
+    for (name, v) in &s.ebpf_maps {
+        m.ebpf_map_entries
+            .get_or_create(&NameLabels { name: name.clone() })
+            .set(gauge(*v));
+    }
+    for (name, v) in &s.ebpf_counters {
+        m.ebpf_counters
+            .get_or_create(&NameLabels { name: name.clone() })
+            .set(gauge(*v));
+    }
+    // Only the set in force is reported.
+    m.policy_set.clear();
+    m.policy_set
+        .get_or_create(&PolicySetLabels {
+            hash: s.policy_set_hash.clone(),
+        })
+        .set(1);
+    m.policies.set(gauge(s.policies as u64));
 }
 
 /// Verifies the records every `every` and records each outcome in `events`, so a

@@ -69,6 +69,18 @@ enum Command {
         #[command(subcommand)]
         command: ApprovalsCommand,
     },
+    /// The running agent's state: redirect, destinations, policy set, records,
+    /// approvals, counters (from its admin socket).
+    Status {
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The admin socket; default: the config's [admin] socket.
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Print the status as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Mask a JSON or NDJSON file with a masking profile; the result goes to stdout.
     Mask {
         /// The profile (a file name in <policies_dir>/profiles, without .toml).
@@ -281,6 +293,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             socket,
             command,
         } => approvals(&config, socket, command),
+        Command::Status {
+            config,
+            socket,
+            json,
+        } => status(&config, socket, json),
         Command::Console {
             command: ConsoleCommand::HashPassword,
         } => {
@@ -402,6 +419,88 @@ fn audit_verify(
         );
         Ok(ExitCode::from(1))
     }
+}
+
+fn status(
+    config: &std::path::Path,
+    socket: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let socket = match socket {
+        Some(s) => s,
+        None => Config::load(config)?.admin.socket,
+    };
+    let resp = crate::admin::call(&socket, &crate::admin::AdminRequest::Status)?;
+    let Some(s) = resp.status.filter(|_| resp.ok) else {
+        eprintln!("phigate: {}", resp.error.unwrap_or_default());
+        return Ok(ExitCode::from(1));
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let r = &s.records;
+    println!(
+        "phigate {} (pid {}, up {}s)",
+        s.version, s.pid, s.uptime_secs
+    );
+    println!("listening:     {}", s.listeners.join(", "));
+    if let Some(m) = &s.metrics_listen {
+        println!("metrics:       http://{m}/metrics");
+    }
+    println!(
+        "redirect:      cgroup {} (fail {}), pinned under {}",
+        s.cgroup, s.fail_mode, s.bpf_pin_dir
+    );
+    let join = |m: &std::collections::BTreeMap<String, u64>| {
+        m.iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!("ebpf maps:     {}", join(&s.ebpf_maps));
+    println!("ebpf events:   {}", join(&s.ebpf_counters));
+    println!("destinations:");
+    for d in &s.destinations {
+        println!(
+            "  {:<20} {:<14} {}{}",
+            d.name,
+            d.protocol,
+            d.addresses.join(", "),
+            d.mask_profile
+                .as_deref()
+                .map(|p| format!("  (mask {p})"))
+                .unwrap_or_default()
+        );
+    }
+    println!("policies:      {} in set {}", s.policies, s.policy_set_hash);
+    println!(
+        "records:       {} ({}), journal {} entries / {} bytes, parquet {} rows, lag {}{}{}",
+        if s.records_writable {
+            "writable"
+        } else {
+            "NOT WRITABLE: requests are refused"
+        },
+        r.durability,
+        r.journal_entries,
+        r.journal_bytes,
+        r.parquet_rows,
+        r.lag_entries,
+        if r.journal_failing {
+            ", journal failing"
+        } else {
+            ""
+        },
+        if r.parquet_failing {
+            ", parquet failing"
+        } else {
+            ""
+        },
+    );
+    println!("connections:   {} open", s.open_connections);
+    println!("approvals:     {} pending", s.approvals_pending);
+    println!("counters:      {}", join(&s.counters));
+    Ok(ExitCode::SUCCESS)
 }
 
 fn approvals(

@@ -413,6 +413,8 @@ pub struct AdminSection {
     pub console_name: Option<String>,
     /// Local console accounts (0600 TOML; see `phigate console hash-password`).
     pub console_accounts: Option<PathBuf>,
+    /// Plain-HTTP listener of `GET /metrics` (Prometheus); none: no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 // ---- raw, as written in TOML -------------------------------------------------------
@@ -442,6 +444,7 @@ struct RawAdmin {
     console_listen: Option<Spanned<String>>,
     console_name: Option<String>,
     console_accounts: Option<PathBuf>,
+    metrics_listen: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1131,6 +1134,16 @@ impl Config {
                 )
             })?),
         };
+        let metrics_listen = match &raw_admin.metrics_listen {
+            None => None,
+            Some(v) => Some(v.get_ref().parse::<SocketAddr>().map_err(|e| {
+                err(
+                    Some(v.span()),
+                    Some("admin.metrics_listen".into()),
+                    format!("`{}`: {e} (expected ADDRESS:PORT)", v.get_ref()),
+                )
+            })?),
+        };
         if console_listen.is_some() && raw_admin.console_accounts.is_none() {
             return Err(err(
                 raw_admin.console_listen.as_ref().map(|v| v.span()),
@@ -1160,6 +1173,7 @@ impl Config {
             console_listen,
             console_name: raw_admin.console_name,
             console_accounts: raw_admin.console_accounts.map(resolve),
+            metrics_listen,
         };
         Ok(Config {
             source: path.to_owned(),

@@ -27,6 +27,7 @@ pub mod console;
 pub mod http;
 pub mod identity;
 pub mod mask;
+pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod preflight;

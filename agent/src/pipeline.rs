@@ -273,11 +273,13 @@ impl Pipeline {
         };
         let upstream_req = Request::from_parts(parts, body);
 
+        let upstream_t0 = Instant::now();
         let sent = tokio::time::timeout(
             self.request_timeout,
             self.forwarder.send(&key, upstream_req),
         )
         .await;
+        crate::metrics::get().observe(crate::metrics::Stage::Upstream, upstream_t0.elapsed());
         let mut resp = match sent {
             Err(_) => {
                 return Ok(ex
@@ -1060,6 +1062,20 @@ impl Exchange {
         self.record.duration_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
         self.record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
         debug!(request = %self.record.request_id, status = self.record.status, outcome = self.record.outcome, "request record");
+        let metrics = crate::metrics::get();
+        metrics.request(
+            &self.record.destination,
+            self.record.decision,
+            self.record.outcome,
+        );
+        for (entity, n) in &self.record.masking_counts {
+            metrics
+                .masked_values
+                .get_or_create(&crate::metrics::EntityLabels {
+                    entity: entity.clone(),
+                })
+                .inc_by(u64::try_from(*n).unwrap_or(0));
+        }
         self.records
             .submit(Record::Request(Box::new(self.record.clone())))
     }

@@ -22,9 +22,20 @@ use crate::approval::{Approval, Approvals, Reviewer, Verdict};
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminRequest {
     List,
-    Show { id: String },
-    Approve { id: String, reason: String },
-    Deny { id: String, reason: String },
+    Show {
+        id: String,
+    },
+    Approve {
+        id: String,
+        reason: String,
+    },
+    Deny {
+        id: String,
+        reason: String,
+    },
+    /// The agent's state (`phigate status`); no PHI, so anyone who may open the
+    /// socket may read it.
+    Status,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -37,7 +48,46 @@ pub struct AdminResponse {
     /// Who the agent took the caller to be.
     #[serde(default)]
     pub reviewer: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Box<Status>>,
 }
+
+/// What `phigate status` shows.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_secs: u64,
+    pub listeners: Vec<String>,
+    pub metrics_listen: Option<String>,
+    /// The cgroup whose descendants are redirected, and where the programs are pinned.
+    pub cgroup: String,
+    pub bpf_pin_dir: String,
+    pub fail_mode: String,
+    /// The redirect programs' counters and eBPF map occupancy.
+    pub ebpf_counters: std::collections::BTreeMap<String, u64>,
+    pub ebpf_maps: std::collections::BTreeMap<String, u64>,
+    pub destinations: Vec<StatusDestination>,
+    pub policy_set_hash: String,
+    pub policies: usize,
+    pub records: crate::record::store::Progress,
+    pub records_writable: bool,
+    pub open_connections: usize,
+    pub approvals_pending: usize,
+    /// Connections by outcome and requests by decision/outcome since start.
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusDestination {
+    pub name: String,
+    pub protocol: String,
+    pub addresses: Vec<String>,
+    pub mask_profile: Option<String>,
+}
+
+/// Builds the current status on request (the agent wires it to its parts).
+pub type StatusSource = Arc<dyn Fn() -> Status + Send + Sync>;
 
 /// Binds the socket (replacing a stale one), with the configured group and mode.
 pub fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
@@ -68,7 +118,7 @@ pub fn bind(path: &Path, group: Option<&str>) -> anyhow::Result<UnixListener> {
 }
 
 /// Serves the socket until the task is dropped.
-pub async fn serve(listener: UnixListener, approvals: Arc<Approvals>) {
+pub async fn serve(listener: UnixListener, approvals: Arc<Approvals>, status: StatusSource) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -79,15 +129,20 @@ pub async fn serve(listener: UnixListener, approvals: Arc<Approvals>) {
             }
         };
         let approvals = approvals.clone();
+        let status = status.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, approvals).await {
+            if let Err(e) = handle(stream, approvals, status).await {
                 warn!(error = %format!("{e:#}"), "admin request failed");
             }
         });
     }
 }
 
-async fn handle(stream: UnixStream, approvals: Arc<Approvals>) -> anyhow::Result<()> {
+async fn handle(
+    stream: UnixStream,
+    approvals: Arc<Approvals>,
+    status: StatusSource,
+) -> anyhow::Result<()> {
     let cred = stream.peer_cred()?;
     let reviewer = reviewer_of(cred.uid(), cred.gid());
     let (read, mut write) = stream.into_split();
@@ -96,6 +151,15 @@ async fn handle(stream: UnixStream, approvals: Arc<Approvals>) -> anyhow::Result
     tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await??;
     let resp = match serde_json::from_str::<AdminRequest>(&line) {
         Err(e) => refuse(&reviewer, format!("bad request: {e}")),
+        Ok(AdminRequest::Status) => AdminResponse {
+            ok: true,
+            error: None,
+            approvals: Vec::new(),
+            reviewer: reviewer.name.clone(),
+            status: Some(Box::new(
+                tokio::task::spawn_blocking(move || status()).await?,
+            )),
+        },
         Ok(req) => answer(req, &reviewer, &approvals).await,
     };
     let mut out = serde_json::to_vec(&resp)?;
@@ -110,6 +174,7 @@ fn refuse(reviewer: &Reviewer, error: String) -> AdminResponse {
         error: Some(error),
         approvals: Vec::new(),
         reviewer: reviewer.name.clone(),
+        status: None,
     }
 }
 
@@ -124,6 +189,7 @@ async fn answer(req: AdminRequest, reviewer: &Reviewer, approvals: &Approvals) -
         error: None,
         approvals,
         reviewer: reviewer.name.clone(),
+        status: None,
     };
     match req {
         AdminRequest::List => ok(approvals.list().into_iter().filter(may_see).collect()),
@@ -137,6 +203,7 @@ async fn answer(req: AdminRequest, reviewer: &Reviewer, approvals: &Approvals) -
         AdminRequest::Deny { id, reason } => {
             decide(approvals, reviewer, &id, Verdict::Deny, &reason).await
         }
+        AdminRequest::Status => refuse(reviewer, "status is answered before".into()),
     }
 }
 
@@ -155,6 +222,7 @@ async fn decide(
                 error: None,
                 approvals: vec![a],
                 reviewer: reviewer.name.clone(),
+                status: None,
             }
         }
         Err(e) => refuse(reviewer, e.to_string()),

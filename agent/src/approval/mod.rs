@@ -634,6 +634,12 @@ impl Approvals {
         reason: Option<&str>,
         note: Option<&str>,
     ) -> Result<(), String> {
+        crate::metrics::get()
+            .approval_transitions
+            .get_or_create(&crate::metrics::StateLabels {
+                state: state.to_owned(),
+            })
+            .inc();
         let rec = ApprovalRecord {
             approval_id: a.id.clone(),
             time: SystemTime::now(),

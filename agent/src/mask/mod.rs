@@ -242,6 +242,8 @@ pub struct BodyMasker {
     decoder: encoding::Decoder,
     stream: json::JsonStream,
     profile: Arc<Profile>,
+    /// Time spent masking this body (the `masking` stage's duration).
+    busy: std::time::Duration,
 }
 
 impl BodyMasker {
@@ -257,6 +259,7 @@ impl BodyMasker {
             decoder,
             stream: json::JsonStream::new(profile.clone(), ctx, kind == BodyKind::Ndjson),
             profile,
+            busy: std::time::Duration::ZERO,
         })
     }
 
@@ -267,6 +270,22 @@ impl BodyMasker {
     }
 
     pub fn push(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), MaskError> {
+        let t0 = std::time::Instant::now();
+        let r = self.push_timed(chunk, out);
+        self.busy += t0.elapsed();
+        r
+    }
+
+    /// Ends the body; the time spent masking it is reported as the `masking` stage.
+    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
+        let t0 = std::time::Instant::now();
+        let r = self.finish_timed(out);
+        self.busy += t0.elapsed();
+        crate::metrics::get().observe(crate::metrics::Stage::Masking, self.busy);
+        r
+    }
+
+    fn push_timed(&mut self, chunk: &[u8], out: &mut Vec<u8>) -> Result<(), MaskError> {
         if self.decoder.is_identity() {
             return self.stream.push(chunk, out);
         }
@@ -282,7 +301,7 @@ impl BodyMasker {
         result
     }
 
-    pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
+    fn finish_timed(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
         let mut result = Ok(());
         let stream = &mut self.stream;
         self.decoder

@@ -76,6 +76,7 @@ where
             )
         }
     };
+    let handshake_t0 = std::time::Instant::now();
     let stream = match tokio::time::timeout(t.tls_handshake, start.intercept(server_config)).await {
         Err(_) => {
             return (
@@ -89,6 +90,7 @@ where
         Ok(Err(e)) => return (Outcome::TlsHandshakeFailed, Some(e.to_string())),
         Ok(Ok(s)) => s,
     };
+    crate::metrics::get().observe(crate::metrics::Stage::TlsHandshake, handshake_t0.elapsed());
     let client_tls = ClientTls {
         sni: hello.sni.clone(),
         version: tls::tls_version(&stream),

@@ -313,6 +313,11 @@ impl Proxy {
     fn write(&self, rec: ConnectionRecord) {
         debug!(connection = %rec.connection_id, outcome = ?rec.outcome, up = rec.bytes_up, down = rec.bytes_down, "connection record");
         let id = rec.connection_id.clone();
+        let outcome = serde_json::to_value(rec.outcome)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default();
+        crate::metrics::get().connection(rec.destination.as_deref().unwrap_or(""), &outcome);
         let durable = self.records.submit(Record::Connection(rec));
         // The connection is already over: nothing waits on this record, but its loss
         // must be loud.

@@ -20,7 +20,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -178,11 +178,17 @@ pub struct Submission {
 }
 
 /// Shared between the journal thread and the rest of the store.
+#[derive(Default)]
 pub struct JournalState {
     /// Set when a write failed; cleared by the next successful one.
     pub failing: AtomicBool,
     /// The Parquet writer asks for a new segment after a flush, so old ones can go.
     pub rotate: AtomicBool,
+    /// Entries and bytes committed since start, and rows the writer has put into
+    /// Parquet: their difference is the journal's lag.
+    pub committed_entries: AtomicU64,
+    pub committed_bytes: AtomicU64,
+    pub parquet_rows: AtomicU64,
 }
 
 pub struct JournalThread {
@@ -281,7 +287,7 @@ impl JournalThread {
                 json: s.json,
             };
             e.encode(buf);
-            waiters.push((s.table, s.done));
+            waiters.push((s.table, s.done, s.time_us));
             entries.push(e);
         }
         // No room to preallocate (a nearly full disk) is not a failure yet: the
@@ -308,11 +314,23 @@ impl JournalThread {
             Ok(()) => {
                 self.next_seq += entries.len() as u64;
                 self.size += buf.len() as u64;
+                let s = &self.state;
+                s.committed_entries
+                    .fetch_add(entries.len() as u64, Ordering::Relaxed);
+                s.committed_bytes
+                    .fetch_add(buf.len() as u64, Ordering::Relaxed);
                 if self.state.failing.swap(false, Ordering::Relaxed) {
                     info!("records: the journal accepts writes again");
                 }
-                for (_, done) in waiters {
+                let now = super::micros::of(std::time::SystemTime::now());
+                let metrics = crate::metrics::get();
+                for (_, done, submitted) in waiters {
                     if let Some(d) = done {
+                        let waited = u64::try_from(now - submitted).unwrap_or(0);
+                        metrics.observe(
+                            crate::metrics::Stage::RecordDurable,
+                            std::time::Duration::from_micros(waited),
+                        );
                         let _ = d.send(Ok(()));
                     }
                 }
@@ -329,7 +347,7 @@ impl JournalThread {
                 if !self.state.failing.swap(true, Ordering::Relaxed) {
                     error!(error = %e, dir = %self.dir.display(), "records: journal write failed; refusing new requests until it works");
                 }
-                for (table, done) in waiters {
+                for (table, done, _) in waiters {
                     if let Some(d) = done {
                         let _ = d.send(Err(RecordError {
                             table,
@@ -473,10 +491,7 @@ mod tests {
     #[test]
     fn commits_reuse_preallocated_space_and_replay_reads_them_all() {
         let dir = tempfile::tempdir().unwrap();
-        let state = Arc::new(JournalState {
-            failing: AtomicBool::new(false),
-            rotate: AtomicBool::new(false),
-        });
+        let state = Arc::new(JournalState::default());
         let (down_tx, down_rx) = std::sync::mpsc::channel();
         let mut j = JournalThread::open(
             dir.path(),

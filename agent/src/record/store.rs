@@ -61,6 +61,20 @@ pub struct RecordStore {
     _lock: File,
 }
 
+/// Records' progress since start (`phigate status`, metrics).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    pub journal_entries: u64,
+    pub journal_bytes: u64,
+    pub parquet_rows: u64,
+    /// Durable in the journal, not yet in Parquet (replayed rows at start included
+    /// in neither).
+    pub lag_entries: u64,
+    pub durability: String,
+    pub journal_failing: bool,
+    pub parquet_failing: bool,
+}
+
 /// What opening found in the journal.
 #[derive(Debug, Default)]
 pub struct Replay {
@@ -84,10 +98,7 @@ impl RecordStore {
             Arc::new(Signer::load_or_create(&cfg.state_dir).context("records signing key")?);
         let (tx, rx) = journal::channel();
         let (down_tx, down_rx) = std::sync::mpsc::channel();
-        let state = Arc::new(JournalState {
-            failing: AtomicBool::new(false),
-            rotate: AtomicBool::new(false),
-        });
+        let state = Arc::new(JournalState::default());
         let shutdown = Arc::new(AtomicBool::new(false));
         let mut w = Writer::open(
             WriterConfig {
@@ -229,6 +240,26 @@ impl RecordStore {
             super::seal::PublicKey::read(&super::verify::default_public_key(&self.state_dir))?;
         let _files = self.files.lock().unwrap_or_else(|p| p.into_inner());
         super::verify::verify(&self.records_dir, &key)
+    }
+
+    /// How far records have got: committed to the journal, written to Parquet.
+    pub fn progress(&self) -> Progress {
+        let j = &self.journal;
+        let committed = j.committed_entries.load(Ordering::Relaxed);
+        let parquet = j.parquet_rows.load(Ordering::Relaxed);
+        Progress {
+            journal_entries: committed,
+            journal_bytes: j.committed_bytes.load(Ordering::Relaxed),
+            parquet_rows: parquet,
+            lag_entries: committed.saturating_sub(parquet),
+            durability: match self.durability {
+                Durability::Strict => "strict",
+                Durability::Batched { .. } => "batched",
+            }
+            .to_owned(),
+            journal_failing: j.failing.load(Ordering::Relaxed),
+            parquet_failing: self.parquet_failing(),
+        }
     }
 
     /// True while Parquet files cannot be written (rows wait in the journal).

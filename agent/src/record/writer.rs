@@ -250,6 +250,9 @@ impl Writer {
             journal_seq_last,
         )?;
         p.head = written;
+        self.journal
+            .parquet_rows
+            .fetch_add(p.buf.len() as u64, Ordering::Relaxed);
         p.buf.clear();
         p.bytes = 0;
         p.date = None;
@@ -736,10 +739,7 @@ mod tests {
             row_group_rows: 100,
             retention_days: 1,
         };
-        let state = Arc::new(JournalState {
-            failing: AtomicBool::new(false),
-            rotate: AtomicBool::new(false),
-        });
+        let state = Arc::new(JournalState::default());
         let mut w = Writer::open(cfg, signer.clone(), state, tx, origin()).unwrap();
         let mut seq = 0;
         for file in 0..3 {
