@@ -4,9 +4,11 @@
 //! - `test`:  setup, fmt, clippy, build, every test (what `.ci/run` runs).
 //! - `demo`:  setup, build, then a guided run of phigate on a demo API.
 //! - `bench`: side-by-side figures (`bench proxy`, `bench mask`).
+//! - `fuzz`:  the cargo-fuzz targets, each for a bounded time.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod util;
 
@@ -42,6 +44,14 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         duration: u64,
     },
+    /// Run the fuzz targets (fuzz/, cargo-fuzz, nightly) for a bounded time each.
+    Fuzz {
+        /// One target (`mask_json`, `json_path`, `config`, `journal`); default: all.
+        target: Option<String>,
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -54,6 +64,9 @@ fn main() -> ExitCode {
             setup::run().and_then(|_| package().map(|deb| println!("{}", deb.display())))
         }
         Task::Bench { name, duration } => setup::run().and_then(|_| bench::run(&name, duration)),
+        Task::Fuzz { target, secs } => {
+            setup::run().and_then(|_| fuzz::run(target.as_deref(), secs))
+        }
     };
     match r {
         Ok(()) => ExitCode::SUCCESS,
@@ -120,6 +133,12 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
                 args.push(f);
             }
             cargo(&args, &[])
+        })?;
+        // A brief run of the masker's and the path parser's fuzz targets (longer:
+        // `cargo xtask fuzz`).
+        run("fuzz mask_json, json_path (20 s each)", &mut || {
+            fuzz::run(Some("mask_json"), 20)?;
+            fuzz::run(Some("json_path"), 20)
         })?;
         let mut deb = String::new();
         run("cargo xtask package", &mut || {

@@ -36,12 +36,14 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_DEB_VERSION: &str = "3.8.0";
+const CARGO_FUZZ_VERSION: &str = "0.13.1";
 
 pub fn run() -> anyhow::Result<()> {
     println!("== setup");
     rust_src()?;
     bpf_linker()?;
     cargo_deb()?;
+    cargo_fuzz()?;
     debian_packages()?;
     python_packages()?;
     node_packages()?;
@@ -155,6 +157,29 @@ fn cargo_deb() -> anyhow::Result<()> {
         "cargo-deb",
         "--version",
         CARGO_DEB_VERSION,
+        "--locked",
+    ]))
+}
+
+/// cargo-fuzz, for the fuzz targets in fuzz/ (`cargo xtask fuzz`, and briefly in `test`).
+fn cargo_fuzz() -> anyhow::Result<()> {
+    let version = output(Command::new("cargo").args(["fuzz", "--version"]));
+    if version
+        .as_deref()
+        .is_some_and(|v| v.contains(CARGO_FUZZ_VERSION))
+    {
+        say(
+            "cargo-fuzz",
+            &format!("already installed ({CARGO_FUZZ_VERSION})"),
+        );
+        return Ok(());
+    }
+    say("cargo-fuzz", &format!("installing {CARGO_FUZZ_VERSION}"));
+    exec(Command::new("cargo").args([
+        "install",
+        "cargo-fuzz",
+        "--version",
+        CARGO_FUZZ_VERSION,
         "--locked",
     ]))
 }

@@ -29,7 +29,7 @@ use tracing::{error, info, warn};
 
 use super::{RecordError, Table};
 
-const MAGIC: &[u8; 8] = b"PHGJRNL1";
+pub const MAGIC: &[u8; 8] = b"PHGJRNL1";
 const HEADER: usize = 8;
 const BODY_FIXED: usize = 8 + 8 + 1;
 /// Larger bodies are corruption, not records.

@@ -1,0 +1,45 @@
+//! `cargo xtask fuzz [TARGET] [--secs N]`: runs the cargo-fuzz targets in fuzz/ for a
+//! bounded time each, starting from the committed corpus. New inputs go to a scratch
+//! directory (the committed corpus only changes when someone minimizes and commits
+//! it, see docs/fuzzing.md); a crash fails the run and leaves its input in
+//! fuzz/artifacts/TARGET/.
+
+use std::process::Command;
+
+use anyhow::bail;
+
+use crate::util::{exec, root_dir};
+
+/// Every target, in fuzz/Cargo.toml.
+pub const TARGETS: [&str; 4] = ["mask_json", "json_path", "config", "journal"];
+
+pub fn run(target: Option<&str>, secs: u64) -> anyhow::Result<()> {
+    let targets: Vec<&str> = match target {
+        Some(t) if TARGETS.contains(&t) => vec![t],
+        Some(t) => bail!(
+            "no fuzz target `{t}`; the targets are {}",
+            TARGETS.join(", ")
+        ),
+        None => TARGETS.to_vec(),
+    };
+    let fuzz_dir = root_dir().join("fuzz");
+    for t in targets {
+        let scratch = tempfile::tempdir()?;
+        let corpus = fuzz_dir.join("corpus").join(t);
+        println!("== fuzz {t}: {secs} s from {}", corpus.display());
+        exec(
+            Command::new("cargo")
+                .current_dir(&fuzz_dir)
+                .args(["+nightly", "fuzz", "run", "-O", t])
+                .arg(scratch.path())
+                .arg(&corpus)
+                .args([
+                    "--",
+                    &format!("-max_total_time={secs}"),
+                    "-rss_limit_mb=2048",
+                    "-print_final_stats=1",
+                ]),
+        )?;
+    }
+    Ok(())
+}
