@@ -24,6 +24,8 @@ pub mod approval;
 pub mod cli;
 pub mod config;
 pub mod console;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod identity;
 pub mod mask;

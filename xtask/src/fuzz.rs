@@ -11,7 +11,14 @@ use anyhow::bail;
 use crate::util::{exec, root_dir};
 
 /// Every target, in fuzz/Cargo.toml.
-pub const TARGETS: [&str; 4] = ["mask_json", "json_path", "config", "journal"];
+pub const TARGETS: [&str; 6] = [
+    "mask_json",
+    "json_path",
+    "config",
+    "policy",
+    "journal",
+    "verify",
+];
 
 pub fn run(target: Option<&str>, secs: u64) -> anyhow::Result<()> {
     let targets: Vec<&str> = match target {

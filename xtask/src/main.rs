@@ -5,11 +5,13 @@
 //! - `demo`:  setup, build, then a guided run of phigate on a demo API.
 //! - `bench`: side-by-side figures (`bench proxy`, `bench mask`).
 //! - `fuzz`:  the cargo-fuzz targets, each for a bounded time.
+//! - `soak`:  the long hardening suites (load, faults, hostile input, fuzzing).
 
 mod bench;
 mod demo;
 mod fuzz;
 mod setup;
+mod soak;
 mod util;
 
 use std::process::ExitCode;
@@ -44,9 +46,19 @@ enum Task {
         #[arg(long, default_value_t = 10)]
         duration: u64,
     },
+    /// The long hardening suites: load, faults, hostile input, every fuzz target.
+    Soak {
+        /// Seconds of load, and per fuzz target.
+        #[arg(long, default_value_t = 60)]
+        secs: u64,
+        /// Concurrent keep-alive clients in the load suite.
+        #[arg(long, default_value_t = 1000)]
+        clients: u64,
+    },
     /// Run the fuzz targets (fuzz/, cargo-fuzz, nightly) for a bounded time each.
     Fuzz {
-        /// One target (`mask_json`, `json_path`, `config`, `journal`); default: all.
+        /// One target (`mask_json`, `json_path`, `config`, `policy`, `journal`,
+        /// `verify`); default: all.
         target: Option<String>,
         /// Seconds per target.
         #[arg(long, default_value_t = 60)]
@@ -64,6 +76,7 @@ fn main() -> ExitCode {
             setup::run().and_then(|_| package().map(|deb| println!("{}", deb.display())))
         }
         Task::Bench { name, duration } => setup::run().and_then(|_| bench::run(&name, duration)),
+        Task::Soak { secs, clients } => setup::run().and_then(|_| soak::run(secs, clients)),
         Task::Fuzz { target, secs } => {
             setup::run().and_then(|_| fuzz::run(target.as_deref(), secs))
         }

@@ -322,8 +322,8 @@ impl PolicySet {
         Self::from_texts(dir, &schema_path, &schema_text, &named, hash)
     }
 
-    /// Builds a set from texts already read (`load` and tests).
-    fn from_texts(
+    /// Builds a set from texts already read (`load`, tests and the fuzz targets).
+    pub(crate) fn from_texts(
         dir: &Path,
         schema_path: &Path,
         schema_text: &str,

@@ -82,7 +82,9 @@ pub fn verify(dir: &Path, key: &PublicKey) -> anyhow::Result<Report> {
         else {
             continue;
         };
-        for b in reader.flatten() {
+        // Stop at the first error: a damaged file can make the reader fail on every
+        // call without ever ending (verify_table reports the file).
+        for b in reader.map_while(Result::ok) {
             collect_retired(&b, &mut retired);
         }
     }

@@ -777,4 +777,51 @@ mod tests {
         assert_eq!(report.tables["events"].retired_rows, 4);
         assert_eq!(report.tables["events"].rows, 4);
     }
+
+    /// Found by the `verify` fuzz target: a byte inserted into an events file made
+    /// its reader return an error on every call, and verify looped forever.
+    #[test]
+    fn verify_ends_on_a_damaged_events_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = dir.path().join("records");
+        let journal_dir = records.join("_journal");
+        fs::create_dir_all(&journal_dir).unwrap();
+        let signer = Arc::new(Signer::load_or_create(&dir.path().join("state")).unwrap());
+        let (tx, _rx) = std::sync::mpsc::channel::<Submission>();
+        let cfg = WriterConfig {
+            records_dir: records.clone(),
+            journal_dir,
+            host: "test-host".into(),
+            rotate_rows: 1000,
+            rotate_bytes: 1 << 30,
+            rotate_age: Duration::from_secs(3600),
+            row_group_rows: 2,
+            retention_days: 0,
+        };
+        let state = Arc::new(JournalState::default());
+        let mut w = Writer::open(cfg, signer.clone(), state, tx, origin()).unwrap();
+        w.accept((1..=6).map(|seq| event_entry(seq, seq as usize)).collect());
+        w.flush(Table::Events).unwrap();
+        let manifest = list_manifests(&records, Table::Events).unwrap().remove(0);
+        let name = manifest.to_str().unwrap();
+        let data = PathBuf::from(name.strip_suffix(seal::MANIFEST_SUFFIX).unwrap());
+        let good = fs::read(&data).unwrap();
+        for at in (4..good.len() - 8).step_by(37) {
+            let mut bad = good.clone();
+            bad.insert(at, b'}');
+            fs::write(&data, &bad).unwrap();
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let (r, key) = (records.clone(), signer.public);
+            std::thread::spawn(move || {
+                let _ = done_tx.send(verify(&r, &key).map(|rep| rep.ok()));
+            });
+            let ok = done_rx
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("verify hangs on a byte inserted at {at}"));
+            assert!(
+                !ok.unwrap_or(false),
+                "a damaged file verifies (byte at {at})"
+            );
+        }
+    }
 }
