@@ -33,6 +33,7 @@ use crate::tls::{CertAuthority, LeafMinter, UpstreamTls};
 /// Runs the agent until SIGTERM/SIGINT. Returns after open connections drained.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     preflight::check_capabilities()?;
+    raise_open_files_limit();
     let cgroup = preflight::resolve_cgroup(config.agent.cgroup.as_deref())?;
 
     make_private_dir(&config.agent.state_dir)?;
@@ -341,6 +342,26 @@ fn reload(
         );
     }
     Ok(revoked)
+}
+
+/// Every proxied connection holds two sockets (client and upstream): the soft limit
+/// on open files is raised to the hard one, so a default of 1024 does not cap the
+/// agent near 500 clients.
+fn raise_open_files_limit() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with a valid pointer.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            let before = r.rlim_cur;
+            r.rlim_cur = r.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0 {
+                info!(from = before, to = r.rlim_max, "open files limit raised");
+            }
+        }
+    }
 }
 
 /// What `phigate status` shows, read from the running parts.

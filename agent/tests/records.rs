@@ -458,6 +458,11 @@ fn a_crash_between_rename_and_head_rolls_forward_without_duplicates() {
     submit(&store, &rt, 0, 5);
     wait_for_files(&live.path().join("records"), 1);
     let head = seal::head_path(&live.path().join("records"), "events");
+    // The file is renamed into place before its head is written: wait for both.
+    let t = std::time::Instant::now();
+    while !head.exists() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let old_head = fs::read(&head).unwrap();
     submit(&store, &rt, 5, 5);
     wait_for_files(&live.path().join("records"), 2);

@@ -5,7 +5,10 @@
 //!    every other percent-encoding is kept with upper-case hex (`%2f` -> `%2F`: an
 //!    encoded slash stays a character of a segment, never a separator);
 //! 2. runs of `/` become one `/`;
-//! 3. `.` and `..` segments are removed (`..` never climbs above the root).
+//! 3. `.` and `..` segments are removed (`..` never climbs above the root);
+//! 4. a path whose encoded slashes or backslashes (`%2F`, `%5C`) would hide a `.` or
+//!    `..` segment is refused: an upstream that decodes them before resolving dots
+//!    would otherwise serve another path than the one authorized.
 //!
 //! The normalized path is also the path phigate forwards, so the upstream receives
 //! exactly what was authorized.
@@ -43,7 +46,16 @@ pub fn normalize_path(path: &str) -> Option<String> {
             ".." => {
                 out.pop();
             }
-            s => out.push(s),
+            s => {
+                let hidden_dots = (s.contains("%2F") || s.contains("%5C"))
+                    && s.replace("%5C", "%2F")
+                        .split("%2F")
+                        .any(|p| p == "." || p == "..");
+                if hidden_dots {
+                    return None;
+                }
+                out.push(s)
+            }
         }
     }
     let trailing = decoded.ends_with('/')
@@ -97,7 +109,7 @@ mod tests {
             ("/../../etc", "/etc"),
             ("/a/b/..", "/a/"),
             ("/a/", "/a/"),
-            ("/fhir/Patient%2f..%2fadmin", "/fhir/Patient%2F..%2Fadmin"),
+            ("/files/a%2fb", "/files/a%2Fb"),
             ("/fhir/Patient/$export", "/fhir/Patient/$export"),
             ("/x%20y", "/x%20y"),
         ] {
@@ -106,6 +118,17 @@ mod tests {
         assert_eq!(normalize_path("*"), None);
         assert_eq!(normalize_path("/bad%zz"), None);
         assert_eq!(normalize_path("/short%2"), None);
+        // Encoded separators hiding dot segments: an upstream that decodes them
+        // first would resolve to another path than the one authorized.
+        for hidden in [
+            "/fhir/Patient%2f..%2fadmin",
+            "/fhir/Coverage/x%2F..%2F..%2FPatient%2F1",
+            "/fhir/Coverage/x%5C..%5CPatient",
+            "/fhir/Coverage/%2e%2e%2FPatient",
+            "/fhir/Coverage/.%2F",
+        ] {
+            assert_eq!(normalize_path(hidden), None, "{hidden}");
+        }
     }
 
     #[test]
