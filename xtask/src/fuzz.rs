@@ -20,7 +20,10 @@ pub const TARGETS: [&str; 6] = [
     "verify",
 ];
 
-pub fn run(target: Option<&str>, secs: u64) -> anyhow::Result<()> {
+/// `seed`: libFuzzer's seed; `None` lets it pick one. `cargo xtask test` passes a
+/// fixed seed so that a CI run is reproducible; a crash still fails it, but the
+/// same commit fails the same way on the next run.
+pub fn run(target: Option<&str>, secs: u64, seed: Option<u32>) -> anyhow::Result<()> {
     let targets: Vec<&str> = match target {
         Some(t) if TARGETS.contains(&t) => vec![t],
         Some(t) => bail!(
@@ -34,19 +37,21 @@ pub fn run(target: Option<&str>, secs: u64) -> anyhow::Result<()> {
         let scratch = tempfile::tempdir()?;
         let corpus = fuzz_dir.join("corpus").join(t);
         println!("== fuzz {t}: {secs} s from {}", corpus.display());
-        exec(
-            Command::new("cargo")
-                .current_dir(&fuzz_dir)
-                .args(["+nightly", "fuzz", "run", "-O", t])
-                .arg(scratch.path())
-                .arg(&corpus)
-                .args([
-                    "--",
-                    &format!("-max_total_time={secs}"),
-                    "-rss_limit_mb=2048",
-                    "-print_final_stats=1",
-                ]),
-        )?;
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&fuzz_dir)
+            .args(["+nightly", "fuzz", "run", "-O", t])
+            .arg(scratch.path())
+            .arg(&corpus)
+            .args([
+                "--",
+                &format!("-max_total_time={secs}"),
+                "-rss_limit_mb=2048",
+                "-print_final_stats=1",
+            ]);
+        if let Some(seed) = seed {
+            cmd.arg(format!("-seed={seed}"));
+        }
+        exec(&mut cmd)?;
     }
     Ok(())
 }

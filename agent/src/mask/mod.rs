@@ -35,6 +35,9 @@ use crate::record::pseudonym::Pseudonymizer;
 use detect::Hit;
 use ops::{placeholder, Op, OpEnv, Scalar};
 
+/// Rescans of a string after its detector hits are replaced (see `text_scanned`).
+const MAX_DETECTOR_ROUNDS: usize = 4;
+
 /// How a body is parsed for masking.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BodyKind {
@@ -192,6 +195,29 @@ impl ScalarMasker {
         if self.hits.is_empty() {
             return None;
         }
+        let mut out = self.replace_hits(profile, ctx, s, counts);
+        // A replacement can put a word boundary beside text a detector skipped
+        // because it ran into a word ("a@b.org01005": the ZIP shows once the email
+        // is gone). Scan again until nothing more is found, so the client never
+        // sees a detectable identifier and masking stays idempotent.
+        for _ in 0..MAX_DETECTOR_ROUNDS {
+            profile.detectors.find(&out, &mut self.hits);
+            if self.hits.is_empty() {
+                break;
+            }
+            out = self.replace_hits(profile, ctx, &out, counts);
+        }
+        (out != s).then_some(out)
+    }
+
+    /// `s` with each of `self.hits` replaced by its rule's operator.
+    fn replace_hits(
+        &self,
+        profile: &Profile,
+        ctx: &MaskContext,
+        s: &str,
+        counts: &mut Counts,
+    ) -> String {
         let env = Self::env(profile, ctx, Some(&self.cache));
         let mut out = String::with_capacity(s.len() + 16);
         let mut last = 0;
@@ -208,7 +234,7 @@ impl ScalarMasker {
             last = h.end;
         }
         out.push_str(&s[last..]);
-        (out != s).then_some(out)
+        out
     }
 
     /// The masked number, or `None` when it stays as is. Detectors do not look at
