@@ -4,7 +4,10 @@ use anyhow::{anyhow, Context as _};
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
-    let metadata = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../agent-ebpf");
+    // Read at run time: `env!` would bake in the directory this script was first
+    // compiled in, and a reused target directory would build another checkout's eBPF.
+    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?;
+    let metadata = std::path::Path::new(&manifest_dir).join("../agent-ebpf");
     let root_dir = metadata
         .canonicalize()
         .context("agent-ebpf directory not found next to agent/")?;

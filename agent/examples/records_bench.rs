@@ -277,6 +277,7 @@ fn sample_request(store: &RecordStore, workload: &Arc<Workload>) -> RequestRecor
         method: "GET".into(),
         authority: Some("fhir.hospital.example".into()),
         path: "/fhir/Patient/p:4f1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e".into(),
+        path_as_sent: None,
         query: Some("_elements=[REDACTED]".into()),
         request_headers: headers.clone(),
         response_headers: headers,

@@ -533,6 +533,9 @@ impl Drop for Exchange {
     }
 }
 
+/// How much of a streamed response body is masked before its headers go out.
+const STREAM_HEAD_BYTES: usize = 64 << 10;
+
 impl Exchange {
     fn begin(p: &Pipeline, conn: &Arc<ConnContext>, req: &Request<Incoming>) -> Exchange {
         let tls = conn.tls.clone().unwrap_or_default();
@@ -583,6 +586,7 @@ impl Exchange {
                 method: req.method().to_string(),
                 authority,
                 path,
+                path_as_sent: None,
                 query,
                 request_headers,
                 response_headers: BTreeMap::new(),
@@ -619,6 +623,12 @@ impl Exchange {
             self.record.oidc_subject = Some(t.subject.clone());
             self.record.oidc_groups = t.groups.clone();
             self.record.oidc_expiry = Some(t.expires_at.saturating_mul(1_000_000));
+        }
+        // The record names the path that was decided (and is forwarded); what the
+        // client sent is kept beside it when normalization changed it.
+        let (decided, _) = self.pseudonyms.redact_path(&v.access.path);
+        if decided != self.record.path {
+            self.record.path_as_sent = Some(std::mem::replace(&mut self.record.path, decided));
         }
         self.record.decision = if v.decision.allowed { "allow" } else { "deny" };
         self.record.policy_ids = v.decision.policy_ids.clone();
@@ -900,58 +910,65 @@ impl Exchange {
         self.mask_report = Some(report.clone());
         let mut out = Vec::new();
         let mut raw = profile.pass_unparsable.then(Vec::new);
-        if announced.is_none_or(|n| n <= settings.buffer_bytes as u64) {
-            loop {
-                let step = match body.frame().await {
-                    None => masker.finish(&mut out).map(|()| true),
-                    Some(Err(e)) => {
-                        let reason = format!("the upstream response body failed: {e}");
-                        return self
-                            .answer(StatusCode::BAD_GATEWAY, "upstream_unavailable", &reason)
-                            .await;
-                    }
-                    // Trailers of a buffered body are dropped: the body is whole.
-                    Some(Ok(frame)) => match frame.into_data() {
-                        Ok(data) => {
-                            if let Some(r) = &mut raw {
-                                r.extend_from_slice(&data);
-                            }
-                            masker.push(&data, &mut out).map(|()| false)
+        // Bodies up to buffer_bytes are masked whole. A larger one is still held
+        // until its first STREAM_HEAD_BYTES are masked, so that a body that is not
+        // what it claims (an error page, a hostile nesting) is answered with a 502
+        // rather than a response cut short.
+        let hold = if announced.is_none_or(|n| n <= settings.buffer_bytes as u64) {
+            settings.buffer_bytes
+        } else {
+            settings.buffer_bytes.min(STREAM_HEAD_BYTES)
+        };
+        loop {
+            let step = match body.frame().await {
+                None => masker.finish(&mut out).map(|()| true),
+                Some(Err(e)) => {
+                    let reason = format!("the upstream response body failed: {e}");
+                    return self
+                        .answer(StatusCode::BAD_GATEWAY, "upstream_unavailable", &reason)
+                        .await;
+                }
+                // Trailers of a buffered body are dropped: the body is whole.
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if let Some(r) = &mut raw {
+                            r.extend_from_slice(&data);
                         }
-                        Err(_) => Ok(false),
-                    },
-                };
-                match step {
-                    Ok(true) => {
-                        {
-                            let mut r = report.lock().expect("report lock");
-                            r.counts = masker.counts().by_entity(&profile);
-                            r.keep(&out, settings.record_body_bytes);
-                        }
-                        parts
-                            .headers
-                            .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
-                        let full = http_body_util::Full::new(bytes::Bytes::from(out));
-                        return self.stream_response(parts, full).await;
+                        masker.push(&data, &mut out).map(|()| false)
                     }
-                    Ok(false) if out.len() > settings.buffer_bytes => break,
-                    Ok(false) => {}
-                    Err(e) => {
-                        if let (Some(raw), Some(h)) = (raw, original_headers) {
-                            // The profile lets an unparsable body pass: as it came.
-                            parts.headers = h;
-                            self.mask_report = None;
-                            self.record.error = Some(format!(
+                    Err(_) => Ok(false),
+                },
+            };
+            match step {
+                Ok(true) => {
+                    {
+                        let mut r = report.lock().expect("report lock");
+                        r.counts = masker.counts().by_entity(&profile);
+                        r.keep(&out, settings.record_body_bytes);
+                    }
+                    parts
+                        .headers
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(out.len()));
+                    let full = http_body_util::Full::new(bytes::Bytes::from(out));
+                    return self.stream_response(parts, full).await;
+                }
+                Ok(false) if out.len() > hold => break,
+                Ok(false) => {}
+                Err(e) => {
+                    if let (Some(raw), Some(h)) = (raw, original_headers) {
+                        // The profile lets an unparsable body pass: as it came.
+                        parts.headers = h;
+                        self.mask_report = None;
+                        self.record.error = Some(format!(
                                 "body not masked: {e}; passed unmasked under profile `{}` (pass_unparsable)",
                                 profile.name
                             ));
-                            let full = http_body_util::Full::new(bytes::Bytes::from(raw));
-                            return self.stream_response(parts, full).await;
-                        }
-                        return self
-                            .answer(StatusCode::BAD_GATEWAY, "masking_failed", &e.to_string())
-                            .await;
+                        let full = http_body_util::Full::new(bytes::Bytes::from(raw));
+                        return self.stream_response(parts, full).await;
                     }
+                    return self
+                        .answer(StatusCode::BAD_GATEWAY, "masking_failed", &e.to_string())
+                        .await;
                 }
             }
         }

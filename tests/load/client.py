@@ -96,6 +96,13 @@ async def main():
     gate.set()
     await asyncio.gather(*tasks)
     stats["error_count"] = len(stats["errors"])
+    # By phase and exception type ("connect: ConnectionRefusedError"), for tests
+    # that inject faults and check which errors they caused.
+    kinds = {}
+    for e in stats["errors"]:
+        k = ":".join(e.split(":")[:2])
+        kinds[k] = kinds.get(k, 0) + 1
+    stats["error_kinds"] = kinds
     stats["errors"] = stats["errors"][:20]
     print(json.dumps(stats))
 

@@ -7,7 +7,11 @@
 use crate::util::{cargo, root_dir};
 
 /// e2e tests that inject faults or hostile input; run as they are in `test`.
-const FAULT_TESTS: [(&str, &str); 9] = [
+const FAULT_TESTS: [(&str, &str); 11] = [
+    // Faults under load (stretched by PHIGATE_SOAK_*) and unusable CA files.
+    ("faults", ""),
+    // Every hostile-input test (smuggling, slow clients, ClientHellos, paths, bodies).
+    ("hostile", ""),
     ("records", "kill"),
     (
         "https",
@@ -80,7 +84,11 @@ pub fn run(secs: u64, clients: u64) -> anyhow::Result<()> {
                 test,
                 "--nocapture",
             ],
-            &[("PHIGATE_BIN", &bin)],
+            &[
+                ("PHIGATE_BIN", &bin),
+                ("PHIGATE_SOAK_SECS", &secs_s),
+                ("PHIGATE_SOAK_CLIENTS", &clients_s),
+            ],
         );
         step(format!("{file}::{test}"), r);
     }

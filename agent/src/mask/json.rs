@@ -85,6 +85,11 @@ pub struct JsonStream {
 
 const DEFAULT_MAX_VALUE: usize = 16 << 20;
 
+/// Deepest nesting of arrays and objects accepted. FHIR resources nest a few dozen
+/// levels at most; without a bound, a body of `[[[[...` would grow the container
+/// stack with the body (memory no longer bounded by the buffer sizes).
+pub const MAX_DEPTH: usize = 512;
+
 #[inline]
 fn is_ws(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | b'\r')
@@ -362,6 +367,9 @@ impl JsonStream {
         let ctx = self.vctx;
         match c {
             b'{' | b'[' => {
+                if self.stack.len() >= MAX_DEPTH {
+                    return Err(self.err(at, format!("nested deeper than {MAX_DEPTH} levels")));
+                }
                 if !ctx.suppressed {
                     self.prefix(out);
                     out.push(c);

@@ -312,6 +312,31 @@ fn identifiers_uncovered_by_a_replacement_are_masked_too() {
     assert!(!String::from_utf8_lossy(&once).contains("01005"));
 }
 
+#[test]
+fn nesting_is_bounded_and_invalid_utf8_fails_closed() {
+    let p = profile();
+    let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+    let ok = nested(super::json::MAX_DEPTH);
+    assert_eq!(
+        stream(&p, BodyKind::Json, ok.as_bytes()).unwrap(),
+        ok.as_bytes()
+    );
+    // A hostile body of brackets is refused at the limit, not held in memory.
+    let deep = "[".repeat(50_000_000);
+    match stream(&p, BodyKind::Json, deep.as_bytes()) {
+        Err(MaskError::Syntax { offset, message }) => {
+            assert_eq!(offset, super::json::MAX_DEPTH as u64);
+            assert!(message.contains("nested deeper"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let e = stream(&p, BodyKind::Json, b"{\"note\":\"caf\xe9 123-45-6789\"}").unwrap_err();
+    assert!(e.to_string().contains("UTF-8"), "{e}");
+    // Also where nothing would be masked: invalid text is never passed on.
+    let e = stream(&p, BodyKind::Json, b"{\"x\":\"caf\xe9\"}").unwrap_err();
+    assert!(e.to_string().contains("UTF-8"), "{e}");
+}
+
 // ---- properties over random documents ------------------------------------------------
 
 fn secret() -> impl Strategy<Value = String> {

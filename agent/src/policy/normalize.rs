@@ -14,7 +14,10 @@
 //! exactly what was authorized.
 
 /// Normalizes a request path (without the query). Returns `None` for a path that is
-/// not origin-form (does not start with `/`) or carries a malformed percent-encoding.
+/// not origin-form (does not start with `/`), carries a malformed percent-encoding,
+/// an encoded control character (`%00`: truncation in an upstream written in C,
+/// `%0D%0A`: header injection where it is logged or echoed), or encoded separators
+/// hiding dot segments.
 pub fn normalize_path(path: &str) -> Option<String> {
     if !path.starts_with('/') {
         return None;
@@ -27,6 +30,9 @@ pub fn normalize_path(path: &str) -> Option<String> {
         if b == b'%' {
             let hex = bytes.get(i + 1..i + 3)?;
             let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+            if v.is_ascii_control() {
+                return None;
+            }
             if v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~') {
                 decoded.push(v as char);
             } else {
@@ -118,6 +124,9 @@ mod tests {
         assert_eq!(normalize_path("*"), None);
         assert_eq!(normalize_path("/bad%zz"), None);
         assert_eq!(normalize_path("/short%2"), None);
+        assert_eq!(normalize_path("/fhir/Coverage/%00"), None);
+        assert_eq!(normalize_path("/a%0D%0ASet-Cookie:x"), None);
+        assert_eq!(normalize_path("/a%7f"), None);
         // Encoded separators hiding dot segments: an upstream that decodes them
         // first would resolve to another path than the one authorized.
         for hidden in [

@@ -149,8 +149,12 @@ pub struct RequestRecord {
     pub upstream_cert_subject: Option<String>,
     pub method: String,
     pub authority: Option<String>,
-    /// The request path with patient ids replaced by their pseudonyms.
+    /// The request path with patient ids replaced by their pseudonyms: once the
+    /// policies decided, the normalized path they decided on (and that was forwarded).
     pub path: String,
+    /// The path as the client sent it (pseudonymized), when normalization changed it
+    /// (`..`, `%2e`, `//`): the evidence of what was attempted.
+    pub path_as_sent: Option<String>,
     /// The query string with patient ids pseudonymized and other values of unknown
     /// meaning redacted (see [`pseudonym::Pseudonymizer::redact_query`]).
     pub query: Option<String>,

@@ -197,6 +197,7 @@ fn requests() -> Vec<Field> {
         text_req("method"),
         text("authority"),
         text_req("path"),
+        text("path_as_sent"),
         text("query"),
         map("request_headers", DataType::Utf8),
         map("response_headers", DataType::Utf8),
@@ -307,8 +308,9 @@ mod tests {
             .map(|t| (t.name().to_owned(), digest(*t)))
             .collect();
         let expected = [
-            // + oidc_expiry (nullable, added: older files read it as null).
-            ("requests", "ee30f9b379983c13"),
+            // + oidc_expiry, path_as_sent (nullable, added: older files read them
+            // as null through union_by_name).
+            ("requests", "7bad114bed1ac7e1"),
             ("connections", "79baafd43326cf6c"),
             ("approvals", "358fdec1cc73e61a"),
             ("events", "78109fc628bd5a96"),

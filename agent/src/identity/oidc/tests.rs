@@ -210,6 +210,86 @@ async fn each_failure_has_its_reason() {
         .is_ok());
 }
 
+/// Hostile shapes: a key of one type under another's algorithm, oversized and deeply
+/// nested headers, claims of the wrong types. Each is refused with a reason, none
+/// panics, none is accepted.
+#[tokio::test]
+async fn hostile_tokens_are_refused_with_a_reason() {
+    let d = tempfile::tempdir().unwrap();
+    let k = EcKey::new("k1");
+    write_jwks(&d.path().join("jwks.json"), &[&k]);
+    let v = validator(issuer_cfg(&d.path().join("jwks.json")));
+    let with = |f: &dyn Fn(&mut Value)| {
+        let mut c = claims();
+        f(&mut c);
+        k.token(c)
+    };
+    let payload = b64(claims().to_string().as_bytes());
+    let raw = |header: String| {
+        let h = b64(header.as_bytes());
+        let input = format!("{h}.{payload}");
+        let sig = k.pair.sign(&SystemRandom::new(), input.as_bytes()).unwrap();
+        format!("{input}.{}", b64(sig.as_ref()))
+    };
+    let cases: Vec<(&str, String, TokenError)> = vec![
+        (
+            "an EC key's signature claimed as RS256",
+            k.sign(json!({"alg": "RS256", "kid": "k1"}), claims()),
+            TokenError::AlgNotAllowed,
+        ),
+        (
+            "a 64 KiB kid",
+            k.sign(json!({"alg": "ES256", "kid": "k".repeat(65536)}), claims()),
+            TokenError::UnknownKey,
+        ),
+        (
+            "a header nested 10,000 deep",
+            raw(format!(
+                "{{\"alg\":\"ES256\",\"kid\":\"k1\",\"x\":{}{}}}",
+                "[".repeat(10_000),
+                "]".repeat(10_000)
+            )),
+            TokenError::Malformed,
+        ),
+        (
+            "a header that is not an object",
+            raw("[\"ES256\"]".into()),
+            TokenError::Malformed,
+        ),
+        (
+            "jku pointing elsewhere is not followed",
+            k.sign(
+                json!({"alg": "ES256", "kid": "k9", "jku": "https://evil.test/jwks"}),
+                claims(),
+            ),
+            TokenError::UnknownKey,
+        ),
+        (
+            "exp as a string",
+            with(&|c| c["exp"] = json!("tomorrow")),
+            TokenError::Malformed,
+        ),
+        (
+            "exp far beyond any date",
+            with(&|c| c["exp"] = json!(1e300)),
+            TokenError::Malformed,
+        ),
+        (
+            "aud as a number",
+            with(&|c| c["aud"] = json!(7)),
+            TokenError::WrongAudience,
+        ),
+        (
+            "four segments",
+            format!("{}.x", k.token(claims())),
+            TokenError::Malformed,
+        ),
+    ];
+    for (what, token, want) in cases {
+        assert_eq!(v.validate(&token).await, Err(want), "{what}");
+    }
+}
+
 #[tokio::test]
 async fn unknown_kid_refreshes_keys_with_a_rate_limit() {
     let d = tempfile::tempdir().unwrap();

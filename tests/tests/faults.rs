@@ -1,0 +1,291 @@
+//! Faults while under load, through the real redirect: the upstream killed and
+//! restarted, a broken policy file, the agent SIGKILLed and restarted. The clients
+//! see errors or refusals during each fault, never an unrecorded response; the
+//! service comes back on its own. And CA files the agent cannot use stop its start
+//! with a reason naming the file.
+//!
+//! Short by default (CI); `cargo xtask soak` stretches the phases through
+//! PHIGATE_SOAK_SECS and PHIGATE_SOAK_CLIENTS.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use phigate_e2e::*;
+use serde_json::Value;
+
+const UP: &str = "127.0.0.2:9443";
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn by_status(rows: &[Value]) -> BTreeMap<String, u64> {
+    rows.iter().fold(BTreeMap::new(), |mut m, r| {
+        *m.entry(r["status"].to_string()).or_default() += 1;
+        m
+    })
+}
+
+#[test]
+fn faults_under_load_fail_closed_and_lose_no_record() {
+    let clients = env_or("PHIGATE_SOAK_CLIENTS", 50).min(300);
+    // Seven phases: steady, upstream down, steady, broken policy, agent killed and
+    // restarted, steady, steady.
+    let phase = Duration::from_secs((env_or("PHIGATE_SOAK_SECS", 18) / 6).max(3));
+    let mut w = World::new("faults");
+    let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
+    let upstream = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &["--h1only"]);
+    w.write_config(&format!(
+        "{}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
+        w.agent_section(""),
+        pki.ca.display()
+    ));
+    w.start_agent(false);
+    let ca = w.path("state/ca.pem").display().to_string();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("load/client.py");
+    let total = phase * 7;
+    let load = command(
+        w.inside(),
+        &[
+            "python3",
+            script.to_str().unwrap(),
+            "--host",
+            "127.0.0.2",
+            "--port",
+            "9443",
+            "--ca",
+            &ca,
+            "--path",
+            "/json?bytes=512",
+            "--clients",
+            &clients.to_string(),
+            "--secs",
+            &total.as_secs().to_string(),
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let t0 = Instant::now();
+    let at = |n: u32| {
+        let until = phase * n;
+        if let Some(d) = until.checked_sub(t0.elapsed()) {
+            std::thread::sleep(d);
+        }
+    };
+
+    // The upstream dies and comes back.
+    at(1);
+    drop(upstream);
+    at(2);
+    let _upstream = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &["--h1only"]);
+
+    // A broken policy file: rejected, the running set keeps deciding.
+    at(3);
+    w.write_policies(&[("broken.cedar", "permit (principal, action, resource")]);
+    wait_until("the rejection", phase, || {
+        w.agent_log().contains("broken.cedar:1")
+    })
+    .unwrap();
+    // Fixed again (a start with a broken file on disk is refused outright: there
+    // is no running set to keep).
+    w.write_policies(&[(
+        "allow-all.cedar",
+        "@id(\"test.allow-all\")\npermit (principal, action, resource);\n",
+    )]);
+
+    // The agent is killed outright and restarted; the pinned programs keep the
+    // protected address closed meanwhile.
+    at(4);
+    w.kill9();
+    std::thread::sleep(Duration::from_millis(500));
+    let restarted_at = std::time::SystemTime::now();
+    w.start_agent(false);
+
+    let out = load.wait_with_output().unwrap();
+    let client: Value = serde_json::from_str(stdout(&out).trim())
+        .unwrap_or_else(|e| panic!("load client ({e}): {}{}", stdout(&out), stderr(&out)));
+    eprintln!("faults: client {client}");
+
+    // What the clients saw: answers, refusals while the upstream was gone, and
+    // connection errors while the agent was (fail closed: no connect got through).
+    let statuses: BTreeMap<String, u64> = serde_json::from_value(client["status"].clone()).unwrap();
+    for s in statuses.keys() {
+        assert!(
+            ["200", "502"].contains(&s.as_str()),
+            "unexpected status {s}: {client}"
+        );
+    }
+    assert!(
+        statuses.get("502").copied().unwrap_or(0) > 0,
+        "the upstream outage showed: {client}"
+    );
+    let kinds: BTreeMap<String, u64> =
+        serde_json::from_value(client["error_kinds"].clone()).unwrap();
+    assert!(
+        kinds.keys().any(|k| k.starts_with("connect")),
+        "connects were refused while the agent was down: {client}"
+    );
+    for k in kinds.keys() {
+        assert!(
+            k.starts_with("connect") || k.starts_with("exchange"),
+            "{k}: {client}"
+        );
+    }
+
+    // Every response a client received has its record (the agent releases a
+    // response only once its record is durable). A record may exceed the
+    // responses by what was in flight when the agent was killed, no more.
+    let t = Instant::now();
+    let records = loop {
+        let rows = w.all_records("requests");
+        let have = by_status(&rows);
+        let enough = statuses
+            .iter()
+            .all(|(s, n)| have.get(s).copied().unwrap_or(0) >= *n);
+        if enough || t.elapsed() > Duration::from_secs(60) {
+            break rows;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let recorded = by_status(&records);
+    eprintln!("faults: records by status {recorded:?}");
+    for (s, n) in &statuses {
+        let r = recorded.get(s).copied().unwrap_or(0);
+        assert!(r >= *n, "status {s}: {n} responses, {r} records");
+        assert!(r - n <= clients, "status {s}: {n} responses, {r} records");
+    }
+    // Refused at connect, or cut off mid-request when the upstream died.
+    for r in records.iter().filter(|r| r["status"] == 502) {
+        assert!(
+            ["upstream_unreachable", "upstream_error"].contains(&r["outcome"].as_str().unwrap()),
+            "{r}"
+        );
+    }
+
+    // The broken file was rejected and recorded; the set in force did not change.
+    let events = w.all_records("events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "policy_reload" && e["outcome"] == "rejected"),
+        "{events:#?}"
+    );
+
+    // After the restart, service resumed on its own.
+    let since = humantime_secs(restarted_at);
+    let after: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["start_time"].as_str().is_some_and(|t| t > since.as_str()))
+        .collect();
+    assert!(
+        after.iter().filter(|r| r["status"] == 200).count() > 10,
+        "served after the restart: {} records",
+        after.len()
+    );
+}
+
+/// RFC 3339 UTC with microseconds, as the records write `start_time`, so strings
+/// compare in time order.
+fn humantime_secs(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap();
+    let secs = d.as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+#[test]
+fn ca_files_it_cannot_use_stop_the_start_with_the_file_named() {
+    let w = World::new("ca-files");
+    w.write_config(&w.agent_section(""));
+    let bin = phigate_bin();
+    let config = w.config_path();
+    let run = |prefix: &[&str]| {
+        let mut argv: Vec<&str> = prefix.to_vec();
+        argv.extend([
+            bin.to_str().unwrap(),
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        let out = output(w.outside(), &argv);
+        assert!(!out.status.success(), "started: {}", stderr(&out));
+        stderr(&out)
+    };
+    // Create the CA as a first start would.
+    let out = output(
+        w.outside(),
+        &[
+            bin.to_str().unwrap(),
+            "ca",
+            "export",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let key = w.path("state/ca-key.pem");
+    let cert = w.path("state/ca.pem");
+    use std::os::unix::fs::PermissionsExt;
+    let chmod =
+        |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+
+    // A key others can read: refused, with the fix.
+    chmod(&key, 0o644);
+    let e = run(&[]);
+    assert!(e.contains("ca-key.pem") && e.contains("chmod 600"), "{e}");
+    chmod(&key, 0o600);
+
+    // A key the agent cannot read (owned by another user, and the agent without
+    // the capability to override file permissions, as under a tight unit).
+    std::os::unix::fs::chown(&key, Some(65534), Some(65534)).unwrap();
+    let e = run(&[
+        "setpriv",
+        "--bounding-set=-dac_override,-dac_read_search",
+        "--inh-caps=-dac_override,-dac_read_search",
+        "--",
+    ]);
+    assert!(
+        e.contains("ca-key.pem") && e.to_lowercase().contains("permission denied"),
+        "{e}"
+    );
+    std::os::unix::fs::chown(&key, Some(0), Some(0)).unwrap();
+
+    // A certificate that is not one.
+    let good = std::fs::read(&cert).unwrap();
+    std::fs::write(&cert, "not a certificate").unwrap();
+    let e = run(&[]);
+    assert!(
+        e.contains("ca.pem") && e.contains("not a PEM certificate"),
+        "{e}"
+    );
+    std::fs::write(&cert, good).unwrap();
+
+    // A key file that is gone while its certificate stays: not silently replaced
+    // (the host trusts the old CA; a new key would break every client).
+    std::fs::remove_file(&key).unwrap();
+    let e = run(&[]);
+    assert!(e.contains("ca-key.pem"), "{e}");
+}
