@@ -20,10 +20,28 @@ pub const TARGETS: [&str; 6] = [
     "verify",
 ];
 
-/// `seed`: libFuzzer's seed; `None` lets it pick one. `cargo xtask test` passes a
-/// fixed seed so that a CI run is reproducible; a crash still fails it, but the
-/// same commit fails the same way on the next run.
-pub fn run(target: Option<&str>, secs: u64, seed: Option<u32>) -> anyhow::Result<()> {
+/// How a run is built and seeded.
+#[derive(Clone, Copy)]
+pub struct Mode {
+    /// libFuzzer's seed; `None` lets it pick one. `cargo xtask test` passes a fixed
+    /// seed so that a CI run is reproducible: a crash still fails it, and the same
+    /// commit fails the same way on the next run.
+    pub seed: Option<u32>,
+    /// AddressSanitizer. Off for the short CI runs: the code under test is safe Rust
+    /// (ASan would have nothing to find that a panic does not show) and the
+    /// instrumented build is the slowest step of `cargo xtask test`.
+    pub asan: bool,
+}
+
+impl Mode {
+    /// Long runs: fresh seeds, AddressSanitizer.
+    pub const EXPLORE: Mode = Mode {
+        seed: None,
+        asan: true,
+    };
+}
+
+pub fn run(target: Option<&str>, secs: u64, mode: Mode) -> anyhow::Result<()> {
     let targets: Vec<&str> = match target {
         Some(t) if TARGETS.contains(&t) => vec![t],
         Some(t) => bail!(
@@ -39,7 +57,13 @@ pub fn run(target: Option<&str>, secs: u64, seed: Option<u32>) -> anyhow::Result
         println!("== fuzz {t}: {secs} s from {}", corpus.display());
         let mut cmd = Command::new("cargo");
         cmd.current_dir(&fuzz_dir)
-            .args(["+nightly", "fuzz", "run", "-O", t])
+            .args(["+nightly", "fuzz", "run", "-O"])
+            .args(if mode.asan {
+                &[][..]
+            } else {
+                &["--sanitizer", "none"][..]
+            })
+            .arg(t)
             .arg(scratch.path())
             .arg(&corpus)
             .args([
@@ -48,7 +72,7 @@ pub fn run(target: Option<&str>, secs: u64, seed: Option<u32>) -> anyhow::Result
                 "-rss_limit_mb=2048",
                 "-print_final_stats=1",
             ]);
-        if let Some(seed) = seed {
+        if let Some(seed) = mode.seed {
             cmd.arg(format!("-seed={seed}"));
         }
         exec(&mut cmd)?;

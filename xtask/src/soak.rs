@@ -95,7 +95,7 @@ pub fn run(secs: u64, clients: u64) -> anyhow::Result<()> {
     for t in crate::fuzz::TARGETS {
         step(
             format!("fuzz {t} ({secs} s)"),
-            crate::fuzz::run(Some(t), secs, None),
+            crate::fuzz::run(Some(t), secs, crate::fuzz::Mode::EXPLORE),
         );
     }
     println!("== soak summary");
