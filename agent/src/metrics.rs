@@ -99,6 +99,7 @@ pub struct Metrics {
     pub masked_values: Family<EntityLabels, Counter>,
     pub reloads: Family<ReloadLabels, Counter>,
     pub revoked: Counter,
+    pub upstream_retries: Counter,
     pub approval_transitions: Family<StateLabels, Counter>,
     // Sampled at scrape time.
     pub open_connections: Gauge,
@@ -142,6 +143,7 @@ impl Metrics {
             masked_values: Family::default(),
             reloads: Family::default(),
             revoked: Counter::default(),
+            upstream_retries: Counter::default(),
             approval_transitions: Family::default(),
             open_connections: Gauge::default(),
             approvals: Family::default(),
@@ -187,6 +189,11 @@ impl Metrics {
             "connections_revoked",
             "Open connections closed because a new policy set no longer allowed them",
             m.revoked.clone(),
+        );
+        reg.register(
+            "upstream_retries",
+            "Bodiless idempotent requests sent again because an HTTP/2 upstream connection went away under them",
+            m.upstream_retries.clone(),
         );
         reg.register(
             "approval_transitions",

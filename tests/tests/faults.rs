@@ -289,3 +289,159 @@ fn ca_files_it_cannot_use_stop_the_start_with_the_file_named() {
     let e = run(&[]);
     assert!(e.contains("ca-key.pem"), "{e}");
 }
+
+/// A real nginx HTTP/2 upstream that ends each connection after 200 requests
+/// (`keepalive_requests`: GOAWAY, then close), under 60 concurrent clients that
+/// phigate multiplexes onto it: requests caught on a connection as it goes away are
+/// sent again on another (they are bodiless GETs), so no client sees an error.
+#[test]
+fn an_http2_upstream_going_away_loses_no_request() {
+    const METRICS: &str = "127.0.0.1:9464";
+    let mut w = World::new("goaway");
+    let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
+    let d = w.path("nginx");
+    std::fs::create_dir_all(d.join("www")).unwrap();
+    std::fs::create_dir_all(d.join("tmp")).unwrap();
+    std::fs::write(
+        d.join("www/json"),
+        r#"{"resourceType":"Bundle","type":"searchset","total":0}"#,
+    )
+    .unwrap();
+    let dd = d.display();
+    std::fs::write(
+        d.join("nginx.conf"),
+        format!(
+            r#"daemon off;
+user root;
+worker_processes 1;
+pid {dd}/nginx.pid;
+error_log {dd}/error.log info;
+events {{ worker_connections 4096; }}
+http {{
+    access_log {dd}/access.log;
+    log_format conn '$connection';
+    client_body_temp_path {dd}/tmp;
+    proxy_temp_path {dd}/tmp;
+    fastcgi_temp_path {dd}/tmp;
+    uwsgi_temp_path {dd}/tmp;
+    scgi_temp_path {dd}/tmp;
+    keepalive_requests 200;
+    server {{
+        listen {UP} ssl http2;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        access_log {dd}/access.log conn;
+        root {dd}/www;
+        default_type application/fhir+json;
+    }}
+}}
+"#,
+            cert = pki.cert.display(),
+            key = pki.key.display(),
+        ),
+    )
+    .unwrap();
+    let conf = d.join("nginx.conf");
+    let _nginx = Background::spawn(
+        w.outside(),
+        &["nginx", "-c", conf.to_str().unwrap()],
+        d.join("nginx.out"),
+    );
+    assert!(
+        w.netns
+            .wait_port(UP.parse().unwrap(), Duration::from_secs(10)),
+        "nginx did not listen: {}",
+        std::fs::read_to_string(d.join("error.log")).unwrap_or_default()
+    );
+    let base = w.agent_section("").replace(
+        "[admin]\n",
+        &format!("[admin]\nmetrics_listen = \"{METRICS}\"\n"),
+    );
+    w.write_config(&format!(
+        "{base}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
+        pki.ca.display()
+    ));
+    w.start_agent(false);
+    let ca = w.path("state/ca.pem").display().to_string();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("load/client.py");
+    let out = output(
+        w.inside(),
+        &[
+            "python3",
+            script.to_str().unwrap(),
+            "--host",
+            "127.0.0.2",
+            "--port",
+            "9443",
+            "--ca",
+            &ca,
+            "--path",
+            "/json",
+            "--clients",
+            "60",
+            "--secs",
+            "5",
+        ],
+    );
+    let client: Value = serde_json::from_str(stdout(&out).trim())
+        .unwrap_or_else(|e| panic!("load client ({e}): {}{}", stdout(&out), stderr(&out)));
+    eprintln!("goaway: client {client}");
+    if client["status"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .any(|k| k != "200")
+    {
+        let errors = std::fs::read_to_string(d.join("error.log")).unwrap_or_default();
+        let why: Vec<&str> = errors
+            .lines()
+            .filter(|l| !l.contains("[notice]"))
+            .take(5)
+            .collect();
+        eprintln!("goaway: nginx says: {}", why.join("\n"));
+        for r in w
+            .all_records("requests")
+            .iter()
+            .filter(|r| r["status"] != 200)
+            .take(3)
+        {
+            eprintln!("goaway: failed: {} {}", r["outcome"], r["error"]);
+        }
+    }
+    let sent = client["sent"].as_u64().unwrap();
+    assert_eq!(client["error_count"], 0, "{client}");
+    assert_eq!(client["status"]["200"].as_u64(), Some(sent), "{client}");
+
+    // nginx really ended its connections under load: one access log line per
+    // request it served, naming the connection.
+    let log = std::fs::read_to_string(d.join("access.log")).unwrap();
+    let served = log.lines().count() as u64;
+    let upstream_conns = log.lines().collect::<std::collections::BTreeSet<_>>().len() as u64;
+    assert!(served >= sent, "nginx served {served} of {sent}");
+    assert!(
+        upstream_conns >= sent / 200,
+        "{upstream_conns} connections for {sent} requests"
+    );
+    // Requests caught by a GOAWAY were sent again (the count phigate exports).
+    let scrape = output(
+        w.outside(),
+        &["curl", "-sS", &format!("http://{METRICS}/metrics")],
+    );
+    let retries: f64 = stdout(&scrape)
+        .lines()
+        .find_map(|l| l.strip_prefix("phigate_upstream_retries_total "))
+        .unwrap_or_else(|| panic!("no retry counter: {}", stdout(&scrape)))
+        .trim()
+        .parse()
+        .unwrap();
+    eprintln!("goaway: {sent} requests, {upstream_conns} upstream connections, {retries} retried");
+    // One record per request, each answered 200.
+    let t = Instant::now();
+    let mut records = w.all_records("requests");
+    while (records.len() as u64) < sent && t.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(300));
+        records = w.all_records("requests");
+    }
+    assert_eq!(records.len() as u64, sent, "one record per request");
+    assert!(records.iter().all(|r| r["status"] == 200));
+}

@@ -75,11 +75,9 @@ fn concurrent_clients_and_a_connection_storm_lose_nothing() {
     let secs = env_or("PHIGATE_SOAK_SECS", 8);
     let mut w = World::new("load");
     let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
-    // HTTP/1.1 to the upstream: under a few hundred streams multiplexed on one h2
-    // connection, Node's http2 server ends the session with INTERNAL_ERROR (see
-    // docs/reliability.md, open findings); each affected request is answered 502 and
-    // recorded, but this test is about phigate, not Node's h2 server.
-    let _upstream = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &["--h1only"]);
+    // HTTP/2 to the upstream: phigate multiplexes its clients onto pooled h2
+    // connections (and sends again the bodiless GETs caught by a GOAWAY).
+    let _upstream = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &[]);
     w.write_config(&format!(
         "{}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
         w.agent_section(""),

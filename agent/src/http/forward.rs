@@ -228,8 +228,70 @@ impl Forwarder {
         // The pool decides h1 or h2 per connection; hyper rejects an HTTP/2-tagged
         // request on an HTTP/1 connection, so requests are tagged 1.1 here.
         *req.version_mut() = Version::HTTP_11;
-        self.client(key).request(req).await
+        // The URI carries the authority: hyper writes it as Host on HTTP/1.1 and as
+        // :authority on HTTP/2, where a Host header beside it is a duplicate that
+        // nginx refuses with 400.
+        req.headers_mut().remove(header::HOST);
+        let replayable = replayable(&req);
+        let head = |req: &Request<PhiBody>| {
+            let mut again = Request::new(super::body::empty());
+            *again.method_mut() = req.method().clone();
+            *again.uri_mut() = req.uri().clone();
+            *again.version_mut() = req.version();
+            *again.headers_mut() = req.headers().clone();
+            again
+        };
+        let client = self.client(key);
+        let mut next = replayable.then(|| head(&req));
+        let mut result = client.request(req).await;
+        // An HTTP/2 upstream ended the shared connection (GOAWAY: a graceful one
+        // after its request quota, as nginx does every 1,000 requests, or an error)
+        // under requests already sent on it. A bodiless GET, HEAD or OPTIONS may be
+        // sent again (RFC 9110 9.2.2); the pool has dropped that connection, so the
+        // retry goes out on another. A few times at most.
+        for _ in 0..MAX_REPLAYS {
+            match (&result, next.take()) {
+                (Err(e), Some(again)) if went_away(e) => {
+                    tracing::debug!(error = %super::error_chain(e), "upstream connection went away: sending again");
+                    crate::metrics::get().upstream_retries.inc();
+                    next = Some(head(&again));
+                    result = client.request(again).await;
+                }
+                _ => break,
+            }
+        }
+        result
     }
+}
+
+/// Times a request is sent again after its upstream connection went away.
+const MAX_REPLAYS: usize = 3;
+
+/// An idempotent request without a body: safe to send again.
+fn replayable(req: &Request<PhiBody>) -> bool {
+    use http::Method;
+    use http_body::Body as _;
+    matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS)
+        && req.body().is_end_stream()
+}
+
+/// The upstream's connection ended under the request (a GOAWAY or a refused
+/// stream, or the connection reset or closed as a server tears it down after its
+/// GOAWAY), as opposed to the upstream answering or the request failing on its own.
+fn went_away(e: &hyper_util::client::legacy::Error) -> bool {
+    if let Some(h2) = super::body::find_in_chain::<h2::Error>(e) {
+        if h2.is_go_away() || h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+            return true;
+        }
+    }
+    super::body::find_in_chain::<io::Error>(e).is_some_and(|io| {
+        matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::UnexpectedEof
+        )
+    })
 }
 
 /// Builds the absolute URI the pool needs from the client's request target.
