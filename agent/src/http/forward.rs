@@ -214,6 +214,13 @@ impl Forwarder {
             .pool_max_idle_per_host(256)
             .pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
+            // h2 counts every stream it resets itself (a response dropped before its
+            // end, a client that went away) over the connection's whole life and
+            // kills the connection at 1,024 (GOAWAY ENHANCE_YOUR_CALM), failing
+            // every request on it: under the load test that was every ~10 s. The
+            // limit guards against a hostile peer; an upstream is a configured
+            // destination whose certificate phigate verifies.
+            .http2_max_local_error_reset_streams(None)
             .build(connector);
         pools.put(key.clone(), client.clone());
         client
