@@ -106,7 +106,12 @@ pub fn to_hex(h: &Hash) -> String {
     hex::encode(h)
 }
 
+/// Only the lowercase spelling phigate writes: hex decoding ignores case, and a hash
+/// rewritten in capitals must not read as the one that was written.
 pub fn from_hex(s: &str) -> Option<Hash> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
     hex::decode(s).ok()?.try_into().ok()
 }
 

@@ -94,7 +94,10 @@ impl PublicKey {
                 self.key_id()
             ));
         }
-        let sig = hex::decode(item.signature()).map_err(|_| "signature is not hex".to_owned())?;
+        // Only the canonical (lowercase) spelling: hex decoding ignores case, and a
+        // signature rewritten in capitals would otherwise pass as unchanged.
+        let sig = canonical_hex(item.signature())
+            .ok_or_else(|| "signature is not lowercase hex".to_owned())?;
         let mut unsigned = item.clone();
         unsigned.set_signature(String::new());
         let bytes = serde_json::to_vec(&unsigned).expect("manifests serialize");
@@ -217,6 +220,14 @@ pub fn now_rfc3339() -> String {
         .unwrap_or_default()
 }
 
+/// `s` decoded, if it is lowercase hex (as phigate writes it).
+fn canonical_hex(s: &str) -> Option<Vec<u8>> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return None;
+    }
+    hex::decode(s).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +247,11 @@ mod tests {
             .check(&forged)
             .unwrap_err()
             .contains("does not match"));
+        // Found by the verify fuzz target: the same signature in capitals decoded
+        // to the same bytes and passed as unchanged.
+        let mut recased = h.clone();
+        recased.set_signature(h.signature().to_uppercase());
+        assert!(public.check(&recased).unwrap_err().contains("lowercase"));
         let other = tempfile::tempdir().unwrap();
         let o = Signer::load_or_create(other.path()).unwrap();
         assert!(o.public.check(&h).unwrap_err().contains("trusted key"));
