@@ -772,3 +772,52 @@ pub fn wait_until(
     }
     Err(anyhow::anyhow!("timed out waiting for {what}")).context(format!("after {timeout:?}"))
 }
+
+/// A number from the environment (the soak's PHIGATE_SOAK_*), else `default`.
+pub fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// tests/load/client.py in `place`: `clients` concurrent keep-alive HTTPS clients
+/// (with `storm`, a new connection per request) sending `GET path` to
+/// 127.0.0.2:9443 for `secs`. Its report comes from [`load_report`].
+pub fn load_client(
+    place: Place<'_>,
+    ca: &str,
+    path: &str,
+    clients: u64,
+    secs: u64,
+    storm: bool,
+) -> Command {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("load/client.py");
+    let (clients, secs) = (clients.to_string(), secs.to_string());
+    let mut argv = vec![
+        "python3",
+        script.to_str().unwrap(),
+        "--host",
+        "127.0.0.2",
+        "--port",
+        "9443",
+        "--ca",
+        ca,
+        "--path",
+        path,
+        "--clients",
+        &clients,
+        "--secs",
+        &secs,
+    ];
+    if storm {
+        argv.push("--storm");
+    }
+    command(place, &argv)
+}
+
+/// The load client's JSON report: requests sent, responses by status, errors.
+pub fn load_report(out: &Output) -> Value {
+    serde_json::from_str(stdout(out).trim())
+        .unwrap_or_else(|e| panic!("load client ({e}): {}{}", stdout(out), stderr(out)))
+}

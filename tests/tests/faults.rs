@@ -14,15 +14,9 @@ use std::time::{Duration, Instant};
 
 use phigate_e2e::*;
 use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
 
 const UP: &str = "127.0.0.2:9443";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn by_status(rows: &[Value]) -> BTreeMap<String, u64> {
     rows.iter().fold(BTreeMap::new(), |mut m, r| {
@@ -47,26 +41,14 @@ fn faults_under_load_fail_closed_and_lose_no_record() {
     ));
     w.start_agent(false);
     let ca = w.path("state/ca.pem").display().to_string();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("load/client.py");
     let total = phase * 7;
-    let load = command(
+    let load = load_client(
         w.inside(),
-        &[
-            "python3",
-            script.to_str().unwrap(),
-            "--host",
-            "127.0.0.2",
-            "--port",
-            "9443",
-            "--ca",
-            &ca,
-            "--path",
-            "/json?bytes=512",
-            "--clients",
-            &clients.to_string(),
-            "--secs",
-            &total.as_secs().to_string(),
-        ],
+        &ca,
+        "/json?bytes=512",
+        clients,
+        total.as_secs(),
+        false,
     )
     .stdout(Stdio::piped())
     .stderr(Stdio::piped())
@@ -105,12 +87,10 @@ fn faults_under_load_fail_closed_and_lose_no_record() {
     at(4);
     w.kill9();
     std::thread::sleep(Duration::from_millis(500));
-    let restarted_at = std::time::SystemTime::now();
+    let restarted_at = time::OffsetDateTime::now_utc();
     w.start_agent(false);
 
-    let out = load.wait_with_output().unwrap();
-    let client: Value = serde_json::from_str(stdout(&out).trim())
-        .unwrap_or_else(|e| panic!("load client ({e}): {}{}", stdout(&out), stderr(&out)));
+    let client = load_report(&load.wait_with_output().unwrap());
     eprintln!("faults: client {client}");
 
     // What the clients saw: answers, refusals while the upstream was gone, and
@@ -179,41 +159,20 @@ fn faults_under_load_fail_closed_and_lose_no_record() {
     );
 
     // After the restart, service resumed on its own.
-    let since = humantime_secs(restarted_at);
     let after: Vec<&Value> = records
         .iter()
-        .filter(|r| r["start_time"].as_str().is_some_and(|t| t > since.as_str()))
+        .filter(|r| {
+            r["start_time"]
+                .as_str()
+                .and_then(|t| time::OffsetDateTime::parse(t, &Rfc3339).ok())
+                .is_some_and(|t| t > restarted_at)
+        })
         .collect();
     assert!(
         after.iter().filter(|r| r["status"] == 200).count() > 10,
         "served after the restart: {} records",
         after.len()
     );
-}
-
-/// RFC 3339 UTC with microseconds, as the records write `start_time`, so strings
-/// compare in time order.
-fn humantime_secs(t: std::time::SystemTime) -> String {
-    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap();
-    let secs = d.as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil from days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_micros()
-    )
 }
 
 #[test]
@@ -363,28 +322,11 @@ http {{
     ));
     w.start_agent(false);
     let ca = w.path("state/ca.pem").display().to_string();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("load/client.py");
-    let out = output(
-        w.inside(),
-        &[
-            "python3",
-            script.to_str().unwrap(),
-            "--host",
-            "127.0.0.2",
-            "--port",
-            "9443",
-            "--ca",
-            &ca,
-            "--path",
-            "/json",
-            "--clients",
-            "60",
-            "--secs",
-            "5",
-        ],
-    );
-    let client: Value = serde_json::from_str(stdout(&out).trim())
-        .unwrap_or_else(|e| panic!("load client ({e}): {}{}", stdout(&out), stderr(&out)));
+    let out = load_client(w.inside(), &ca, "/json", 60, 5, false)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let client = load_report(&out);
     eprintln!("goaway: client {client}");
     if client["status"]
         .as_object()

@@ -6,20 +6,12 @@
 //! PHIGATE_SOAK_CLIENTS and PHIGATE_SOAK_SECS. Figures go to stderr, for
 //! docs/reliability.md.
 
-use std::path::Path;
 use std::time::Duration;
 
 use phigate_e2e::*;
 use serde_json::Value;
 
 const UP: &str = "127.0.0.2:9443";
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -36,30 +28,11 @@ struct Load {
 }
 
 fn run_clients(w: &World, ca: &str, clients: u64, secs: u64, storm: bool) -> Load {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("load/client.py");
-    let (clients, secs) = (clients.to_string(), secs.to_string());
-    let mut argv = vec![
-        "python3",
-        script.to_str().unwrap(),
-        "--host",
-        "127.0.0.2",
-        "--port",
-        "9443",
-        "--ca",
-        ca,
-        "--path",
-        "/json?bytes=512",
-        "--clients",
-        &clients,
-        "--secs",
-        &secs,
-    ];
-    if storm {
-        argv.push("--storm");
-    }
-    let out = output(w.inside(), &argv);
-    let raw: Value = serde_json::from_str(stdout(&out).trim())
-        .unwrap_or_else(|e| panic!("load client ({e}): {}{}", stdout(&out), stderr(&out)));
+    let out = load_client(w.inside(), ca, "/json?bytes=512", clients, secs, storm)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let raw = load_report(&out);
     Load {
         sent: raw["sent"].as_u64().unwrap(),
         ok: raw["status"]["200"].as_u64().unwrap_or(0),

@@ -239,7 +239,6 @@ impl Forwarder {
         // :authority on HTTP/2, where a Host header beside it is a duplicate that
         // nginx refuses with 400.
         req.headers_mut().remove(header::HOST);
-        let replayable = replayable(&req);
         let head = |req: &Request<PhiBody>| {
             let mut again = Request::new(super::body::empty());
             *again.method_mut() = req.method().clone();
@@ -249,7 +248,7 @@ impl Forwarder {
             again
         };
         let client = self.client(key);
-        let mut next = replayable.then(|| head(&req));
+        let mut next = replayable(&req).then(|| head(&req));
         let mut result = client.request(req).await;
         // An HTTP/2 upstream ended the shared connection (GOAWAY: a graceful one
         // after its request quota, as nginx does every 1,000 requests, or an error)

@@ -48,6 +48,13 @@ impl EcKey {
         format!("{input}.{}", b64(sig.as_ref()))
     }
 
+    /// A token whose claims are the usual ones changed by `f`.
+    fn token_with(&self, f: &dyn Fn(&mut Value)) -> String {
+        let mut c = claims();
+        f(&mut c);
+        self.token(c)
+    }
+
     fn token(&self, claims: Value) -> String {
         self.sign(
             json!({"alg": "ES256", "typ": "JWT", "kid": self.kid}),
@@ -89,16 +96,23 @@ fn write_jwks(path: &std::path::Path, keys: &[&EcKey]) {
     std::fs::write(path, doc.to_string()).unwrap();
 }
 
+/// An issuer publishing one key ("k1") in a JWKS file, and a validator trusting it
+/// (the directory lives as long as the first element).
+fn one_key_issuer() -> (tempfile::TempDir, EcKey, TokenValidator) {
+    let d = tempfile::tempdir().unwrap();
+    let k = EcKey::new("k1");
+    write_jwks(&d.path().join("jwks.json"), &[&k]);
+    let v = validator(issuer_cfg(&d.path().join("jwks.json")));
+    (d, k, v)
+}
+
 fn validator(cfg: OidcIssuer) -> TokenValidator {
     TokenValidator::new(&OidcSection { issuers: vec![cfg] }, 0x70686701).unwrap()
 }
 
 #[tokio::test]
 async fn valid_token_yields_identity_with_mapped_groups() {
-    let d = tempfile::tempdir().unwrap();
-    let k = EcKey::new("k1");
-    write_jwks(&d.path().join("jwks.json"), &[&k]);
-    let v = validator(issuer_cfg(&d.path().join("jwks.json")));
+    let (_d, k, v) = one_key_issuer();
     let id = v.validate(&k.token(claims())).await.unwrap();
     assert_eq!(id.issuer, ISS);
     assert_eq!(id.subject, "dr-alice");
@@ -119,15 +133,8 @@ async fn valid_token_yields_identity_with_mapped_groups() {
 
 #[tokio::test]
 async fn each_failure_has_its_reason() {
-    let d = tempfile::tempdir().unwrap();
-    let k = EcKey::new("k1");
-    write_jwks(&d.path().join("jwks.json"), &[&k]);
-    let v = validator(issuer_cfg(&d.path().join("jwks.json")));
-    let with = |f: &dyn Fn(&mut Value)| {
-        let mut c = claims();
-        f(&mut c);
-        k.token(c)
-    };
+    let (_d, k, v) = one_key_issuer();
+    let with = |f: &dyn Fn(&mut Value)| k.token_with(f);
     let valid = k.token(claims());
     let (h, p, s) = {
         let mut it = valid.split('.');
@@ -215,15 +222,8 @@ async fn each_failure_has_its_reason() {
 /// panics, none is accepted.
 #[tokio::test]
 async fn hostile_tokens_are_refused_with_a_reason() {
-    let d = tempfile::tempdir().unwrap();
-    let k = EcKey::new("k1");
-    write_jwks(&d.path().join("jwks.json"), &[&k]);
-    let v = validator(issuer_cfg(&d.path().join("jwks.json")));
-    let with = |f: &dyn Fn(&mut Value)| {
-        let mut c = claims();
-        f(&mut c);
-        k.token(c)
-    };
+    let (_d, k, v) = one_key_issuer();
+    let with = |f: &dyn Fn(&mut Value)| k.token_with(f);
     let payload = b64(claims().to_string().as_bytes());
     let raw = |header: String| {
         let h = b64(header.as_bytes());
