@@ -58,6 +58,29 @@ pub fn shipped_policies() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies")
 }
 
+/// A fixed-offset time zone (`Etc/GMT-5` is UTC+5) in which the local hour is `hour`
+/// now, for a world's `[policy] timezone`: tests pin their policy clock with the same
+/// setting operators use, so the off-hours rules decide the same at any hour of CI.
+/// The hour drifts by at most the suite's length, so pick hours well inside a window.
+pub fn timezone_at(hour: u8) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let utc_hour = ((now / 3600) % 24) as i64;
+    // tzdb has offsets from UTC-12 to UTC+14.
+    let mut offset = (i64::from(hour) - utc_hour).rem_euclid(24);
+    if offset > 14 {
+        offset -= 24;
+    }
+    match offset {
+        0 => "Etc/GMT".into(),
+        // POSIX sign: Etc/GMT-N is N hours ahead of UTC.
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    }
+}
+
 pub fn cgroup2_root() -> PathBuf {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     mounts

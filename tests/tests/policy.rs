@@ -70,17 +70,44 @@ impl Drop for Env {
 }
 
 impl Env {
-    fn start(tag: &str, policies: &[(&str, &str)]) -> Env {
+    /// A world whose policy clock reads `hour` (see [`timezone_at`]): the shipped
+    /// set holds clinicians' reads from 19:00 to 07:00.
+    fn start(tag: &str, hour: u8, policies: &[(&str, &str)]) -> Env {
         let mut w = World::new(tag);
         let upstream_pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
         let idp_pki = TestPki::new(w.dir.path(), "idp", "IP:127.0.0.1");
-        let upstream = node_upstream(&w, "127.0.0.2", 9443, Some(&upstream_pki), &[]);
+        // Real FHIR JSON for every path the tests read, so an allowed read is a 200
+        // the masking profiles pass (a 404 page would be a 502 masking_failed).
+        let files = w.path("fhir");
+        std::fs::create_dir_all(&files).unwrap();
+        for (name, resource) in [
+            ("Patient-1", "Patient"),
+            ("Patient-123", "Patient"),
+            ("Coverage-1", "Coverage"),
+            ("Coverage-7", "Coverage"),
+            ("Observation", "Bundle"),
+        ] {
+            let id = name.split_once('-').map(|(_, id)| id).unwrap_or("search");
+            std::fs::write(
+                files.join(format!("{name}.json")),
+                format!(r#"{{"resourceType":"{resource}","id":"{id}","status":"active"}}"#),
+            )
+            .unwrap();
+        }
+        let upstream = node_upstream(
+            &w,
+            "127.0.0.2",
+            9443,
+            Some(&upstream_pki),
+            &["--files", files.to_str().unwrap()],
+        );
         let idp = start_idp(&w, &idp_pki, IDP_PORT, &w.path("idp-keys-1.json"), "k1");
         w.write_policies(policies);
         w.write_config(&format!(
             r#"{agent}
 [policy]
 headers = ["x-purpose"]
+timezone = "{tz}"
 
 [[oidc.issuers]]
 issuer = "https://127.0.0.1:{IDP_PORT}"
@@ -97,6 +124,7 @@ protocol = "https"
 upstream_ca = "{up_ca}"
 "#,
             agent = w.agent_section(""),
+            tz = timezone_at(hour),
             idp_ca = idp_pki.ca.display(),
             up_ca = upstream_pki.ca.display(),
         ));
@@ -180,7 +208,8 @@ upstream_ca = "{up_ca}"
 
     /// `phigate policy explain` for the same request, inside the netns (it validates
     /// tokens against the same provider).
-    fn explain(&self, token: Option<&str>, path: &str, user: &str) -> (bool, u16, String) {
+    /// Returns (decision, reason, status, policies) as printed.
+    fn explain(&self, token: Option<&str>, path: &str, user: &str) -> Explained {
         let config = self.w.config_path();
         let token_file = self.w.path(&unique("token"));
         let mut argv: Vec<String> = vec![
@@ -208,12 +237,36 @@ upstream_ca = "{up_ca}"
                 .unwrap_or_else(|| panic!("explain printed no {k}: {text}{}", stderr(&out)))
                 .to_owned()
         };
-        (
-            field("decision") == "allow",
-            field("status").parse().unwrap(),
-            field("policies"),
-        )
+        Explained {
+            decision: field("decision"),
+            reason: field("reason"),
+            status: field("status").parse().unwrap(),
+            policies: field("policies"),
+            approval: field("approval"),
+            exit: out.status.code(),
+        }
     }
+}
+
+#[derive(Debug)]
+struct Explained {
+    decision: String,
+    reason: String,
+    status: u16,
+    policies: String,
+    approval: String,
+    exit: Option<i32>,
+}
+
+/// phigate's own refusals are JSON naming an `error` and the `request_id`.
+fn phigate_refused(body: &Value) -> bool {
+    body.get("error").is_some() && body.get("request_id").is_some()
+}
+
+/// The request reached the test upstream and its answer came back through phigate:
+/// not a refusal, a 502 (masking or upstream failure) or a failed curl.
+fn upstream_answered(code: u16, body: &Value) -> bool {
+    code == 200 && !phigate_refused(body)
 }
 
 fn shipped_fhir() -> String {
@@ -257,6 +310,7 @@ fn alg_none(token: &str) -> String {
 fn tokens_from_a_real_provider_decide_per_group_and_reason() {
     let mut e = Env::start(
         "pol-oidc",
+        12,
         &[("fhir.cedar", &shipped_fhir()), ("root.cedar", ROOT_JSON)],
     );
     let clin = e.token("clinician-app");
@@ -264,12 +318,12 @@ fn tokens_from_a_real_provider_decide_per_group_and_reason() {
     let plain = e.token("plain-app");
 
     // Allowed per group: the upstream answers (its own status, not phigate's).
-    let (code, _) = e.get(Some(&clin), "/fhir/Patient/123", None);
-    assert!(code != 401 && code != 403 && code != 0, "clinician: {code}");
-    let (code, _) = e.get(Some(&bill), "/fhir/Coverage/7", None);
+    let (code, body) = e.get(Some(&clin), "/fhir/Patient/123", None);
+    assert!(upstream_answered(code, &body), "clinician: {code} {body}");
+    let (code, body) = e.get(Some(&bill), "/fhir/Coverage/7", None);
     assert!(
-        code != 401 && code != 403 && code != 0,
-        "billing coverage: {code}"
+        upstream_answered(code, &body),
+        "billing coverage: {code} {body}"
     );
     let (code, body) = e.get(Some(&bill), "/fhir/Patient/123", None);
     assert_eq!(code, 403, "{body}");
@@ -329,7 +383,7 @@ fn tokens_from_a_real_provider_decide_per_group_and_reason() {
     let rotated = e.token("clinician-app");
     assert!(rotated.len() > 20);
     let (code, body) = e.get(Some(&rotated), "/fhir/Patient/1", None);
-    assert!(code != 401 && code != 403, "rotated key: {code} {body}");
+    assert!(upstream_answered(code, &body), "rotated key: {code} {body}");
 
     // Records: decision, deciding ids, set hash, the token's identity, never the token.
     let recs = e.w.wait_records("requests", 13);
@@ -365,44 +419,111 @@ fn tokens_from_a_real_provider_decide_per_group_and_reason() {
     let _ = &e.upstream_pki;
 }
 
+/// `policy explain` tells what the proxy will answer, by day and by night: the
+/// shipped off-hours rule holds a clinician's read from 19:00 to 07:00 in the
+/// configured time zone, and explain says "held" exactly when the proxy holds.
 #[test]
 fn explain_agrees_with_the_proxy() {
-    let e = Env::start(
-        "pol-explain",
-        &[("fhir.cedar", &shipped_fhir()), ("root.cedar", ROOT_JSON)],
-    );
-    let clin = e.token("clinician-app");
-    let bill = e.token("billing-app");
-    let plain = e.token("plain-app");
-    let cases: Vec<(Option<&str>, &str, Option<u32>, &str)> = vec![
-        (Some(&clin), "/fhir/Patient/1", None, "root"),
-        (Some(&clin), "/fhir/Coverage/1", None, "root"),
-        (Some(&bill), "/fhir/Coverage/1", None, "root"),
-        (Some(&bill), "/fhir/Observation?patient=1", None, "root"),
-        (None, "/fhir/Patient/1", None, "root"),
-        (Some(&plain), "/json", None, "root"),
-        (Some(&plain), "/json", Some(NOBODY), "nobody"),
-    ];
-    for (token, path, uid, user) in cases {
-        let (code, body) = e.get(token, path, uid);
-        let (allowed, status, ids) = e.explain(token, path, user);
-        let what = format!("{path} as {user}: proxy {code} {body}; explain {status} {ids}");
-        assert_eq!(allowed, code != 401 && code != 403, "{what}");
-        if !allowed {
-            assert_eq!(status, code, "{what}");
-            let proxy_ids: Vec<String> = body["policy_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_str().unwrap().to_owned())
-                .collect();
-            let explained = if ids.starts_with('(') {
-                String::new()
-            } else {
-                ids.clone()
-            };
-            assert_eq!(proxy_ids.join(", "), explained, "{what}");
+    for (hour, tag) in [(12, "pol-explain-day"), (3, "pol-explain-night")] {
+        let e = Env::start(
+            tag,
+            hour,
+            &[("fhir.cedar", &shipped_fhir()), ("root.cedar", ROOT_JSON)],
+        );
+        let clin = e.token("clinician-app");
+        let bill = e.token("billing-app");
+        let plain = e.token("plain-app");
+        let cases: Vec<(Option<&str>, &str, Option<u32>, &str)> = vec![
+            (Some(&clin), "/fhir/Patient/1", None, "root"),
+            (Some(&clin), "/fhir/Coverage/1", None, "root"),
+            (Some(&bill), "/fhir/Coverage/1", None, "root"),
+            (Some(&bill), "/fhir/Observation?patient=1", None, "root"),
+            (None, "/fhir/Patient/1", None, "root"),
+            (Some(&plain), "/json", None, "root"),
+            (Some(&plain), "/json", Some(NOBODY), "nobody"),
+        ];
+        for (token, path, uid, user) in cases {
+            let (code, body) = e.get(token, path, uid);
+            let x = e.explain(token, path, user);
+            let what = format!("{hour}:00 {path} as {user}: proxy {code} {body}; explain {x:?}");
+            let refused = phigate_refused(&body);
+            match x.decision.as_str() {
+                "allow" => {
+                    assert!(upstream_answered(code, &body), "{what}");
+                    assert_eq!(x.exit, Some(0), "{what}");
+                }
+                "held" => {
+                    assert_eq!(
+                        (code, body["error"].as_str()),
+                        (403, Some("approval_pending")),
+                        "{what}"
+                    );
+                    assert_eq!(
+                        (x.status, x.reason.as_str()),
+                        (403, "approval_pending"),
+                        "{what}"
+                    );
+                    assert_eq!(x.exit, Some(3), "{what}");
+                }
+                "deny" => {
+                    assert!(refused, "{what}");
+                    assert_eq!(x.status, code, "{what}");
+                    assert_eq!(body["reason"].as_str(), Some(x.reason.as_str()), "{what}");
+                    let proxy_ids: Vec<&str> = body["policy_ids"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_str().unwrap())
+                        .collect();
+                    let explained = if x.policies.starts_with('(') {
+                        ""
+                    } else {
+                        &x.policies
+                    };
+                    assert_eq!(proxy_ids.join(", "), explained, "{what}");
+                    assert_eq!(x.exit, Some(2), "{what}");
+                }
+                other => panic!("explain printed decision `{other}`: {what}"),
+            }
         }
+        // The clinician's read: allowed by day, held by night under `off_hours`.
+        let x = e.explain(Some(&clin), "/fhir/Patient/1", "root");
+        if hour == 12 {
+            assert_eq!((x.decision.as_str(), x.approval.as_str()), ("allow", "-"));
+        } else {
+            assert_eq!(
+                (x.decision.as_str(), x.approval.as_str()),
+                ("held", "off_hours")
+            );
+            let recs = e.w.wait_records("requests", 1);
+            assert!(
+                recs.iter().any(|r| r["decision"] == "held"
+                    && r["policy_ids"]
+                        .as_array()
+                        .is_some_and(|p| p.iter().any(|i| i == "clinicians.off-hours"))),
+                "the held read is recorded as held: {recs:?}"
+            );
+        }
+    }
+}
+
+/// The world's clock is the one its config names: `timezone_at` puts local time at
+/// the hour asked for, checked with the system's own `date`.
+#[test]
+fn timezone_at_pins_the_policy_clock() {
+    for hour in [0u8, 3, 7, 12, 18, 19, 23] {
+        let tz = timezone_at(hour);
+        let out = std::process::Command::new("date")
+            .arg("+%H")
+            .env("TZ", &tz)
+            .output()
+            .unwrap();
+        let got: u8 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        // The hour may have turned between the two reads.
+        assert!(
+            got == hour || got == (hour + 1) % 24,
+            "{tz}: {got} for {hour}"
+        );
     }
 }
 
@@ -410,7 +531,7 @@ fn explain_agrees_with_the_proxy() {
 fn hot_reload_applies_a_good_set_and_keeps_the_old_one_on_error() {
     let allow_json =
         "@id(\"json\")\npermit (principal, action, resource) when { context.path == \"/json\" };\n";
-    let e = Env::start("pol-reload", &[("a.cedar", allow_json)]);
+    let e = Env::start("pol-reload", 12, &[("a.cedar", allow_json)]);
     let (code, _) = e.get(None, "/json", None);
     assert_eq!(code, 200);
 
@@ -492,7 +613,7 @@ fn hot_reload_applies_a_good_set_and_keeps_the_old_one_on_error() {
 fn a_reload_closes_open_http2_connections_it_no_longer_allows() {
     let both = "@id(\"json\")\npermit (principal, action, resource) when { context.path == \"/json\" };\n\
                 @id(\"headers\")\npermit (principal, action, resource) when { context.path == \"/headers\" };\n";
-    let e = Env::start("pol-revoke", &[("a.cedar", both)]);
+    let e = Env::start("pol-revoke", 12, &[("a.cedar", both)]);
     let script = idp_script().with_file_name("h2-session.mjs");
     let go = e.w.path("go");
     let session = |path: &str, log: &str| {

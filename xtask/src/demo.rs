@@ -61,6 +61,8 @@ struct Demo {
     idp: Option<Child>,
     agent: Option<Child>,
     ca_installed: bool,
+    /// `[policy] timezone` of the tour: a zone where it is clinic hours now.
+    timezone: String,
     /// Users and groups the tour created (removed at the end).
     created_users: Vec<String>,
     created_groups: Vec<String>,
@@ -88,6 +90,7 @@ impl Demo {
             idp: None,
             agent: None,
             ca_installed: false,
+            timezone: crate::util::timezone_at(10),
             created_users: Vec::new(),
             created_groups: Vec::new(),
         })
@@ -116,6 +119,12 @@ impl Demo {
             .output()?;
         say(String::from_utf8_lossy(&out.stdout).trim());
         say(&format!("protected cgroup: {}", self.cgroup.display()));
+        say(&format!(
+            "policy clock: [policy] timezone = \"{}\", where it is now 10 o'clock: clinic hours \
+             (the off-hours rule holds clinicians' reads from 19:00 to 07:00; try \
+             `phigate policy explain --at \"Mon 22:00\"`)",
+            self.timezone
+        ));
         self.start_agent()?;
         let out = Command::new(&self.bin)
             .args(["ca", "install", "--name", CA_NAME, "--config"])
@@ -135,19 +144,30 @@ impl Demo {
             "4. a clinician reads patient 123: allowed by policy, masked by the `clinical` profile",
         );
         let token = self.token("clinician-app")?;
-        let client = self.in_cgroup(&[
+        let answer = self.in_cgroup(&[
             "curl",
             "-sS",
             "--max-time",
             "10",
+            "-w",
+            "\n%{http_code}",
             "-H",
             &format!("authorization: Bearer {token}"),
             &format!("https://{UPSTREAM}/fhir/Patient/123"),
         ])?;
+        let (client, status) = answer.rsplit_once('\n').unwrap_or(("", &answer));
+        say(&format!("the client received HTTP {status}"));
+        if status != "200" {
+            // Show what really happened, never a table the client did not get.
+            bail!(
+                "the clinician's read was not answered by the API: HTTP {status} {}",
+                truncate(client, 200)
+            );
+        }
         let raw = self.upstream_direct("/fhir/Patient/123")?;
         let (raw, client): (Value, Value) = (
             serde_json::from_str(&raw).context("the API's answer")?,
-            serde_json::from_str(&client).with_context(|| format!("phigate's answer: {client}"))?,
+            serde_json::from_str(client).with_context(|| format!("phigate's answer: {client}"))?,
         );
         say(&format!(
             "{:<22} {:<34} {}",
@@ -423,6 +443,9 @@ socket = "{d}/admin.sock"
 [records]
 rotate_secs = 0.5   # the tour reads its records at once; hosts keep the default 60
 
+[policy]
+timezone = "{tz}"   # pinned by the tour to clinic hours; hosts name their own zone
+
 [[oidc.issuers]]
 issuer = "https://{IDP}"
 audiences = ["patients-api"]
@@ -435,7 +458,8 @@ addresses = ["{UPSTREAM}"]
 protocol = "https"
 upstream_ca = "{d}/upstream-ca.pem"
 "#,
-                cg = self.cgroup.display()
+                cg = self.cgroup.display(),
+                tz = self.timezone,
             ),
         )?;
         Ok(())

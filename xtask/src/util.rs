@@ -247,3 +247,24 @@ pub fn allow_all_policies(dir: &Path) -> anyhow::Result<()> {
     )?;
     Ok(())
 }
+
+/// A fixed-offset zone (`Etc/GMT-5` is UTC+5) in which it is now `hour` o'clock: the
+/// demo pins its policy clock with `[policy] timezone`, the setting operators use, so
+/// the tour decides the same at any hour (the e2e harness has the same helper).
+pub fn timezone_at(hour: u8) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let utc_hour = ((now / 3600) % 24) as i64;
+    // tzdb has offsets from UTC-12 to UTC+14.
+    let mut offset = (i64::from(hour) - utc_hour).rem_euclid(24);
+    if offset > 14 {
+        offset -= 24;
+    }
+    match offset {
+        0 => "Etc/GMT".into(),
+        o if o > 0 => format!("Etc/GMT-{o}"),
+        o => format!("Etc/GMT+{}", -o),
+    }
+}

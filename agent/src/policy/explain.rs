@@ -134,6 +134,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     let clock = args.at.as_deref().map(parse_at).transpose()?;
 
     let gate = Gatekeeper::from_config(&config)?;
+    let rules = crate::approval::RuleSet::load(&config.agent.policies_dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -152,9 +153,12 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         ))
         .context("the URL's path cannot be normalized")?;
     let d = &verdict.decision;
-    println!("decision: {}", if d.allowed { "allow" } else { "deny" });
-    println!("reason: {}", d.reason.code());
-    println!("status: {}", super::status_for(d).as_u16());
+    // What the proxy will do, not only what Cedar said: a permit with an approval
+    // obligation is held (403 approval_pending) until a reviewer grants it.
+    let outcome = Explained::of(d, args.approved, |rule| rules.get(rule).is_some());
+    println!("decision: {}", outcome.decision);
+    println!("reason: {}", outcome.reason);
+    println!("status: {}", outcome.status.as_u16());
     println!("destination: {destination}");
     println!("path: {}", verdict.access.path);
     println!(
@@ -181,11 +185,48 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     for e in &d.errors {
         println!("evaluation error: {e}");
     }
-    Ok(if d.allowed {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(2)
+    Ok(match outcome.decision {
+        "allow" => ExitCode::SUCCESS,
+        "held" => ExitCode::from(3),
+        _ => ExitCode::from(2),
     })
+}
+
+/// The proxy's answer to a decision, as `explain` prints it.
+#[derive(Debug, PartialEq, Eq)]
+struct Explained {
+    /// `allow`, `deny` or `held` (waits for a reviewer).
+    decision: &'static str,
+    /// The `reason` of the proxy's JSON answer (for a 401, the token's problem).
+    reason: &'static str,
+    status: http::StatusCode,
+}
+
+impl Explained {
+    /// Mirrors the pipeline: an approval obligation holds the request unless it
+    /// carries a granted approval; a rule nobody defined can never be granted.
+    fn of(d: &super::Decision, approved: bool, rule_defined: impl Fn(&str) -> bool) -> Explained {
+        match &d.approval_rule {
+            Some(rule) if d.allowed && !rule_defined(rule) => Explained {
+                decision: "deny",
+                reason: "approval_unavailable",
+                status: http::StatusCode::FORBIDDEN,
+            },
+            Some(_) if d.allowed && !approved => Explained {
+                decision: "held",
+                reason: "approval_pending",
+                status: http::StatusCode::FORBIDDEN,
+            },
+            _ => Explained {
+                decision: if d.allowed { "allow" } else { "deny" },
+                reason: match &d.reason {
+                    super::Reason::TokenRequired(e) => e.code(),
+                    other => other.code(),
+                },
+                status: super::status_for(d),
+            },
+        }
+    }
 }
 
 fn parse_at(s: &str) -> anyhow::Result<Clock> {
@@ -207,4 +248,42 @@ fn parse_at(s: &str) -> anyhow::Result<Clock> {
         minute,
         weekday,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::{Decision, Reason};
+
+    fn permit(approval: Option<&str>) -> Decision {
+        Decision {
+            allowed: true,
+            policy_ids: vec!["p".into()],
+            mask_profile: None,
+            approval_rule: approval.map(Into::into),
+            reason: Reason::Permitted,
+            errors: vec![],
+        }
+    }
+
+    #[test]
+    fn an_approval_obligation_is_held_unless_approved() {
+        let held = Explained::of(&permit(Some("off_hours")), false, |_| true);
+        assert_eq!(
+            (held.decision, held.reason, held.status.as_u16()),
+            ("held", "approval_pending", 403)
+        );
+        let approved = Explained::of(&permit(Some("off_hours")), true, |_| true);
+        assert_eq!(
+            (approved.decision, approved.status.as_u16()),
+            ("allow", 200)
+        );
+        let undefined = Explained::of(&permit(Some("nobody")), true, |_| false);
+        assert_eq!(
+            (undefined.decision, undefined.reason),
+            ("deny", "approval_unavailable")
+        );
+        let plain = Explained::of(&permit(None), false, |_| false);
+        assert_eq!((plain.decision, plain.status.as_u16()), ("allow", 200));
+    }
 }
