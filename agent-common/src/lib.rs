@@ -8,14 +8,23 @@
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;
 
-/// Default SO_MARK set on the agent's own upstream sockets; connects carrying it are
-/// never redirected (no loop). Configurable in the agent config.
+/// Default SO_MARK set on the agent's own upstream sockets, for the host's firewall
+/// rules. The programs do not trust it: any CAP_NET_RAW holder can set a mark. The
+/// agent's sockets are exempt by their socket cookies ([`maps::OWN_SOCKETS`]).
 pub const DEFAULT_AGENT_MARK: u32 = 0x7068_6701;
 
-/// Capacity of the LRU maps that hold in-flight connect state. Entries are removed on
-/// accept (by-peer map) and on socket release (by-cookie map); the LRU bound covers the
-/// cases where neither happens (agent dead, connect refused).
+/// Capacity of the hash maps that hold in-flight connect state. They are not LRU maps:
+/// no namespace can evict another's entries by churning connects. Entries live as
+/// long as the client socket: by-cookie until the socket is released, by-peer until
+/// the agent accepts the connection or the socket closes. A connect that cannot be
+/// stored is refused (fail closed).
 pub const CONN_MAP_CAPACITY: u32 = 65_536;
+/// Capacity of the map of the agent's own sockets (cookies registered just before
+/// each upstream connect, removed right after).
+pub const OWN_SOCKETS_CAPACITY: u32 = 16_384;
+/// Slots of the agent's listening sockets in [`maps::LISTENERS`].
+pub const LISTENER_V4: u32 = 0;
+pub const LISTENER_V6: u32 = 1;
 /// Capacity of each protected-destination LPM trie.
 pub const DEST_MAP_CAPACITY: u32 = 4_096;
 
@@ -27,6 +36,13 @@ pub mod maps {
     pub const BY_COOKIE: &str = "PHIGATE_BY_COOKIE";
     pub const BY_PEER: &str = "PHIGATE_BY_PEER";
     pub const COUNTERS: &str = "PHIGATE_COUNTERS";
+    /// SOCKMAP of the agent's listening sockets ([`super::LISTENER_V4`],
+    /// [`super::LISTENER_V6`]): a connect is redirected only when the socket the
+    /// kernel would deliver it to is one of these. The kernel drops a socket from the
+    /// map when it closes, so "agent down" needs no cooperation from a dead agent.
+    pub const LISTENERS: &str = "PHIGATE_LISTENERS";
+    /// Socket cookies of the agent's own outbound sockets: never redirected.
+    pub const OWN_SOCKETS: &str = "PHIGATE_OWN_SOCKETS";
 }
 
 /// Program names (the Rust fn names in agent-ebpf).
@@ -42,17 +58,26 @@ pub mod programs {
 /// Indices into the per-CPU counters array.
 pub mod counters {
     pub const REDIRECTED: u32 = 0;
-    pub const EXEMPT_MARK: u32 = 1;
+    /// A connect from one of the agent's own sockets (cookie registered): passed.
+    pub const EXEMPT_OWN: u32 = 1;
+    /// fail_mode = "open" and no agent listener is registered: passed untouched.
     pub const PASSED_AGENT_DOWN: u32 = 2;
     pub const ESTABLISHED: u32 = 3;
     pub const RELEASED: u32 = 4;
     /// A native IPv6 connect matched a protected destination but the agent has no IPv6
-    /// listener (`Settings::listen_v6_port == 0`): left untouched.
+    /// listener (`Settings::listen_v6_port == 0`): refused (the config rejects this).
     pub const V6_NO_LISTENER: u32 = 5;
-    /// A connect was redirected but its [`super::ConnectInfo`] could not be stored (the
-    /// agent will refuse the connection: fail closed).
+    /// A connect could not be stored (map full): refused.
     pub const STORE_FAILED: u32 = 6;
-    pub const COUNT: u32 = 8;
+    /// fail_mode = "closed" and no agent listener is registered: refused (EPERM).
+    pub const REFUSED_AGENT_DOWN: u32 = 7;
+    /// The socket listening at the agent's address in the caller's network namespace
+    /// is not the agent's (another process bound the port, or the caller is in a
+    /// namespace the agent does not serve): refused in both fail modes.
+    pub const REFUSED_NOT_AGENT: u32 = 8;
+    /// A redirected socket closed before the agent accepted it: its entry was removed.
+    pub const CLOSED_UNACCEPTED: u32 = 9;
+    pub const COUNT: u32 = 16;
 }
 
 /// Key of the IPv4 destination trie: port first so a prefix covers "this port, this
@@ -92,13 +117,10 @@ pub struct Settings {
     pub listen_v6_port: u16,
     /// Agent IPv6 listener address, network byte order.
     pub listen_v6_addr: [u32; 4],
-    /// SO_MARK of the agent's own sockets (exempt from redirect).
-    pub agent_mark: u32,
-    /// 1 = fail open: when no agent listens, connects pass through untouched.
+    /// 1 = fail open: when no agent listener is registered, connects pass untouched.
     pub fail_open: u32,
     /// 0 until the agent has written valid settings; programs do nothing before that.
     pub enabled: u32,
-    pub _pad: u32,
 }
 
 /// What the kernel attested at connect time, plus the original destination.
@@ -120,12 +142,16 @@ pub struct ConnectInfo {
     pub cgroup_id: u64,
     pub socket_cookie: u64,
     pub netns_cookie: u64,
-    /// bpf_ktime_get_ns() at connect.
+    /// bpf_ktime_get_boot_ns() at connect (CLOCK_BOOTTIME, as /proc start times):
+    /// the process the agent reads in /proc must have started before it.
     pub connect_ns: u64,
     pub comm: [u8; 16],
 }
 
-/// Key of the by-peer map: the client's local address as the agent sees it on accept.
+/// Key of the by-peer map: the client's local address as the agent sees it on accept,
+/// in the client's network namespace. Within one namespace only one open socket has a
+/// given address and port towards the agent's listener, and the entry is removed when
+/// that socket closes: so the entry belongs to the very connection the agent accepts.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PeerKey {
@@ -134,6 +160,10 @@ pub struct PeerKey {
     /// Host byte order.
     pub port: u16,
     pub family: u16,
+    /// Explicit padding (zero) so the key has no uninitialized bytes.
+    pub _pad: u32,
+    /// bpf_get_netns_cookie() of the client socket's namespace.
+    pub netns_cookie: u64,
 }
 
 #[cfg(feature = "user")]

@@ -1,16 +1,24 @@
 //! phigate's eBPF programs.
 //!
 //! * `cgroup/connect4`, `cgroup/connect6`: a TCP connect to a protected destination is
-//!   rewritten to the agent's listener; the original destination and the caller (as the
-//!   kernel sees it in the connecting task) are stored under the socket cookie.
+//!   rewritten to the agent's listener, but only after proving in the kernel that the
+//!   socket listening there is the agent's own (the one the agent put in
+//!   `PHIGATE_LISTENERS`); the original destination and the caller (as the kernel sees
+//!   it in the connecting task) are stored under the socket cookie. The agent's own
+//!   outbound sockets are recognised by their cookies (`PHIGATE_OWN_SOCKETS`), which no
+//!   other process can register; SO_MARK is not trusted (CAP_NET_RAW sets it).
 //! * `sockops` (ACTIVE_ESTABLISHED_CB): copies that entry to a map keyed by the client's
-//!   own address, which is what the agent sees as the peer after `accept()`.
+//!   own address and network namespace, which is what the agent sees on `accept()`;
+//!   (STATE_CB) removes it when that socket closes, so an entry never outlives the
+//!   connection it describes and no later socket can inherit it.
 //! * `cgroup/getpeername4`, `cgroup/getpeername6`: a redirected socket reports the
 //!   original destination as its peer.
 //! * `cgroup/sock_release`: forgets the socket's entry.
 //!
-//! Every program returns 1 (allow): failing closed is done by redirecting to an agent
-//! that may not be listening (ECONNREFUSED), never by rejecting the syscall.
+//! Failing closed means returning 0 from the connect hook (the caller's connect()
+//! fails with EPERM) when no agent listener is registered, when the listener found is
+//! not the agent's, or when the connect cannot be stored. Nothing is ever delivered to
+//! a socket the agent does not own.
 //!
 //! Context fields are read and written with volatile 4-byte accesses: LLVM would
 //! otherwise merge adjacent 4-byte accesses into 8-byte ones the verifier rejects.
@@ -29,27 +37,37 @@ mod programs {
     use core::ptr::{read_volatile, write_volatile};
 
     use aya_ebpf::bindings::{
-        bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        bpf_sock, bpf_sock_addr, bpf_sock_tuple, BPF_F_CURRENT_NETNS,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
     };
     use aya_ebpf::helpers::generated::{
-        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_ktime_get_ns,
-        bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+        bpf_ktime_get_boot_ns, bpf_map_lookup_elem, bpf_sk_lookup_tcp, bpf_sk_release,
     };
     use aya_ebpf::helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
     };
     use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops};
     use aya_ebpf::maps::lpm_trie::Key;
-    use aya_ebpf::maps::{Array, LpmTrie, LruHashMap, PerCpuArray};
+    use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap};
     use aya_ebpf::programs::{SockAddrContext, SockContext, SockOpsContext};
     use phigate_common::{
         counters, maps, ConnectInfo, DestKeyV4, DestKeyV6, DestValue, PeerKey, Settings, AF_INET,
-        AF_INET6, CONN_MAP_CAPACITY, DEST_MAP_CAPACITY,
+        AF_INET6, CONN_MAP_CAPACITY, DEST_MAP_CAPACITY, LISTENER_V4, LISTENER_V6,
+        OWN_SOCKETS_CAPACITY,
     };
 
     const SOCK_STREAM: u32 = 1;
     /// `::ffff:0:0/96`, third 32-bit word, network byte order.
     const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
+    /// `64:ff9b::/96` (RFC 6052 NAT64), first word, network byte order.
+    const NAT64_WORD0: u32 = 0x0064_ff9bu32.to_be();
+
+    /// Return values of a connect hook.
+    const ALLOW: i32 = 1;
+    /// The connect() fails with EPERM.
+    const REFUSE: i32 = 0;
 
     // The #[map] names must be literals; make sure they are the shared ones.
     const fn same(a: &str, b: &str) -> bool {
@@ -72,6 +90,8 @@ mod programs {
     const _: () = assert!(same(maps::BY_COOKIE, "PHIGATE_BY_COOKIE"));
     const _: () = assert!(same(maps::BY_PEER, "PHIGATE_BY_PEER"));
     const _: () = assert!(same(maps::COUNTERS, "PHIGATE_COUNTERS"));
+    const _: () = assert!(same(maps::LISTENERS, "PHIGATE_LISTENERS"));
+    const _: () = assert!(same(maps::OWN_SOCKETS, "PHIGATE_OWN_SOCKETS"));
 
     #[map(name = "PHIGATE_DESTS_V4")]
     static DESTS_V4: LpmTrie<DestKeyV4, DestValue> =
@@ -85,15 +105,19 @@ mod programs {
     static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
 
     #[map(name = "PHIGATE_BY_COOKIE")]
-    static BY_COOKIE: LruHashMap<u64, ConnectInfo> =
-        LruHashMap::with_max_entries(CONN_MAP_CAPACITY, 0);
+    static BY_COOKIE: HashMap<u64, ConnectInfo> = HashMap::with_max_entries(CONN_MAP_CAPACITY, 0);
 
     #[map(name = "PHIGATE_BY_PEER")]
-    static BY_PEER: LruHashMap<PeerKey, ConnectInfo> =
-        LruHashMap::with_max_entries(CONN_MAP_CAPACITY, 0);
+    static BY_PEER: HashMap<PeerKey, ConnectInfo> = HashMap::with_max_entries(CONN_MAP_CAPACITY, 0);
 
     #[map(name = "PHIGATE_COUNTERS")]
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
+
+    #[map(name = "PHIGATE_LISTENERS")]
+    static LISTENERS: SockMap = SockMap::with_max_entries(2, 0);
+
+    #[map(name = "PHIGATE_OWN_SOCKETS")]
+    static OWN_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(OWN_SOCKETS_CAPACITY, 0);
 
     #[inline(always)]
     fn count(index: u32) {
@@ -114,62 +138,122 @@ mod programs {
         }
     }
 
-    /// Whether a TCP socket listens on addr:port (both network byte order) in the
-    /// caller's network namespace (fail-open check).
+    /// Who listens where a protected connect would be sent.
+    enum Listener {
+        /// The agent's registered listening socket: safe to redirect.
+        Agent,
+        /// No agent listener is registered (the agent is not running).
+        AgentDown,
+        /// The agent is up, but in the caller's network namespace the address is held
+        /// by another socket, or by none.
+        NotAgent,
+    }
+
     #[inline(always)]
-    fn listening_v4(ctx: &SockAddrContext, addr: u32, port_be: u16) -> bool {
+    fn listener_v4(ctx: &SockAddrContext, addr: u32, port_be: u16) -> Listener {
         // SAFETY: an all-zero bpf_sock_tuple is valid.
         let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
         tuple.__bindgen_anon_1.ipv4.daddr = addr;
         tuple.__bindgen_anon_1.ipv4.dport = port_be;
         let size = size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>();
-        lookup_tcp(ctx, &mut tuple, size as u32)
+        listener(ctx, &mut tuple, size as u32, LISTENER_V4)
     }
 
     #[inline(always)]
-    fn listening_v6(ctx: &SockAddrContext, addr: [u32; 4], port_be: u16) -> bool {
+    fn listener_v6(ctx: &SockAddrContext, addr: [u32; 4], port_be: u16) -> Listener {
         // SAFETY: an all-zero bpf_sock_tuple is valid.
         let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
         tuple.__bindgen_anon_1.ipv6.daddr = addr;
         tuple.__bindgen_anon_1.ipv6.dport = port_be;
         let size = size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>();
-        lookup_tcp(ctx, &mut tuple, size as u32)
+        listener(ctx, &mut tuple, size as u32, LISTENER_V6)
     }
 
+    /// Compares the socket the kernel would deliver `tuple` to (in the caller's
+    /// namespace) with the agent's registered listener in `slot`. Both are the kernel's
+    /// own socket pointers: equal means the very same socket, which only the agent
+    /// could have put in the map.
     #[inline(always)]
-    fn lookup_tcp(ctx: &SockAddrContext, tuple: &mut bpf_sock_tuple, size: u32) -> bool {
-        // SAFETY: helper call with a valid ctx and tuple; a found socket is released.
+    fn listener(
+        ctx: &SockAddrContext,
+        tuple: &mut bpf_sock_tuple,
+        size: u32,
+        slot: u32,
+    ) -> Listener {
+        // SAFETY: map lookup on a SOCKMAP returns a referenced socket or NULL; every
+        // non-NULL socket is released before returning.
         unsafe {
-            let sk = bpf_sk_lookup_tcp(
+            let agent = bpf_map_lookup_elem(
+                (&raw const LISTENERS) as *mut c_void,
+                (&raw const slot) as *const c_void,
+            ) as *mut bpf_sock;
+            if agent.is_null() {
+                return Listener::AgentDown;
+            }
+            let found = bpf_sk_lookup_tcp(
                 ctx.sock_addr as *mut c_void,
                 tuple as *mut bpf_sock_tuple,
                 size,
                 BPF_F_CURRENT_NETNS as u64,
                 0,
             );
-            if sk.is_null() {
+            let ours = if found.is_null() {
                 false
             } else {
-                bpf_sk_release(sk as *mut c_void);
-                true
+                let same = found as u64 == agent as u64;
+                bpf_sk_release(found as *mut c_void);
+                same
+            };
+            bpf_sk_release(agent as *mut c_void);
+            if ours {
+                Listener::Agent
+            } else {
+                Listener::NotAgent
             }
         }
     }
 
-    /// The socket type (SOCK_STREAM for TCP) and the socket's SO_MARK.
-    ///
-    /// # Safety
-    /// `ctx` must be a cgroup sock_addr context (ctx->sk is then never NULL).
+    /// What to do with a protected connect, given who listens: `None` to redirect it.
     #[inline(always)]
-    unsafe fn sock_type_and_mark(ctx: &SockAddrContext) -> (u32, u32) {
-        let sa: *mut bpf_sock_addr = ctx.sock_addr;
-        let ty = read_volatile(&raw const (*sa).type_);
-        let sk = read_volatile(&raw const (*sa).__bindgen_anon_1.sk);
-        let mark = read_volatile(&raw const (*sk).mark);
-        (ty, mark)
+    fn refuse_or_pass(l: Listener, s: &Settings) -> Option<i32> {
+        match l {
+            Listener::Agent => None,
+            Listener::AgentDown if s.fail_open != 0 => {
+                count(counters::PASSED_AGENT_DOWN);
+                Some(ALLOW)
+            }
+            Listener::AgentDown => {
+                count(counters::REFUSED_AGENT_DOWN);
+                Some(REFUSE)
+            }
+            Listener::NotAgent => {
+                count(counters::REFUSED_NOT_AGENT);
+                Some(REFUSE)
+            }
+        }
     }
 
-    /// Records the connect under its socket cookie.
+    /// Whether the connecting socket is one of the agent's own (cookie registered by
+    /// the agent just before its connect()).
+    #[inline(always)]
+    fn own_socket(ctx: &SockAddrContext) -> bool {
+        // SAFETY: helper allowed for cgroup sock_addr programs, called with its ctx.
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
+        // SAFETY: only tested for presence.
+        unsafe { OWN_SOCKETS.get(&cookie) }.is_some()
+    }
+
+    /// The socket type (SOCK_STREAM for TCP).
+    ///
+    /// # Safety
+    /// `ctx` must be a cgroup sock_addr context.
+    #[inline(always)]
+    unsafe fn sock_type(ctx: &SockAddrContext) -> u32 {
+        let sa: *mut bpf_sock_addr = ctx.sock_addr;
+        read_volatile(&raw const (*sa).type_)
+    }
+
+    /// Records the connect under its socket cookie; false when it cannot be stored.
     #[inline(always)]
     fn store(
         ctx: &SockAddrContext,
@@ -177,7 +261,7 @@ mod programs {
         orig_port: u16,
         family: u16,
         dest_id: u32,
-    ) {
+    ) -> bool {
         let pid_tgid = bpf_get_current_pid_tgid();
         let uid_gid = bpf_get_current_uid_gid();
         let comm = bpf_get_current_comm().unwrap_or([0u8; 16]);
@@ -188,7 +272,7 @@ mod programs {
                 bpf_get_socket_cookie(p),
                 bpf_get_netns_cookie(p),
                 bpf_get_current_cgroup_id(),
-                bpf_ktime_get_ns(),
+                bpf_ktime_get_boot_ns(),
             )
         };
         let info = ConnectInfo {
@@ -206,44 +290,46 @@ mod programs {
             connect_ns: now,
             comm,
         };
-        if BY_COOKIE.insert(cookie, info, 0).is_err() {
+        if BY_COOKIE.insert(&cookie, &info, 0).is_err() {
             count(counters::STORE_FAILED);
+            return false;
         }
+        true
     }
 
     #[cgroup_sock_addr(connect4)]
     pub fn phigate_connect4(ctx: SockAddrContext) -> i32 {
         // SAFETY: ctx fields readable/writable in cgroup/connect4.
-        unsafe { connect4(&ctx) };
-        1
+        unsafe { connect4(&ctx) }
     }
 
     #[inline(always)]
-    unsafe fn connect4(ctx: &SockAddrContext) {
-        let Some(s) = settings() else { return };
-        let (ty, mark) = sock_type_and_mark(ctx);
-        if ty != SOCK_STREAM {
-            return;
+    unsafe fn connect4(ctx: &SockAddrContext) -> i32 {
+        let Some(s) = settings() else { return ALLOW };
+        if sock_type(ctx) != SOCK_STREAM {
+            return ALLOW;
         }
         let sa = ctx.sock_addr;
         let ip = read_volatile(&raw const (*sa).user_ip4);
         let port_be = read_volatile(&raw const (*sa).user_port) as u16;
         let Some(dest_id) = match_v4(ip, port_be) else {
-            return;
+            return ALLOW;
         };
-        if s.agent_mark != 0 && mark == s.agent_mark {
-            count(counters::EXEMPT_MARK);
-            return;
+        if own_socket(ctx) {
+            count(counters::EXEMPT_OWN);
+            return ALLOW;
         }
         let listen_port_be = s.listen_v4_port.to_be();
-        if s.fail_open != 0 && !listening_v4(ctx, s.listen_v4_addr, listen_port_be) {
-            count(counters::PASSED_AGENT_DOWN);
-            return;
+        if let Some(r) = refuse_or_pass(listener_v4(ctx, s.listen_v4_addr, listen_port_be), &s) {
+            return r;
         }
-        store(ctx, [ip, 0, 0, 0], u16::from_be(port_be), AF_INET, dest_id);
+        if !store(ctx, [ip, 0, 0, 0], u16::from_be(port_be), AF_INET, dest_id) {
+            return REFUSE;
+        }
         write_volatile(&raw mut (*sa).user_ip4, s.listen_v4_addr);
         write_volatile(&raw mut (*sa).user_port, listen_port_be as u32);
         count(counters::REDIRECTED);
+        ALLOW
     }
 
     #[inline(always)]
@@ -261,16 +347,14 @@ mod programs {
     #[cgroup_sock_addr(connect6)]
     pub fn phigate_connect6(ctx: SockAddrContext) -> i32 {
         // SAFETY: ctx fields readable/writable in cgroup/connect6.
-        unsafe { connect6(&ctx) };
-        1
+        unsafe { connect6(&ctx) }
     }
 
     #[inline(always)]
-    unsafe fn connect6(ctx: &SockAddrContext) {
-        let Some(s) = settings() else { return };
-        let (ty, mark) = sock_type_and_mark(ctx);
-        if ty != SOCK_STREAM {
-            return;
+    unsafe fn connect6(ctx: &SockAddrContext) -> i32 {
+        let Some(s) = settings() else { return ALLOW };
+        if sock_type(ctx) != SOCK_STREAM {
+            return ALLOW;
         }
         let sa = ctx.sock_addr;
         let ip = [
@@ -282,25 +366,35 @@ mod programs {
         let port_be = read_volatile(&raw const (*sa).user_port) as u16;
         let port = u16::from_be(port_be);
 
-        if ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD {
-            // ::ffff:a.b.c.d — an IPv4 connect made through an IPv6 socket.
+        // ::ffff:a.b.c.d (an IPv4 connect made through an IPv6 socket) and
+        // 64:ff9b::a.b.c.d (the same IPv4 host through a NAT64 gateway) are the
+        // protected IPv4 destination they embed.
+        let mapped = ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD;
+        let nat64 = ip[0] == NAT64_WORD0 && ip[1] == 0 && ip[2] == 0;
+        if mapped || nat64 {
             let Some(dest_id) = match_v4(ip[3], port_be) else {
-                return;
+                return ALLOW;
             };
-            if s.agent_mark != 0 && mark == s.agent_mark {
-                count(counters::EXEMPT_MARK);
-                return;
+            if own_socket(ctx) {
+                count(counters::EXEMPT_OWN);
+                return ALLOW;
             }
             let listen_port_be = s.listen_v4_port.to_be();
-            if s.fail_open != 0 && !listening_v4(ctx, s.listen_v4_addr, listen_port_be) {
-                count(counters::PASSED_AGENT_DOWN);
-                return;
+            if let Some(r) = refuse_or_pass(listener_v4(ctx, s.listen_v4_addr, listen_port_be), &s)
+            {
+                return r;
             }
-            store(ctx, [ip[3], 0, 0, 0], port, AF_INET, dest_id);
+            if !store(ctx, [ip[3], 0, 0, 0], port, AF_INET, dest_id) {
+                return REFUSE;
+            }
+            // The agent's IPv4 listener, reached through this IPv6 socket.
+            write_volatile(&raw mut (*sa).user_ip6[0], 0);
+            write_volatile(&raw mut (*sa).user_ip6[1], 0);
+            write_volatile(&raw mut (*sa).user_ip6[2], V4_MAPPED_WORD);
             write_volatile(&raw mut (*sa).user_ip6[3], s.listen_v4_addr);
             write_volatile(&raw mut (*sa).user_port, listen_port_be as u32);
             count(counters::REDIRECTED);
-            return;
+            return ALLOW;
         }
 
         let key = Key::new(
@@ -311,28 +405,31 @@ mod programs {
             },
         );
         let Some(dest_id) = DESTS_V6.get(&key).map(|v| v.dest_id) else {
-            return;
+            return ALLOW;
         };
-        if s.agent_mark != 0 && mark == s.agent_mark {
-            count(counters::EXEMPT_MARK);
-            return;
+        if own_socket(ctx) {
+            count(counters::EXEMPT_OWN);
+            return ALLOW;
         }
         if s.listen_v6_port == 0 {
+            // The config refuses this; never let it pass untouched.
             count(counters::V6_NO_LISTENER);
-            return;
+            return REFUSE;
         }
         let listen_port_be = s.listen_v6_port.to_be();
-        if s.fail_open != 0 && !listening_v6(ctx, s.listen_v6_addr, listen_port_be) {
-            count(counters::PASSED_AGENT_DOWN);
-            return;
+        if let Some(r) = refuse_or_pass(listener_v6(ctx, s.listen_v6_addr, listen_port_be), &s) {
+            return r;
         }
-        store(ctx, ip, port, AF_INET6, dest_id);
+        if !store(ctx, ip, port, AF_INET6, dest_id) {
+            return REFUSE;
+        }
         write_volatile(&raw mut (*sa).user_ip6[0], s.listen_v6_addr[0]);
         write_volatile(&raw mut (*sa).user_ip6[1], s.listen_v6_addr[1]);
         write_volatile(&raw mut (*sa).user_ip6[2], s.listen_v6_addr[2]);
         write_volatile(&raw mut (*sa).user_ip6[3], s.listen_v6_addr[3]);
         write_volatile(&raw mut (*sa).user_port, listen_port_be as u32);
         count(counters::REDIRECTED);
+        ALLOW
     }
 
     #[inline(always)]
@@ -352,10 +449,40 @@ mod programs {
 
     #[sock_ops]
     pub fn phigate_sockops(ctx: SockOpsContext) -> u32 {
-        if ctx.op() == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        let op = ctx.op();
+        if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
             established(&ctx);
+        } else if op == BPF_SOCK_OPS_STATE_CB && ctx.arg(1) == BPF_TCP_CLOSE {
+            closed(&ctx);
         }
         1
+    }
+
+    /// The by-peer key of a redirected client socket: its own address (as the agent
+    /// sees the peer) in its own network namespace.
+    #[inline(always)]
+    fn peer_key(ctx: &SockOpsContext) -> PeerKey {
+        // SAFETY: helper allowed for sockops with its ctx.
+        let netns_cookie = unsafe { bpf_get_netns_cookie(ctx.ops as *mut c_void) };
+        let port = ctx.local_port() as u16;
+        let (addr, family) = if ctx.family() == AF_INET as u32 {
+            ([ctx.local_ip4(), 0, 0, 0], AF_INET)
+        } else {
+            let ip = ctx.local_ip6();
+            if ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD {
+                // The agent accepted on its IPv4 listener and sees a plain IPv4 peer.
+                ([ip[3], 0, 0, 0], AF_INET)
+            } else {
+                (ip, AF_INET6)
+            }
+        };
+        PeerKey {
+            addr,
+            port,
+            family,
+            _pad: 0,
+            netns_cookie,
+        }
     }
 
     #[inline(always)]
@@ -363,39 +490,27 @@ mod programs {
         // SAFETY: helper allowed for sockops with its ctx.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
         // SAFETY: the value is copied out before any other map operation.
-        let Some(info) = (unsafe { BY_COOKIE.get(cookie) }) else {
+        let Some(info) = (unsafe { BY_COOKIE.get(&cookie) }) else {
             return;
         };
         let info = *info;
-        let family = ctx.family();
-        let port = ctx.local_port() as u16;
-        let key = if family == AF_INET as u32 {
-            PeerKey {
-                addr: [ctx.local_ip4(), 0, 0, 0],
-                port,
-                family: AF_INET,
-            }
-        } else {
-            let ip = ctx.local_ip6();
-            if ip[0] == 0 && ip[1] == 0 && ip[2] == V4_MAPPED_WORD {
-                // The agent accepted on its IPv4 listener and sees a plain IPv4 peer.
-                PeerKey {
-                    addr: [ip[3], 0, 0, 0],
-                    port,
-                    family: AF_INET,
-                }
-            } else {
-                PeerKey {
-                    addr: ip,
-                    port,
-                    family: AF_INET6,
-                }
-            }
-        };
-        if BY_PEER.insert(key, info, 0).is_ok() {
+        let key = peer_key(ctx);
+        if BY_PEER.insert(&key, &info, 0).is_ok() {
             count(counters::ESTABLISHED);
+            // Be told when this socket closes, to remove the entry with it.
+            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
         } else {
             count(counters::STORE_FAILED);
+        }
+    }
+
+    /// A redirected socket closed: its by-peer entry goes (if the agent did not take
+    /// it), so its address can never hand its identity to a later connection.
+    #[inline(always)]
+    fn closed(ctx: &SockOpsContext) {
+        let key = peer_key(ctx);
+        if BY_PEER.remove(&key).is_ok() {
+            count(counters::CLOSED_UNACCEPTED);
         }
     }
 
@@ -406,7 +521,7 @@ mod programs {
         // SAFETY: helper allowed for cgroup sock_addr programs.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr as *mut c_void) };
         // SAFETY: copied out at once.
-        unsafe { BY_COOKIE.get(cookie) }.copied()
+        unsafe { BY_COOKIE.get(&cookie) }.copied()
     }
 
     #[cgroup_sock_addr(getpeername4)]
@@ -449,7 +564,7 @@ mod programs {
     pub fn phigate_sock_release(ctx: SockContext) -> i32 {
         // SAFETY: helper allowed for cgroup sock programs with their ctx.
         let cookie = unsafe { bpf_get_socket_cookie(ctx.sock as *mut c_void) };
-        if BY_COOKIE.remove(cookie).is_ok() {
+        if BY_COOKIE.remove(&cookie).is_ok() {
             count(counters::RELEASED);
         }
         1

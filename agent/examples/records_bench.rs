@@ -239,6 +239,7 @@ fn sample_workload() -> Workload {
         systemd_unit: Some("ehr-sync.service".into()),
         exe_path: Some("/usr/bin/python3.11".into()),
         exe_sha256: Some("9f2c5a0e4b1d7c3e8a6f0b2d4c6e8a0b2d4f6a8c0e2b4d6f8a0c2e4b6d8f0a2c".into()),
+        unknown: Vec::new(),
     }
 }
 

@@ -28,6 +28,7 @@ use crate::record::store::{RecordStore, StoreConfig};
 use crate::record::{EventRecord, Origin, RecordSink};
 use crate::redirect::bpf::DestEntry;
 use crate::redirect::{RedirectSettings, Redirector};
+use crate::sockets::SocketFactory;
 use crate::tls::{CertAuthority, LeafMinter, UpstreamTls};
 
 /// Runs the agent until SIGTERM/SIGINT. Returns after open connections drained.
@@ -47,7 +48,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let settings = redirect_settings(&config, cgroup.clone());
     let redirector = Arc::new(Redirector::attach(&settings)?);
+    // Only these very sockets receive redirected connects; registered before any
+    // destination is protected.
+    redirector.register_listeners(&listeners[0], listeners.get(1))?;
     redirector.set_destinations(&dest_entries(&config))?;
+    let sockets = SocketFactory::new(
+        config.agent.mark,
+        Some(redirector.clone() as Arc<dyn crate::sockets::Exemptions>),
+    );
     info!(
         cgroup = %cgroup.display(),
         fail_mode = ?config.agent.fail_mode,
@@ -64,7 +72,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             records.clone(),
             Notifier {
                 client: Some(Outbound {
-                    mark: config.agent.mark,
+                    sockets: sockets.clone(),
                     tls: Arc::new(UpstreamTls::new(None).context("webhook trust roots")?),
                     timeout: std::time::Duration::from_secs(10),
                 }),
@@ -75,7 +83,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .context("approvals")?,
     );
     // Policies are validated before anything is served: a bad set stops the start.
-    let pipeline = build_pipeline(&config, records.clone(), approvals.clone())?;
+    let pipeline = build_pipeline(&config, records.clone(), approvals.clone(), &sockets)?;
     let mut start = EventRecord::new(store.origin(), "agent_start", "ok");
     start.config_hash = config_hash(&config.source);
     start.policy_set_hash = Some(pipeline.gate.load().policies.hash().to_owned());
@@ -132,6 +140,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         force_close: CancellationToken::new(),
         tasks: TaskTracker::new(),
         live: Default::default(),
+        sockets,
+        direct: Default::default(),
     });
 
     let started = std::time::Instant::now();
@@ -282,12 +292,11 @@ fn reload(
         }
     };
     let old = proxy.config.load();
-    // fail_mode and mark apply live (they are eBPF settings); listeners, directories,
-    // cgroup and CA need a restart.
+    // fail_mode applies live (an eBPF setting); listeners, directories, the socket
+    // mark, cgroup and CA need a restart.
     let mut next = new;
     let mut kept = old.agent.clone();
     kept.fail_mode = next.agent.fail_mode;
-    kept.mark = next.agent.mark;
     let mut records = next.records.clone();
     records.patient_path_segments = old.records.patient_path_segments.clone();
     records.patient_query_params = old.records.patient_query_params.clone();
@@ -302,7 +311,8 @@ fn reload(
     records.headers = next.records.headers.clone();
     next.records = records;
     let approvals = proxy.pipeline.load().approvals.clone();
-    let mut pipeline = match build_pipeline(&next, proxy.records.clone(), approvals) {
+    let mut pipeline = match build_pipeline(&next, proxy.records.clone(), approvals, &proxy.sockets)
+    {
         Ok(p) => p,
         Err(e) => {
             error!(
@@ -548,6 +558,7 @@ pub fn build_pipeline(
     config: &Config,
     records: Arc<dyn RecordSink>,
     approvals: Arc<Approvals>,
+    sockets: &SocketFactory,
 ) -> anyhow::Result<Pipeline> {
     let approval_rules = RuleSet::load(&config.agent.policies_dir)?;
     let tls = config
@@ -566,14 +577,14 @@ pub fn build_pipeline(
     .with_query_params(config.records.patient_query_params.clone());
     let pseudonyms = Arc::new(pseudonyms);
     let masking = build_masking(config, pseudonyms.clone())?;
-    let gate = crate::policy::gate::Gatekeeper::from_config(config)?;
+    let gate = crate::policy::gate::Gatekeeper::from_config(config, sockets)?;
     check_obligations(&gate.policies, &masking.set, &approval_rules)?;
     Ok(Pipeline {
         masking: Arc::new(masking),
         pseudonyms,
         forwarder: Forwarder::new(
             tls,
-            config.agent.mark,
+            sockets.clone(),
             config.timeouts.connect,
             config.timeouts.tls_handshake,
         ),
@@ -700,7 +711,6 @@ pub fn redirect_settings(config: &Config, cgroup: PathBuf) -> RedirectSettings {
         pin_dir: config.agent.bpf_pin_dir.clone(),
         listen_v4: v4,
         listen_v6: v6,
-        mark: config.agent.mark,
         fail_open: config.agent.fail_mode == FailMode::Open,
     }
 }

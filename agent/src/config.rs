@@ -4,6 +4,8 @@
 //! A config is parsed and validated as a whole before anything uses it, so a bad file
 //! on reload is rejected and the running config stays.
 
+/// The default `[agent] mark` (for host firewall rules; not trusted by the redirect).
+pub use phigate_common::DEFAULT_AGENT_MARK;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -1057,6 +1059,9 @@ impl Config {
                         format!("{pa} is already protected by destination `{other}`"),
                     ));
                 }
+                if let Some(reason) = ipv6_problem(&pa, listen_v6.is_some()) {
+                    return Err(err(Some(a.span()), Some(key), reason));
+                }
                 if pa.contains(listen_v4) || listen_v6.is_some_and(|l| pa.contains(l)) {
                     return Err(err(
                         Some(a.span()),
@@ -1214,6 +1219,39 @@ impl Config {
             .max_by_key(|(_, _, a)| a.net.prefix_len())
             .map(|(i, d, _)| (i as u32, d))
     }
+}
+
+/// Why an IPv6 destination address cannot be protected as written, if it cannot.
+/// IPv4-mapped networks (`::ffff:a.b.c.d`) are IPv4 destinations; NAT64 forms
+/// (`64:ff9b::a.b.c.d`) of a protected IPv4 address are protected with it, so they are
+/// written as that IPv4 address; anything else IPv6 needs an IPv6 listener, or native
+/// IPv6 connects to it could not be redirected.
+fn ipv6_problem(pa: &ProtectedAddr, have_v6_listener: bool) -> Option<String> {
+    let IpNet::V6(net) = pa.net else { return None };
+    let mapped: ipnet::Ipv6Net = "::ffff:0:0/96".parse().expect("valid");
+    let nat64: ipnet::Ipv6Net = "64:ff9b::/96".parse().expect("valid");
+    if mapped.contains(&net) {
+        return None;
+    }
+    if nat64.contains(&net) || net.contains(&nat64) {
+        let seg = net.addr().segments();
+        let v4 = std::net::Ipv4Addr::new(
+            (seg[6] >> 8) as u8,
+            seg[6] as u8,
+            (seg[7] >> 8) as u8,
+            seg[7] as u8,
+        );
+        return Some(format!(
+            "{pa} is a NAT64 (64:ff9b::/96) form of an IPv4 address: list the IPv4 address it embeds (e.g. {v4}:{}); phigate protects both forms of every protected IPv4 address",
+            pa.port
+        ));
+    }
+    if !have_v6_listener {
+        return Some(format!(
+            "{pa} is an IPv6 destination but [agent] listen has no IPv6 address: native IPv6 connects to it could not be redirected; add one (e.g. listen = [\"127.0.0.1:15001\", \"[::1]:15001\"])"
+        ));
+    }
+    None
 }
 
 pub(crate) fn line_of(text: &str, offset: usize) -> usize {
@@ -1426,5 +1464,26 @@ protocol = "tcp"
     fn missing_file_is_a_clear_error() {
         let e = Config::load(Path::new("/nonexistent/phigate.toml")).unwrap_err();
         assert!(e.to_string().contains("cannot read config"), "{e}");
+    }
+
+    #[test]
+    fn ipv6_destinations_need_an_ipv6_listener_and_nat64_forms_are_refused() {
+        let v4_only = "[agent]\nlisten = [\"127.0.0.1:15001\"]\n[[destinations]]\nname = \"a\"\nprotocol = \"tcp\"\naddresses = [\n  \"127.0.0.2:1\",\n  \"[fd00::1]:443\",\n]\n";
+        let e = parse(v4_only).unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(8), Some("destinations[0].addresses[1]"))
+        );
+        assert!(e.message.contains("no IPv6 address"), "{e}");
+        // v4-mapped is IPv4: fine without an IPv6 listener.
+        parse(&v4_only.replace("[fd00::1]:443", "[::ffff:10.0.0.0/104]:443")).unwrap();
+        // With an IPv6 listener, native IPv6 destinations are fine.
+        parse(&v4_only.replace(
+            "\"127.0.0.1:15001\"]",
+            "\"127.0.0.1:15001\", \"[::1]:15001\"]",
+        ))
+        .unwrap();
+        let e = parse(&v4_only.replace("[fd00::1]:443", "[64:ff9b::a00:1]:443")).unwrap_err();
+        assert!(e.message.contains("10.0.0.1:443"), "{e}");
     }
 }

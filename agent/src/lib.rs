@@ -16,6 +16,9 @@
 //! * [`mask`]: PHI masking of bodies and headers by profile (JSON, NDJSON, streaming).
 //! * [`record`]: one record per connection and per request, to the configured sink.
 //!
+//! [`sockets`] makes the agent's own outbound sockets (exempt from the redirect by
+//! their kernel cookies), for every layer that connects out.
+//!
 //! [`app`] wires them together; [`cli`] is the `phigate` command line.
 
 pub mod admin;
@@ -36,4 +39,5 @@ pub mod preflight;
 pub mod proxy;
 pub mod record;
 pub mod redirect;
+pub mod sockets;
 pub mod tls;

@@ -79,9 +79,11 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
         .await
         .unwrap(),
     );
+    // No redirect here: the agent's own sockets need no exemption.
+    let sockets = phigate::sockets::SocketFactory::new(0, None);
     let proxy = Arc::new(Proxy {
         pipeline: ArcSwap::from_pointee(
-            phigate::app::build_pipeline(&config, records.clone(), approvals).unwrap(),
+            phigate::app::build_pipeline(&config, records.clone(), approvals, &sockets).unwrap(),
         ),
         minter: Arc::new(phigate::tls::LeafMinter::new(ca, 16).unwrap()),
         config: ArcSwap::from_pointee(config),
@@ -92,6 +94,8 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
         force_close: CancellationToken::new(),
         tasks: TaskTracker::new(),
         live: Default::default(),
+        sockets,
+        direct: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = listener.local_addr().unwrap();
@@ -117,6 +121,7 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
                 comm: "pipeline-test".into(),
                 cgroup_id: 0,
                 socket_cookie: 1,
+                connect_boot_ns: u64::MAX,
             },
         );
         sock.connect(&agent.into()).unwrap();

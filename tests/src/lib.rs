@@ -509,7 +509,22 @@ impl World {
     /// test closes a file every RECORDS_ROTATE_SECS).
     pub fn all_records(&self, table: &str) -> Vec<Value> {
         let t = phigate::record::Table::from_name(table).expect("a records table");
-        phigate::record::read::rows(&self.records_dir(), t).unwrap_or_default()
+        // A read error is a failure, never "no records": the assertions that nothing
+        // was recorded must not pass because reading broke. A file sealed while we
+        // read is retried.
+        let mut last = None;
+        for _ in 0..5 {
+            match phigate::record::read::rows(&self.records_dir(), t) {
+                Ok(rows) => return rows,
+                Err(e) => last = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "reading the {table} records in {} failed: {:#}",
+            self.records_dir().display(),
+            last.expect("an error")
+        )
     }
 
     /// Waits until `table` has at least `n` records.

@@ -1,7 +1,8 @@
 //! `cargo xtask <task>`: everything a fresh machine needs, in one place.
 //!
 //! - `setup`: install what building and testing need (idempotent; prints each step).
-//! - `test`:  setup, fmt, clippy, build, every test (what `.ci/run` runs).
+//! - `check`: fmt, clippy, cargo deny, unit tests: the lane that needs no root.
+//! - `test`:  setup, the checks, build, every test (what `.ci/run` runs).
 //! - `demo`:  setup, build, then a guided run of phigate on a demo API.
 //! - `bench`: side-by-side figures (`bench proxy`, `bench mask`).
 //! - `fuzz`:  the cargo-fuzz targets, each for a bounded time.
@@ -29,6 +30,8 @@ struct Cli {
 enum Task {
     /// Install the toolchain parts and packages building and testing need (idempotent).
     Setup,
+    /// fmt, clippy, cargo deny and the unit tests; needs no root.
+    Check,
     /// Run every check and test of the project (needs root: eBPF, netns, cgroups).
     Test {
         /// Only run tests whose name contains this.
@@ -73,6 +76,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.task {
         Task::Setup => setup::run(),
+        Task::Check => setup::toolchain().and_then(|_| check()),
         Task::Test { filter } => setup::run().and_then(|_| test(filter.as_deref())),
         Task::Demo => setup::run().and_then(|_| demo::run()),
         Task::Package => {
@@ -109,6 +113,65 @@ fn package() -> anyhow::Result<std::path::PathBuf> {
         .ok_or_else(|| anyhow::anyhow!("cargo deb made no package in {}", dir.display()))
 }
 
+/// The static checks, shared by `check` and `test`.
+fn static_checks(
+    run: &mut dyn FnMut(&str, &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use util::cargo;
+    run("cargo fmt --check", &mut || {
+        cargo(&["fmt", "--all", "--", "--check"], &[])
+    })?;
+    run("cargo clippy -D warnings", &mut || {
+        cargo(
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ],
+            &[],
+        )
+    })?;
+    // Licenses, banned crates, sources (deny.toml). Advisories need the RustSec
+    // database, which these machines cannot fetch: see deny.toml.
+    run("cargo deny check", &mut || {
+        cargo(&["deny", "check", "bans", "licenses", "sources"], &[])
+    })
+}
+
+/// `cargo xtask check`: what a contributor without root can run.
+fn check() -> anyhow::Result<()> {
+    use util::{cargo, step};
+    let mut summary = Vec::new();
+    let mut run = |name: &str, f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<()> {
+        let t = std::time::Instant::now();
+        let r = step(name, f);
+        summary.push((name.to_owned(), t.elapsed(), r.is_ok()));
+        r
+    };
+    let result = static_checks(&mut run).and_then(|_| {
+        run("unit tests", &mut || {
+            cargo(&["test", "-p", "phigate", "-p", "phigate-common"], &[])
+        })
+    });
+    print_summary(&summary);
+    result
+}
+
+fn print_summary(summary: &[(String, std::time::Duration, bool)]) {
+    println!("\n== summary");
+    for (name, d, ok) in summary {
+        println!(
+            "  {} {:<28} {:>6.1}s",
+            if *ok { "ok  " } else { "FAIL" },
+            name,
+            d.as_secs_f64()
+        );
+    }
+}
+
 fn test(filter: Option<&str>) -> anyhow::Result<()> {
     use util::{cargo, root_dir, step};
     util::require_root("the tests load eBPF programs and create network namespaces and cgroups")?;
@@ -122,22 +185,7 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         r
     };
     let result = (|| {
-        run("cargo fmt --check", &mut || {
-            cargo(&["fmt", "--all", "--", "--check"], &[])
-        })?;
-        run("cargo clippy -D warnings", &mut || {
-            cargo(
-                &[
-                    "clippy",
-                    "--workspace",
-                    "--all-targets",
-                    "--",
-                    "-D",
-                    "warnings",
-                ],
-                &[],
-            )
-        })?;
+        static_checks(&mut run)?;
         run("cargo build --release", &mut || {
             cargo(&["build", "--release", "-p", "phigate"], &[])
         })?;
@@ -187,14 +235,6 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         })?;
         Ok(())
     })();
-    println!("\n== summary");
-    for (name, d, ok) in &summary {
-        println!(
-            "  {} {:<28} {:>6.1}s",
-            if *ok { "ok  " } else { "FAIL" },
-            name,
-            d.as_secs_f64()
-        );
-    }
+    print_summary(&summary);
     result
 }

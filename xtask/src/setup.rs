@@ -37,18 +37,26 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const CARGO_DEB_VERSION: &str = "3.8.0";
 const CARGO_FUZZ_VERSION: &str = "0.13.1";
+const CARGO_DENY_VERSION: &str = "0.20.2";
 
 pub fn run() -> anyhow::Result<()> {
     println!("== setup");
-    rust_src()?;
-    bpf_linker()?;
-    cargo_deb()?;
-    cargo_fuzz()?;
+    toolchain()?;
+    cargo_tool("cargo-deb", "deb", CARGO_DEB_VERSION)?;
+    cargo_tool("cargo-fuzz", "fuzz", CARGO_FUZZ_VERSION)?;
     debian_packages()?;
     python_packages()?;
     node_packages()?;
     println!("== setup: done");
     Ok(())
+}
+
+/// What building and the checks without root need: the eBPF toolchain and
+/// cargo-deny, all under the user's own rustup and cargo (no root).
+pub fn toolchain() -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    cargo_tool("cargo-deny", "deny", CARGO_DENY_VERSION)
 }
 
 fn say(what: &str, state: &str) {
@@ -138,50 +146,16 @@ fn bpf_linker() -> anyhow::Result<()> {
     )
 }
 
-/// cargo-deb, for `cargo xtask package`.
-fn cargo_deb() -> anyhow::Result<()> {
-    let version = output(Command::new("cargo").args(["deb", "--version"]));
-    if version
-        .as_deref()
-        .is_some_and(|v| v.contains(CARGO_DEB_VERSION))
-    {
-        say(
-            "cargo-deb",
-            &format!("already installed ({CARGO_DEB_VERSION})"),
-        );
+/// A cargo subcommand from crates.io at a pinned version: cargo-deb (`cargo xtask
+/// package`), cargo-fuzz (fuzz/), cargo-deny (the dependency checks).
+fn cargo_tool(krate: &str, subcommand: &str, version: &str) -> anyhow::Result<()> {
+    let installed = output(Command::new("cargo").args([subcommand, "--version"]));
+    if installed.as_deref().is_some_and(|v| v.contains(version)) {
+        say(krate, &format!("already installed ({version})"));
         return Ok(());
     }
-    say("cargo-deb", &format!("installing {CARGO_DEB_VERSION}"));
-    exec(Command::new("cargo").args([
-        "install",
-        "cargo-deb",
-        "--version",
-        CARGO_DEB_VERSION,
-        "--locked",
-    ]))
-}
-
-/// cargo-fuzz, for the fuzz targets in fuzz/ (`cargo xtask fuzz`, and briefly in `test`).
-fn cargo_fuzz() -> anyhow::Result<()> {
-    let version = output(Command::new("cargo").args(["fuzz", "--version"]));
-    if version
-        .as_deref()
-        .is_some_and(|v| v.contains(CARGO_FUZZ_VERSION))
-    {
-        say(
-            "cargo-fuzz",
-            &format!("already installed ({CARGO_FUZZ_VERSION})"),
-        );
-        return Ok(());
-    }
-    say("cargo-fuzz", &format!("installing {CARGO_FUZZ_VERSION}"));
-    exec(Command::new("cargo").args([
-        "install",
-        "cargo-fuzz",
-        "--version",
-        CARGO_FUZZ_VERSION,
-        "--locked",
-    ]))
+    say(krate, &format!("installing {version}"));
+    exec(Command::new("cargo").args(["install", krate, "--version", version, "--locked"]))
 }
 
 fn dpkg_installed(pkg: &str) -> bool {

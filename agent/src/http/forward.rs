@@ -1,6 +1,6 @@
 //! Forwarding to the real upstream: pooled keep-alive connections (HTTP/1.1 or
-//! HTTP/2 as the upstream negotiates), sockets marked so the redirect lets them
-//! pass, TLS always verified.
+//! HTTP/2 as the upstream negotiates), on the agent's own sockets (the redirect
+//! lets them pass), TLS always verified.
 
 use std::future::Future;
 use std::io;
@@ -21,7 +21,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::body::PhiBody;
-use crate::proxy::upstream::connect_marked;
+use crate::sockets::SocketFactory;
 use crate::tls::{UpstreamTls, UpstreamTlsError, UpstreamTlsStream};
 
 /// Where and how to reach one upstream.
@@ -62,7 +62,7 @@ pub enum ConnectError {
 pub struct Connector {
     key: Arc<UpstreamKey>,
     tls: Option<Arc<UpstreamTls>>,
-    mark: u32,
+    sockets: SocketFactory,
     connect_timeout: Duration,
     handshake_timeout: Duration,
 }
@@ -81,7 +81,9 @@ impl tower_service::Service<Uri> for Connector {
         let this = self.clone();
         Box::pin(async move {
             let addr = this.key.addr;
-            let tcp = connect_marked(addr, this.mark, this.connect_timeout)
+            let tcp = this
+                .sockets
+                .connect(addr, this.connect_timeout)
                 .await
                 .map_err(|source| ConnectError::Tcp { addr, source })?;
             match (&this.tls, &this.key.server_name) {
@@ -173,7 +175,7 @@ pub struct Forwarder {
     pools: Mutex<LruCache<UpstreamKey, PooledClient>>,
     /// Trust configuration per destination index (system roots + its `upstream_ca`).
     tls: Vec<Arc<UpstreamTls>>,
-    mark: u32,
+    sockets: SocketFactory,
     connect_timeout: Duration,
     handshake_timeout: Duration,
 }
@@ -181,14 +183,14 @@ pub struct Forwarder {
 impl Forwarder {
     pub fn new(
         tls: Vec<Arc<UpstreamTls>>,
-        mark: u32,
+        sockets: SocketFactory,
         connect_timeout: Duration,
         handshake_timeout: Duration,
     ) -> Self {
         Forwarder {
             pools: Mutex::new(LruCache::new(NonZeroUsize::new(1024).expect("non-zero"))),
             tls,
-            mark,
+            sockets,
             connect_timeout,
             handshake_timeout,
         }
@@ -205,7 +207,7 @@ impl Forwarder {
                 .server_name
                 .as_ref()
                 .and_then(|_| self.tls.get(key.dest_index).cloned()),
-            mark: self.mark,
+            sockets: self.sockets.clone(),
             connect_timeout: self.connect_timeout,
             handshake_timeout: self.handshake_timeout,
         };

@@ -1,5 +1,5 @@
-//! phigate's own outbound HTTP calls (webhooks): sockets carry SO_MARK so the redirect
-//! lets them pass, and TLS is verified against the system roots (plus an optional CA),
+//! phigate's own outbound HTTP calls (webhooks): the agent's own sockets
+//! ([`crate::sockets`]), which the redirect lets pass, and TLS is verified against the system roots (plus an optional CA),
 //! like every upstream.
 
 use std::sync::Arc;
@@ -11,13 +11,13 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 
-use crate::proxy::upstream::connect_marked;
+use crate::sockets::SocketFactory;
 use crate::tls::UpstreamTls;
 
 /// A client for small outbound requests: one connection per call.
 #[derive(Clone)]
 pub struct Outbound {
-    pub mark: u32,
+    pub sockets: SocketFactory,
     pub tls: Arc<UpstreamTls>,
     pub timeout: Duration,
 }
@@ -48,7 +48,9 @@ impl Outbound {
             .map_err(|e| format!("cannot resolve {host}: {e}"))?
             .next()
             .ok_or_else(|| format!("{host} has no address"))?;
-        let tcp = connect_marked(addr, self.mark, self.timeout)
+        let tcp = self
+            .sockets
+            .connect(addr, self.timeout)
             .await
             .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
         let authority = uri

@@ -6,8 +6,8 @@
 //! Keys come from discovery (`{issuer}/.well-known/openid-configuration` ->
 //! `jwks_uri`) or a file, are cached, and are refreshed when a token names an
 //! unknown `kid` (at most once per `jwks_refresh_min`) or when they are older than
-//! [`KEYS_MAX_AGE`]. phigate's own calls to the issuer go out on sockets marked with
-//! `agent.mark`, so the redirect lets them pass, over verified TLS.
+//! [`KEYS_MAX_AGE`]. phigate's own calls to the issuer go out on the agent's own
+//! sockets ([`crate::sockets`]), which the redirect lets pass, over verified TLS.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -26,6 +26,7 @@ use tracing::{debug, warn};
 use super::token::{TokenError, TokenIdentity};
 use crate::config::{OidcIssuer, OidcSection};
 use crate::http::forward::{Forwarder, UpstreamKey};
+use crate::sockets::SocketFactory;
 use crate::tls::UpstreamTls;
 
 /// Cached keys older than this are re-fetched on next use (keys an issuer withdrew
@@ -91,7 +92,7 @@ impl TokenValidator {
     /// Sets up the issuers. Keys from files are read now (a bad file is an error);
     /// discovered keys are fetched on first use, so an unreachable issuer does not
     /// stop the agent (its tokens fail with `keys_unavailable` meanwhile).
-    pub fn new(cfg: &OidcSection, mark: u32) -> Result<TokenValidator, OidcError> {
+    pub fn new(cfg: &OidcSection, sockets: &SocketFactory) -> Result<TokenValidator, OidcError> {
         let mut issuers = Vec::new();
         for c in &cfg.issuers {
             let fail = |message: String| OidcError {
@@ -115,7 +116,7 @@ impl TokenValidator {
                 fetch: Fetcher {
                     forwarder: Forwarder::new(
                         vec![Arc::new(tls)],
-                        mark,
+                        sockets.clone(),
                         Duration::from_secs(5),
                         Duration::from_secs(5),
                     ),
@@ -410,7 +411,7 @@ fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
     Ok(set)
 }
 
-/// GETs JSON documents from the issuer: marked sockets, verified TLS, no redirects.
+/// GETs JSON documents from the issuer: the agent's own sockets, verified TLS, no redirects.
 struct Fetcher {
     forwarder: Forwarder,
 }

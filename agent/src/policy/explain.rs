@@ -133,7 +133,10 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     }
     let clock = args.at.as_deref().map(parse_at).transpose()?;
 
-    let gate = Gatekeeper::from_config(&config)?;
+    // No redirect is attached here: plain sockets (explain runs outside the
+    // protected cgroup, as an operator's command).
+    let sockets = crate::sockets::SocketFactory::new(config.agent.mark, None);
+    let gate = Gatekeeper::from_config(&config, &sockets)?;
     let rules = crate::approval::RuleSet::load(&config.agent.policies_dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

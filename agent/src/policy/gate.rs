@@ -65,11 +65,14 @@ pub struct Subject<'a> {
 impl Gatekeeper {
     /// Loads `policies_dir` and sets up the configured issuers. A policy error is
     /// reported with every file:line.
-    pub fn from_config(config: &Config) -> anyhow::Result<Gatekeeper> {
+    pub fn from_config(
+        config: &Config,
+        sockets: &crate::sockets::SocketFactory,
+    ) -> anyhow::Result<Gatekeeper> {
         let policies = PolicySet::load(&config.agent.policies_dir)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("policies rejected")?;
-        let tokens = TokenValidator::new(&config.oidc, config.agent.mark)?;
+        let tokens = TokenValidator::new(&config.oidc, sockets)?;
         Ok(Gatekeeper {
             policies: Arc::new(policies),
             tokens: Arc::new(tokens),

@@ -211,6 +211,9 @@ pub struct PolicySet {
     authorizer: Authorizer,
     /// Which policies may apply to a request, so Cedar evaluates only those.
     index: index::Index,
+    /// Whether the schema declares `Workload.unknown` (schemas written before it do
+    /// not; their policies cannot name it, so it is left out rather than refused).
+    workload_unknown: bool,
 }
 
 impl fmt::Debug for PolicySet {
@@ -512,7 +515,17 @@ impl PolicySet {
             hash,
             dir: dir.to_owned(),
             authorizer: Authorizer::new(),
+            workload_unknown: true,
         };
+        let mut ps = ps;
+        if ps.check_request_shape().is_err() {
+            ps.workload_unknown = false;
+            if ps.check_request_shape().is_ok() {
+                tracing::warn!(schema = %schema_path.display(), "the policy schema does not declare Workload.unknown: policies cannot require identity facts; update it from the shipped policies/schema.cedarschema");
+            } else {
+                ps.workload_unknown = true;
+            }
+        }
         // The schema must describe the requests phigate builds, or policies would be
         // validated against a model that never occurs.
         ps.check_request_shape().map_err(|message| {
@@ -609,38 +622,45 @@ impl PolicySet {
         let w = req.workload;
         let principal = uid("Workload", &w.pid.to_string());
         let unknown = String::new();
-        let workload = Entity::new(
-            principal.clone(),
-            HashMap::from([
-                ("user".into(), s(w.user.as_ref().unwrap_or(&unknown))),
-                ("uid".into(), RestrictedExpression::new_long(w.uid.into())),
-                ("gid".into(), RestrictedExpression::new_long(w.gid.into())),
-                (
-                    "groups".into(),
-                    RestrictedExpression::new_set(
-                        w.groups
-                            .iter()
-                            .map(|g| RestrictedExpression::new_long((*g).into())),
-                    ),
+        let mut attrs: HashMap<String, RestrictedExpression> = HashMap::from([
+            ("user".into(), s(w.user.as_ref().unwrap_or(&unknown))),
+            ("uid".into(), RestrictedExpression::new_long(w.uid.into())),
+            ("gid".into(), RestrictedExpression::new_long(w.gid.into())),
+            (
+                "groups".into(),
+                RestrictedExpression::new_set(
+                    w.groups
+                        .iter()
+                        .map(|g| RestrictedExpression::new_long((*g).into())),
                 ),
-                (
-                    "unit".into(),
-                    s(w.systemd_unit.as_ref().unwrap_or(&unknown)),
+            ),
+            (
+                "unit".into(),
+                s(w.systemd_unit.as_ref().unwrap_or(&unknown)),
+            ),
+            ("exe".into(), s(w.exe_path.as_ref().unwrap_or(&unknown))),
+            (
+                "exe_sha256".into(),
+                s(w.exe_sha256.as_ref().unwrap_or(&unknown)),
+            ),
+            ("comm".into(), s(&w.comm)),
+            (
+                "cgroup".into(),
+                s(w.cgroup_path.as_ref().unwrap_or(&unknown)),
+            ),
+        ]);
+        if self.workload_unknown {
+            attrs.insert(
+                "unknown".into(),
+                RestrictedExpression::new_set(
+                    w.unknown
+                        .iter()
+                        .map(|f| RestrictedExpression::new_string((*f).into())),
                 ),
-                ("exe".into(), s(w.exe_path.as_ref().unwrap_or(&unknown))),
-                (
-                    "exe_sha256".into(),
-                    s(w.exe_sha256.as_ref().unwrap_or(&unknown)),
-                ),
-                ("comm".into(), s(&w.comm)),
-                (
-                    "cgroup".into(),
-                    s(w.cgroup_path.as_ref().unwrap_or(&unknown)),
-                ),
-            ]),
-            HashSet::new(),
-        )
-        .map_err(|e| e.to_string())?;
+            );
+        }
+        let workload =
+            Entity::new(principal.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
         let multi = |kind: &str, pairs: &[(String, String)]| {
             let mut tags: BTreeMap<&str, Vec<RestrictedExpression>> = BTreeMap::new();
             for (k, v) in pairs {

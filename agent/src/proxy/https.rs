@@ -53,6 +53,7 @@ where
             &prefix,
             conn.original_dst,
             config,
+            &proxy.sockets,
             &proxy.force_close,
         )
         .await;

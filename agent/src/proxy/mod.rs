@@ -5,7 +5,6 @@ pub mod https;
 pub mod io;
 pub mod live;
 pub mod tcp;
-pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,7 +22,7 @@ use self::io::{Meter, Metered};
 use crate::config::{Config, Destination, Protocol};
 use crate::identity::{IdentityResolver, Workload};
 use crate::pipeline::{ClientTls, ConnContext, Pipeline};
-use crate::record::{new_id, ConnectionRecord, Outcome, Record, RecordSink};
+use crate::record::{new_id, ConnectionRecord, EventRecord, Outcome, Record, RecordSink};
 use crate::redirect::{Attested, OrigDstLookup};
 
 /// Everything the data plane shares across connections.
@@ -43,6 +42,10 @@ pub struct Proxy {
     pub tasks: TaskTracker,
     /// Open HTTP connections, re-checked when the policy set changes.
     pub live: live::LiveConnections,
+    /// The agent's own outbound sockets (exempt from the redirect).
+    pub sockets: crate::sockets::SocketFactory,
+    /// Direct connects to the listener (not redirected), refused and counted.
+    pub direct: DirectConnects,
 }
 
 /// A connection that was accepted and attributed, before protocol handling.
@@ -109,9 +112,23 @@ impl Proxy {
         let attested = match self.lookup.take(peer) {
             Ok(Some(a)) => a,
             Ok(None) => {
-                // Someone connected to the listener directly: there is no original
-                // destination and no attested caller. Refuse.
-                self.record_refused(&id, peer, started, t0, Outcome::NotRedirected, None);
+                // Someone connected to the listener directly (any local user can), or
+                // a redirected client closed before we accepted: no original
+                // destination, no attested caller. Refused, counted, and reported in
+                // an aggregate event: never one record each, so nobody can fill the
+                // records disk with connects.
+                crate::metrics::get().connection("", "not_redirected");
+                if let Some(summary) = self.direct.note(peer) {
+                    let mut ev =
+                        EventRecord::new(self.records.origin(), "direct_connects", "refused");
+                    ev.message = Some(summary);
+                    let durable = self.records.submit(Record::Event(ev));
+                    tokio::spawn(async move {
+                        if let Err(e) = durable.await {
+                            tracing::error!(error = %e, "direct_connects event lost");
+                        }
+                    });
+                }
                 return;
             }
             Err(e) => {
@@ -185,6 +202,7 @@ impl Proxy {
                     &[],
                     original_dst,
                     &config,
+                    &self.sockets,
                     &self.force_close,
                 )
                 .await
@@ -326,6 +344,65 @@ impl Proxy {
                 tracing::error!(error = %e, connection = %id, "record lost");
             }
         });
+    }
+}
+
+/// Connects that reached the listener without the redirect. Each is refused at once;
+/// at most one `direct_connects` event per [`DirectConnects::EVERY`] tells how many
+/// there were and from where, so their cost to the agent and the records is bounded
+/// whatever a local user does.
+#[derive(Default)]
+pub struct DirectConnects {
+    state: std::sync::Mutex<DirectState>,
+}
+
+#[derive(Default)]
+struct DirectState {
+    last_report: Option<Instant>,
+    since_report: u64,
+    total: u64,
+    /// A few of the peers since the last report (for the event's message).
+    peers: Vec<SocketAddr>,
+}
+
+impl DirectConnects {
+    pub const EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+    const PEERS_SHOWN: usize = 8;
+
+    /// Counts one; returns the event message when a report is due.
+    pub fn note(&self, peer: SocketAddr) -> Option<String> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        s.total += 1;
+        s.since_report += 1;
+        if s.peers.len() < Self::PEERS_SHOWN {
+            s.peers.push(peer);
+        }
+        let due = s.last_report.is_none_or(|t| t.elapsed() >= Self::EVERY);
+        if !due {
+            return None;
+        }
+        let message = format!(
+            "{} connect(s) to the listener that the redirect did not send (total {}); peers: {}",
+            s.since_report,
+            s.total,
+            s.peers
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        warn!(
+            count = s.since_report,
+            "refused direct connects to the listener"
+        );
+        s.last_report = Some(Instant::now());
+        s.since_report = 0;
+        s.peers.clear();
+        Some(message)
+    }
+
+    pub fn total(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).total
     }
 }
 

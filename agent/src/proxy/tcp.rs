@@ -8,9 +8,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
 use super::io::Meter;
-use super::upstream::connect_marked;
 use crate::config::Config;
 use crate::record::Outcome;
+use crate::sockets::SocketFactory;
 
 /// Relays `client` to `upstream_addr`. `prefix`: bytes already read from the client
 /// (a sniffed ClientHello) that go upstream first. Byte counts are in the client's
@@ -21,13 +21,14 @@ pub async fn relay<C>(
     prefix: &[u8],
     upstream_addr: SocketAddr,
     config: &Config,
+    sockets: &SocketFactory,
     force_close: &CancellationToken,
 ) -> (Outcome, Option<String>)
 where
     C: AsyncRead + AsyncWrite + Unpin,
 {
     let t = &config.timeouts;
-    let mut upstream = match connect_marked(upstream_addr, config.agent.mark, t.connect).await {
+    let mut upstream = match sockets.connect(upstream_addr, t.connect).await {
         Ok(s) => s,
         Err(e) if e.kind() == io::ErrorKind::TimedOut => {
             return (Outcome::UpstreamTimeout, Some(e.to_string()))

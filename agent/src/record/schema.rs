@@ -161,6 +161,7 @@ fn workload() -> Vec<Field> {
         text("systemd_unit"),
         text("exe_path"),
         text("exe_sha256"),
+        list("identity_unknown", DataType::Utf8),
     ]
 }
 
@@ -308,10 +309,10 @@ mod tests {
             .map(|t| (t.name().to_owned(), digest(*t)))
             .collect();
         let expected = [
-            // + oidc_expiry, path_as_sent (nullable, added: older files read them
-            // as null through union_by_name).
-            ("requests", "7bad114bed1ac7e1"),
-            ("connections", "79baafd43326cf6c"),
+            // + oidc_expiry, path_as_sent, identity_unknown (nullable, added: older
+            // files read them as null through union_by_name).
+            ("requests", "ab5b1af40b15e48f"),
+            ("connections", "72beb299537ee81f"),
             ("approvals", "358fdec1cc73e61a"),
             ("events", "78109fc628bd5a96"),
         ];

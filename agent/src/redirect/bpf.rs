@@ -8,11 +8,15 @@
 //! <pin_dir>/cg<cgroup inode>/...
 //! <pin_dir>/cg<cgroup inode>/maps/PHIGATE_BY_COOKIE  connection state, shared across restarts
 //! <pin_dir>/cg<cgroup inode>/maps/PHIGATE_BY_PEER
+//! <pin_dir>/cg<cgroup inode>/maps/PHIGATE_LISTENERS  the agent's listening sockets
+//! <pin_dir>/cg<cgroup inode>/maps/PHIGATE_OWN_SOCKETS cookies of the agent's own sockets
 //! ```
 //!
-//! Pinned links keep the programs attached when the agent exits or dies: protected
-//! connects keep going to the (then empty) listener port, which is how phigate fails
-//! closed; with `fail_open` the programs check for a listener and leave the connect alone.
+//! Pinned links keep the programs attached when the agent exits or dies. The kernel
+//! drops a closed listener from `PHIGATE_LISTENERS`, so from then on protected connects
+//! are refused (EPERM), which is how phigate fails closed; with `fail_open` they pass
+//! untouched. A socket somebody else binds on the listen port is never the registered
+//! one: connects are refused in both modes rather than delivered to it.
 //!
 //! Restart: the new programs are attached next to the old ones (cgroup multi-attach) and
 //! the old links are detached only once the new programs hold their destinations (the
@@ -35,14 +39,15 @@ use std::sync::{Mutex, MutexGuard};
 
 use anyhow::{anyhow, bail, Context as _};
 use aya::maps::lpm_trie::{Key, LpmTrie};
-use aya::maps::{Array, HashMap, MapData, MapError, MapInfo, MapType, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapError, MapInfo, MapType, PerCpuArray, SockMap};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps};
 use aya::{Ebpf, EbpfError, EbpfLoader};
 use ipnet::IpNet;
 use phigate_common::{
     counters, maps, programs, ConnectInfo, DestKeyV4, DestKeyV6, DestValue, PeerKey, Settings,
-    AF_INET, AF_INET6, CONN_MAP_CAPACITY, DEST_MAP_CAPACITY,
+    AF_INET, AF_INET6, CONN_MAP_CAPACITY, DEST_MAP_CAPACITY, LISTENER_V4, LISTENER_V6,
+    OWN_SOCKETS_CAPACITY,
 };
 
 use super::{Attested, LookupError, OrigDstLookup};
@@ -53,8 +58,15 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
 const MAPS_SUBDIR: &str = "maps";
-/// Maps pinned per cgroup and reused across agent restarts.
-const SHARED_MAPS: [&str; 2] = [maps::BY_COOKIE, maps::BY_PEER];
+/// Maps pinned per cgroup and reused across agent restarts (the previous instance's
+/// programs, attached until the new ones take over, see the new agent's listeners and
+/// own sockets).
+const SHARED_MAPS: [&str; 4] = [
+    maps::BY_COOKIE,
+    maps::BY_PEER,
+    maps::LISTENERS,
+    maps::OWN_SOCKETS,
+];
 
 /// The programs, in attach order, with the section name used in messages.
 const PROGRAMS: [(&str, &str); 6] = [
@@ -69,14 +81,17 @@ const PROGRAMS: [(&str, &str); 6] = [
 ];
 
 /// Counter names, by index in the per-CPU counters map.
-const COUNTER_NAMES: [(&str, u32); 7] = [
+const COUNTER_NAMES: [(&str, u32); 10] = [
     ("redirected", counters::REDIRECTED),
-    ("exempt_mark", counters::EXEMPT_MARK),
+    ("exempt_own_socket", counters::EXEMPT_OWN),
     ("passed_agent_down", counters::PASSED_AGENT_DOWN),
     ("established", counters::ESTABLISHED),
     ("released", counters::RELEASED),
     ("v6_no_listener", counters::V6_NO_LISTENER),
     ("store_failed", counters::STORE_FAILED),
+    ("refused_agent_down", counters::REFUSED_AGENT_DOWN),
+    ("refused_not_agent", counters::REFUSED_NOT_AGENT),
+    ("closed_unaccepted", counters::CLOSED_UNACCEPTED),
 ];
 
 const CAPS_HINT: &str = "run as root or grant CAP_BPF+CAP_NET_ADMIN(+CAP_SYS_ADMIN)";
@@ -90,11 +105,10 @@ pub struct RedirectSettings {
     pub pin_dir: PathBuf,
     /// The agent's IPv4 listener: protected IPv4 (and v4-mapped) connects go here.
     pub listen_v4: SocketAddrV4,
-    /// The agent's IPv6 listener; None: native IPv6 connects are not redirected.
+    /// The agent's IPv6 listener; None: native IPv6 connects to protected destinations
+    /// are refused (the config does not allow IPv6 destinations without it).
     pub listen_v6: Option<SocketAddrV6>,
-    /// SO_MARK of the agent's own upstream sockets (never redirected). Must not be 0.
-    pub mark: u32,
-    /// true: when no agent listens, protected connects pass through untouched.
+    /// true: when no agent listener is registered, protected connects pass untouched.
     pub fail_open: bool,
 }
 
@@ -124,6 +138,8 @@ pub struct Redirector {
     lookup: PeerLookup,
     by_cookie: Mutex<HashMap<MapData, u64, ConnectInfo>>,
     counters: PerCpuArray<MapData, u64>,
+    listeners: Mutex<SockMap<MapData>>,
+    own_sockets: Mutex<HashMap<MapData, u64, u8>>,
 }
 
 struct State {
@@ -140,6 +156,8 @@ struct State {
 /// The by-peer map, usable from many tasks: see [`OrigDstLookup`].
 pub struct PeerLookup {
     by_peer: Mutex<HashMap<MapData, PeerKey, ConnectInfo>>,
+    /// The agent's network namespace (its listeners'), which accepted peers are in.
+    netns_cookie: std::sync::atomic::AtomicU64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -165,9 +183,6 @@ impl Redirector {
     }
 
     fn attach_inner(settings: &RedirectSettings) -> anyhow::Result<Redirector> {
-        if settings.mark == 0 {
-            bail!("the agent socket mark must not be 0 (every unmarked socket would be exempt from the redirect)");
-        }
         let cgroup = check_cgroup_dir(&settings.cgroup)?;
         let inode = fs::metadata(&cgroup)
             .with_context(|| format!("cannot stat cgroup directory {}", cgroup.display()))?
@@ -196,6 +211,8 @@ impl Redirector {
         let by_cookie = take_map(&mut ebpf, maps::BY_COOKIE)?;
         let by_peer = take_map(&mut ebpf, maps::BY_PEER)?;
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
+        let listeners = take_map(&mut ebpf, maps::LISTENERS)?;
+        let own_sockets = take_map(&mut ebpf, maps::OWN_SOCKETS)?;
 
         let links = attach_programs(&mut ebpf, &cgroup)?;
         // The links are ours now; the programs stay loaded through them.
@@ -220,10 +237,37 @@ impl Redirector {
             state: Mutex::new(state),
             lookup: PeerLookup {
                 by_peer: Mutex::new(by_peer),
+                netns_cookie: Default::default(),
             },
             by_cookie: Mutex::new(by_cookie),
             counters,
+            listeners: Mutex::new(listeners),
+            own_sockets: Mutex::new(own_sockets),
         })
+    }
+
+    /// Registers the agent's listening sockets: protected connects are redirected only
+    /// to these very sockets (the programs compare the socket the kernel would deliver
+    /// to with the registered one). Call before [`Self::set_destinations`]; the kernel
+    /// removes a socket from the map when it closes.
+    pub fn register_listeners(
+        &self,
+        v4: &impl AsRawFd,
+        v6: Option<&impl AsRawFd>,
+    ) -> anyhow::Result<()> {
+        let netns = crate::sockets::netns_cookie(v4)
+            .context("reading the listener's network namespace cookie (Linux 5.14+)")?;
+        let mut map = lock(&self.listeners);
+        map.set(LISTENER_V4, v4, 0)
+            .context("registering the IPv4 listener in the listeners map failed")?;
+        if let Some(v6) = v6 {
+            map.set(LISTENER_V6, v6, 0)
+                .context("registering the IPv6 listener in the listeners map failed")?;
+        }
+        self.lookup
+            .netns_cookie
+            .store(netns, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// The cgroup the redirect is attached to.
@@ -339,12 +383,9 @@ impl Redirector {
         Ok(())
     }
 
-    /// Rewrites the settings (listeners, mark, fail mode) on reload. `cgroup` and
+    /// Rewrites the settings (listeners, fail mode) on reload. `cgroup` and
     /// `pin_dir` of `settings` are ignored: moving the redirect needs a new attach.
     pub fn update_settings(&self, settings: &RedirectSettings) -> anyhow::Result<()> {
-        if settings.mark == 0 {
-            bail!("the agent socket mark must not be 0");
-        }
         lock(&self.state)
             .settings
             .set(0, to_kernel_settings(settings), 0)
@@ -416,9 +457,24 @@ impl State {
     }
 }
 
+impl crate::sockets::Exemptions for Redirector {
+    fn exempt(&self, cookie: u64) -> io::Result<()> {
+        lock(&self.own_sockets)
+            .insert(cookie, 1, 0)
+            .map_err(|e| io::Error::other(format!("registering an own socket: {e}")))
+    }
+
+    fn forget(&self, cookie: u64) {
+        if let Err(e) = remove_ok(lock(&self.own_sockets).remove(&cookie)) {
+            tracing::warn!(error = %e, "removing an own socket's cookie failed");
+        }
+    }
+}
+
 impl PeerLookup {
     fn take_info(&self, peer: SocketAddr) -> Result<Option<ConnectInfo>, MapError> {
-        let key = peer_key(peer);
+        let netns = self.netns_cookie.load(std::sync::atomic::Ordering::Relaxed);
+        let key = peer_key(peer, netns);
         let mut map = lock(&self.by_peer);
         let info = match map.get(&key, 0) {
             Ok(info) => info,
@@ -458,7 +514,7 @@ fn warn_duplicate(d: &DestEntry, previous_id: u32) {
 
 /// The by-peer key for an accepted connection's peer address: a v4-mapped IPv6 peer is
 /// the IPv4 client it stands for (the programs key v4-mapped sockets that way).
-fn peer_key(peer: SocketAddr) -> PeerKey {
+fn peer_key(peer: SocketAddr, netns_cookie: u64) -> PeerKey {
     let ip = match peer.ip() {
         IpAddr::V6(v6) => v6
             .to_ipv4_mapped()
@@ -471,11 +527,15 @@ fn peer_key(peer: SocketAddr) -> PeerKey {
             addr: [u32::from_ne_bytes(v4.octets()), 0, 0, 0],
             port: peer.port(),
             family: AF_INET,
+            _pad: 0,
+            netns_cookie,
         },
         IpAddr::V6(v6) => PeerKey {
             addr: ipv6_words(&v6),
             port: peer.port(),
             family: AF_INET6,
+            _pad: 0,
+            netns_cookie,
         },
     }
 }
@@ -498,10 +558,8 @@ fn to_kernel_settings(s: &RedirectSettings) -> Settings {
         listen_v4_port: s.listen_v4.port(),
         listen_v6_port: v6_port,
         listen_v6_addr: v6_addr,
-        agent_mark: s.mark,
         fail_open: u32::from(s.fail_open),
         enabled: 1,
-        _pad: 0,
     }
 }
 
@@ -660,16 +718,33 @@ fn drop_incompatible_pinned_map(path: &Path, name: &str) -> anyhow::Result<()> {
     if !path.exists() {
         return Ok(());
     }
-    let (key_size, value_size) = match name {
-        n if n == maps::BY_COOKIE => (size_of::<u64>(), size_of::<ConnectInfo>()),
-        _ => (size_of::<PeerKey>(), size_of::<ConnectInfo>()),
+    let (map_type, key_size, value_size, capacity) = match name {
+        n if n == maps::BY_COOKIE => (
+            MapType::Hash,
+            size_of::<u64>(),
+            size_of::<ConnectInfo>(),
+            CONN_MAP_CAPACITY,
+        ),
+        n if n == maps::BY_PEER => (
+            MapType::Hash,
+            size_of::<PeerKey>(),
+            size_of::<ConnectInfo>(),
+            CONN_MAP_CAPACITY,
+        ),
+        n if n == maps::LISTENERS => (MapType::SockMap, size_of::<u32>(), size_of::<u32>(), 2),
+        _ => (
+            MapType::Hash,
+            size_of::<u64>(),
+            size_of::<u8>(),
+            OWN_SOCKETS_CAPACITY,
+        ),
     };
     let compatible = match MapInfo::from_pin(path) {
         Ok(info) => {
-            matches!(info.map_type(), Ok(MapType::LruHash))
+            info.map_type().is_ok_and(|t| t == map_type)
                 && info.key_size() as usize == key_size
                 && info.value_size() as usize == value_size
-                && info.max_entries() == CONN_MAP_CAPACITY
+                && info.max_entries() == capacity
         }
         Err(_) => false,
     };
@@ -972,12 +1047,13 @@ mod tests {
 
     #[test]
     fn peer_key_normalises_v4_mapped() {
-        let a = peer_key("127.0.0.1:40000".parse().unwrap());
-        let b = peer_key("[::ffff:127.0.0.1]:40000".parse().unwrap());
+        let a = peer_key("127.0.0.1:40000".parse().unwrap(), 9);
+        let b = peer_key("[::ffff:127.0.0.1]:40000".parse().unwrap(), 9);
         assert_eq!(a, b);
         assert_eq!(a.family, AF_INET);
+        assert_eq!(a.netns_cookie, 9);
         assert_eq!(a.addr[0].to_ne_bytes(), [127, 0, 0, 1]);
-        let c = peer_key("[::1]:5".parse().unwrap());
+        let c = peer_key("[::1]:5".parse().unwrap(), 9);
         assert_eq!(c.family, AF_INET6);
         assert_eq!(c.addr[3].to_ne_bytes(), [0, 0, 0, 1]);
     }
@@ -1014,13 +1090,12 @@ mod tests {
             pin_dir: PathBuf::new(),
             listen_v4: "127.0.0.1:15001".parse().unwrap(),
             listen_v6: Some("[::1]:15002".parse().unwrap()),
-            mark: 7,
             fail_open: true,
         });
         assert_eq!(s.listen_v4_addr.to_ne_bytes(), [127, 0, 0, 1]);
         assert_eq!(s.listen_v4_port, 15001);
         assert_eq!(s.listen_v6_port, 15002);
         assert_eq!(s.listen_v6_addr[3].to_ne_bytes(), [0, 0, 0, 1]);
-        assert_eq!((s.fail_open, s.enabled, s.agent_mark), (1, 1, 7));
+        assert_eq!((s.fail_open, s.enabled), (1, 1));
     }
 }

@@ -31,6 +31,9 @@ pub struct Attested {
     pub comm: String,
     pub cgroup_id: u64,
     pub socket_cookie: u64,
+    /// CLOCK_BOOTTIME at connect, in ns: the process found in /proc for `pid` must
+    /// have started before this, or it is not the one that connected.
+    pub connect_boot_ns: u64,
 }
 
 impl From<&ConnectInfo> for Attested {
@@ -55,6 +58,7 @@ impl From<&ConnectInfo> for Attested {
             comm: String::from_utf8_lossy(&c.comm[..comm_len]).into_owned(),
             cgroup_id: c.cgroup_id,
             socket_cookie: c.socket_cookie,
+            connect_boot_ns: c.connect_ns,
         }
     }
 }

@@ -107,7 +107,11 @@ fn one_key_issuer() -> (tempfile::TempDir, EcKey, TokenValidator) {
 }
 
 fn validator(cfg: OidcIssuer) -> TokenValidator {
-    TokenValidator::new(&OidcSection { issuers: vec![cfg] }, 0x70686701).unwrap()
+    TokenValidator::new(
+        &OidcSection { issuers: vec![cfg] },
+        &crate::sockets::SocketFactory::new(0, None),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -342,7 +346,7 @@ fn jwks_without_signing_keys_is_rejected() {
         &OidcSection {
             issuers: vec![issuer_cfg(&path)],
         },
-        1,
+        &crate::sockets::SocketFactory::new(0, None),
     )
     .err()
     .expect("rejected");
