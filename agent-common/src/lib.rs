@@ -168,11 +168,17 @@ pub struct PeerKey {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all of these are repr(C), Copy, and any bit pattern is valid.
+    // SAFETY: repr(C), Copy, no implicit padding, any bit pattern is valid (and so for
+    // each type below).
     unsafe impl aya::Pod for super::DestKeyV4 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::DestKeyV6 {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::DestValue {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::Settings {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::ConnectInfo {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::PeerKey {}
 }

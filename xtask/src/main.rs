@@ -113,10 +113,12 @@ fn package() -> anyhow::Result<std::path::PathBuf> {
         .ok_or_else(|| anyhow::anyhow!("cargo deb made no package in {}", dir.display()))
 }
 
+/// Runs one named step of a lane and notes its time and result for the summary.
+type StepRunner<'a> =
+    dyn FnMut(&str, &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<()> + 'a;
+
 /// The static checks, shared by `check` and `test`.
-fn static_checks(
-    run: &mut dyn FnMut(&str, &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
+fn static_checks(run: &mut StepRunner<'_>) -> anyhow::Result<()> {
     use util::cargo;
     run("cargo fmt --check", &mut || {
         cargo(&["fmt", "--all", "--", "--check"], &[])

@@ -396,10 +396,8 @@ mod tests {
             tv_nsec: 0,
         };
         // SAFETY: a valid out-pointer.
-        assert_eq!(
-            unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) },
-            0
-        );
+        let r = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut t) };
+        assert_eq!(r, 0);
         t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
     }
 

@@ -135,8 +135,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
 
 /// User + system CPU time of this process so far.
 fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage fills the struct we pass.
+    // SAFETY: an all-zero rusage is a valid value.
     let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct we pass.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     tv(u.ru_utime) + tv(u.ru_stime)
