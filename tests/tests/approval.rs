@@ -492,7 +492,8 @@ try:
     d.find_element(By.ID, "signin").click()
     wait.until(EC.presence_of_element_located((By.ID, "pending")))
     assert approval_id in d.page_source, d.page_source
-    assert "123" not in d.current_url
+    # Reviewers see the recorded form of the request: never the raw patient id.
+    assert "patient=123" not in d.page_source, "the raw patient id reached the console"
     d.find_element(By.CSS_SELECTOR, "a.open").click()
     wait.until(EC.presence_of_element_located((By.ID, "reason")))
     d.find_element(By.ID, "reason").send_keys("monthly quality report")

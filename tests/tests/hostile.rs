@@ -101,12 +101,18 @@ impl Hostile {
     /// Waits until the table stops growing (rotation is 0.2 s) and returns it.
     fn settled(&self, table: &str) -> Vec<Value> {
         let mut last = usize::MAX;
+        let t = std::time::Instant::now();
         loop {
             std::thread::sleep(Duration::from_millis(600));
             let rows = self.w.records(table);
             if rows.len() == last {
                 return rows;
             }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the {table} records never settled: {} and growing",
+                rows.len()
+            );
             last = rows.len();
         }
     }
