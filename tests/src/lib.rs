@@ -488,6 +488,22 @@ impl World {
         }
     }
 
+    /// The running agent's `phigate status --json`.
+    pub fn status(&self) -> Value {
+        let out = Command::new(phigate_bin())
+            .args(["status", "--json", "--config"])
+            .arg(self.config_path())
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "status --json ({e}): {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+    }
+
     pub fn detach(&self) -> Output {
         Command::new(phigate_bin())
             .args(["detach", "--config"])

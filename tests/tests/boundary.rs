@@ -73,31 +73,16 @@ fn curl(place: Place<'_>) -> std::process::Output {
     )
 }
 
-/// The agent's eBPF counters, from `phigate status --json`.
-fn counters(w: &World) -> Value {
-    status(w)["ebpf_counters"].clone()
-}
-
-fn status(w: &World) -> Value {
-    let out = std::process::Command::new(phigate_bin())
-        .args(["status", "--json", "--config"])
-        .arg(w.config_path())
-        .output()
-        .unwrap();
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("status --json ({e}): {}{}", stdout(&out), stderr(&out)))
-}
-
 /// Entries in one of the redirect's maps, from `phigate status --json`.
 fn map_entries(w: &World, name: &str) -> u64 {
-    let v = status(w);
+    let v = w.status();
     v["ebpf_maps"][name]
         .as_u64()
         .unwrap_or_else(|| panic!("no map {name} in {}", v["ebpf_maps"]))
 }
 
 fn counter(w: &World, name: &str) -> u64 {
-    let c = counters(w);
+    let c = w.status()["ebpf_counters"].clone();
     c[name]
         .as_u64()
         .unwrap_or_else(|| panic!("no counter {name} in {c}"))

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use phigate_e2e::*;
 use serde_json::Value;
+use time::format_description::well_known::Rfc3339;
 
 const UP: &str = "127.0.0.2:9443";
 
@@ -70,8 +71,9 @@ fn phigate(args: &[&str]) -> std::process::Output {
     Command::new(phigate_bin()).args(args).output().unwrap()
 }
 
-/// Runs one query file of docs/queries with the given variables; rows as JSON objects.
-fn duckdb_query(records: &Path, file: &str, vars: &[(&str, &str)]) -> Vec<Value> {
+/// Runs one query file of docs/queries with the given variables: the rows of each of
+/// its statements, as JSON objects.
+fn duckdb_query(records: &Path, file: &str, vars: &[(&str, &str)]) -> Vec<Vec<Value>> {
     let queries = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/queries");
     let script = r#"
 import duckdb, json, sys, datetime, decimal
@@ -117,17 +119,75 @@ print(json.dumps(out, default=enc))
         stderr(&out),
         stdout(&out)
     );
-    let all: Vec<Vec<Value>> = serde_json::from_str(stdout(&out).trim()).unwrap();
-    all.into_iter().next().unwrap_or_default()
+    serde_json::from_str(stdout(&out).trim()).unwrap()
 }
 
 fn sql_text(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
+/// Policies of the auditor-query world: patient reads masked with `safe_harbor`,
+/// Coverage forbidden (denials to find), everything else allowed.
+const QUERY_POLICIES: &str = r#"
+@id("test.allow-other")
+permit (principal, action, resource)
+unless { context.path like "/fhir/Patient*" };
+
+@id("test.patients-masked")
+@mask("safe_harbor")
+permit (principal, action, resource)
+when { context.path like "/fhir/Patient*" };
+
+@id("test.no-coverage")
+forbid (principal, action, resource)
+when { context.path like "/fhir/Coverage*" };
+"#;
+
 #[test]
 fn auditor_queries_answer_from_records_of_real_traffic() {
-    let (mut w, _up) = https_world("queries");
+    let mut w = World::new("queries");
+    let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
+    // FHIR the upstream serves (--files: /fhir/Patient/123 -> Patient-123.json).
+    let files = w.path("fhir");
+    std::fs::create_dir_all(&files).unwrap();
+    for (i, name) in [
+        (123, "Patient-123.json"),
+        (123, "Patient-123-_history-2.json"),
+        (456, "Patient-456.json"),
+    ] {
+        let p = fhir::patient(7, i);
+        std::fs::write(
+            files.join(name),
+            serde_json::to_vec(&p.resources[0]).unwrap(),
+        )
+        .unwrap();
+    }
+    let (bundle, _) = fhir::bundle(7, 3);
+    std::fs::write(
+        files.join("Observation.json"),
+        serde_json::to_vec(&bundle).unwrap(),
+    )
+    .unwrap();
+    let mut ndjson = Vec::new();
+    for i in 0..5 {
+        ndjson.extend(serde_json::to_vec(&fhir::patient(7, 900 + i).resources[0]).unwrap());
+        ndjson.push(b'\n');
+    }
+    std::fs::write(files.join("Patient-export.ndjson"), ndjson).unwrap();
+    let _up = node_upstream(
+        &w,
+        "127.0.0.2",
+        9443,
+        Some(&pki),
+        &["--files", files.to_str().unwrap()],
+    );
+    w.write_policies(&[("queries.cedar", QUERY_POLICIES)]);
+    w.write_config(&format!(
+        "{}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
+        w.agent_section(""),
+        pki.ca.display()
+    ));
+    w.start_agent(false);
     let urls = [
         "/fhir/Patient/123",
         "/fhir/Patient/123/_history/2",
@@ -135,6 +195,8 @@ fn auditor_queries_answer_from_records_of_real_traffic() {
         "/fhir/Observation?patient=123&_count=500",
         "/fhir/Patient/$export",
         "/json?bytes=2000",
+        // Denied by test.no-coverage.
+        "/fhir/Coverage/9",
     ];
     for u in urls {
         let out = curl(&w, w.inside(), &format!("https://{UP}{u}"));
@@ -170,9 +232,15 @@ fn auditor_queries_answer_from_records_of_real_traffic() {
     let vars = |extra: &[(&'static str, String)]| -> Vec<(&'static str, String)> {
         range.iter().cloned().chain(extra.iter().cloned()).collect()
     };
-    let run = |file: &str, v: Vec<(&'static str, String)>| {
+    let run_all = |file: &str, v: Vec<(&'static str, String)>| {
         let borrowed: Vec<(&str, &str)> = v.iter().map(|(k, v)| (*k, v.as_str())).collect();
         duckdb_query(&records, file, &borrowed)
+    };
+    // The single-statement queries.
+    let run = |file: &str, v: Vec<(&'static str, String)>| {
+        let mut all = run_all(file, v);
+        assert_eq!(all.len(), 1, "{file} has one statement");
+        all.remove(0)
     };
 
     // Who accessed patient 123: the two path reads and the search naming it.
@@ -233,13 +301,46 @@ fn auditor_queries_answer_from_records_of_real_traffic() {
         "{rows:#?}"
     );
 
-    // Masking coverage folds patient pseudonyms into one endpoint per route.
-    let rows = run("masking_coverage.sql", vec![]);
+    // Masking coverage folds patient pseudonyms into one endpoint per route; the
+    // patient reads went out masked, the other endpoints did not.
+    let coverage = run_all("masking_coverage.sql", vec![]);
+    assert_eq!(coverage.len(), 2, "both statements of masking_coverage.sql");
+    let rows = &coverage[0];
     let patient = rows
         .iter()
         .find(|r| r["endpoint"] == "/fhir/Patient/{patient}")
         .unwrap_or_else(|| panic!("{rows:#?}"));
     assert_eq!(patient["responses"], 3);
+    assert_eq!(patient["masked_responses"], 3, "{patient}");
+    assert_eq!(
+        patient["profiles"],
+        serde_json::json!(["safe_harbor"]),
+        "{patient}"
+    );
+    let json = rows
+        .iter()
+        .find(|r| r["endpoint"] == "/json")
+        .unwrap_or_else(|| panic!("{rows:#?}"));
+    assert_eq!(json["masked_responses"], 0, "{json}");
+    let masked_total: f64 = rows
+        .iter()
+        .map(|r| r["values_masked"].as_f64().unwrap())
+        .sum();
+    assert!(masked_total > 0.0, "{rows:#?}");
+    // By entity type: the same values, split by what they were.
+    let by_entity = &coverage[1];
+    assert!(
+        by_entity.iter().any(|r| r["entity"] == "NAME"),
+        "{by_entity:#?}"
+    );
+    let entity_total: f64 = by_entity
+        .iter()
+        .map(|r| r["values_masked"].as_f64().unwrap())
+        .sum();
+    assert!(
+        entity_total >= masked_total,
+        "{by_entity:#?} vs {masked_total}"
+    );
 
     // Denials and approvals: every row the query returns is one, and it misses none.
     let all = w.records("requests");
@@ -247,36 +348,57 @@ fn auditor_queries_answer_from_records_of_real_traffic() {
         .iter()
         .filter(|r| r["decision"] != "allow" || !r["approval_id"].is_null())
         .count();
+    assert!(expected >= 1, "the world made a denial: {all:#?}");
     let rows = run("decisions.sql", vars(&[]));
     assert_eq!(rows.len(), expected, "{rows:#?}");
-
-    // Off hours, computed independently from the records' timestamps (UTC).
-    let rows = run("off_hours.sql", vec![("tz", sql_text("UTC"))]);
-    let off = all
+    let denied = rows
         .iter()
-        .filter(|r| {
-            // RFC 3339 in UTC: 2026-11-23T10:01:50.917885Z
-            let t = r["start_time"].as_str().unwrap();
-            let num = |a: usize, b: usize| t[a..b].parse::<i64>().unwrap();
-            let hour = num(11, 13);
-            let days = days_from_civil(num(0, 4), num(5, 7), num(8, 10));
-            // 1970-01-01 was a Thursday (isodow 4).
-            let dow = (days + 3).rem_euclid(7) + 1;
-            !(7..=18).contains(&hour) || dow >= 6
-        })
-        .count();
-    assert_eq!(rows.len(), off, "{rows:#?}");
+        .find(|r| r["path"] == "/fhir/Coverage/9")
+        .unwrap_or_else(|| panic!("the Coverage denial: {rows:#?}"));
+    assert_eq!(denied["decision"], "deny");
+    assert_eq!(denied["status"], 403);
+    assert!(
+        denied["policy_ids"]
+            .to_string()
+            .contains("test.no-coverage"),
+        "{denied}"
+    );
+
+    // Off hours, in a zone where it is now 03:00 (every request is off hours) and in
+    // one where it is noon (only weekends are), computed independently from the
+    // records' timestamps.
+    for hour in [3u8, 12] {
+        let tz = timezone_at(hour);
+        let rows = run("off_hours.sql", vec![("tz", sql_text(&tz))]);
+        let offset = time::UtcOffset::from_hms(utc_offset_hours(&tz), 0, 0).unwrap();
+        let off = all
+            .iter()
+            .filter(|r| {
+                let t = r["start_time"].as_str().unwrap();
+                let local = time::OffsetDateTime::parse(t, &Rfc3339)
+                    .unwrap()
+                    .to_offset(offset);
+                let weekend = matches!(
+                    local.weekday(),
+                    time::Weekday::Saturday | time::Weekday::Sunday
+                );
+                !(7..=18).contains(&local.hour()) || weekend
+            })
+            .count();
+        if hour == 3 {
+            assert_eq!(off, all.len(), "at 03:00 every request is off hours");
+        }
+        assert_eq!(rows.len(), off, "{tz}: {rows:#?}");
+    }
 }
 
-/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// Hours east of UTC of a `timezone_at` zone (`Etc/GMT-5` is UTC+5).
+fn utc_offset_hours(tz: &str) -> i8 {
+    match tz.strip_prefix("Etc/GMT") {
+        Some("") => 0,
+        Some(n) => -n.parse::<i8>().unwrap(),
+        None => panic!("not an Etc/GMT zone: {tz}"),
+    }
 }
 
 fn time_today() -> String {

@@ -415,3 +415,41 @@ fn fail_mode_changes_on_reload_without_a_restart() {
     );
     assert_eq!(up.connections(), 1);
 }
+
+/// The connection maps hold an entry only while its connection is being handed over:
+/// after redirected connections close, neither the by-cookie nor the by-peer map
+/// keeps one (released on socket release, taken on accept).
+#[test]
+fn map_entries_go_with_their_sockets() {
+    let mut w = tcp_world("maps", "", "\"127.0.0.2:9443\"");
+    let _up = CountingServer::start(&w.netns, UP, "served");
+    w.start_agent(false);
+    for _ in 0..20 {
+        assert_eq!(
+            stdout(&curl(w.inside(), "http://127.0.0.2:9443/")),
+            "served"
+        );
+    }
+    w.wait_records("connections", 20);
+    let t = std::time::Instant::now();
+    loop {
+        let v = w.status();
+        let (cookie, peer) = (&v["ebpf_maps"]["by_cookie"], &v["ebpf_maps"]["by_peer"]);
+        if cookie == 0 && peer == 0 {
+            assert!(
+                v["ebpf_counters"]["released"].as_u64().unwrap() >= 20,
+                "{v}"
+            );
+            assert!(
+                v["ebpf_counters"]["established"].as_u64().unwrap() >= 20,
+                "{v}"
+            );
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "entries outlived their connections: by_cookie {cookie}, by_peer {peer}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
