@@ -504,7 +504,7 @@ impl PolicySet {
                 (a.clone(), groups)
             })
             .collect();
-        let ps = PolicySet {
+        let mut ps = PolicySet {
             index: index::Index::new(&set, action_groups),
             policies: set,
             schema,
@@ -517,7 +517,6 @@ impl PolicySet {
             authorizer: Authorizer::new(),
             workload_unknown: true,
         };
-        let mut ps = ps;
         if ps.check_request_shape().is_err() {
             ps.workload_unknown = false;
             if ps.check_request_shape().is_ok() {

@@ -400,10 +400,6 @@ impl DirectConnects {
         s.peers.clear();
         Some(message)
     }
-
-    pub fn total(&self) -> u64 {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).total
-    }
 }
 
 /// Accepted peers of a dual-stack socket may be v4-mapped; the maps key on plain v4.
