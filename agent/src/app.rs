@@ -570,7 +570,7 @@ pub fn build_pipeline(
                 .with_context(|| format!("destination `{}`: upstream trust roots", d.name))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let pseudonyms = Pseudonymizer::load_or_create(
+    let pseudonyms = crate::record::pseudonym::load_or_create(
         &config.agent.state_dir,
         config.records.patient_path_segments.clone(),
     )?

@@ -245,7 +245,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: AuditCommand::Pseudonym { config, value },
         } => {
             let config = Config::load(&config)?;
-            let p = crate::record::pseudonym::Pseudonymizer::load_or_create(
+            let p = crate::record::pseudonym::load_or_create(
                 &config.agent.state_dir,
                 config.records.patient_path_segments.clone(),
             )?;

@@ -921,7 +921,7 @@ impl Exchange {
         };
         loop {
             let step = match body.frame().await {
-                None => masker.finish(&mut out).map(|()| true),
+                None => crate::mask::finish_body(&mut masker, &mut out).map(|()| true),
                 Some(Err(e)) => {
                     let reason = format!("the upstream response body failed: {e}");
                     return self

@@ -157,7 +157,7 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     );
     let rec = &rows[0];
     // The patient id in the path is recorded only as its keyed pseudonym.
-    let pseudonyms = phigate::record::pseudonym::Pseudonymizer::load_or_create(
+    let pseudonyms = phigate::record::pseudonym::load_or_create(
         &dir.path().join("state"),
         vec!["Patient".into()],
     )

@@ -7,8 +7,8 @@
 use std::sync::{Arc, LazyLock};
 
 use libfuzzer_sys::fuzz_target;
-use phigate::mask::{BodyKind, BodyMasker, MaskContext, Profile, ProfileSet};
-use phigate::record::pseudonym::Pseudonymizer;
+use phigate_mask::pseudonym::Pseudonymizer;
+use phigate_mask::{BodyKind, BodyMasker, MaskContext, Profile, ProfileSet};
 
 static PROFILE: LazyLock<(Arc<Profile>, Arc<MaskContext>)> = LazyLock::new(|| {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");

@@ -10,6 +10,10 @@ use anyhow::bail;
 
 use crate::util::{exec, root_dir};
 
+/// Targets that fuzz the agent crate itself (feature `agent` of fuzz/Cargo.toml);
+/// the others need only the masking crate.
+const AGENT_TARGETS: [&str; 4] = ["config", "policy", "journal", "verify"];
+
 /// Every target, in fuzz/Cargo.toml.
 pub const TARGETS: [&str; 6] = [
     "mask_json",
@@ -62,6 +66,11 @@ pub fn run(target: Option<&str>, secs: u64, mode: Mode) -> anyhow::Result<()> {
                 &[][..]
             } else {
                 &["--sanitizer", "none"][..]
+            })
+            .args(if AGENT_TARGETS.contains(&t) {
+                &["--features", "agent"][..]
+            } else {
+                &[][..]
             })
             .arg(t)
             .arg(scratch.path())

@@ -126,7 +126,7 @@ where
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
                 Poll::Ready(None) => {
-                    if let Err(e) = this.masker.finish(&mut out) {
+                    if let Err(e) = super::finish_body(&mut this.masker, &mut out) {
                         return Poll::Ready(Some(Err(this.fail(e.to_string()))));
                     }
                     this.finished = true;

@@ -50,7 +50,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         .map(|c| c.agent.state_dir.join(KEY_FILE))
         .filter(|p| p.exists());
     let pseudonyms = match key_file {
-        Some(f) => Pseudonymizer::load_or_create(f.parent().unwrap_or(Path::new(".")), vec![])?,
+        Some(f) => {
+            crate::record::pseudonym::load_or_create(f.parent().unwrap_or(Path::new(".")), vec![])?
+        }
         None => {
             if !a.stats {
                 eprintln!("phigate mask: no pseudonym key on this host; pseudonyms use a key for this run only");

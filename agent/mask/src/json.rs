@@ -18,7 +18,7 @@ use memchr::memchr2;
 use super::path::PathDfa;
 use super::profile::Profile;
 use super::{Counts, MaskContext, MaskError, ScalarMasker};
-use crate::mask::ops::{Op, Scalar};
+use crate::ops::{Op, Scalar};
 
 #[derive(Debug, Clone, Copy)]
 struct Ctx {

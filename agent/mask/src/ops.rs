@@ -3,7 +3,7 @@
 //! Every operator is idempotent (masking masked output changes nothing) and never
 //! returns the value it was given unless that value is already in masked form.
 
-use crate::record::pseudonym::Pseudonymizer;
+use crate::pseudonym::Pseudonymizer;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {

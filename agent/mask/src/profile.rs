@@ -27,8 +27,9 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::Deserialize;
@@ -38,10 +39,42 @@ use toml::Spanned;
 use super::detect::{Detector, Detectors, BUILTIN};
 use super::ops::{Op, OP_NAMES, RESTRICTED_ZIP3};
 use super::path::{JsonPath, PathDfa, Selector};
-use crate::config::line_of;
 
-/// A profile error: file, line, field and why (the same shape as a config error).
-pub type ProfileError = crate::config::ConfigError;
+/// A profile error: file, line, field and why (printed as the agent prints a config
+/// error: `file:line: field: message`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProfileError {
+    pub file: PathBuf,
+    /// 1-based line, when the error has a location.
+    pub line: Option<usize>,
+    /// Dotted field path, e.g. `rule[2].op`.
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ProfileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ProfileError {}
+
+/// The 1-based line of byte `offset` in `text`.
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())]
+        .bytes()
+        .filter(|b| *b == b'\n')
+        .count()
+        + 1
+}
 
 /// A path rule.
 #[derive(Debug, Clone)]
@@ -756,7 +789,7 @@ op = "drop"
 
     #[test]
     fn the_shipped_profiles_are_valid() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
         let set = ProfileSet::load(&dir).unwrap_or_else(|e| panic!("{e}"));
         assert!(set.get("safe_harbor").is_some());
         assert!(set.get("minimum_necessary_billing").is_some());

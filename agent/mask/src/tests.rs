@@ -486,7 +486,7 @@ proptest! {
 }
 
 fn shipped(name: &str) -> Arc<Profile> {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
     ProfileSet::load(&dir).unwrap().get(name).unwrap().clone()
 }
 
