@@ -71,6 +71,8 @@ fn main() {
         path: "/fhir/Patient/123",
         query: &query,
         headers: &headers,
+        host: Some("patients.example.org"),
+        sni: Some("patients.example.org"),
         clock: Clock {
             hour: 14,
             minute: 30,

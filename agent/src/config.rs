@@ -9,6 +9,7 @@ pub use phigate_common::DEFAULT_AGENT_MARK;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
@@ -204,6 +205,9 @@ pub struct Destination {
     pub upstream_ca: Option<PathBuf>,
     /// SNI names not intercepted (certificate-pinning clients): passed as TCP, recorded uninspected.
     pub passthrough_hosts: Vec<String>,
+    /// The names this destination serves (lower case, `*.suffix` allowed): a request
+    /// for another Host / `:authority` is answered 421. Empty: any name.
+    pub hosts: Arc<[String]>,
     /// ALPN protocols offered to clients, in preference order (`h2`, `http/1.1`).
     pub alpn: Vec<String>,
     /// The masking profile (a file in `<policies_dir>/profiles`) applied to this
@@ -525,6 +529,7 @@ struct RawDestination {
     upstream_ca: Option<PathBuf>,
     #[serde(default)]
     passthrough_hosts: Vec<String>,
+    hosts: Option<Spanned<Vec<String>>>,
     alpn: Option<Spanned<Vec<String>>>,
     mask_profile: Option<Spanned<String>>,
 }
@@ -1101,6 +1106,46 @@ impl Config {
                     "only meaningful for protocol = \"https\" (a tcp destination is never intercepted)".into(),
                 ));
             }
+            let hosts: Arc<[String]> = match d.hosts {
+                None => Arc::from([]),
+                Some(h) => {
+                    let span = h.span();
+                    let field = format!("destinations[{i}].hosts");
+                    if d.protocol == Protocol::Tcp {
+                        return Err(err(
+                            Some(span),
+                            Some(field),
+                            "only meaningful for HTTP destinations (a tcp destination has no Host)"
+                                .into(),
+                        ));
+                    }
+                    let mut names = Vec::new();
+                    for name in h.into_inner() {
+                        let name = name.to_ascii_lowercase();
+                        let bare = name.strip_prefix("*.").unwrap_or(&name);
+                        if bare.is_empty()
+                            || bare.contains('*')
+                            || http::uri::Authority::try_from(bare)
+                                .map_or(true, |a| a.port().is_some() || a.host() != bare)
+                        {
+                            return Err(err(
+                                Some(span.clone()),
+                                Some(field),
+                                format!("`{name}` is not a host name (a name, or `*.` and a name)"),
+                            ));
+                        }
+                        names.push(name);
+                    }
+                    if names.is_empty() {
+                        return Err(err(
+                            Some(span),
+                            Some(field),
+                            "must list at least one name (leave it out to serve any)".into(),
+                        ));
+                    }
+                    names.into()
+                }
+            };
             let upstream_ca = d.upstream_ca.map(resolve);
             destinations.push(Destination {
                 name,
@@ -1112,6 +1157,7 @@ impl Config {
                     .into_iter()
                     .map(|h| h.to_ascii_lowercase())
                     .collect(),
+                hosts,
                 alpn,
                 mask_profile: match d.mask_profile {
                     None => None,
@@ -1485,5 +1531,36 @@ protocol = "tcp"
         .unwrap();
         let e = parse(&v4_only.replace("[fd00::1]:443", "[64:ff9b::a00:1]:443")).unwrap_err();
         assert!(e.message.contains("10.0.0.1:443"), "{e}");
+    }
+
+    #[test]
+    fn destination_hosts_are_names_and_only_for_http() {
+        let dest = |extra: &str, protocol: &str| {
+            parse(&format!(
+                "[[destinations]]\nname = \"a\"\nprotocol = \"{protocol}\"\naddresses = [\"127.0.0.2:443\"]\n{extra}\n"
+            ))
+        };
+        let c = dest("hosts = [\"API.test\", \"*.fhir.test\"]", "https").unwrap();
+        assert_eq!(&*c.destinations[0].hosts, ["api.test", "*.fhir.test"]);
+        assert!(dest("", "https").unwrap().destinations[0].hosts.is_empty());
+        for bad in [
+            "\"a b\"",
+            "\"api.test:443\"",
+            "\"*\"",
+            "\"a.*.test\"",
+            "\"\"",
+        ] {
+            let e = dest(&format!("hosts = [{bad}]"), "https").unwrap_err();
+            assert_eq!(
+                e.key.as_deref(),
+                Some("destinations[0].hosts"),
+                "{bad}: {e}"
+            );
+            assert_eq!(e.line, Some(5), "{bad}: {e}");
+        }
+        let e = dest("hosts = []", "https").unwrap_err();
+        assert!(e.message.contains("at least one"), "{e}");
+        let e = dest("hosts = [\"a.test\"]", "tcp").unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("destinations[0].hosts"));
     }
 }

@@ -1,6 +1,6 @@
 //! One HTTP request's path through phigate, top to bottom:
 //!
-//! identify -> authorize -> approve -> forward -> mask -> record
+//! admit -> identify -> authorize -> approve -> forward -> mask -> record
 //!
 //! Each stage is a step of [`Pipeline::handle`]. A stage that refuses answers the
 //! client itself (JSON body, request id) and the refusal is recorded like any other
@@ -53,6 +53,10 @@ pub struct ConnContext {
     pub client_addr: SocketAddr,
     pub workload: Arc<Workload>,
     pub tls: Option<ClientTls>,
+    /// The names the destination serves (`hosts`); empty: any.
+    pub hosts: Arc<[String]>,
+    /// What bounds the connection, for a tunnel that outlives its request.
+    pub tunnel_bounds: TunnelBounds,
     /// Requests seen on this connection.
     pub requests: AtomicU64,
     /// Requests not yet recorded: a connection waiting on its upstream is not idle.
@@ -60,6 +64,14 @@ pub struct ConnContext {
     /// The accesses the policies granted on this connection; a new policy set that
     /// no longer allows one of them closes the connection.
     pub grants: Arc<crate::policy::revoke::Grants>,
+}
+
+/// The connection's bounds, kept by an upgraded tunnel as by any connection: its
+/// idle timeout, its maximum lifetime, and the agent's drain.
+pub struct TunnelBounds {
+    pub idle: Duration,
+    pub lifetime_end: tokio::time::Instant,
+    pub drain: tokio_util::sync::CancellationToken,
 }
 
 /// The masking profiles in force and which one applies where.
@@ -129,9 +141,20 @@ impl Pipeline {
                 .await);
         }
 
-        // 1. identify: the caller is the kernel-attested workload of the connection,
+        // 1. admit: one reading of the request (one credential, one host, one
+        //    method), for the host the connection was made for.
+        let expect = crate::http::admit::Expect {
+            sni: conn.tls.as_ref().and_then(|t| t.sni.as_deref()),
+            hosts: &conn.hosts,
+        };
+        let host = match crate::http::admit::admit(&req, expect) {
+            Ok(h) => h,
+            Err(r) => return Ok(ex.answer(r.status(), r.reason(), r.message()).await),
+        };
+
+        // 2. identify: the caller is the kernel-attested workload of the connection,
         //    plus the OIDC identity of a valid bearer token (the token is never kept).
-        // 2. authorize: the policy set decides; deny by default.
+        // 3. authorize: the policy set decides; deny by default.
         let gate = self.gate.load_full();
         let verdict = match gate
             .check(
@@ -142,6 +165,8 @@ impl Pipeline {
                     path: req.uri().path(),
                     query: req.uri().query(),
                     headers: req.headers(),
+                    host: host.as_deref(),
+                    sni: expect.sni,
                     has_approval: false,
                 },
                 None,
@@ -179,7 +204,7 @@ impl Pipeline {
                 return Ok(ex.deny(&d).await);
             }
         }
-        // 3. approve: a permit naming an approval rule holds (or refuses) the request
+        // 4. approve: a permit naming an approval rule holds (or refuses) the request
         //    until reviewers approve this exact request.
         let mut req = req.map(boxed);
         if let Some(rule) = decision.approval_rule.clone() {
@@ -190,7 +215,7 @@ impl Pipeline {
             }
         }
 
-        // 4. forward (unless a new policy set revoked this connection meanwhile, e.g.
+        // 5. forward (unless a new policy set revoked this connection meanwhile, e.g.
         //    while the request was held for approval)
         if conn.grants.is_revoked() {
             let why = conn.grants.reason().map(ToString::to_string);
@@ -228,8 +253,36 @@ impl Pipeline {
             }
         };
         let profile = self.mask_profile_for(&conn, &verdict.decision);
+        if upgrade {
+            // What follows a switch of protocols is a tunnel: an UPGRADE passage of
+            // its own, and never under masking (its bytes cannot be read).
+            if profile.is_some() {
+                return Ok(ex
+                    .answer(
+                        StatusCode::FORBIDDEN,
+                        "upgrade_refused",
+                        "a protocol upgrade carries bytes that masking cannot read; refused under a masking obligation",
+                    )
+                    .await);
+            }
+            let gate = self.gate.load_full();
+            let d = gate.check_upgrade(&conn.workload, &conn.destination, &verdict.access);
+            if !d.allowed {
+                ex.authorized(
+                    &crate::policy::gate::Verdict {
+                        decision: d.clone(),
+                        access: verdict.access.clone(),
+                    },
+                    gate.policies.hash(),
+                );
+                return Ok(ex.deny(&d).await);
+            }
+        }
         let (mut parts, body) = req.into_parts();
         strip_hop_by_hop(&mut parts.headers, upgrade);
+        if profile.is_some() {
+            crate::http::admit::strip_ranges(&mut parts.headers);
+        }
         let authority = ex
             .record
             .authority
@@ -314,7 +367,7 @@ impl Pipeline {
             }
         }
 
-        // 5. mask: the profile chosen for this request rewrites headers and body.
+        // 6. mask: the profile chosen for this request rewrites headers and body.
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
         if let Some(profile) = profile {
@@ -323,7 +376,7 @@ impl Pipeline {
                 .await);
         }
 
-        // 6. record: written when the last byte of the response has passed; the end of
+        // 7. record: written when the last byte of the response has passed; the end of
         //    the response is released only once the record is durable.
         Ok(ex.stream_response(parts, body).await)
     }
@@ -790,33 +843,41 @@ impl Exchange {
         let mut ex = self;
         let grants = ex.conn.grants.clone();
         tokio::spawn(async move {
+            // The tunnel's own meter: its bytes (plaintext, each way) and its clock
+            // for the idle timeout.
+            let meter = crate::proxy::io::Meter::new(std::time::Instant::now());
             let relay = async {
                 let (c, u) = tokio::try_join!(client, upstream)?;
-                let mut c = hyper_util::rt::TokioIo::new(c);
+                let mut c = crate::proxy::io::Metered::new(
+                    hyper_util::rt::TokioIo::new(c),
+                    Arc::clone(&meter),
+                );
                 let mut u = hyper_util::rt::TokioIo::new(u);
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                     tokio::io::copy_bidirectional(&mut c, &mut u).await?,
                 )
             };
-            // A tunnel outlives its request: a new policy set that revokes the
-            // connection closes the tunnel too.
-            let result = tokio::select! {
-                r = relay => Some(r),
-                _ = grants.revoked().cancelled() => None,
+            // A tunnel outlives its request, not its connection's bounds: idle,
+            // lifetime, drain, and a new policy set that revokes the connection.
+            let bounds = &ex.conn.tunnel_bounds;
+            let ended = tokio::select! {
+                r = relay => match r {
+                    Ok(_) => None,
+                    Err(e) => Some(("upgrade_failed", Some(e.to_string()))),
+                },
+                _ = grants.revoked().cancelled() => {
+                    Some(("revoked", grants.reason().map(ToString::to_string)))
+                }
+                _ = meter.idle_for(bounds.idle) => Some(("idle_timeout", None)),
+                _ = tokio::time::sleep_until(bounds.lifetime_end) => Some(("lifetime_exceeded", None)),
+                _ = bounds.drain.cancelled() => Some(("drained", None)),
             };
-            match result {
-                Some(Ok((up, down))) => {
-                    ex.request_bytes.fetch_add(up, Ordering::Relaxed);
-                    ex.record.response_bytes = down;
-                }
-                Some(Err(e)) => {
-                    ex.record.outcome = "upgrade_failed";
-                    ex.record.error = Some(e.to_string());
-                }
-                None => {
-                    ex.record.outcome = "revoked";
-                    ex.record.error = grants.reason().map(ToString::to_string);
-                }
+            // The tunnel's bytes, whichever way it ended.
+            ex.request_bytes.fetch_add(meter.up(), Ordering::Relaxed);
+            ex.record.response_bytes = meter.down();
+            if let Some((outcome, error)) = ended {
+                ex.record.outcome = outcome;
+                ex.record.error = error;
             }
             drop(ex.write());
         });
@@ -843,6 +904,17 @@ impl Exchange {
             &mut header_counts,
         );
         self.record.masking_counts = header_counts.by_entity(&profile);
+        // Range headers were removed before forwarding: a 206 is a part of a
+        // document that would be masked as a whole document of its own.
+        if parts.status == StatusCode::PARTIAL_CONTENT {
+            return self
+                .answer(
+                    StatusCode::BAD_GATEWAY,
+                    "masking_failed",
+                    "the upstream answered with part of a document (206), which cannot be masked",
+                )
+                .await;
+        }
         if http_body::Body::is_end_stream(&body) {
             return self.stream_response(parts, body).await;
         }
@@ -910,11 +982,12 @@ impl Exchange {
         self.mask_report = Some(report.clone());
         let mut out = Vec::new();
         let mut raw = profile.pass_unparsable.then(Vec::new);
-        // Bodies up to buffer_bytes are masked whole. A larger one is still held
-        // until its first STREAM_HEAD_BYTES are masked, so that a body that is not
-        // what it claims (an error page, a hostile nesting) is answered with a 502
-        // rather than a response cut short.
-        let hold = if announced.is_none_or(|n| n <= settings.buffer_bytes as u64) {
+        // Bodies announced to fit buffer_bytes are masked whole. Any other (larger,
+        // or of unknown length) is still held until its first STREAM_HEAD_BYTES
+        // are masked, so that a body that is not what it claims (an error page, a
+        // hostile nesting) is answered with a 502 rather than a response cut short;
+        // a short body without a length still ends within that head, whole.
+        let hold = if announced.is_some_and(|n| n <= settings.buffer_bytes as u64) {
             settings.buffer_bytes
         } else {
             settings.buffer_bytes.min(STREAM_HEAD_BYTES)

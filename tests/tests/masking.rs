@@ -17,7 +17,15 @@ struct Masked {
     identifiers: Vec<String>,
 }
 
+/// The masking world with this test file's small buffer.
 fn start(tag: &str) -> Masked {
+    start_with(
+        tag,
+        "[masking]\nbuffer_bytes = 16384\nrecord_body_bytes = 1000000\n",
+    )
+}
+
+fn start_with(tag: &str, masking_section: &str) -> Masked {
     let mut w = World::new(tag);
     let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
     // The data: a Bundle, a bulk export, one Patient, a text file.
@@ -62,9 +70,9 @@ fn start(tag: &str) -> Masked {
         Some(&pki),
         &["--files", files.to_str().unwrap()],
     );
-    // A small buffer: the Bundle and the export stream, the Patient is buffered.
+    // With the small buffer: the Bundle and the export stream, the Patient is buffered.
     w.write_config(&format!(
-        "{}\n[masking]\nbuffer_bytes = 16384\nrecord_body_bytes = 1000000\n\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\nmask_profile = \"safe_harbor\"\n",
+        "{}\n{masking_section}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\nmask_profile = \"safe_harbor\"\n",
         w.agent_section(""),
         pki.ca.display()
     ));
@@ -192,4 +200,47 @@ for table in ["requests", "connections", "events"]:
     );
     assert!(rows.lines().count() >= cases.len() + 2);
     assert_no_identifier(&m, "records", &rows);
+}
+
+/// At default settings, a masked body of unknown length (chunked) is held only for
+/// its first 64 KiB of masked output, as docs/masking.md says: the client has the
+/// head while the upstream is still pausing, and the agent's memory stays bounded
+/// over a 48 MiB NDJSON stream.
+#[test]
+fn a_masked_stream_without_a_length_is_held_only_for_its_head() {
+    require_root();
+    let m = start_with("mask-hold", "");
+    let big = m.w.path("files/big.ndjson");
+    let mut f = std::io::BufWriter::new(std::fs::File::create(big).unwrap());
+    fhir::ndjson_of_size(43, 48 << 20, &mut f).unwrap();
+    drop(f);
+    let pid = m.w.agent_pid();
+    let before = peak_rss_kib(pid);
+    let url = format!("https://{UP}/files/big.ndjson?chunked=1&pause_after=1048576&pause_ms=3000");
+    let (out, headers) = curl(
+        &m,
+        &[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{time_starttransfer} %{time_total} %{size_download}",
+            &url,
+        ],
+    );
+    let f: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(f.first(), Some(&"200"), "{out} {headers}");
+    let first: f64 = f[1].parse().unwrap();
+    let total: f64 = f[2].parse().unwrap();
+    let size: u64 = f[3].parse().unwrap();
+    assert!(total >= 3.0, "the upstream paused 3 s: {out}");
+    assert!(
+        first < 2.0,
+        "the first byte waited for more than the head (held {first} s of a {total} s transfer)"
+    );
+    assert!(size > 40 << 20, "{out}");
+    let grown = peak_rss_kib(pid).saturating_sub(before);
+    assert!(
+        grown < 32 << 10,
+        "the agent's peak memory grew by {grown} KiB streaming 48 MiB"
+    );
 }

@@ -330,6 +330,19 @@ fn tokens_from_a_real_provider_decide_per_group_and_reason() {
     assert_eq!(body["error"], "forbidden");
     assert_eq!(body["reason"], "no_permit");
     assert_eq!(body["policy_ids"], serde_json::json!([]));
+    // The shipped set cannot be widened: an operation, a search that pulls in other
+    // resources, or a longer name is not a read of /fhir/Patient/*.
+    for path in [
+        "/fhir/Patient/$export",
+        "/fhir/Patient/123/$everything",
+        "/fhir/Patient?_revinclude=Observation:patient",
+        "/fhir/Patient?_include:iterate=Patient:link",
+        "/fhir/Patient?_has:Observation:patient:code=1234",
+        "/fhir/PatientSecrets",
+    ] {
+        let (code, body) = e.get(Some(&clin), path, None);
+        assert_eq!(code, 403, "clinician {path}: {body}");
+    }
     assert!(body["request_id"].as_str().is_some_and(|s| !s.is_empty()));
     let (code, body) = e.get(Some(&clin), "/fhir//Patient/../Coverage/7", None);
     assert_eq!((code, body["reason"].as_str()), (403, Some("no_permit")));

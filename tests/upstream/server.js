@@ -15,7 +15,10 @@
 //   GET  /files/NAME       a file of --files DIR; content type by extension (.json:
 //                          application/fhir+json, .ndjson: application/fhir+ndjson,
 //                          else text/plain); ?gzip=1 / ?br=1 encoded; ?chunked=1
-//                          without content-length; etag "v1"
+//                          without content-length; etag "v1"; `Range: bytes=A-B`
+//                          answered 206 with that slice (as static file servers do),
+//                          and ?partial=A-B answers 206 whatever the request says;
+//                          ?chunked=1&pause_after=N&pause_ms=M pauses after N bytes
 //   Upgrade: websocket-ish  101, then echoes bytes back
 // Every response carries x-upstream-proto (h2 | http/1.1) and x-upstream-conn (a
 // per-connection id, to check keep-alive reuse).
@@ -158,10 +161,29 @@ function handler(req, res) {
       body = require('zlib').brotliCompressSync(body);
       res.setHeader('content-encoding', 'br');
     }
+    const range = /^bytes=(\d+)-(\d+)$/.exec(url.searchParams.get('partial') ? 'bytes=' + url.searchParams.get('partial') : (req.headers.range || ''));
+    if (range) {
+      const start = Number(range[1]);
+      const end = Math.min(Number(range[2]), body.length - 1);
+      res.statusCode = 206;
+      res.setHeader('content-range', `bytes ${start}-${end}/${body.length}`);
+      res.setHeader('x-upstream-range', req.headers.range || '');
+      body = body.subarray(start, end + 1);
+    }
     if (url.searchParams.get('chunked')) {
-      // Several writes, no length: the body streams.
-      for (let i = 0; i < body.length; i += 7919) res.write(body.subarray(i, i + 7919));
-      res.end();
+      // Several writes, no length: the body streams. ?pause_after=N&pause_ms=M:
+      // the first N bytes, then M ms of nothing, then the rest.
+      const pauseAfter = q('pause_after', 0);
+      const write = (from, to) => {
+        for (let i = from; i < to; i += 7919) res.write(body.subarray(i, Math.min(i + 7919, to)));
+      };
+      if (pauseAfter > 0) {
+        write(0, Math.min(pauseAfter, body.length));
+        setTimeout(() => { write(Math.min(pauseAfter, body.length), body.length); res.end(); }, q('pause_ms', 1000));
+      } else {
+        write(0, body.length);
+        res.end();
+      }
     } else {
       res.setHeader('content-length', body.length);
       res.end(body);
@@ -181,7 +203,13 @@ function handler(req, res) {
 }
 
 function onUpgrade(req, socket, head) {
-  socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: ' + (req.headers.upgrade || 'echo') + '\r\nConnection: Upgrade\r\n\r\n');
+  // A WebSocket client checks the handshake (RFC 6455 4.2.2); then every byte is
+  // echoed back as it came (a client's masked frame returns masked).
+  const key = req.headers['sec-websocket-key'];
+  const accept = key
+    ? 'Sec-WebSocket-Accept: ' + crypto.createHash('sha1').update(key + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11').digest('base64') + '\r\n'
+    : '';
+  socket.write('HTTP/1.1 101 Switching Protocols\r\nUpgrade: ' + (req.headers.upgrade || 'echo') + '\r\nConnection: Upgrade\r\n' + accept + '\r\n');
   if (head && head.length) socket.write(head);
   socket.pipe(socket);
 }

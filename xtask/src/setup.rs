@@ -32,6 +32,8 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     // DuckDB hands TIMESTAMP WITH TIME ZONE values to Python through pytz.
     ("pytz", "pytz"),
     ("selenium", "selenium"),
+    // A real WebSocket client for the upgrade tests.
+    ("websocket", "websocket-client"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

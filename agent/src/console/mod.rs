@@ -3,12 +3,15 @@
 //! with a reason, and look back at recent decisions.
 //!
 //! Security: the certificate is minted from phigate's local CA; accounts are local,
-//! with Argon2id password hashes in a 0600 file; sessions are random 256-bit tokens in
-//! `HttpOnly; Secure; SameSite=Strict` cookies that expire after 15 idle minutes;
+//! with Argon2id password hashes in a 0600 file, checked at most two at a time and
+//! behind a backoff per account and per address ([`guard`]); sessions are random
+//! 256-bit tokens in `__Host-` `HttpOnly; Secure; SameSite=Strict` cookies that end
+//! after 15 idle minutes or 8 hours in all;
 //! every form carries the session's CSRF token and the Origin is checked; URLs carry
 //! only approval ids, never PHI; pages are `no-store` with a strict CSP.
 
 pub mod accounts;
+pub mod guard;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -28,12 +31,17 @@ use crate::approval::{Approval, Approvals, Reviewer, State, Verdict};
 use crate::tls::{LeafMinter, LeafName};
 use accounts::Accounts;
 
-const COOKIE: &str = "phigate_console";
+/// `__Host-`: the browser keeps it only if Secure, for this host, for path `/`, so
+/// no other site or subdomain can plant or shadow it.
+const COOKIE: &str = "__Host-phigate_console";
 const IDLE: Duration = Duration::from_secs(15 * 60);
+/// A session ends this long after sign-in, however active.
+const ABSOLUTE: Duration = Duration::from_secs(8 * 3600);
 
 struct Session {
     reviewer: Reviewer,
     csrf: String,
+    started: Instant,
     last_seen: Instant,
 }
 
@@ -41,6 +49,7 @@ pub struct Console {
     approvals: Arc<Approvals>,
     accounts: Accounts,
     sessions: Mutex<HashMap<String, Session>>,
+    sign_in: guard::SignInGuard,
     /// `https://host:port`, for the Origin check.
     origin: String,
 }
@@ -51,6 +60,7 @@ impl Console {
             approvals,
             accounts,
             sessions: Mutex::new(HashMap::new()),
+            sign_in: guard::SignInGuard::default(),
             origin,
         }
     }
@@ -208,6 +218,28 @@ impl Console {
         }
         let name = form.fields.get("username").cloned().unwrap_or_default();
         let password = form.fields.get("password").cloned().unwrap_or_default();
+        let permit = match self.sign_in.admit(&name, peer.ip()) {
+            Ok(p) => p,
+            Err(refused) => {
+                warn!(user = %name, peer = %peer, ?refused, "console sign-in not checked");
+                let (status, text, retry) = match refused {
+                    guard::Refused::Busy => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many sign-ins at once; try again in a moment",
+                        1,
+                    ),
+                    guard::Refused::Backoff(d) => (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many failed sign-ins; wait before trying again",
+                        d.as_secs().max(1),
+                    ),
+                };
+                let mut r = with_status(page("Sign in", &login_form(Some(text)), None), status);
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry));
+                return r;
+            }
+        };
         let verified = {
             let accounts = self.accounts.clone();
             let (n, p) = (name.clone(), password);
@@ -216,7 +248,9 @@ impl Console {
                 .ok()
                 .flatten()
         };
+        drop(permit);
         let Some(groups) = verified else {
+            self.sign_in.failed(&name, peer.ip());
             warn!(user = %name, peer = %peer, "console login failed");
             // Slows guessing; the same for unknown users and wrong passwords.
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -229,6 +263,7 @@ impl Console {
                 StatusCode::UNAUTHORIZED,
             );
         };
+        self.sign_in.succeeded(&name);
         info!(user = %name, peer = %peer, "console login");
         let token = random_token();
         self.lock().insert(
@@ -240,6 +275,7 @@ impl Console {
                     via: "console",
                 },
                 csrf: random_token(),
+                started: Instant::now(),
                 last_seen: Instant::now(),
             },
         );
@@ -268,7 +304,7 @@ impl Console {
             .find(|(k, _)| *k == COOKIE)
             .map(|(_, v)| v.to_owned())?;
         let mut sessions = self.lock();
-        sessions.retain(|_, s| s.last_seen.elapsed() < IDLE);
+        sessions.retain(|_, s| s.last_seen.elapsed() < IDLE && s.started.elapsed() < ABSOLUTE);
         let s = sessions.get_mut(&token)?;
         s.last_seen = Instant::now();
         Some((token, s.csrf.clone()))
@@ -573,7 +609,7 @@ fn clear_cookie(r: &mut Response<Full<Bytes>>) {
     r.headers_mut().insert(
         header::SET_COOKIE,
         HeaderValue::from_static(
-            "phigate_console=; Path=/; Max-Age=0; HttpOnly; Secure; SameSite=Strict",
+            "__Host-phigate_console=; Path=/; Max-Age=0; HttpOnly; Secure; SameSite=Strict",
         ),
     );
 }

@@ -2,6 +2,7 @@
 //! every request going through the [`crate::pipeline::Pipeline`], bounded by the
 //! connection timeouts.
 
+pub mod admit;
 pub mod body;
 pub mod forward;
 pub mod outbound;

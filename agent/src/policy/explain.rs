@@ -132,6 +132,16 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let clock = args.at.as_deref().map(parse_at).transpose()?;
+    // The URL's host is the request's authority; a client of an https URL names it
+    // in its SNI too (never an address).
+    let host = uri.host().map(|h| {
+        h.trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_ascii_lowercase()
+    });
+    let sni = host
+        .clone()
+        .filter(|h| uri.scheme_str() == Some("https") && h.parse::<IpAddr>().is_err());
 
     // No redirect is attached here: plain sockets (explain runs outside the
     // protected cgroup, as an operator's command).
@@ -150,6 +160,8 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
                 path: uri.path(),
                 query: uri.query(),
                 headers: &headers,
+                host: host.as_deref(),
+                sni: sni.as_deref(),
                 has_approval: args.approved,
             },
             clock,

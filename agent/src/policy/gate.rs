@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use http::HeaderMap;
 
 use super::normalize::{normalize_path, parse_query};
-use super::{AccessRequest, Clock, Decision, PolicySet};
+use super::{AccessRequest, Clock, Decision, Passage, PolicySet};
 use crate::config::Config;
 use crate::identity::oidc::TokenValidator;
 use crate::identity::token::{TokenError, TokenIdentity};
@@ -43,12 +43,15 @@ pub struct Access {
     pub headers: Vec<(String, String)>,
     /// The validated token, or why there is none.
     pub token: Result<TokenIdentity, TokenError>,
+    /// The host the request named and the connection's SNI.
+    pub host: Option<String>,
+    pub sni: Option<String>,
     pub has_approval: bool,
 }
 
 /// The request target cannot be normalized: answered 400.
 #[derive(Debug, thiserror::Error)]
-#[error("the request path is not a valid origin-form path")]
+#[error("the request path is not a valid origin-form path, or a segment of it hides a dot segment from some server (`..;`, `%2F..`)")]
 pub struct BadPath;
 
 /// One request, as the authorize stage sees it.
@@ -59,6 +62,9 @@ pub struct Subject<'a> {
     pub path: &'a str,
     pub query: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// The host the request names (lower case, no port), checked by admission.
+    pub host: Option<&'a str>,
+    pub sni: Option<&'a str>,
     pub has_approval: bool,
 }
 
@@ -102,6 +108,8 @@ impl Gatekeeper {
             query,
             headers,
             token,
+            host: s.host.map(str::to_owned),
+            sni: s.sni.map(str::to_owned),
             has_approval: s.has_approval,
         };
         let decision = self.decide(
@@ -130,8 +138,50 @@ impl Gatekeeper {
         self.decide(workload, destination, &access, Clock::now(&self.tz))
     }
 
-    fn decide(&self, workload: &Workload, destination: &str, a: &Access, clock: Clock) -> Decision {
-        self.policies.decide(&AccessRequest {
+    /// Decides a connection phigate will not inspect (`Passage::Tcp`, with no token,
+    /// method or path: only who connects where, and the SNI of a tunnel).
+    pub fn check_connection(
+        &self,
+        workload: &Workload,
+        destination: &str,
+        passage: Passage,
+        sni: Option<&str>,
+    ) -> Decision {
+        self.policies.decide_passage(
+            &AccessRequest {
+                workload,
+                token: None,
+                token_error: Some(TokenError::Missing),
+                destination,
+                method: "",
+                path: "",
+                query: &[],
+                headers: &[],
+                host: None,
+                sni,
+                clock: Clock::now(&self.tz),
+                has_approval: false,
+            },
+            passage,
+        )
+    }
+
+    /// Decides the upgrade a request allowed as its method asks for.
+    pub fn check_upgrade(&self, workload: &Workload, destination: &str, a: &Access) -> Decision {
+        self.policies.decide_passage(
+            &self.access_request(workload, destination, a, Clock::now(&self.tz)),
+            Passage::Upgrade,
+        )
+    }
+
+    fn access_request<'a>(
+        &self,
+        workload: &'a Workload,
+        destination: &'a str,
+        a: &'a Access,
+        clock: Clock,
+    ) -> AccessRequest<'a> {
+        AccessRequest {
             workload,
             token: a.token.as_ref().ok(),
             token_error: a.token.as_ref().err().copied(),
@@ -140,8 +190,15 @@ impl Gatekeeper {
             path: &a.path,
             query: &a.query,
             headers: &a.headers,
+            host: a.host.as_deref(),
+            sni: a.sni.as_deref(),
             clock,
             has_approval: a.has_approval,
-        })
+        }
+    }
+
+    fn decide(&self, workload: &Workload, destination: &str, a: &Access, clock: Clock) -> Decision {
+        self.policies
+            .decide(&self.access_request(workload, destination, a, clock))
     }
 }

@@ -40,6 +40,32 @@ pub const ANNOTATIONS: [&str; 5] = ["id", "description", "mask", "approval", "re
 /// The action a method outside the schema's actions maps to.
 pub const OTHER_ACTION: &str = "OTHER";
 
+/// What phigate passes besides HTTP requests: connections whose bytes it does not
+/// inspect, and a request's switch to another protocol. Each is a Cedar action of
+/// its own, outside `read`/`write`, so a set that does not name it denies it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passage {
+    /// A connection to a `tcp` destination.
+    Tcp,
+    /// A TLS connection relayed uninspected (its SNI is in `passthrough_hosts`).
+    Tunnel,
+    /// An HTTP/1.1 request switching protocols (WebSocket), once its method is
+    /// allowed: what follows is a tunnel.
+    Upgrade,
+}
+
+impl Passage {
+    pub const ALL: [Passage; 3] = [Passage::Tcp, Passage::Tunnel, Passage::Upgrade];
+
+    pub fn action(self) -> &'static str {
+        match self {
+            Passage::Tcp => "TCP",
+            Passage::Tunnel => "TUNNEL",
+            Passage::Upgrade => "UPGRADE",
+        }
+    }
+}
+
 const NS: &str = "Phigate";
 
 /// One problem in the policy directory, located.
@@ -119,6 +145,10 @@ pub struct AccessRequest<'a> {
     pub query: &'a [(String, String)],
     /// The configured request headers (lower-case names), every value.
     pub headers: &'a [(String, String)],
+    /// The host the request names (Host / `:authority`; lower case, no port).
+    pub host: Option<&'a str>,
+    /// The SNI of the client's TLS handshake.
+    pub sni: Option<&'a str>,
     pub clock: Clock,
     pub has_approval: bool,
 }
@@ -211,9 +241,47 @@ pub struct PolicySet {
     authorizer: Authorizer,
     /// Which policies may apply to a request, so Cedar evaluates only those.
     index: index::Index,
-    /// Whether the schema declares `Workload.unknown` (schemas written before it do
-    /// not; their policies cannot name it, so it is left out rather than refused).
+    /// What of the request model the schema declares beyond the oldest shipped one.
+    features: SchemaFeatures,
+}
+
+/// Parts of the request model added after schemas were first shipped. A schema
+/// written before one does not declare it; its policies cannot name it, so it is
+/// left out of the requests (with a warning at load) rather than the set refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SchemaFeatures {
+    /// `Workload.unknown`.
     workload_unknown: bool,
+    /// `context.host` and `context.sni`.
+    authority: bool,
+}
+
+impl SchemaFeatures {
+    const ALL: SchemaFeatures = SchemaFeatures {
+        workload_unknown: true,
+        authority: true,
+    };
+
+    /// Every combination, the fullest first.
+    fn fallbacks() -> impl Iterator<Item = SchemaFeatures> {
+        [(true, true), (true, false), (false, true), (false, false)]
+            .into_iter()
+            .map(|(workload_unknown, authority)| SchemaFeatures {
+                workload_unknown,
+                authority,
+            })
+    }
+
+    fn missing(self) -> Vec<&'static str> {
+        let mut m = Vec::new();
+        if !self.workload_unknown {
+            m.push("Workload.unknown (policies cannot require identity facts)");
+        }
+        if !self.authority {
+            m.push("context.host and context.sni (policies cannot see the request's authority)");
+        }
+        m
+    }
 }
 
 impl fmt::Debug for PolicySet {
@@ -515,14 +583,27 @@ impl PolicySet {
             hash,
             dir: dir.to_owned(),
             authorizer: Authorizer::new(),
-            workload_unknown: true,
+            features: SchemaFeatures::ALL,
         };
         if ps.check_request_shape().is_err() {
-            ps.workload_unknown = false;
-            if ps.check_request_shape().is_ok() {
-                tracing::warn!(schema = %schema_path.display(), "the policy schema does not declare Workload.unknown: policies cannot require identity facts; update it from the shipped policies/schema.cedarschema");
-            } else {
-                ps.workload_unknown = true;
+            let fits = SchemaFeatures::fallbacks().skip(1).find(|f| {
+                ps.features = *f;
+                ps.check_request_shape().is_ok()
+            });
+            match fits {
+                Some(f) => {
+                    ps.features = f;
+                    for m in f.missing() {
+                        tracing::warn!(schema = %schema_path.display(), "the policy schema does not declare {m}; update it from the shipped policies/schema.cedarschema");
+                    }
+                }
+                // Report the errors of the full model.
+                None => ps.features = SchemaFeatures::ALL,
+            }
+        }
+        for p in Passage::ALL {
+            if !ps.action_names.contains(p.action()) {
+                tracing::warn!(schema = %schema_path.display(), "the policy schema declares no action \"{}\": every such passage is refused; update it from the shipped policies/schema.cedarschema", p.action());
             }
         }
         // The schema must describe the requests phigate builds, or policies would be
@@ -584,6 +665,8 @@ impl PolicySet {
             path: "/",
             query: &q,
             headers: &q,
+            host: Some("h"),
+            sni: Some("h"),
             clock: Clock {
                 hour: 0,
                 minute: 0,
@@ -596,7 +679,14 @@ impl PolicySet {
                 "it declares no action \"{OTHER_ACTION}\" (methods without an action of their own map to it)"
             ));
         }
-        let (_, entities) = self.cedar_request(&req, Some(&self.schema))?;
+        let (_, entities) =
+            self.cedar_request(&req, self.action_for(req.method), Some(&self.schema))?;
+        for p in Passage::ALL {
+            if self.action_names.contains(p.action()) {
+                self.cedar_request(&req, p.action(), Some(&self.schema))
+                    .map_err(|e| format!("action \"{}\": {e}", p.action()))?;
+            }
+        }
         Entities::from_entities(entities.iter().cloned(), Some(&self.schema))
             .map_err(|e| e.to_string())?;
         Ok(())
@@ -604,8 +694,12 @@ impl PolicySet {
 
     /// The schema action a method is asked as. Methods are case-sensitive (RFC 9110
     /// 9.1): `get` is not GET.
+    /// A method named like a passage (`TCP /x HTTP/1.1`) is no passage: OTHER.
     fn action_for<'m>(&self, method: &'m str) -> &'m str {
-        if self.action_names.contains(method) && method != OTHER_ACTION {
+        if self.action_names.contains(method)
+            && method != OTHER_ACTION
+            && !Passage::ALL.iter().any(|p| p.action() == method)
+        {
             method
         } else {
             OTHER_ACTION
@@ -616,6 +710,7 @@ impl PolicySet {
     fn cedar_request(
         &self,
         req: &AccessRequest<'_>,
+        action: &str,
         schema: Option<&Schema>,
     ) -> Result<(Request, Entities), String> {
         let w = req.workload;
@@ -648,7 +743,7 @@ impl PolicySet {
                 s(w.cgroup_path.as_ref().unwrap_or(&unknown)),
             ),
         ]);
-        if self.workload_unknown {
+        if self.features.workload_unknown {
             attrs.insert(
                 "unknown".into(),
                 RestrictedExpression::new_set(
@@ -701,6 +796,14 @@ impl PolicySet {
                 RestrictedExpression::new_bool(req.has_approval),
             ),
         ];
+        if self.features.authority {
+            if let Some(h) = req.host {
+                ctx.push(("host".into(), s(h)));
+            }
+            if let Some(n) = req.sni {
+                ctx.push(("sni".into(), s(n)));
+            }
+        }
         let mut entities = vec![workload, query, headers];
         if let Some(t) = req.token {
             let token = Entity::new_with_tags(
@@ -727,11 +830,10 @@ impl PolicySet {
             ));
             entities.push(token);
         }
-        let action = self.action_for(req.method).to_owned();
         let context = Context::from_pairs(ctx).map_err(|e| e.to_string())?;
         let request = Request::new(
             principal,
-            uid("Action", &action),
+            uid("Action", action),
             uid("Destination", req.destination),
             context,
             schema,
@@ -747,14 +849,37 @@ impl PolicySet {
 
     /// Decides one request. Deny by default; see the module docs for obligations.
     pub fn decide(&self, req: &AccessRequest<'_>) -> Decision {
-        let candidates = self.index.candidates(req, self.action_for(req.method));
-        self.decide_among(req, &candidates)
+        let action = self.action_for(req.method);
+        let candidates = self.index.candidates(req, action);
+        self.decide_among(req, action, &candidates)
+    }
+
+    /// Decides a passage: `req` describes the connection (no method or path for a
+    /// TCP or TUNNEL connection) or the request that asks to upgrade. A schema that
+    /// does not declare the passage's action cannot permit it: denied.
+    pub fn decide_passage(&self, req: &AccessRequest<'_>, passage: Passage) -> Decision {
+        let action = passage.action();
+        if !self.action_names.contains(action) {
+            return Decision {
+                allowed: false,
+                policy_ids: Vec::new(),
+                mask_profile: None,
+                approval_rule: None,
+                reason: Reason::NoPermit,
+                errors: vec![format!(
+                    "the policy schema declares no action \"{action}\" (see the shipped policies/schema.cedarschema)"
+                )],
+            };
+        }
+        let candidates = self.index.candidates(req, action);
+        self.decide_among(req, action, &candidates)
     }
 
     /// Decides with `policies`: the candidates for `req`, or (in tests) the whole set.
     fn decide_among(
         &self,
         req: &AccessRequest<'_>,
+        action: &str,
         policies: &cedar_policy::PolicySet,
     ) -> Decision {
         let deny = |reason: Reason, policy_ids: Vec<String>, errors: Vec<String>| Decision {
@@ -765,7 +890,7 @@ impl PolicySet {
             reason,
             errors,
         };
-        let (request, entities) = match self.cedar_request(req, None) {
+        let (request, entities) = match self.cedar_request(req, action, None) {
             Ok(r) => r,
             Err(e) => return deny(Reason::EvaluationError, Vec::new(), vec![e]),
         };
@@ -834,7 +959,7 @@ impl PolicySet {
         &self,
         req: &AccessRequest<'_>,
     ) -> Result<(&cedar_policy::PolicySet, Request, Entities), String> {
-        let (r, e) = self.cedar_request(req, None)?;
+        let (r, e) = self.cedar_request(req, self.action_for(req.method), None)?;
         Ok((&self.policies, r, e))
     }
 }

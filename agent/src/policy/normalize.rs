@@ -6,9 +6,13 @@
 //!    encoded slash stays a character of a segment, never a separator);
 //! 2. runs of `/` become one `/`;
 //! 3. `.` and `..` segments are removed (`..` never climbs above the root);
-//! 4. a path whose encoded slashes or backslashes (`%2F`, `%5C`) would hide a `.` or
-//!    `..` segment is refused: an upstream that decodes them before resolving dots
-//!    would otherwise serve another path than the one authorized.
+//! 4. a path in which some server would see a `.` or `..` segment that this
+//!    normalization does not is refused: encoded or raw separators (`%2F`, `%5C`,
+//!    `\`, which nginx decodes and WHATWG URL parsers such as Node's treat as `/`)
+//!    and path parameters (`..;x`, `.;x`, `..%3B`: Tomcat and other servlet
+//!    containers drop `;` parameters before resolving dots). Such an upstream would
+//!    otherwise serve another path than the one authorized
+//!    (`/fhir/Coverage/..;/Group/1/$export` is `/fhir/Group/1/$export` to Tomcat).
 //!
 //! The normalized path is also the path phigate forwards, so the upstream receives
 //! exactly what was authorized.
@@ -16,8 +20,8 @@
 /// Normalizes a request path (without the query). Returns `None` for a path that is
 /// not origin-form (does not start with `/`), carries a malformed percent-encoding,
 /// an encoded control character (`%00`: truncation in an upstream written in C,
-/// `%0D%0A`: header injection where it is logged or echoed), or encoded separators
-/// hiding dot segments.
+/// `%0D%0A`: header injection where it is logged or echoed), or a segment hiding a
+/// dot segment (see the module docs).
 pub fn normalize_path(path: &str) -> Option<String> {
     if !path.starts_with('/') {
         return None;
@@ -53,11 +57,7 @@ pub fn normalize_path(path: &str) -> Option<String> {
                 out.pop();
             }
             s => {
-                let hidden_dots = (s.contains("%2F") || s.contains("%5C"))
-                    && s.replace("%5C", "%2F")
-                        .split("%2F")
-                        .any(|p| p == "." || p == "..");
-                if hidden_dots {
+                if hides_dot_segment(s) {
                     return None;
                 }
                 out.push(s)
@@ -79,17 +79,40 @@ pub fn normalize_path(path: &str) -> Option<String> {
     Some(s)
 }
 
-/// Query parameters, decoded as `application/x-www-form-urlencoded` (`+` is a space).
-/// A parameter given several times keeps every value, in order.
-pub fn parse_query(query: &str) -> Vec<(String, String)> {
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (form_decode(k), form_decode(v))
+/// Whether a segment (unreserved characters decoded, other encodings upper case)
+/// holds a `.` or `..` segment for a server that splits it at an encoded or raw
+/// separator, or strips `;` parameters (raw or `%3B`) from it.
+fn hides_dot_segment(seg: &str) -> bool {
+    if !seg.contains(['%', '\\', ';']) {
+        return false;
+    }
+    seg.replace("%2F", "/")
+        .replace("%5C", "/")
+        .replace('\\', "/")
+        .split('/')
+        .any(|piece| {
+            let base = piece.split(';').next().unwrap_or("");
+            let base = base.split("%3B").next().unwrap_or("");
+            base == "." || base == ".."
         })
-        .collect()
+}
+
+/// Query parameters, decoded as `application/x-www-form-urlencoded` (`+` is a space).
+/// A parameter given several times keeps every value, in order. A name with a FHIR
+/// modifier or chain (`_include:iterate`, `_has:Observation:patient:code`) is also
+/// given under its base name (`_include`, `_has`), so a policy that names the base
+/// cannot be passed by adding a modifier.
+pub fn parse_query(query: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for p in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = p.split_once('=').unwrap_or((p, ""));
+        let (k, v) = (form_decode(k), form_decode(v));
+        if let Some((base, _)) = k.split_once(':').filter(|(b, _)| !b.is_empty()) {
+            out.push((base.to_owned(), v.clone()));
+        }
+        out.push((k, v));
+    }
+    out
 }
 
 fn form_decode(s: &str) -> String {
@@ -135,8 +158,113 @@ mod tests {
             "/fhir/Coverage/x%5C..%5CPatient",
             "/fhir/Coverage/%2e%2e%2FPatient",
             "/fhir/Coverage/.%2F",
+            "/fhir/Coverage/..;/Group/1/$export",
+            "/fhir/Coverage/.;x/Patient",
+            "/fhir/Coverage/..;jsessionid=1/Group",
+            "/fhir/Coverage/%2e%2e%3B/Group",
+            "/fhir/Coverage/..%3Bx/Group",
+            "/fhir/Coverage/..\\Group",
+            "/fhir/Coverage\\..\\Group",
         ] {
             assert_eq!(normalize_path(hidden), None, "{hidden}");
+        }
+        // Parameters and backslashes that hide nothing stay as they are.
+        assert_eq!(
+            normalize_path("/fhir/Patient;v=1/1").as_deref(),
+            Some("/fhir/Patient;v=1/1")
+        );
+        assert_eq!(normalize_path("/a/x..;/b").as_deref(), Some("/a/x..;/b"));
+    }
+
+    /// How three families of servers turn a request path into the resource path,
+    /// as far as dot segments go. Each splits the path into segments its own way,
+    /// transforms each segment, then resolves `.` and `..`.
+    #[derive(Debug, Clone, Copy)]
+    enum Server {
+        /// Tomcat and servlet containers: `;` parameters dropped per segment, then
+        /// percent-decoding (an encoded `/` is refused by default, so stays in its
+        /// segment here), then dots.
+        Tomcat,
+        /// nginx: the whole path percent-decoded first (`%2F` becomes a separator),
+        /// slashes merged, then dots.
+        Nginx,
+        /// Node (WHATWG URL): `\` is a separator, `%2e` counts as `.`; no decoding.
+        Node,
+    }
+
+    fn decode(s: &str) -> String {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    }
+
+    impl Server {
+        /// The segments the server resolves dots on.
+        fn segments(self, path: &str) -> Vec<String> {
+            match self {
+                Server::Tomcat => path
+                    .split('/')
+                    .skip(1)
+                    .map(|s| decode(s.split(';').next().unwrap_or("")).replace('/', "%2F"))
+                    .collect(),
+                Server::Nginx => decode(path)
+                    .split(['/', '\\'])
+                    .skip(1)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect(),
+                Server::Node => path
+                    .split(['/', '\\'])
+                    .skip(1)
+                    .map(|s| {
+                        let l = s.to_ascii_lowercase();
+                        match l.as_str() {
+                            "%2e" => ".".to_owned(),
+                            ".%2e" | "%2e." | "%2e%2e" => "..".to_owned(),
+                            _ => s.to_owned(),
+                        }
+                    })
+                    .collect(),
+            }
+        }
+
+        /// Whether resolving dots changes anything for this server: then the
+        /// resource it serves is not the path as written.
+        fn resolves_dots(self, path: &str) -> bool {
+            self.segments(path).iter().any(|s| s == "." || s == "..")
+        }
+    }
+
+    use proptest::prelude::*;
+
+    fn piece() -> impl Strategy<Value = &'static str> {
+        prop::sample::select(vec![
+            "/", "a", "Patient", ".", "..", "%2e", "%2E", "%2F", "%2f", "%5C", "\\", ";", ";x=1",
+            "%3B", "%3b", "%25", "x",
+        ])
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 4000, ..ProptestConfig::default() })]
+
+        /// What phigate forwards (the normalized path) holds no dot segment for
+        /// any of the servers: each serves the path the policies decided on.
+        #[test]
+        fn no_server_resolves_dots_in_a_normalized_path(
+            pieces in prop::collection::vec(piece(), 0..12)
+        ) {
+            let raw = format!("/{}", pieces.concat());
+            if let Some(n) = normalize_path(&raw) {
+                for server in [Server::Tomcat, Server::Nginx, Server::Node] {
+                    prop_assert!(
+                        !server.resolves_dots(&n),
+                        "{raw:?} normalized to {n:?}, in which {server:?} resolves dot segments"
+                    );
+                }
+                // And normalizing is stable.
+                let again = normalize_path(&n);
+                prop_assert_eq!(again.as_deref(), Some(n.as_str()));
+            }
         }
     }
 
@@ -152,5 +280,14 @@ mod tests {
             ]
         );
         assert!(parse_query("").is_empty());
+        assert_eq!(
+            parse_query("_include:iterate=Patient:link&_has:Observation:patient:code=1"),
+            vec![
+                ("_include".into(), "Patient:link".into()),
+                ("_include:iterate".into(), "Patient:link".into()),
+                ("_has".into(), "1".into()),
+                ("_has:Observation:patient:code".into(), "1".into()),
+            ]
+        );
     }
 }

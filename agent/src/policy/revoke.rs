@@ -128,6 +128,8 @@ mod tests {
             query: Vec::new(),
             headers: Vec::new(),
             token: Err(crate::identity::token::TokenError::Missing),
+            host: None,
+            sni: None,
             has_approval: false,
         })
     }

@@ -67,6 +67,8 @@ impl Case<'_> {
             query: &self.query,
             headers: &[],
             clock: self.clock,
+            host: None,
+            sni: None,
             has_approval: false,
         })
     }
@@ -286,6 +288,8 @@ when {
             query,
             headers: &h,
             clock,
+            host: None,
+            sni: None,
             has_approval: false,
         })
     };
@@ -325,6 +329,8 @@ fn obligations_combine_or_conflict() {
             query: &[],
             headers: &[],
             clock: NOON_MON,
+            host: None,
+            sni: None,
             has_approval: false,
         })
     };
@@ -577,11 +583,13 @@ when { context.has_approval && context.method == "POST" };
                 path,
                 query: &q,
                 headers: &[],
+                host: Some("api.test"),
+                sni: Some("api.test"),
                 clock,
                 has_approval,
             };
             let fast = set.decide(&req);
-            let full = set.decide_among(&req, &set.policies);
+            let full = set.decide_among(&req, set.action_for(method), &set.policies);
             prop_assert_eq!(fast, full);
         }
     }
@@ -601,6 +609,8 @@ when { context.has_approval && context.method == "POST" };
             query: &[],
             headers: &[],
             clock: NOON_MON,
+            host: None,
+            sni: None,
             has_approval: false,
         };
         let candidates = set.index.candidates(&req, "GET");
@@ -612,4 +622,62 @@ when { context.has_approval && context.method == "POST" };
         assert_eq!(ids, ["either", "needs-token", "team"]);
         assert!(set.decide(&req).allowed);
     }
+}
+
+#[test]
+fn the_authority_is_in_the_context_and_older_schemas_still_load() {
+    const POLICY: &str = r#"
+@id("by-host")
+permit (principal, action == Phigate::Action::"GET", resource)
+when { context has host && context.host == "api.test" && context has sni && context.sni == "api.test" };
+"#;
+    let d = dir_with(&[("p.cedar", POLICY)]);
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    let w = workload("ehr", "");
+    let decide = |set: &PolicySet, host: Option<&str>, sni: Option<&str>| {
+        set.decide(&AccessRequest {
+            workload: &w,
+            token: None,
+            token_error: Some(TokenError::Missing),
+            destination: "x",
+            method: "GET",
+            path: "/",
+            query: &[],
+            headers: &[],
+            host,
+            sni,
+            clock: NOON_MON,
+            has_approval: false,
+        })
+        .allowed
+    };
+    assert!(decide(&set, Some("api.test"), Some("api.test")));
+    assert!(!decide(&set, Some("other.test"), Some("api.test")));
+    assert!(!decide(&set, Some("api.test"), None));
+    assert!(!decide(&set, None, None));
+
+    // A schema written before host/sni (and Workload.unknown): its policies load and
+    // decide; the context leaves out what the schema does not declare.
+    let old = shipped_schema()
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            !(t.starts_with("host?") || t.starts_with("sni?") || t.starts_with("unknown:"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(old, shipped_schema());
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join(SCHEMA_FILE), &old).unwrap();
+    std::fs::write(
+        d.path().join("p.cedar"),
+        "@id(\"all-gets\")\npermit (principal, action == Phigate::Action::\"GET\", resource);\n",
+    )
+    .unwrap();
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(decide(&set, Some("api.test"), Some("api.test")));
+    // And a policy naming host under that schema is refused at load, with its file.
+    std::fs::write(d.path().join("p.cedar"), POLICY).unwrap();
+    let e = PolicySet::load(d.path()).unwrap_err().to_string();
+    assert!(e.contains("p.cedar"), "{e}");
 }

@@ -17,7 +17,7 @@ use crate::tls::{self, LeafName, Sniffed};
 pub async fn serve<IO>(
     proxy: &Proxy,
     client: IO,
-    meter: &Meter,
+    meter: &Arc<Meter>,
     conn: &Redirected,
     dest_index: u32,
     dest: &Destination,
@@ -46,6 +46,23 @@ where
             .any(|h| h.eq_ignore_ascii_case(sni))
     });
     if pinned {
+        // An uninspected tunnel the client chose by its SNI: decided and recorded
+        // like any passage, refused while it cannot be recorded.
+        if !proxy.records.writable() {
+            return (
+                Outcome::RecordsUnavailable,
+                Some("records cannot be written".into()),
+            );
+        }
+        if let Err(refused) = proxy.decide_passage(
+            rec,
+            &conn.workload,
+            &dest.name,
+            crate::policy::Passage::Tunnel,
+            hello.sni.as_deref(),
+        ) {
+            return refused;
+        }
         let (prefix, io) = start.into_passthrough();
         let (outcome, error) = tcp::relay(
             io,
@@ -100,7 +117,8 @@ where
     rec.tls_version = client_tls.version.clone();
     rec.alpn = client_tls.alpn.clone();
 
-    let ctx = Arc::new(proxy.conn_context(rec, dest_index, dest, conn, Some(client_tls)));
+    let ctx =
+        Arc::new(proxy.conn_context(rec, dest_index, dest, conn, Some(client_tls), meter, config));
     let _listed = proxy.live.list(&ctx);
     let outcome = crate::http::serve(
         stream,

@@ -31,6 +31,11 @@ impl Meter {
         })
     }
 
+    /// When the metered connection started.
+    pub fn started(&self) -> Instant {
+        self.t0
+    }
+
     pub fn up(&self) -> u64 {
         self.up.load(Ordering::Relaxed)
     }

@@ -195,18 +195,27 @@ impl Proxy {
                 Outcome::RecordsUnavailable,
                 Some("records cannot be written".into()),
             ),
-            Protocol::Tcp => {
-                tcp::relay(
-                    client,
-                    &meter,
-                    &[],
-                    original_dst,
-                    &config,
-                    &self.sockets,
-                    &self.force_close,
-                )
-                .await
-            }
+            Protocol::Tcp => match self.decide_passage(
+                &mut rec,
+                &conn.workload,
+                &dest.name,
+                crate::policy::Passage::Tcp,
+                None,
+            ) {
+                Err(refused) => refused,
+                Ok(()) => {
+                    tcp::relay(
+                        client,
+                        &meter,
+                        &[],
+                        original_dst,
+                        &config,
+                        &self.sockets,
+                        &self.force_close,
+                    )
+                    .await
+                }
+            },
             Protocol::Https => {
                 https::serve(
                     &self, client, &meter, &conn, dest_index, dest, &config, &mut rec,
@@ -214,7 +223,7 @@ impl Proxy {
                 .await
             }
             Protocol::Http | Protocol::HttpToHttps => {
-                let ctx = self.conn_context(&rec, dest_index, dest, &conn, None);
+                let ctx = self.conn_context(&rec, dest_index, dest, &conn, None, &meter, &config);
                 let pipeline = self.pipeline.load_full();
                 let ctx = Arc::new(ctx);
                 let _listed = self.live.list(&ctx);
@@ -252,6 +261,8 @@ impl Proxy {
         dest: &Destination,
         conn: &Redirected,
         tls: Option<ClientTls>,
+        meter: &Arc<Meter>,
+        config: &Config,
     ) -> ConnContext {
         ConnContext {
             connection_id: rec.connection_id.clone(),
@@ -262,6 +273,13 @@ impl Proxy {
             client_addr: conn.client_addr,
             workload: conn.workload.clone(),
             tls,
+            hosts: dest.hosts.clone(),
+            tunnel_bounds: crate::pipeline::TunnelBounds {
+                idle: config.timeouts.idle,
+                lifetime_end: tokio::time::Instant::from_std(meter.started())
+                    + config.timeouts.max_connection_lifetime,
+                drain: self.force_close.clone(),
+            },
             requests: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             grants: Arc::default(),
@@ -291,9 +309,37 @@ impl Proxy {
             tls_version: None,
             alpn: None,
             requests: 0,
+            decision: None,
+            policy_ids: Vec::new(),
+            policy_set_hash: None,
             outcome: Outcome::Closed,
             error: None,
         }
+    }
+
+    /// Decides a connection phigate relays uninspected, noting the decision in its
+    /// record. `Err`: the outcome and error to record for a refusal.
+    pub fn decide_passage(
+        &self,
+        rec: &mut ConnectionRecord,
+        workload: &crate::identity::Workload,
+        destination: &str,
+        passage: crate::policy::Passage,
+        sni: Option<&str>,
+    ) -> Result<(), (Outcome, Option<String>)> {
+        let gate = self.pipeline.load().gate.load_full();
+        let d = gate.check_connection(workload, destination, passage, sni);
+        rec.decision = Some(if d.allowed { "allow" } else { "deny" });
+        rec.policy_ids = d.policy_ids.clone();
+        rec.policy_set_hash = Some(gate.policies.hash().to_owned());
+        if d.allowed {
+            return Ok(());
+        }
+        let mut why = format!("{} denied by policy: {}", passage.action(), d.reason.code());
+        if !d.errors.is_empty() {
+            why.push_str(&format!(" ({})", d.errors.join("; ")));
+        }
+        Err((Outcome::Denied, Some(why)))
     }
 
     fn record_refused(
@@ -323,6 +369,9 @@ impl Proxy {
             tls_version: None,
             alpn: None,
             requests: 0,
+            decision: None,
+            policy_ids: Vec::new(),
+            policy_set_hash: None,
             outcome,
             error,
         });

@@ -63,6 +63,8 @@ pub enum Outcome {
     RecordsUnavailable,
     /// A new policy set no longer allowed what the connection was doing: closed.
     Revoked,
+    /// The policies do not allow the connection (a `TCP` or `TUNNEL` passage).
+    Denied,
 }
 
 /// Facts every row carries about the agent that wrote it.
@@ -111,6 +113,12 @@ pub struct ConnectionRecord {
     pub alpn: Option<String>,
     /// HTTP exchanges carried (0 for tcp and uninspected connections).
     pub requests: u64,
+    /// For a connection decided as a whole (a `TCP` or `TUNNEL` passage): `allow` or
+    /// `deny`, the deciding policies and the policy set's hash. None for HTTP
+    /// connections, whose requests are decided one by one.
+    pub decision: Option<&'static str>,
+    pub policy_ids: Vec<String>,
+    pub policy_set_hash: Option<String>,
     pub outcome: Outcome,
     pub error: Option<String>,
 }

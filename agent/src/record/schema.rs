@@ -246,6 +246,9 @@ fn connections() -> Vec<Field> {
         text("tls_version"),
         text("alpn"),
         u64_("requests"),
+        text("decision"),
+        list("policy_ids", DataType::Utf8),
+        text("policy_set_hash"),
         text_req("outcome"),
         text("error"),
     ]);
