@@ -2,7 +2,8 @@
 //! restarted, a broken policy file, the agent SIGKILLed and restarted. The clients
 //! see errors or refusals during each fault, never an unrecorded response; the
 //! service comes back on its own. And CA files the agent cannot use stop its start
-//! with a reason naming the file.
+//! with a reason naming the file. A tcp destination refuses new connections while
+//! records cannot be written.
 //!
 //! Short by default (CI); `cargo xtask soak` stretches the phases through
 //! PHIGATE_SOAK_SECS and PHIGATE_SOAK_CLIENTS.
