@@ -1023,55 +1023,50 @@ fn the_console_refuses_decisions_without_its_origin_and_csrf_token_and_takes_its
     let other_token = token_of(&other_jar);
     assert_ne!(token, other_token, "tokens are per session");
     let wrong = "0".repeat(64);
-    let refused: [(
-        &str,
-        Option<&std::path::Path>,
-        Option<&str>,
-        Option<&str>,
-        &str,
-    ); 8] = [
+    let (jar_path, token, other_token) = (jar.as_path(), token.as_str(), other_token.as_str());
+    let refused = [
         (
             "a foreign origin with the right token",
-            Some(&jar),
+            Some(jar_path),
             Some("https://evil.example"),
-            Some(&token),
+            Some(token),
             "403",
         ),
         (
             "the console's host on another port",
-            Some(&jar),
+            Some(jar_path),
             Some("https://127.0.0.1:15444"),
-            Some(&token),
+            Some(token),
             "403",
         ),
         (
             "plain http from the console's host",
-            Some(&jar),
+            Some(jar_path),
             Some("http://127.0.0.1:15443"),
-            Some(&token),
+            Some(token),
             "403",
         ),
-        ("no token", Some(&jar), Some(CONSOLE), None, "403"),
+        ("no token", Some(jar_path), Some(CONSOLE), None, "403"),
         (
             "a wrong token",
-            Some(&jar),
+            Some(jar_path),
             Some(CONSOLE),
-            Some(&wrong),
+            Some(wrong.as_str()),
             "403",
         ),
-        ("no origin and no token", Some(&jar), None, None, "403"),
+        ("no origin and no token", Some(jar_path), None, None, "403"),
         (
             "another session's token",
-            Some(&jar),
+            Some(jar_path),
             Some(CONSOLE),
-            Some(&other_token),
+            Some(other_token),
             "403",
         ),
         (
             "the right token without the session cookie",
             None,
             Some(CONSOLE),
-            Some(&token),
+            Some(token),
             "303",
         ),
     ];
@@ -1092,7 +1087,7 @@ fn the_console_refuses_decisions_without_its_origin_and_csrf_token_and_takes_its
     }
 
     // The console's own form: its origin, the session's token.
-    let got = decide(Some(&jar), Some(CONSOLE), Some(&token));
+    let got = decide(Some(jar_path), Some(CONSOLE), Some(token));
     assert_eq!(got, format!("303 {CONSOLE}/approvals/{id}"));
     assert!(held.child.wait().unwrap().success(), "{}", held.log_text());
     assert!(held.log_text().contains(" 404"), "{}", held.log_text());
