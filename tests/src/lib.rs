@@ -504,6 +504,23 @@ impl World {
         })
     }
 
+    /// Waits (at most 5 s) until the running agent reports its records writable, or
+    /// not (`phigate status`: the free-space check runs every 100 ms).
+    pub fn wait_records_writable(&self, want: bool) {
+        let t = Instant::now();
+        loop {
+            let v = self.status();
+            if v["records_writable"] == want {
+                return;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "records_writable is not {want}: {v}"
+            );
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     pub fn detach(&self) -> Output {
         Command::new(phigate_bin())
             .args(["detach", "--config"])
@@ -589,6 +606,43 @@ impl Drop for World {
             let _ = self.detach();
         }
         let _ = std::fs::remove_dir_all(&self.pin_dir);
+    }
+}
+
+/// A small tmpfs mounted over a directory (e.g. the records directory, to fill it);
+/// unmounted on drop, before the temporary directory goes.
+pub struct Tmpfs(pub PathBuf);
+
+impl Tmpfs {
+    pub fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir),
+        );
+        Tmpfs(dir.to_owned())
+    }
+
+    /// Writes zeros into `fill` until the filesystem is full.
+    pub fn fill(&self) {
+        let _ = Command::new("dd")
+            .args(["if=/dev/zero", "bs=64k"])
+            .arg(format!("of={}", self.0.join("fill").display()))
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    /// Frees what [`Self::fill`] took.
+    pub fn free(&self) {
+        std::fs::remove_file(self.0.join("fill")).unwrap();
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: the agent may still hold files in it until the world is dropped.
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
 

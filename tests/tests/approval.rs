@@ -1,8 +1,9 @@
 //! Just-in-time approval through the real redirect: requests held until a reviewer
 //! decides with `phigate approvals` (known by SO_PEERCRED), retry-mode grants bound
 //! to the exact request, quorum, self-approval and outsiders refused, a webhook to a
-//! local receiver, a restart with a pending approval, and the reviewer console in
-//! headless Chromium.
+//! local receiver (no PHI in it, retried, `notify_failed` when it never answers, over
+//! verified HTTPS), a restart with a pending approval, the reviewer console in
+//! headless Chromium, and the console's CSRF and Origin checks over plain HTTP.
 //!
 //! Reviewers are the host's own users: `daemon` (uid 1, group daemon) and `bin`
 //! (uid 2, group bin) review; `nobody` does not.
@@ -15,6 +16,11 @@ use serde_json::Value;
 
 const UP: &str = "127.0.0.2:9443";
 const HOOK_PORT: u16 = 9700;
+/// HTTPS webhook receivers: one with a certificate from a CA the agent trusts, one
+/// from a CA it does not.
+const HOOK_TLS_PORT: u16 = 9701;
+const HOOK_ROGUE_PORT: u16 = 9702;
+const CONSOLE: &str = "https://127.0.0.1:15443";
 const DAEMON: u32 = 1;
 const BIN: u32 = 2;
 const NOBODY: u32 = 65534;
@@ -36,9 +42,34 @@ permit (principal, action, resource) when { context.path == "/fhir/Observation" 
 @approval("two_reviewers")
 permit (principal, action, resource) when { context.path == "/fhir/Condition" };
 
+@id("everything.needs-approval")
+@approval("export_hold")
+permit (principal, action, resource) when { context.path like "/fhir/Patient/*/$everything" };
+
+@id("hook-flaky-500.needs-approval")
+@approval("hook_flaky_500")
+permit (principal, action, resource) when { context.path == "/fhir/Basic/flaky-500" };
+
+@id("hook-flaky-close.needs-approval")
+@approval("hook_flaky_close")
+permit (principal, action, resource) when { context.path == "/fhir/Basic/flaky-close" };
+
+@id("hook-down.needs-approval")
+@approval("hook_down")
+permit (principal, action, resource) when { context.path == "/fhir/Basic/down" };
+
+@id("hook-https.needs-approval")
+@approval("hook_https")
+permit (principal, action, resource) when { context.path == "/fhir/Basic/https" };
+
+@id("hook-untrusted.needs-approval")
+@approval("hook_untrusted")
+permit (principal, action, resource) when { context.path == "/fhir/Basic/untrusted" };
+
 @id("everything-else")
 permit (principal, action, resource) when {
-  !(context.path like "*$export") && context.path != "/fhir/Observation" &&
+  !(context.path like "*$export") && !(context.path like "*$everything") &&
+  !(context.path like "/fhir/Basic/*") && context.path != "/fhir/Observation" &&
   context.path != "/fhir/Condition"
 };
 "#;
@@ -71,6 +102,43 @@ name = "two_reviewers"
 reviewers = ["daemon", "bin"]
 quorum = 2
 mode = "retry"
+
+# The receiver fails the first 2 attempts at /fail/MODE/2/...: 500, or the
+# connection closed without an answer.
+[[rule]]
+name = "hook_flaky_500"
+reviewers = ["daemon"]
+mode = "hold"
+timeout_secs = 60
+webhook = "http://127.0.0.1:{HOOK_PORT}/fail/500/2/hook"
+
+[[rule]]
+name = "hook_flaky_close"
+reviewers = ["daemon"]
+mode = "hold"
+timeout_secs = 60
+webhook = "http://127.0.0.1:{HOOK_PORT}/fail/close/2/hook"
+
+[[rule]]
+name = "hook_down"
+reviewers = ["daemon"]
+mode = "hold"
+timeout_secs = 60
+webhook = "http://127.0.0.1:{HOOK_PORT}/fail/500/1000/hook"
+
+[[rule]]
+name = "hook_https"
+reviewers = ["daemon"]
+mode = "hold"
+timeout_secs = 60
+webhook = "https://127.0.0.1:{HOOK_TLS_PORT}/hook"
+
+[[rule]]
+name = "hook_untrusted"
+reviewers = ["daemon"]
+mode = "hold"
+timeout_secs = 60
+webhook = "https://127.0.0.1:{HOOK_ROGUE_PORT}/hook"
 "#
     )
 }
@@ -78,40 +146,97 @@ mode = "retry"
 struct Jit {
     w: World,
     _upstream: Background,
-    _hook: Background,
+    _hooks: Vec<Background>,
     ca: PathBuf,
 }
 
-/// Receives webhooks on 127.0.0.1:HOOK_PORT in the world's netns, one JSON line each.
+/// Receives webhooks on 127.0.0.1:PORT in the world's netns: every attempt's URL path
+/// is a line of PREFIX.attempts, every body answered 200 a line of PREFIX.jsonl. A
+/// path /fail/500/N/... is answered 500 for its first N attempts, /fail/close/N/...
+/// has its connection closed without an answer; anything else 200. With CERT and
+/// KEY it speaks HTTPS.
 const HOOK: &str = r#"
-import http.server, sys
-out = sys.argv[2]
+import http.server, ssl, sys
+port, prefix = int(sys.argv[1]), sys.argv[2]
+attempts = {}
 class H(http.server.BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers["content-length"]))
-        with open(out, "ab") as f:
+        n = attempts[self.path] = attempts.get(self.path, 0) + 1
+        with open(prefix + ".attempts", "a") as f:
+            f.write(self.path + "\n")
+        parts = self.path.split("/")
+        if len(parts) > 3 and parts[1] == "fail" and n <= int(parts[3]):
+            if parts[2] == "close":
+                self.close_connection = True
+                return
+            self.send_response(500); self.send_header("content-length", "0"); self.end_headers()
+            return
+        with open(prefix + ".jsonl", "ab") as f:
             f.write(body + b"\n")
-        self.send_response(200); self.end_headers()
+        self.send_response(200); self.send_header("content-length", "0"); self.end_headers()
     def log_message(self, *a): pass
-http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+srv = http.server.ThreadingHTTPServer(("127.0.0.1", port), H)
+if len(sys.argv) > 4:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(sys.argv[3], sys.argv[4])
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+srv.serve_forever()
 "#;
+
+/// Starts a [`HOOK`] receiver (HTTPS with `pki`) and waits until it accepts.
+fn hook_receiver(w: &World, port: u16, prefix: &str, pki: Option<&TestPki>) -> Background {
+    let port_s = port.to_string();
+    let prefix = w.path(prefix);
+    let mut argv = vec!["python3", "-c", HOOK, &port_s, prefix.to_str().unwrap()];
+    if let Some(p) = pki {
+        argv.extend([p.cert.to_str().unwrap(), p.key.to_str().unwrap()]);
+    }
+    let bg = Background::spawn(w.outside(), &argv, w.path(&format!("hook-{port}.log")));
+    assert!(
+        w.netns.wait_port(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(10)
+        ),
+        "webhook receiver on {port} did not start: {}",
+        bg.log_text()
+    );
+    bg
+}
 
 impl Jit {
     fn start(tag: &str, admin_extra: &str) -> Jit {
+        Jit::start_with(tag, admin_extra, false)
+    }
+
+    /// `tls_hooks`: also HTTPS receivers on HOOK_TLS_PORT (certificate from a CA the
+    /// agent trusts through the system trust store, here SSL_CERT_FILE) and
+    /// HOOK_ROGUE_PORT (a CA it does not trust).
+    fn start_with(tag: &str, admin_extra: &str, tls_hooks: bool) -> Jit {
         let mut w = World::new(tag);
         let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
         let upstream = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &[]);
-        let hook = Background::spawn(
-            w.outside(),
-            &[
-                "python3",
-                "-c",
-                HOOK,
-                &HOOK_PORT.to_string(),
-                w.path("hooks.jsonl").to_str().unwrap(),
-            ],
-            w.path("hook.log"),
-        );
+        let mut hooks = vec![hook_receiver(&w, HOOK_PORT, "hooks", None)];
+        if tls_hooks {
+            let trusted = TestPki::new(w.dir.path(), "hook", "IP:127.0.0.1");
+            let rogue = TestPki::new(w.dir.path(), "rogue", "IP:127.0.0.1");
+            hooks.push(hook_receiver(
+                &w,
+                HOOK_TLS_PORT,
+                "hooks-tls",
+                Some(&trusted),
+            ));
+            hooks.push(hook_receiver(
+                &w,
+                HOOK_ROGUE_PORT,
+                "hooks-rogue",
+                Some(&rogue),
+            ));
+            // The webhook client trusts the system roots: the test CA stands in for
+            // an organization's CA installed in the host's trust store.
+            w.agent_env
+                .push(format!("SSL_CERT_FILE={}", trusted.ca.display()));
+        }
         w.write_policies(&[("jit.cedar", POLICIES)]);
         std::fs::write(w.policies_dir().join("approvals.toml"), rules()).unwrap();
         let mut config = w.agent_section("");
@@ -130,7 +255,7 @@ impl Jit {
         Jit {
             w,
             _upstream: upstream,
-            _hook: hook,
+            _hooks: hooks,
             ca,
         }
     }
@@ -164,24 +289,28 @@ impl Jit {
     }
 
     fn curl_background(&self, path: &str, tag: &str) -> (Background, PathBuf) {
+        self.curl_background_with(path, tag, &[])
+    }
+
+    /// As [`Self::curl_background`], with more curl arguments (`-X POST`, `--data`).
+    fn curl_background_with(&self, path: &str, tag: &str, extra: &[&str]) -> (Background, PathBuf) {
         let out = self.w.path(&format!("{tag}.out"));
-        let bg = Background::spawn(
-            self.w.inside(),
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "60",
-                "--cacert",
-                self.ca.to_str().unwrap(),
-                "-D",
-                "-",
-                "-o",
-                out.to_str().unwrap(),
-                &format!("https://{UP}{path}"),
-            ],
-            self.w.path(&format!("{tag}.log")),
-        );
+        let url = format!("https://{UP}{path}");
+        let mut argv = vec![
+            "curl",
+            "-sS",
+            "--max-time",
+            "60",
+            "--cacert",
+            self.ca.to_str().unwrap(),
+            "-D",
+            "-",
+            "-o",
+            out.to_str().unwrap(),
+        ];
+        argv.extend_from_slice(extra);
+        argv.push(&url);
+        let bg = Background::spawn(self.w.inside(), &argv, self.w.path(&format!("{tag}.log")));
         (bg, out)
     }
 
@@ -237,6 +366,46 @@ impl Jit {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits until the approvals table has a `state` row for `id`; that row.
+    fn wait_state(&self, id: &str, state: &str, within: Duration) -> Value {
+        let t = Instant::now();
+        loop {
+            if let Some(r) = self
+                .w
+                .records("approvals")
+                .into_iter()
+                .find(|r| r["approval_id"] == id && r["state"] == state)
+            {
+                return r;
+            }
+            assert!(
+                t.elapsed() < within,
+                "no {state} row for {id} within {within:?}: {:?}\n{}",
+                self.approval_states(id),
+                self.w.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The URL paths the receiver with `prefix` was asked for, one per attempt.
+    fn hook_attempts(&self, prefix: &str) -> Vec<String> {
+        std::fs::read_to_string(self.w.path(&format!("{prefix}.attempts")))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// The bodies the receiver with `prefix` answered 200.
+    fn hook_bodies(&self, prefix: &str) -> Vec<String> {
+        std::fs::read_to_string(self.w.path(&format!("{prefix}.jsonl")))
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 
     fn approval_states(&self, id: &str) -> Vec<String> {
@@ -513,10 +682,11 @@ finally:
     d.quit()
 "#;
 
-#[test]
-fn a_reviewer_approves_in_the_console_in_headless_chromium_and_the_held_request_completes() {
-    let dir = tempfile::tempdir().unwrap();
-    let accounts = dir.path().join("accounts.toml");
+/// A console accounts file in `dir` with one reviewer, `alice` (group `privacy`,
+/// password `correct horse battery`); the `[admin]` lines serving the console with it
+/// on CONSOLE.
+fn console_admin(dir: &std::path::Path) -> String {
+    let accounts = dir.join("accounts.toml");
     let hash = {
         let mut c = std::process::Command::new(phigate_bin())
             .args(["console", "hash-password"])
@@ -541,13 +711,16 @@ fn a_reviewer_approves_in_the_console_in_headless_chromium_and_the_held_request_
     .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&accounts, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let j = Jit::start(
-        "jit-console",
-        &format!(
-            "console_listen = \"127.0.0.1:15443\"\nconsole_accounts = \"{}\"",
-            accounts.display()
-        ),
-    );
+    format!(
+        "console_listen = \"127.0.0.1:15443\"\nconsole_accounts = \"{}\"",
+        accounts.display()
+    )
+}
+
+#[test]
+fn a_reviewer_approves_in_the_console_in_headless_chromium_and_the_held_request_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Jit::start("jit-console", &console_admin(dir.path()));
     let (mut curl, _) = j.curl_background("/fhir/Patient/$export", "console");
     let id = j.pending("/fhir/Patient/$export");
     // The console's own certificate chains to phigate's CA.
@@ -599,4 +772,326 @@ fn a_reviewer_approves_in_the_console_in_headless_chromium_and_the_held_request_
         assert!(t.elapsed() < Duration::from_secs(10));
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+#[test]
+fn the_webhook_names_the_approval_and_carries_no_phi_of_the_held_request() {
+    let j = Jit::start("jit-hook-phi", "");
+    // PHI in every part of the request: the path's patient id, search values, body.
+    const PATIENT: &str = "8675309";
+    const PHI: [&str; 6] = [
+        PATIENT,
+        "Zyxwvut",
+        "Quentin",
+        "1961-02-03",
+        "4815162342",
+        "078-05-1120",
+    ];
+    let path = format!(
+        "/fhir/Patient/{PATIENT}/$everything?name=Zyxwvut&birthdate=1961-02-03&patient=4815162342"
+    );
+    let (mut curl, _) = j.curl_background_with(
+        &path,
+        "phi",
+        &[
+            "-X",
+            "POST",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            r#"{"resourceType":"Parameters","ssn":"078-05-1120","name":"Quentin Zyxwvut"}"#,
+        ],
+    );
+    let id = j.pending("$everything");
+    j.wait_state(&id, "notified", Duration::from_secs(10));
+    let bodies = j.hook_bodies("hooks");
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let raw = &bodies[0];
+    for phi in PHI {
+        assert!(!raw.contains(phi), "the webhook carries {phi:?}: {raw}");
+    }
+    let hook: Value = serde_json::from_str(raw).unwrap();
+    assert_eq!(hook["approval_id"], id.as_str());
+    assert_eq!(hook["rule"], "export_hold");
+    assert_eq!(hook["method"], "POST");
+    assert_eq!(hook["destination"], "patients-api");
+    // The patient id only as the records hold it: its keyed pseudonym.
+    let out = output(
+        Place::default(),
+        &[
+            phigate_bin().to_str().unwrap(),
+            "audit",
+            "pseudonym",
+            "--config",
+            j.w.config_path().to_str().unwrap(),
+            PATIENT,
+        ],
+    );
+    let pseudonym = stdout(&out).trim().to_owned();
+    assert!(pseudonym.starts_with("p:"), "{}", stderr(&out));
+    assert_eq!(
+        hook["path"],
+        format!("/fhir/Patient/{pseudonym}/$everything")
+    );
+    assert!(hook["text"].as_str().unwrap().contains(&id), "{hook}");
+
+    // The notification decides nothing: still held until a reviewer denies it.
+    assert!(curl.child.try_wait().unwrap().is_none());
+    let out = j.approvals(DAEMON, &["deny", &id, "--reason", "not today"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(curl.child.wait().unwrap().success());
+    assert!(curl.log_text().contains(" 403"), "{}", curl.log_text());
+}
+
+#[test]
+fn a_webhook_is_retried_until_a_failing_receiver_answers() {
+    let j = Jit::start("jit-hook-retry", "");
+    // The receiver answers 500 twice at one URL and closes the connection without an
+    // answer twice at the other, then takes each.
+    let (_c500, _) = j.curl_background("/fhir/Basic/flaky-500", "flaky-500");
+    let id_500 = j.pending("/fhir/Basic/flaky-500");
+    let (_close, _) = j.curl_background("/fhir/Basic/flaky-close", "flaky-close");
+    let id_close = j.pending("/fhir/Basic/flaky-close");
+    for (id, url) in [
+        (&id_500, "/fail/500/2/hook"),
+        (&id_close, "/fail/close/2/hook"),
+    ] {
+        j.wait_state(id, "notified", Duration::from_secs(20));
+        let attempts = j.hook_attempts("hooks");
+        assert_eq!(
+            attempts.iter().filter(|p| *p == url).count(),
+            3,
+            "two failed attempts, the third delivered: {attempts:?}"
+        );
+        let delivered = j
+            .hook_bodies("hooks")
+            .iter()
+            .filter(|b| serde_json::from_str::<Value>(b).unwrap()["approval_id"] == id.as_str())
+            .count();
+        assert_eq!(delivered, 1);
+        assert!(
+            !j.approval_states(id).contains(&"notify_failed".to_string()),
+            "{:?}",
+            j.approval_states(id)
+        );
+    }
+}
+
+#[test]
+fn a_webhook_that_never_succeeds_is_recorded_notify_failed_and_the_request_stays_held() {
+    let j = Jit::start("jit-hook-down", "");
+    let (mut curl, _) = j.curl_background("/fhir/Basic/down", "down");
+    let id = j.pending("/fhir/Basic/down");
+    // 4 attempts, 1 + 2 + 4 s apart.
+    let row = j.wait_state(&id, "notify_failed", Duration::from_secs(30));
+    let error = row["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("after 4 attempts") && error.contains("500"),
+        "{row}"
+    );
+    assert_eq!(
+        j.hook_attempts("hooks"),
+        vec!["/fail/500/1000/hook"; 4],
+        "every attempt reached the receiver"
+    );
+    assert!(j.hook_bodies("hooks").is_empty());
+    assert!(!j.approval_states(&id).contains(&"notified".to_string()));
+
+    // A failed notification decides nothing: the request is still held and pending,
+    // and a reviewer who hears of it otherwise still decides it.
+    assert!(curl.child.try_wait().unwrap().is_none());
+    assert_eq!(j.pending("/fhir/Basic/down"), id);
+    let out = j.approvals(DAEMON, &["approve", &id, "--reason", "paged by phone"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(curl.child.wait().unwrap().success());
+    assert!(
+        curl.log_text().contains(" 404"),
+        "the upstream answered: {}",
+        curl.log_text()
+    );
+}
+
+#[test]
+fn https_webhooks_go_to_a_receiver_the_host_trusts_and_never_to_one_it_does_not() {
+    let j = Jit::start_with("jit-hook-tls", "", true);
+    let (_trusted, _) = j.curl_background("/fhir/Basic/https", "https");
+    let ok = j.pending("/fhir/Basic/https");
+    let (_rogue, _) = j.curl_background("/fhir/Basic/untrusted", "untrusted");
+    let bad = j.pending("/fhir/Basic/untrusted");
+
+    j.wait_state(&ok, "notified", Duration::from_secs(20));
+    let bodies = j.hook_bodies("hooks-tls");
+    assert_eq!(bodies.len(), 1, "{bodies:?}");
+    let hook: Value = serde_json::from_str(&bodies[0]).unwrap();
+    assert_eq!(hook["approval_id"], ok.as_str());
+
+    // The certificate is refused at the handshake: nothing is sent to that receiver.
+    let row = j.wait_state(&bad, "notify_failed", Duration::from_secs(30));
+    assert!(
+        row["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("certificate")),
+        "{row}"
+    );
+    assert!(
+        j.hook_attempts("hooks-rogue").is_empty(),
+        "an untrusted receiver got a request: {:?}",
+        j.hook_attempts("hooks-rogue")
+    );
+    assert!(j.hook_bodies("hooks-rogue").is_empty());
+    assert!(!j.approval_states(&bad).contains(&"notified".to_string()));
+}
+
+#[test]
+fn the_console_refuses_decisions_without_its_origin_and_csrf_token_and_takes_its_own_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let j = Jit::start("jit-csrf", &console_admin(dir.path()));
+    let (mut held, _) = j.curl_background("/fhir/Patient/$export", "csrf");
+    let id = j.pending("/fhir/Patient/$export");
+    let ca = j.ca.to_str().unwrap().to_owned();
+    let curl = |args: &[&str]| {
+        let mut argv = vec!["curl", "-sS", "--max-time", "10", "--cacert", &ca];
+        argv.extend_from_slice(args);
+        let out = output(j.w.outside(), &argv);
+        assert!(out.status.success(), "curl {args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let login = |jar: &std::path::Path| {
+        let code = curl(&[
+            "-c",
+            jar.to_str().unwrap(),
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            &format!("Origin: {CONSOLE}"),
+            "--data-urlencode",
+            "username=alice",
+            "--data-urlencode",
+            "password=correct horse battery",
+            &format!("{CONSOLE}/login"),
+        ]);
+        assert_eq!(code, "303", "login");
+    };
+    // The session's CSRF token, from the approval's page (its form carries it).
+    let token_of = |jar: &std::path::Path| {
+        let page = curl(&[
+            "-b",
+            jar.to_str().unwrap(),
+            &format!("{CONSOLE}/approvals/{id}"),
+        ]);
+        let at = page
+            .find(r#"name="csrf" value=""#)
+            .unwrap_or_else(|| panic!("no CSRF token in {page}"))
+            + r#"name="csrf" value=""#.len();
+        let token = page[at..].split('"').next().unwrap().to_owned();
+        assert_eq!(token.len(), 64, "{token}");
+        token
+    };
+    // POSTs the approve form; the status and where it redirects.
+    let decide = |jar: Option<&std::path::Path>, origin: Option<&str>, token: Option<&str>| {
+        let (origin, token) = (
+            origin.map(|o| format!("Origin: {o}")),
+            token.map(|t| format!("csrf={t}")),
+        );
+        let mut args = vec!["-o", "/dev/null", "-w", "%{http_code} %{redirect_url}"];
+        if let Some(jar) = jar {
+            args.extend(["-b", jar.to_str().unwrap()]);
+        }
+        if let Some(o) = &origin {
+            args.extend(["-H", o]);
+        }
+        if let Some(t) = &token {
+            args.extend(["--data-urlencode", t]);
+        }
+        let url = format!("{CONSOLE}/approvals/{id}/decide");
+        args.extend([
+            "--data-urlencode",
+            "verdict=approve",
+            "--data-urlencode",
+            "reason=reviewed in the console",
+            &url,
+        ]);
+        curl(&args)
+    };
+
+    let (jar, other_jar) = (dir.path().join("jar"), dir.path().join("other-jar"));
+    login(&jar);
+    login(&other_jar);
+    let token = token_of(&jar);
+    let other_token = token_of(&other_jar);
+    assert_ne!(token, other_token, "tokens are per session");
+    let wrong = "0".repeat(64);
+    let (jar_path, token, other_token) = (jar.as_path(), token.as_str(), other_token.as_str());
+    let refused = [
+        (
+            "a foreign origin with the right token",
+            Some(jar_path),
+            Some("https://evil.example"),
+            Some(token),
+            "403",
+        ),
+        (
+            "the console's host on another port",
+            Some(jar_path),
+            Some("https://127.0.0.1:15444"),
+            Some(token),
+            "403",
+        ),
+        (
+            "plain http from the console's host",
+            Some(jar_path),
+            Some("http://127.0.0.1:15443"),
+            Some(token),
+            "403",
+        ),
+        ("no token", Some(jar_path), Some(CONSOLE), None, "403"),
+        (
+            "a wrong token",
+            Some(jar_path),
+            Some(CONSOLE),
+            Some(wrong.as_str()),
+            "403",
+        ),
+        ("no origin and no token", Some(jar_path), None, None, "403"),
+        (
+            "another session's token",
+            Some(jar_path),
+            Some(CONSOLE),
+            Some(other_token),
+            "403",
+        ),
+        (
+            "the right token without the session cookie",
+            None,
+            Some(CONSOLE),
+            Some(token),
+            "303",
+        ),
+    ];
+    for (what, jar, origin, token, want) in refused {
+        let got = decide(jar, origin, token);
+        assert!(got.starts_with(want), "{what}: {got}");
+        if want == "303" {
+            assert!(got.ends_with("/login"), "{what}: {got}");
+        }
+        // Nothing was decided: still pending, the request still held.
+        assert!(
+            !j.approval_states(&id).contains(&"approved".to_string()),
+            "{what}: {:?}",
+            j.approval_states(&id)
+        );
+        assert_eq!(j.pending("/fhir/Patient/$export"), id, "{what}");
+        assert!(held.child.try_wait().unwrap().is_none(), "{what}");
+    }
+
+    // The console's own form: its origin, the session's token.
+    let got = decide(Some(jar_path), Some(CONSOLE), Some(token));
+    assert_eq!(got, format!("303 {CONSOLE}/approvals/{id}"));
+    assert!(held.child.wait().unwrap().success(), "{}", held.log_text());
+    assert!(held.log_text().contains(" 404"), "{}", held.log_text());
+    let row = j.wait_state(&id, "approved", Duration::from_secs(10));
+    assert_eq!(row["reviewer"], "alice");
+    assert_eq!(row["reason"], "reviewed in the console");
 }

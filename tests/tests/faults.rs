@@ -2,7 +2,8 @@
 //! restarted, a broken policy file, the agent SIGKILLed and restarted. The clients
 //! see errors or refusals during each fault, never an unrecorded response; the
 //! service comes back on its own. And CA files the agent cannot use stop its start
-//! with a reason naming the file.
+//! with a reason naming the file. A tcp destination refuses new connections while
+//! records cannot be written.
 //!
 //! Short by default (CI); `cargo xtask soak` stretches the phases through
 //! PHIGATE_SOAK_SECS and PHIGATE_SOAK_CLIENTS.
@@ -392,4 +393,62 @@ http {{
     }
     assert_eq!(records.len() as u64, sent, "one record per request");
     assert!(records.iter().all(|r| r["status"] == 200));
+}
+
+#[test]
+fn tcp_connections_are_refused_while_records_cannot_be_written() {
+    let mut w = World::new("tcp-diskfull");
+    let up = CountingServer::start(&w.netns, UP, "relayed");
+    let records = Tmpfs::mount(&w.records_dir(), "4m");
+    w.write_config(&format!(
+        "{}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"tcp\"\n",
+        w.agent_section("")
+    ));
+    w.start_agent(false);
+    let get = || {
+        output(
+            w.inside(),
+            &["curl", "-sS", "--max-time", "5", &format!("http://{UP}/")],
+        )
+    };
+    let out = get();
+    assert_eq!(stdout(&out), "relayed", "{}", stderr(&out));
+    assert_eq!(up.connections(), 1);
+
+    records.fill();
+    w.wait_records_writable(false);
+    for _ in 0..5 {
+        let out = get();
+        // Accepted by the agent (the redirect holds), then closed unrelayed.
+        assert!(
+            !out.status.success() && stdout(&out).is_empty(),
+            "relayed while records cannot be written: {}{}",
+            stdout(&out),
+            stderr(&out)
+        );
+    }
+    assert_eq!(up.connections(), 1, "the upstream received a connection");
+    let refused = w.status()["counters"]["connections_records_unavailable"].clone();
+    assert_eq!(refused, 5, "{}", w.status());
+
+    // Room again: relaying resumes by itself.
+    records.free();
+    w.wait_records_writable(true);
+    let out = get();
+    assert_eq!(stdout(&out), "relayed", "{}", stderr(&out));
+    assert_eq!(up.connections(), 2);
+    // Both relayed connections are on record (the refusals' own records may not have
+    // fit).
+    wait_until(
+        "both relayed connections on record",
+        Duration::from_secs(10),
+        || {
+            w.records("connections")
+                .iter()
+                .filter(|r| r["outcome"] == "closed")
+                .count()
+                == 2
+        },
+    )
+    .unwrap();
 }

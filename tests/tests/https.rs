@@ -536,29 +536,12 @@ fn ca_export_prints_the_ca_the_leaves_chain_to() {
     assert_eq!(key_mode & 0o777, 0o600);
 }
 
-/// Unmounts on drop (before the temp dir goes).
-struct Mount(std::path::PathBuf);
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg(&self.0).status();
-    }
-}
-
 #[test]
 fn a_full_records_disk_fails_closed_with_503_and_recovers() {
     let mut w = World::new("diskfull");
     let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
     let _up = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &[]);
-    let records = w.records_dir();
-    std::fs::create_dir_all(&records).unwrap();
-    let ok = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-        .arg(&records)
-        .status()
-        .unwrap();
-    assert!(ok.success());
-    let _mount = Mount(records.clone());
+    let records = Tmpfs::mount(&w.records_dir(), "4m");
     w.write_config(&format!(
         "{}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
         w.agent_section(""),
@@ -588,19 +571,15 @@ fn a_full_records_disk_fails_closed_with_503_and_recovers() {
     assert_eq!(get().0, "200");
 
     // Fill the records filesystem.
-    let _ = std::process::Command::new("dd")
-        .args(["if=/dev/zero", "bs=64k"])
-        .arg(format!("of={}", records.join("fill").display()))
-        .stderr(std::process::Stdio::null())
-        .status();
-    std::thread::sleep(std::time::Duration::from_millis(250));
+    records.fill();
+    w.wait_records_writable(false);
     let (code, body) = get();
     assert_eq!(code, "503", "{body}");
     assert_eq!(json(&body)["error"], "records_unavailable");
 
     // Room again: serving resumes by itself.
-    std::fs::remove_file(records.join("fill")).unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(250));
+    records.free();
+    w.wait_records_writable(true);
     assert_eq!(get().0, "200");
     // Both served requests are on record (the refusal's own record may not have fit).
     let recs = w.wait_records("requests", 2);

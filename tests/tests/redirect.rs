@@ -1,6 +1,6 @@
 //! The foundation: transparent redirect, kernel-attested identity, TCP pass-through,
-//! fail closed/open, detach, drain, start-up errors. Each test has its own netns and
-//! cgroup and a real phigate.
+//! fail closed/open, restarts without a direct connect, detach, drain, start-up
+//! errors. Each test has its own netns and cgroup and a real phigate.
 
 use std::time::Duration;
 
@@ -452,4 +452,108 @@ fn map_entries_go_with_their_sockets() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Connects to the protected destination in a loop until `stop` exists, sending a
+/// request on every connection that opens; prints a JSON tally. EPERM is phigate's
+/// refusal (no agent listening); a reset during the handshake comes from a listener
+/// closing with the connect in its queue; a response is "served", a connection that
+/// opened but got none is "cut". No pause between attempts: the denser the sampling,
+/// the narrower a window it catches.
+const CONNECT_LOOP: &str = r#"
+import json, os, socket, sys, time
+stop = sys.argv[1]
+res = {"refused": 0, "reset": 0, "served": 0, "cut": 0, "other": []}
+deadline = time.time() + 120
+while not os.path.exists(stop) and time.time() < deadline:
+    s = socket.socket()
+    s.settimeout(3)
+    try:
+        s.connect(("127.0.0.2", 9443))
+    except PermissionError:
+        res["refused"] += 1
+        s.close()
+        continue
+    except ConnectionResetError:
+        res["reset"] += 1
+        s.close()
+        continue
+    except OSError as e:
+        res["other"].append(str(e))
+        s.close()
+        continue
+    data = b""
+    try:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        while True:
+            c = s.recv(4096)
+            if not c:
+                break
+            data += c
+    except OSError:
+        pass
+    s.close()
+    if data.endswith(b"served"):
+        res["served"] += 1
+    else:
+        res["cut"] += 1
+print(json.dumps(res))
+"#;
+
+#[test]
+fn restarts_under_a_connect_loop_never_let_a_connect_reach_the_upstream_directly() {
+    let mut w = tcp_world("restart-gap", "", "\"127.0.0.2:9443\"");
+    let up = CountingServer::start(&w.netns, UP, "served");
+    w.start_agent(false);
+    let stop = w.path("stop");
+    let client = command(
+        w.inside(),
+        &["python3", "-c", CONNECT_LOOP, stop.to_str().unwrap()],
+    )
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let relayed = |w: &World| {
+        w.records("connections")
+            .iter()
+            .filter(|r| r["bytes_down"].as_u64().unwrap_or(0) > 0)
+            .count()
+    };
+    // Served through this agent before it goes.
+    let settle = |w: &World| {
+        let before = relayed(w);
+        wait_until(
+            "connections relayed by the new agent",
+            Duration::from_secs(10),
+            || relayed(w) >= before + 5,
+        )
+        .unwrap();
+    };
+    settle(&w);
+    for _ in 0..3 {
+        // As `systemctl restart` does: stop (SIGTERM, drain), then start.
+        assert!(w.sigterm(Duration::from_secs(20)).success());
+        w.start_agent(false);
+        settle(&w);
+    }
+    std::fs::write(&stop, "").unwrap();
+    let out = client.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let tally: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    eprintln!("connect loop: {tally}");
+    let served = tally["served"].as_u64().unwrap() as usize;
+    // The gaps were hit: connects refused while no agent listened.
+    assert!(tally["refused"].as_u64().unwrap() > 0, "{tally}");
+    assert_eq!(tally["other"], serde_json::json!([]), "{tally}");
+    // Every response came through phigate: one record per relayed connection, and
+    // the upstream accepted no connection besides phigate's.
+    assert!(w.sigterm(Duration::from_secs(20)).success());
+    let relayed = relayed(&w);
+    assert_eq!(served, relayed, "responses not on record: {tally}");
+    assert_eq!(
+        up.connections() as usize,
+        relayed,
+        "the upstream saw connections phigate did not relay: {tally}"
+    );
 }
