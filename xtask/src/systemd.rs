@@ -12,13 +12,15 @@ use crate::util::{exec, root_dir};
 const SUITE: &str = "bookworm";
 
 /// What the container needs beyond minbase: systemd as init (and dbus for
-/// systemd-run), the phigate package's dependency (ca-certificates), curl as the
-/// protected client, python3 for the upstream API and the sandbox probe.
+/// systemd-run), the phigate package's dependencies (ca-certificates, procps; the
+/// test installs the .deb with dpkg, which fetches nothing), curl as the protected
+/// client, python3 for the upstream API and the sandbox probe.
 const PACKAGES: &[&str] = &[
     "systemd",
     "systemd-sysv",
     "dbus",
     "ca-certificates",
+    "procps",
     "curl",
     "python3",
 ];
