@@ -7,12 +7,14 @@
 //! - `bench`: side-by-side figures (`bench proxy`, `bench mask`).
 //! - `fuzz`:  the cargo-fuzz targets, each for a bounded time.
 //! - `soak`:  the long hardening suites (load, faults, hostile input, fuzzing).
+//! - `systemd-root`: the Debian tree the systemd test boots (made by `test` too).
 
 mod bench;
 mod demo;
 mod fuzz;
 mod setup;
 mod soak;
+mod systemd;
 mod util;
 
 use std::process::ExitCode;
@@ -41,6 +43,8 @@ enum Task {
     Demo,
     /// Build the Debian package (target/debian/phigate_*.deb) with cargo-deb.
     Package,
+    /// Make the Debian tree the systemd test boots (target/systemd-root), if missing.
+    SystemdRoot,
     /// Benchmarks, printed side by side with a peer in the same run.
     Bench {
         /// Which benchmark: `proxy`, `records`, `policy`, `mask`.
@@ -81,6 +85,9 @@ fn main() -> ExitCode {
         Task::Demo => setup::run().and_then(|_| demo::run()),
         Task::Package => {
             setup::run().and_then(|_| package().map(|deb| println!("{}", deb.display())))
+        }
+        Task::SystemdRoot => {
+            setup::run().and_then(|_| systemd::prepare().map(|dir| println!("{}", dir.display())))
         }
         Task::Bench { name, duration } => setup::run().and_then(|_| bench::run(&name, duration)),
         Task::Soak { secs, clients } => setup::run().and_then(|_| soak::run(secs, clients)),
@@ -216,6 +223,11 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
             deb = package()?.display().to_string();
             Ok(())
         })?;
+        let mut systemd_root = String::new();
+        run("Debian tree for the systemd test", &mut || {
+            systemd_root = systemd::prepare()?.display().to_string();
+            Ok(())
+        })?;
         run("end-to-end tests", &mut || {
             // Every failing test of every binary, not just the first binary's.
             let mut args = vec![
@@ -232,7 +244,11 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
             args.extend(["--test-threads", "2"]);
             cargo(
                 &args,
-                &[("PHIGATE_BIN", bin.as_str()), ("PHIGATE_DEB", deb.as_str())],
+                &[
+                    ("PHIGATE_BIN", bin.as_str()),
+                    ("PHIGATE_DEB", deb.as_str()),
+                    ("PHIGATE_SYSTEMD_ROOT", systemd_root.as_str()),
+                ],
             )
         })?;
         Ok(())

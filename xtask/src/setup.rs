@@ -23,6 +23,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The reviewer console is tested in headless Chromium through its driver.
     "chromium",
     "chromium-driver",
+    // The packaged unit runs under a real systemd in a container (tests/tests/systemd.rs).
+    "systemd-container",
+    "debootstrap",
 ];
 
 /// Python modules (import name, pip name).
