@@ -115,6 +115,16 @@ except websocket.WebSocketBadStatusException as e:
         }
     }
 
+    /// The first row of `table` that `pred` accepts, waiting for it to be written.
+    fn row(&self, table: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let mut found = None;
+        let _ = wait_until("the record", Duration::from_secs(10), || {
+            found = self.w.all_records(table).into_iter().find(|r| pred(r));
+            found.is_some()
+        });
+        found.unwrap_or_else(|| panic!("no such {table} row: {:?}", self.w.all_records(table)))
+    }
+
     fn connection(&self, destination: &str, outcome: &str) -> Value {
         let mut found = None;
         let _ = wait_until("the connection record", Duration::from_secs(10), || {
@@ -167,11 +177,7 @@ fn passages_no_policy_names_are_refused_and_recorded_and_a_permit_opens_exactly_
 
     // UPGRADE: the read is permitted, the switch of protocols is not.
     assert_eq!(p.websocket(), Err(403));
-    let r =
-        p.w.all_records("requests")
-            .into_iter()
-            .find(|r| r["path"] == "/fhir/Patient/stream")
-            .expect("the upgrade request is recorded");
+    let r = p.row("requests", |r| r["status"] == 403);
     assert_eq!(r["status"], 403, "{r}");
     assert_eq!(r["decision"], "deny", "{r}");
     assert_eq!(r["upgraded"], false);
@@ -198,19 +204,7 @@ fn passages_no_policy_names_are_refused_and_recorded_and_a_permit_opens_exactly_
     assert_eq!(c["policy_ids"], serde_json::json!(["passages.pinned"]));
 
     assert_eq!(p.websocket(), Ok("ping".to_owned()));
-    let mut upgraded = None;
-    let _ = wait_until(
-        "the upgraded request's record",
-        Duration::from_secs(10),
-        || {
-            upgraded =
-                p.w.all_records("requests")
-                    .into_iter()
-                    .find(|r| r["upgraded"] == true);
-            upgraded.is_some()
-        },
-    );
-    let r = upgraded.expect("an upgraded request record");
+    let r = p.row("requests", |r| r["upgraded"] == true);
     assert_eq!(r["status"], 101, "{r}");
     // The tunnel's bytes are counted: a WebSocket frame each way at least.
     assert!(r["response_bytes"].as_u64().unwrap() >= 6, "{r}");

@@ -106,8 +106,13 @@ fn main() -> ExitCode {
 
 /// Builds the release binary and the .deb; returns the package's path.
 fn package() -> anyhow::Result<std::path::PathBuf> {
+    util::cargo(&["build", "--release", "-p", "phigate"], &[])?;
+    deb_of_built_binary()
+}
+
+/// The .deb of the release binary as built; returns the package's path.
+fn deb_of_built_binary() -> anyhow::Result<std::path::PathBuf> {
     use util::{cargo, root_dir};
-    cargo(&["build", "--release", "-p", "phigate"], &[])?;
     cargo(&["deb", "-p", "phigate", "--no-build", "--no-strip"], &[])?;
     let dir = root_dir().join("target/debian");
     let mut debs: Vec<_> = std::fs::read_dir(&dir)?
@@ -162,7 +167,18 @@ fn check() -> anyhow::Result<()> {
     };
     let result = static_checks(&mut run).and_then(|_| {
         run("unit tests", &mut || {
-            cargo(&["test", "-p", "phigate", "-p", "phigate-common"], &[])
+            cargo(
+                &[
+                    "test",
+                    "-p",
+                    "phigate",
+                    "-p",
+                    "phigate-mask",
+                    "-p",
+                    "phigate-common",
+                ],
+                &[],
+            )
         })
     });
     print_summary(&summary);
@@ -195,13 +211,32 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
     };
     let result = (|| {
         static_checks(&mut run)?;
+        // The agent with the end-to-end tests' crate, in one feature resolution:
+        // `cargo test -p phigate-e2e` then reuses this build of the agent rather
+        // than compiling it again with the features its own dependencies unify.
         run("cargo build --release", &mut || {
-            cargo(&["build", "--release", "-p", "phigate"], &[])
+            cargo(
+                &["build", "--release", "-p", "phigate", "-p", "phigate-e2e"],
+                &[],
+            )
         })?;
         let bin = root.join("target/release/phigate");
         let bin = bin.to_str().expect("utf-8 path").to_owned();
         run("unit tests", &mut || {
-            let mut args = vec!["test", "--release", "-p", "phigate", "-p", "phigate-common"];
+            // Library and test targets; examples are checked by clippy, and there
+            // are no doctests to link.
+            let mut args = vec![
+                "test",
+                "--release",
+                "-p",
+                "phigate",
+                "-p",
+                "phigate-mask",
+                "-p",
+                "phigate-common",
+                "--lib",
+                "--tests",
+            ];
             if let Some(f) = filter {
                 args.push(f);
             }
@@ -219,8 +254,8 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
             fuzz::run(Some("json_path"), 20, ci)
         })?;
         let mut deb = String::new();
-        run("cargo xtask package", &mut || {
-            deb = package()?.display().to_string();
+        run("Debian package of that build", &mut || {
+            deb = deb_of_built_binary()?.display().to_string();
             Ok(())
         })?;
         let mut systemd_root = String::new();

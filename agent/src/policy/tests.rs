@@ -116,7 +116,7 @@ fn clinicians_reading_off_hours_need_an_approval() {
 #[test]
 fn shipped_policies_load_and_decide() {
     let set = PolicySet::load(&shipped_dir()).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(set.len(), 7);
+    assert_eq!(set.len(), 9);
     assert_eq!(set.hash().len(), 64);
     let app = || workload("ehr", "ehr.service");
     let job = || workload("fhir-export", "fhir-export.service");
@@ -153,6 +153,31 @@ fn shipped_policies_load_and_decide() {
             false,
             Reason::NoPermit,
             &[],
+            None,
+            None,
+        ),
+        // A wildcard cannot be widened: a longer type name, an operation.
+        (
+            case(app(), clin(), "GET", "/fhir/PatientSecrets"),
+            false,
+            Reason::NoPermit,
+            &[],
+            None,
+            None,
+        ),
+        (
+            case(app(), clin(), "GET", "/fhir/Patient/$export"),
+            false,
+            Reason::Forbidden,
+            &["patients-api.no-unnamed-operations"],
+            None,
+            None,
+        ),
+        (
+            case(app(), clin(), "GET", "/fhir/Patient/1/$everything"),
+            false,
+            Reason::Forbidden,
+            &["patients-api.no-unnamed-operations"],
             None,
             None,
         ),
@@ -676,8 +701,84 @@ when { context has host && context.host == "api.test" && context has sni && cont
     .unwrap();
     let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
     assert!(decide(&set, Some("api.test"), Some("api.test")));
-    // And a policy naming host under that schema is refused at load, with its file.
+    // A policy that asks for the host under that schema loads (`has` is false for
+    // an attribute the schema does not declare) and never permits.
     std::fs::write(d.path().join("p.cedar"), POLICY).unwrap();
-    let e = PolicySet::load(d.path()).unwrap_err().to_string();
-    assert!(e.contains("p.cedar"), "{e}");
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!decide(&set, Some("api.test"), Some("api.test")));
+}
+
+#[test]
+fn passages_are_actions_of_their_own_that_a_set_must_name() {
+    let conn = |set: &PolicySet, passage: Passage, sni: Option<&str>| {
+        let w = workload("svc", "db-client.service");
+        set.decide_passage(
+            &AccessRequest {
+                workload: &w,
+                token: None,
+                token_error: Some(TokenError::Missing),
+                destination: "db",
+                method: "",
+                path: "",
+                query: &[],
+                headers: &[],
+                host: None,
+                sni,
+                clock: NOON_MON,
+                has_approval: false,
+            },
+            passage,
+        )
+    };
+    // Reads and writes of everything: no passage.
+    let d = dir_with(&[(
+        "p.cedar",
+        "@id(\"rw\")\npermit (principal, action in [Phigate::Action::\"read\", Phigate::Action::\"write\"], resource);\n",
+    )]);
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    for p in Passage::ALL {
+        let d = conn(&set, p, Some("pinned.test"));
+        assert!(!d.allowed, "{p:?}: {d:?}");
+        assert_eq!(d.reason, Reason::NoPermit);
+    }
+    // A method spelled like a passage is no passage.
+    assert_eq!(set.action_for("TCP"), OTHER_ACTION);
+    assert_eq!(set.action_for("UPGRADE"), OTHER_ACTION);
+
+    // Each permit opens its own passage only.
+    let d = dir_with(&[(
+        "p.cedar",
+        r#"@id("db")
+permit (principal, action == Phigate::Action::"TCP", resource == Phigate::Destination::"db")
+when { principal.unit == "db-client.service" };
+@id("pinned")
+permit (principal, action == Phigate::Action::"TUNNEL", resource)
+when { context has sni && context.sni == "pinned.test" };
+"#,
+    )]);
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    let d = conn(&set, Passage::Tcp, None);
+    assert!(d.allowed, "{d:?}");
+    assert_eq!(d.policy_ids, ["db"]);
+    assert!(conn(&set, Passage::Tunnel, Some("pinned.test")).allowed);
+    assert!(!conn(&set, Passage::Tunnel, Some("other.test")).allowed);
+    assert!(!conn(&set, Passage::Upgrade, None).allowed);
+
+    // A schema without the passage actions: every passage is refused, saying why.
+    let old = shipped_schema().replace(
+        "action \"TCP\", \"TUNNEL\", \"UPGRADE\" appliesTo {\n    principal: [Workload], resource: [Destination], context: Http\n  };",
+        "",
+    );
+    assert_ne!(old, shipped_schema());
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join(SCHEMA_FILE), &old).unwrap();
+    std::fs::write(
+        d.path().join("p.cedar"),
+        "@id(\"all\")\npermit (principal, action, resource);\n",
+    )
+    .unwrap();
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    let d = conn(&set, Passage::Tcp, None);
+    assert!(!d.allowed);
+    assert!(d.errors[0].contains("declares no action \"TCP\""), "{d:?}");
 }
