@@ -17,7 +17,7 @@ use crate::tls::{self, LeafName, Sniffed};
 pub async fn serve<IO>(
     proxy: &Proxy,
     client: IO,
-    meter: &Arc<Meter>,
+    meter: &Meter,
     conn: &Redirected,
     dest_index: u32,
     dest: &Destination,
@@ -117,8 +117,14 @@ where
     rec.tls_version = client_tls.version.clone();
     rec.alpn = client_tls.alpn.clone();
 
-    let ctx =
-        Arc::new(proxy.conn_context(rec, dest_index, dest, conn, Some(client_tls), meter, config));
+    let ctx = Arc::new(proxy.conn_context(
+        rec,
+        dest_index,
+        dest,
+        conn,
+        Some(client_tls),
+        proxy.tunnel_bounds(meter, config),
+    ));
     let _listed = proxy.live.list(&ctx);
     let outcome = crate::http::serve(
         stream,

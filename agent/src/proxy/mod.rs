@@ -223,7 +223,8 @@ impl Proxy {
                 .await
             }
             Protocol::Http | Protocol::HttpToHttps => {
-                let ctx = self.conn_context(&rec, dest_index, dest, &conn, None, &meter, &config);
+                let bounds = self.tunnel_bounds(&meter, &config);
+                let ctx = self.conn_context(&rec, dest_index, dest, &conn, None, bounds);
                 let pipeline = self.pipeline.load_full();
                 let ctx = Arc::new(ctx);
                 let _listed = self.live.list(&ctx);
@@ -261,8 +262,7 @@ impl Proxy {
         dest: &Destination,
         conn: &Redirected,
         tls: Option<ClientTls>,
-        meter: &Arc<Meter>,
-        config: &Config,
+        tunnel_bounds: crate::pipeline::TunnelBounds,
     ) -> ConnContext {
         ConnContext {
             connection_id: rec.connection_id.clone(),
@@ -274,15 +274,21 @@ impl Proxy {
             workload: conn.workload.clone(),
             tls,
             hosts: dest.hosts.clone(),
-            tunnel_bounds: crate::pipeline::TunnelBounds {
-                idle: config.timeouts.idle,
-                lifetime_end: tokio::time::Instant::from_std(meter.started())
-                    + config.timeouts.max_connection_lifetime,
-                drain: self.force_close.clone(),
-            },
+            tunnel_bounds,
             requests: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             grants: Arc::default(),
+        }
+    }
+
+    /// The bounds of a connection that started with `meter`, for a tunnel it
+    /// carries (an upgrade) to keep.
+    pub fn tunnel_bounds(&self, meter: &Meter, config: &Config) -> crate::pipeline::TunnelBounds {
+        crate::pipeline::TunnelBounds {
+            idle: config.timeouts.idle,
+            lifetime_end: tokio::time::Instant::from_std(meter.started())
+                + config.timeouts.max_connection_lifetime,
+            drain: self.force_close.clone(),
         }
     }
 

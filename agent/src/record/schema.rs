@@ -315,7 +315,9 @@ mod tests {
             // + oidc_expiry, path_as_sent, identity_unknown (nullable, added: older
             // files read them as null through union_by_name).
             ("requests", "ab5b1af40b15e48f"),
-            ("connections", "72beb299537ee81f"),
+            // + decision, policy_ids, policy_set_hash (nullable, added: a TCP or
+            // TUNNEL passage is decided per connection).
+            ("connections", "32e1d78c9a3bbc69"),
             ("approvals", "358fdec1cc73e61a"),
             ("events", "78109fc628bd5a96"),
         ];
