@@ -6,8 +6,6 @@
 //! read. Each is refused (or made unambiguous), recorded, and never reaches the
 //! upstream as sent.
 
-use std::path::Path;
-
 use phigate_e2e::*;
 use serde_json::Value;
 
@@ -29,13 +27,6 @@ struct Api {
 fn start(tag: &str) -> Api {
     let mut w = World::new(tag);
     w.write_policies(&[("fhir.cedar", POLICY)]);
-    let profiles = w.path("policies/profiles");
-    std::fs::create_dir_all(&profiles).unwrap();
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/profiles");
-    for f in std::fs::read_dir(shipped).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, profiles.join(f.file_name().unwrap())).unwrap();
-    }
     let files = w.path("files");
     std::fs::create_dir_all(&files).unwrap();
     let patient = fhir::patient(17, 1).resources[0].clone();

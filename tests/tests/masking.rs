@@ -2,7 +2,6 @@
 //! are all known go through phigate under `safe_harbor`; none of those strings may
 //! reach the client, nor any record (the Parquet files, read with DuckDB).
 
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -55,14 +54,6 @@ fn start_with(tag: &str, masking_section: &str) -> Masked {
     .unwrap();
     identifiers.extend(one.identifiers);
     std::fs::write(files.join("note.txt"), "plain text").unwrap();
-    // The shipped profiles.
-    let profiles = w.path("policies/profiles");
-    std::fs::create_dir_all(&profiles).unwrap();
-    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/profiles");
-    for f in std::fs::read_dir(shipped).unwrap() {
-        let f = f.unwrap().path();
-        std::fs::copy(&f, profiles.join(f.file_name().unwrap())).unwrap();
-    }
     let upstream = node_upstream(
         &w,
         "127.0.0.2",

@@ -155,6 +155,16 @@ fn static_checks(run: &mut StepRunner<'_>) -> anyhow::Result<()> {
     })
 }
 
+/// The crates whose unit tests need no root.
+const UNIT_TESTED: [&str; 6] = [
+    "-p",
+    "phigate",
+    "-p",
+    "phigate-mask",
+    "-p",
+    "phigate-common",
+];
+
 /// `cargo xtask check`: what a contributor without root can run.
 fn check() -> anyhow::Result<()> {
     use util::{cargo, step};
@@ -167,18 +177,9 @@ fn check() -> anyhow::Result<()> {
     };
     let result = static_checks(&mut run).and_then(|_| {
         run("unit tests", &mut || {
-            cargo(
-                &[
-                    "test",
-                    "-p",
-                    "phigate",
-                    "-p",
-                    "phigate-mask",
-                    "-p",
-                    "phigate-common",
-                ],
-                &[],
-            )
+            let mut args = vec!["test"];
+            args.extend(UNIT_TESTED);
+            cargo(&args, &[])
         })
     });
     print_summary(&summary);
@@ -225,18 +226,9 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
         run("unit tests", &mut || {
             // Library and test targets; examples are checked by clippy, and there
             // are no doctests to link.
-            let mut args = vec![
-                "test",
-                "--release",
-                "-p",
-                "phigate",
-                "-p",
-                "phigate-mask",
-                "-p",
-                "phigate-common",
-                "--lib",
-                "--tests",
-            ];
+            let mut args = vec!["test", "--release"];
+            args.extend(UNIT_TESTED);
+            args.extend(["--lib", "--tests"]);
             if let Some(f) = filter {
                 args.push(f);
             }
