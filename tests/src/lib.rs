@@ -579,6 +579,22 @@ impl World {
         }
     }
 
+    /// The first row of `table` (every file, as `all_records`) that `pred` accepts,
+    /// waiting up to 10 s for it to be written; panics naming `what` otherwise.
+    pub fn wait_row(&self, table: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let t = Instant::now();
+        loop {
+            let rows = self.all_records(table);
+            if let Some(r) = rows.iter().find(|r| pred(r)) {
+                return r.clone();
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                panic!("no {table} row {what}: {rows:?}");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     pub fn inside(&self) -> Place<'_> {
         Place {
             netns: Some(&self.netns),

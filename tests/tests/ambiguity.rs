@@ -118,19 +118,11 @@ impl Api {
 
     /// The request record whose error mentions `needle`, waiting for it.
     fn refused(&self, status: u16, needle: &str) -> Value {
-        let mut found = None;
-        let _ = wait_until("the record", std::time::Duration::from_secs(10), || {
-            found = self.w.all_records("requests").into_iter().find(|r| {
-                r["status"] == status && r["error"].as_str().is_some_and(|e| e.contains(needle))
-            });
-            found.is_some()
-        });
-        found.unwrap_or_else(|| {
-            panic!(
-                "no {status} record mentioning {needle:?}: {:?}",
-                self.w.all_records("requests")
-            )
-        })
+        self.w.wait_row(
+            "requests",
+            &format!("{status} mentioning {needle:?}"),
+            |r| r["status"] == status && r["error"].as_str().is_some_and(|e| e.contains(needle)),
+        )
     }
 }
 

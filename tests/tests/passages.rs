@@ -116,31 +116,12 @@ except websocket.WebSocketBadStatusException as e:
     }
 
     /// The first row of `table` that `pred` accepts, waiting for it to be written.
-    fn row(&self, table: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let mut found = None;
-        let _ = wait_until("the record", Duration::from_secs(10), || {
-            found = self.w.all_records(table).into_iter().find(|r| pred(r));
-            found.is_some()
-        });
-        found.unwrap_or_else(|| panic!("no such {table} row: {:?}", self.w.all_records(table)))
-    }
-
     fn connection(&self, destination: &str, outcome: &str) -> Value {
-        let mut found = None;
-        let _ = wait_until("the connection record", Duration::from_secs(10), || {
-            found = self
-                .w
-                .all_records("connections")
-                .into_iter()
-                .find(|r| r["destination"] == destination && r["outcome"] == outcome);
-            found.is_some()
-        });
-        found.unwrap_or_else(|| {
-            panic!(
-                "no {destination} connection with outcome {outcome}: {:?}",
-                self.w.all_records("connections")
-            )
-        })
+        self.w.wait_row(
+            "connections",
+            &format!("for {destination} with outcome {outcome}"),
+            |r| r["destination"] == destination && r["outcome"] == outcome,
+        )
     }
 }
 
@@ -177,7 +158,8 @@ fn passages_no_policy_names_are_refused_and_recorded_and_a_permit_opens_exactly_
 
     // UPGRADE: the read is permitted, the switch of protocols is not.
     assert_eq!(p.websocket(), Err(403));
-    let r = p.row("requests", |r| r["status"] == 403);
+    let r =
+        p.w.wait_row("requests", "refused 403", |r| r["status"] == 403);
     assert_eq!(r["status"], 403, "{r}");
     assert_eq!(r["decision"], "deny", "{r}");
     assert_eq!(r["upgraded"], false);
@@ -204,7 +186,8 @@ fn passages_no_policy_names_are_refused_and_recorded_and_a_permit_opens_exactly_
     assert_eq!(c["policy_ids"], serde_json::json!(["passages.pinned"]));
 
     assert_eq!(p.websocket(), Ok("ping".to_owned()));
-    let r = p.row("requests", |r| r["upgraded"] == true);
+    let r =
+        p.w.wait_row("requests", "upgraded", |r| r["upgraded"] == true);
     assert_eq!(r["status"], 101, "{r}");
     // The tunnel's bytes are counted: a WebSocket frame each way at least.
     assert!(r["response_bytes"].as_u64().unwrap() >= 6, "{r}");
