@@ -579,6 +579,34 @@ impl World {
         }
     }
 
+    /// The rows of `table` (every file, as `all_records`) that `pred` accepts, once
+    /// there are at least `n` of them, waiting up to 10 s; panics naming `what`.
+    /// Waiting on a count of all rows instead races: a refusal's row can arrive
+    /// before the served request's row that the test is about.
+    pub fn wait_rows(
+        &self,
+        table: &str,
+        n: usize,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let t = Instant::now();
+        loop {
+            let rows = self.all_records(table);
+            let hits: Vec<Value> = rows.iter().filter(|r| pred(r)).cloned().collect();
+            if hits.len() >= n {
+                return hits;
+            }
+            if t.elapsed() > Duration::from_secs(10) {
+                panic!(
+                    "expected {n} {table} rows {what}, have {}: {rows:?}",
+                    hits.len()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
     /// The first row of `table` (every file, as `all_records`) that `pred` accepts,
     /// waiting up to 10 s for it to be written; panics naming `what` otherwise.
     pub fn wait_row(&self, table: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {

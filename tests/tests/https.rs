@@ -582,10 +582,6 @@ fn a_full_records_disk_fails_closed_with_503_and_recovers() {
     w.wait_records_writable(true);
     assert_eq!(get().0, "200");
     // Both served requests are on record (the refusal's own record may not have fit).
-    let recs = w.wait_records("requests", 2);
-    assert_eq!(
-        recs.iter().filter(|r| r["status"] == 200).count(),
-        2,
-        "{recs:?}"
-    );
+    let served = w.wait_rows("requests", 2, "with status 200", |r| r["status"] == 200);
+    assert_eq!(served.len(), 2, "{served:?}");
 }
