@@ -59,6 +59,7 @@ fn main() {
         groups: vec!["clinicians".into(), "staff".into()],
         expires_at: 2_000_000_000,
         claims: [("client_id".to_owned(), "ehr".to_owned())].into(),
+        person: None,
     };
     let query = vec![("_count".to_owned(), "10".to_owned())];
     let headers = vec![("x-purpose".to_owned(), "treatment".to_owned())];

@@ -84,6 +84,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     // Policies are validated before anything is served: a bad set stops the start.
     let pipeline = build_pipeline(&config, records.clone(), approvals.clone(), &sockets)?;
+    approvals.configure(pipeline.approval_rules.clone());
     let mut start = EventRecord::new(store.origin(), "agent_start", "ok");
     start.config_hash = config_hash(&config.source);
     start.policy_set_hash = Some(pipeline.gate.load().policies.hash().to_owned());
@@ -339,6 +340,9 @@ fn reload(
     current.gate.store(pipeline.gate.load_full());
     pipeline.gate = current.gate.clone();
     info!(policies = pipeline.gate.load().policies.len(), set = %pipeline.gate.load().policies.hash(), "policy set in force");
+    pipeline
+        .approvals
+        .configure(pipeline.approval_rules.clone());
     proxy.pipeline.store(Arc::new(pipeline));
     proxy.config.store(Arc::new(next));
     // Revocation takes effect at once: open connections are decided again.

@@ -563,7 +563,11 @@ fn approvals(
                 a.summary.method,
                 a.summary.destination,
                 a.summary.path,
-                a.requester.principal,
+                if a.requester_person.is_empty() {
+                    a.requester.principal.clone()
+                } else {
+                    format!("{} ({})", a.requester_person, a.requester.principal)
+                },
                 a.approvals.len(),
                 a.quorum
             );

@@ -284,6 +284,10 @@ pub struct OidcIssuer {
     pub group_map: std::collections::BTreeMap<String, String>,
     /// String claims exposed to policies as tags of `context.token`.
     pub claims: Vec<String>,
+    /// The claim naming the person who holds the token (`email`,
+    /// `preferred_username`, an employee id), matched against approvals.toml's
+    /// `[[person]]` names: approvals count persons, and `sub` is often opaque.
+    pub person_claim: Option<String>,
     pub clock_skew: Duration,
     /// Extra CA (PEM) trusted for the issuer's TLS, beside the system roots.
     pub ca_file: Option<PathBuf>,
@@ -560,6 +564,7 @@ struct RawIssuer {
     group_map: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     claims: Vec<String>,
+    person_claim: Option<String>,
     clock_skew_secs: Option<Spanned<u64>>,
     ca_file: Option<PathBuf>,
     jwks_refresh_min_secs: Option<u64>,
@@ -1019,6 +1024,7 @@ impl Config {
                 groups_claims: r.groups_claims.unwrap_or_else(|| vec!["groups".into()]),
                 group_map: r.group_map,
                 claims: r.claims,
+                person_claim: r.person_claim.filter(|c| !c.trim().is_empty()),
                 clock_skew,
                 ca_file: r.ca_file.map(resolve),
                 jwks_refresh_min: Duration::from_secs(r.jwks_refresh_min_secs.unwrap_or(30)),

@@ -209,7 +209,8 @@ impl Pipeline {
         let mut req = req.map(boxed);
         if let Some(rule) = decision.approval_rule.clone() {
             let profile = self.mask_profile_for(&conn, decision);
-            match self.approve(ex, &conn, &rule, profile, req).await {
+            let token = verdict.access.token.as_ref().ok();
+            match self.approve(ex, &conn, &rule, profile, token, req).await {
                 Ok((e, r)) => (ex, req) = (e, r),
                 Err(resp) => return Ok(resp),
             }
@@ -390,6 +391,7 @@ impl Pipeline {
         conn: &ConnContext,
         rule_name: &str,
         profile: Option<Arc<Profile>>,
+        token: Option<&crate::identity::token::TokenIdentity>,
         req: Request<PhiBody>,
     ) -> Result<(Exchange, Request<PhiBody>), Response<PhiBody>> {
         use crate::approval::{Gate, State};
@@ -419,7 +421,7 @@ impl Pipeline {
                     .await)
             }
         };
-        let (binding, mut summary) = approval_binding(&ex.record, conn, &parts, &bytes);
+        let (binding, mut summary) = approval_binding(&ex.record, conn, token, &parts, &bytes);
         summary.preview = Some(self.preview(profile.as_ref(), &parts, &bytes));
         match self.approvals.gate(&rule, &binding, summary).await {
             Gate::Proceed {
@@ -469,6 +471,18 @@ impl Pipeline {
                         .insert(crate::approval::APPROVAL_ID_HEADER, v);
                 }
                 Err(ex.answer_with(resp, code, reason).await)
+            }
+            Gate::TooMany { max } => {
+                ex.record.decision = "held";
+                Err(ex
+                    .answer(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too_many_pending_approvals",
+                        &format!(
+                            "you have {max} requests waiting for approval already; wait for a decision on them"
+                        ),
+                    )
+                    .await)
             }
             Gate::Unavailable(e) => Err(ex
                 .answer(
@@ -1171,25 +1185,27 @@ impl Exchange {
     }
 }
 
-/// What an approval is bound to (requester, method, URL, body hash) and what
-/// reviewers are shown of the request (its recorded, pseudonymized form).
+/// What an approval is bound to (requester, destination, method, authority, path and
+/// query, meaning-changing headers, body hash) and what reviewers are shown of the
+/// request (its recorded, pseudonymized form).
 fn approval_binding(
     record: &RequestRecord,
     conn: &ConnContext,
+    token: Option<&crate::identity::token::TokenIdentity>,
     parts: &http::request::Parts,
     body: &[u8],
 ) -> (crate::approval::Binding, crate::approval::RequestSummary) {
-    use crate::approval::{Binding, RequestSummary, Requester};
+    use crate::approval::{Binding, RequestSummary, Requester, TokenName, MEANING_HEADERS};
     use sha2::Digest;
     let w = &conn.workload;
-    let token = (record.oidc_issuer.clone(), record.oidc_subject.clone());
-    let mut names: Vec<String> = w.user.iter().cloned().collect();
-    let principal = match token {
-        (Some(iss), Some(sub)) => {
-            names.push(sub.clone());
-            format!("oidc:{iss}#{sub}")
-        }
-        _ => format!(
+    let token = token.map(|t| TokenName {
+        issuer: t.issuer.clone(),
+        subject: t.subject.clone(),
+        person: t.person.clone(),
+    });
+    let principal = match &token {
+        Some(t) => format!("oidc:{}#{}", t.issuer, t.subject),
+        None => format!(
             "uid:{}@{}",
             w.uid,
             w.systemd_unit
@@ -1198,19 +1214,37 @@ fn approval_binding(
                 .unwrap_or("-")
         ),
     };
-    let url = format!(
-        "{}{}",
-        record.authority.as_deref().unwrap_or(&record.original_dst),
-        parts
+    let headers = MEANING_HEADERS
+        .iter()
+        .flat_map(|name| {
+            parts.headers.get_all(*name).iter().map(move |v| {
+                (
+                    (*name).to_owned(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+        })
+        .collect();
+    let binding = Binding {
+        requester: Requester {
+            principal,
+            unix: w.user.clone(),
+            token,
+            names: Vec::new(),
+        },
+        destination: conn.destination.clone(),
+        method: parts.method.to_string(),
+        authority: record
+            .authority
+            .clone()
+            .unwrap_or_else(|| record.original_dst.clone()),
+        target: parts
             .uri
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/")
-    );
-    let binding = Binding {
-        requester: Requester { principal, names },
-        method: parts.method.to_string(),
-        url,
+            .to_owned(),
+        headers,
         body_sha256: hex::encode(sha2::Sha256::digest(body)),
     };
     let summary = RequestSummary {

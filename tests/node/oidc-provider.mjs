@@ -6,7 +6,8 @@
 // --keys: private signing keys (JWKS); created with a new P-256 key (kid --kid, default
 // "k1") when the file does not exist, so restarting with another file rotates keys.
 // Clients (secret = "secret"): clinician-app (groups ["fhir-clinicians"]),
-// billing-app (groups ["billing"]), plain-app (no groups).
+// billing-app (groups ["billing"]), plain-app (no groups), and 0oa7x1q9dana, whose
+// subject is opaque as many providers' are, with an `email` claim naming its person.
 // Resources: https://patients-api (aud patients-api, 300 s), https://other-api
 // (aud other-api), https://short-lived (aud patients-api, 1 s).
 import https from 'node:https';
@@ -26,7 +27,13 @@ if (!fs.existsSync(args.keys)) {
 }
 const jwks = JSON.parse(fs.readFileSync(args.keys, 'utf8'));
 
-const GROUPS = { 'clinician-app': ['fhir-clinicians'], 'billing-app': ['billing'], 'plain-app': [] };
+const GROUPS = {
+  'clinician-app': ['fhir-clinicians'],
+  'billing-app': ['billing'],
+  'plain-app': [],
+  '0oa7x1q9dana': ['fhir-clinicians'],
+};
+const EMAIL = { '0oa7x1q9dana': 'dana@hospital.test' };
 const RESOURCES = {
   'https://patients-api': { audience: 'patients-api', ttl: 300 },
   'https://other-api': { audience: 'other-api', ttl: 300 },
@@ -64,7 +71,10 @@ const provider = new Provider(issuer, {
       },
     },
   },
-  extraTokenClaims: async (ctx, token) => ({ groups: GROUPS[token.clientId] ?? [] }),
+  extraTokenClaims: async (ctx, token) => ({
+    groups: GROUPS[token.clientId] ?? [],
+    ...(EMAIL[token.clientId] ? { email: EMAIL[token.clientId] } : {}),
+  }),
 });
 
 https

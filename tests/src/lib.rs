@@ -189,6 +189,9 @@ impl Drop for Cgroup {
     }
 }
 
+/// The unprivileged user the attacker's processes run as.
+pub const NOBODY: u32 = 65534;
+
 /// Where a spawned process lives.
 #[derive(Clone, Copy, Default)]
 pub struct Place<'a> {
@@ -631,6 +634,27 @@ impl World {
         }
     }
 
+    /// Where the threat model's attacker runs: an unprivileged process (`nobody`) in
+    /// the protected cgroup. Its tools: curl, openssl, `/usr/bin/python3` (files it
+    /// reads go through [`World::public_copy`]).
+    pub fn unprivileged(&self) -> Place<'_> {
+        Place {
+            uid: Some(NOBODY),
+            ..self.inside()
+        }
+    }
+
+    /// A copy of `file` in the world's directory that every user may read (the
+    /// agent's CA, an upstream's CA); its path.
+    pub fn public_copy(&self, file: &Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let name = format!("public-{}", file.file_name().unwrap().to_string_lossy());
+        let to = self.dir.path().join(unique(&name));
+        std::fs::copy(file, &to).unwrap();
+        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o644)).unwrap();
+        to
+    }
+
     pub fn outside(&self) -> Place<'_> {
         Place {
             netns: Some(&self.netns),
@@ -972,4 +996,79 @@ pub fn load_client(
 pub fn load_report(out: &Output) -> Value {
     serde_json::from_str(stdout(out).trim())
         .unwrap_or_else(|e| panic!("load client ({e}): {}{}", stdout(out), stderr(out)))
+}
+
+/// A script of tests/node (npm packages installed there by `cargo xtask setup`).
+pub fn node_script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("node")
+        .join(name)
+}
+
+/// A real OIDC provider (the `oidc-provider` npm package, tests/node/oidc-provider.mjs)
+/// in the world's netns on 127.0.0.1:`port`, serving HTTPS with `pki`; its signing
+/// keys in `keys` (created with `kid` when missing).
+pub fn start_idp(w: &World, pki: &TestPki, port: u16, keys: &Path, kid: &str) -> Background {
+    let script = node_script("oidc-provider.mjs");
+    assert!(
+        script.with_file_name("node_modules/oidc-provider").exists(),
+        "oidc-provider is not installed: run `cargo xtask setup` (npm install in tests/node)"
+    );
+    let port_s = port.to_string();
+    let bg = Background::spawn(
+        w.outside(),
+        &[
+            "node",
+            script.to_str().unwrap(),
+            "--port",
+            &port_s,
+            "--cert",
+            pki.cert.to_str().unwrap(),
+            "--key",
+            pki.key.to_str().unwrap(),
+            "--keys",
+            keys.to_str().unwrap(),
+            "--kid",
+            kid,
+        ],
+        w.path(&unique("idp.log")),
+    );
+    assert!(
+        w.netns.wait_port(
+            format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_secs(15)
+        ),
+        "the OIDC provider did not start: {}",
+        bg.log_text()
+    );
+    bg
+}
+
+/// An access token from the provider on `port` by client credentials (every test
+/// client's secret is `secret`) for `resource`.
+pub fn idp_token(w: &World, pki: &TestPki, port: u16, client: &str, resource: &str) -> String {
+    let out = output(
+        w.outside(),
+        &[
+            "curl",
+            "-sS",
+            "--cacert",
+            pki.ca.to_str().unwrap(),
+            &format!("https://127.0.0.1:{port}/token"),
+            "-d",
+            "grant_type=client_credentials",
+            "-d",
+            &format!("client_id={client}"),
+            "-d",
+            "client_secret=secret",
+            "-d",
+            &format!("resource={resource}"),
+        ],
+    );
+    let v: Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("token response ({e}): {}", stdout(&out)));
+    v["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no access_token: {v}"))
+        .to_owned()
 }

@@ -19,6 +19,8 @@ when { context.path like "/fhir/Patient/*" || context.path like "/fhir/Coverage/
 
 struct Api {
     w: World,
+    /// The agent's CA, readable by the unprivileged clients.
+    ca: std::path::PathBuf,
     _upstream: Background,
     /// The raw family name of the Patient the upstream serves.
     family: String,
@@ -60,6 +62,7 @@ fn start(tag: &str) -> Api {
     ));
     w.start_agent(false);
     Api {
+        ca: w.public_copy(&w.path("state/ca.pem")),
         w,
         _upstream: upstream,
         family,
@@ -67,10 +70,11 @@ fn start(tag: &str) -> Api {
 }
 
 impl Api {
-    /// curl in the protected cgroup, to `https://NAME:9443PATH` with NAME resolved
-    /// to the upstream's address. Returns (status, headers, body).
+    /// curl as an unprivileged process of the protected cgroup, to
+    /// `https://NAME:9443PATH` with NAME resolved to the upstream's address. Returns
+    /// (status, headers, body).
     fn curl(&self, name: &str, path: &str, args: &[&str]) -> (u16, String, String) {
-        let ca = self.w.path("state/ca.pem").display().to_string();
+        let ca = self.ca.display().to_string();
         let resolve = format!("{name}:9443:127.0.0.2");
         let url = format!("https://{name}:9443{path}");
         let mut argv = vec![
@@ -83,19 +87,22 @@ impl Api {
             ca.as_str(),
             "--resolve",
             resolve.as_str(),
+            // Headers before the body on stdout (an unprivileged process cannot
+            // reopen /dev/stderr, a pipe of root's).
             "-D",
-            "/dev/stderr",
+            "-",
             "-w",
             "\n%{http_code}",
         ];
         argv.extend_from_slice(args);
         argv.push(&url);
-        let out = output(self.w.inside(), &argv);
+        let out = output(self.w.unprivileged(), &argv);
         let text = stdout(&out);
-        let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        let (rest, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+        let (head, body) = rest.split_once("\r\n\r\n").unwrap_or((rest, ""));
         (
             code.trim().parse().unwrap_or(0),
-            stderr(&out),
+            format!("{head}\r\n\r\n{}", stderr(&out)),
             body.to_owned(),
         )
     }
@@ -245,8 +252,8 @@ fn a_byte_range_of_a_masked_document_is_never_passed() {
 fn a_websocket_upgrade_of_a_masked_read_is_refused() {
     require_root();
     let api = start("upgrade");
-    let ca = api.w.path("state/ca.pem").display().to_string();
-    // websocket-client (PyPI) over a TLS socket to the protected address; the URL
+    let ca = api.ca.display().to_string();
+    // websocket-client (Debian's, under the system Python) over a TLS socket to the protected address; the URL
     // gives the Host and the SNI.
     let script = format!(
         r#"
@@ -260,7 +267,7 @@ except websocket.WebSocketBadStatusException as e:
     print(json.dumps({{"upgraded": False, "status": e.status_code}}))
 "#
     );
-    let out = output(api.w.inside(), &["python3", "-c", &script]);
+    let out = output(api.w.unprivileged(), &["/usr/bin/python3", "-c", &script]);
     let v: Value = serde_json::from_str(stdout(&out).trim())
         .unwrap_or_else(|e| panic!("{e}: {} {}", stdout(&out), stderr(&out)));
     assert_eq!(v["upgraded"], false, "{v}");

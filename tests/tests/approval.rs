@@ -23,7 +23,7 @@ const HOOK_ROGUE_PORT: u16 = 9702;
 const CONSOLE: &str = "https://127.0.0.1:15443";
 const DAEMON: u32 = 1;
 const BIN: u32 = 2;
-const NOBODY: u32 = 65534;
+const IDP_PORT: u16 = 9600;
 
 const POLICIES: &str = r#"
 @id("export.needs-approval")
@@ -148,6 +148,8 @@ struct Jit {
     _upstream: Background,
     _hooks: Vec<Background>,
     ca: PathBuf,
+    /// The OIDC provider's TLS, when the world has one.
+    idp_pki: Option<TestPki>,
 }
 
 /// Receives webhooks on 127.0.0.1:PORT in the world's netns: every attempt's URL path
@@ -213,6 +215,18 @@ impl Jit {
     /// agent trusts through the system trust store, here SSL_CERT_FILE) and
     /// HOOK_ROGUE_PORT (a CA it does not trust).
     fn start_with(tag: &str, admin_extra: &str, tls_hooks: bool) -> Jit {
+        Jit::build(tag, admin_extra, tls_hooks, None, "")
+    }
+
+    /// `idp`: a real OIDC provider on IDP_PORT whose tokens the agent accepts (its
+    /// `email` claim names the person); `rules_extra` is appended to approvals.toml.
+    fn build(
+        tag: &str,
+        admin_extra: &str,
+        tls_hooks: bool,
+        idp: Option<&std::path::Path>,
+        rules_extra: &str,
+    ) -> Jit {
         let mut w = World::new(tag);
         let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
         let upstream = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &[]);
@@ -237,15 +251,34 @@ impl Jit {
             w.agent_env
                 .push(format!("SSL_CERT_FILE={}", trusted.ca.display()));
         }
+        let mut oidc = String::new();
+        let idp_pki = idp.map(|dir| TestPki::new(dir, "idp", "IP:127.0.0.1"));
+        if let (Some(dir), Some(idp_pki)) = (idp, &idp_pki) {
+            hooks.push(start_idp(
+                &w,
+                idp_pki,
+                IDP_PORT,
+                &dir.join("idp-keys.json"),
+                "k1",
+            ));
+            oidc = format!(
+                "\n[[oidc.issuers]]\nissuer = \"https://127.0.0.1:{IDP_PORT}\"\naudiences = [\"patients-api\"]\nca_file = \"{}\"\nperson_claim = \"email\"\n",
+                idp_pki.ca.display()
+            );
+        }
         w.write_policies(&[("jit.cedar", POLICIES)]);
-        std::fs::write(w.policies_dir().join("approvals.toml"), rules()).unwrap();
+        std::fs::write(
+            w.policies_dir().join("approvals.toml"),
+            format!("{rules_extra}\n{}", rules()),
+        )
+        .unwrap();
         let mut config = w.agent_section("");
         if !admin_extra.is_empty() {
             // Extra keys go into the [admin] table the harness writes.
             config = config.replacen("[admin]\n", &format!("[admin]\n{admin_extra}\n"), 1);
         }
         w.write_config(&format!(
-            "{config}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
+            "{config}{oidc}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
             pki.ca.display()
         ));
         w.start_agent(false);
@@ -257,6 +290,7 @@ impl Jit {
             _upstream: upstream,
             _hooks: hooks,
             ca,
+            idp_pki,
         }
     }
 
@@ -266,24 +300,34 @@ impl Jit {
 
     /// curl through the redirect as `uid`: (status, body, approval id header).
     fn curl(&self, uid: Option<u32>, path: &str) -> (u16, Value, Option<String>) {
+        self.curl_with(uid, path, &[])
+    }
+
+    /// As [`Self::curl`], with more curl arguments (`-H ...`).
+    fn curl_with(
+        &self,
+        uid: Option<u32>,
+        path: &str,
+        extra: &[&str],
+    ) -> (u16, Value, Option<String>) {
         let place = Place {
             uid,
             ..self.w.inside()
         };
-        let out = output(
-            place,
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "60",
-                "--cacert",
-                self.ca.to_str().unwrap(),
-                "-D",
-                "-",
-                &format!("https://{UP}{path}"),
-            ],
-        );
+        let url = format!("https://{UP}{path}");
+        let mut argv = vec![
+            "curl",
+            "-sS",
+            "--max-time",
+            "60",
+            "--cacert",
+            self.ca.to_str().unwrap(),
+            "-D",
+            "-",
+        ];
+        argv.extend_from_slice(extra);
+        argv.push(&url);
+        let out = output(place, &argv);
         assert!(out.status.success(), "curl {path}: {}", stderr(&out));
         parse_response(&stdout(&out))
     }
@@ -686,6 +730,12 @@ finally:
 /// password `correct horse battery`); the `[admin]` lines serving the console with it
 /// on CONSOLE.
 fn console_admin(dir: &std::path::Path) -> String {
+    console_admin_for(dir, &[("alice", &["privacy"])])
+}
+
+/// As [`console_admin`], with these accounts (name, groups), all with the password
+/// `correct horse battery`.
+fn console_admin_for(dir: &std::path::Path, accounts_of: &[(&str, &[&str])]) -> String {
     let accounts = dir.join("accounts.toml");
     let hash = {
         let mut c = std::process::Command::new(phigate_bin())
@@ -704,11 +754,15 @@ fn console_admin(dir: &std::path::Path) -> String {
         assert!(out.status.success());
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
     };
-    std::fs::write(
-        &accounts,
-        format!("[[account]]\nname = \"alice\"\npassword = \"{hash}\"\ngroups = [\"privacy\"]\n"),
-    )
-    .unwrap();
+    let text: String = accounts_of
+        .iter()
+        .map(|(name, groups)| {
+            format!(
+                "[[account]]\nname = \"{name}\"\npassword = \"{hash}\"\ngroups = {groups:?}\n\n"
+            )
+        })
+        .collect();
+    std::fs::write(&accounts, text).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&accounts, std::fs::Permissions::from_mode(0o600)).unwrap();
     format!(
@@ -1094,4 +1148,231 @@ fn the_console_refuses_decisions_without_its_origin_and_csrf_token_and_takes_its
     let row = j.wait_state(&id, "approved", Duration::from_secs(10));
     assert_eq!(row["reviewer"], "alice");
     assert_eq!(row["reason"], "reviewed in the console");
+}
+
+/// Signs in to the console as `user` in headless Chromium, opens approval `id`, and
+/// approves it with a reason; prints `approved` or the console's error.
+const BROWSER_DECIDE: &str = r#"
+import sys
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support import expected_conditions as EC
+base, approval_id, user = sys.argv[1], sys.argv[2], sys.argv[3]
+o = webdriver.ChromeOptions()
+o.binary_location = "/usr/bin/chromium"
+for a in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage"]:
+    o.add_argument(a)
+o.set_capability("acceptInsecureCerts", True)
+d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=o)
+wait = WebDriverWait(d, 20)
+try:
+    d.get(base + "/login")
+    wait.until(EC.presence_of_element_located((By.ID, "username")))
+    d.find_element(By.ID, "username").send_keys(user)
+    d.find_element(By.ID, "password").send_keys("correct horse battery")
+    d.find_element(By.ID, "signin").click()
+    wait.until(EC.presence_of_element_located((By.ID, "pending")))
+    d.get(base + "/approvals/" + approval_id)
+    wait.until(EC.presence_of_element_located((By.ID, "reason")))
+    d.find_element(By.ID, "reason").send_keys("reviewed")
+    d.find_element(By.ID, "approve").click()
+    wait.until(lambda d: d.find_elements(By.ID, "error") or
+               ("approved by " + user) in d.find_element(By.ID, "votes").text)
+    errors = d.find_elements(By.ID, "error")
+    print(("error: " + errors[0].text) if errors else "approved")
+finally:
+    d.quit()
+"#;
+
+/// Dana (approvals.toml `[[person]]`) is the Unix login `daemon`, the console account
+/// `dana.r`, and the holder of tokens of the provider's client `0oa7x1q9dana`, whose
+/// subject is opaque (her person comes from the token's `email` claim). She asks
+/// with her token; under none of her names may she approve that request, in the
+/// console (Chromium) or the CLI. On someone else's request needing two approvals
+/// she counts once. One requester's pending approvals are bounded (429, recorded).
+#[test]
+fn one_person_cannot_approve_their_own_request_or_vote_twice_under_another_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = console_admin_for(
+        dir.path(),
+        &[("dana.r", &["daemon"]), ("carol", &["daemon"])],
+    );
+    let people = r#"
+max_pending_per_requester = 2
+
+[[person]]
+name = "dana"
+unix = ["daemon"]
+console = ["dana.r"]
+oidc = ["dana@hospital.test"]
+"#;
+    let j = Jit::build("jit-people", &admin, false, Some(dir.path()), people);
+    let token = idp_token(
+        &j.w,
+        j.idp_pki.as_ref().unwrap(),
+        IDP_PORT,
+        "0oa7x1q9dana",
+        "https://patients-api",
+    );
+    let bearer = format!("authorization: Bearer {token}");
+    let chromium = |id: &str, user: &str| {
+        let out = output(
+            j.w.outside(),
+            &["python3", "-c", BROWSER_DECIDE, CONSOLE, id, user],
+        );
+        assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+        stdout(&out).trim().to_owned()
+    };
+
+    // Her own request, with her token, from a service's workload (root).
+    let (status, body, id) = j.curl_with(None, "/fhir/Observation?code=hba1c", &["-H", &bearer]);
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(body["error"], "approval_pending");
+    let mine = id.expect("an approval id");
+    let requested = j.wait_state(&mine, "requested", Duration::from_secs(10));
+    assert_eq!(
+        requested["requester"],
+        "oidc:https://127.0.0.1:9600#0oa7x1q9dana"
+    );
+    assert_eq!(requested["requester_person"], "dana");
+    // As her Unix login over the admin socket...
+    let out = j.approvals(DAEMON, &["approve", &mine, "--reason", "mine"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("daemon is dana, who asked for this request"),
+        "{}",
+        stderr(&out)
+    );
+    // ...and as her console account in a browser.
+    let said = chromium(&mine, "dana.r");
+    assert!(
+        said.contains("dana.r is dana, who asked for this request"),
+        "{said}"
+    );
+    assert_eq!(j.approval_states(&mine), ["requested"]);
+    assert_eq!(
+        j.curl_with(None, "/fhir/Observation?code=hba1c", &["-H", &bearer])
+            .0,
+        403
+    );
+
+    // Someone else's request that needs two approvals.
+    let (status, _, id) = j.curl(Some(NOBODY), "/fhir/Condition");
+    assert_eq!(status, 403);
+    let theirs = id.expect("an approval id");
+    assert_eq!(chromium(&theirs, "dana.r"), "approved");
+    let out = j.approvals(DAEMON, &["approve", &theirs, "--reason", "me again"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out)
+            .contains("daemon is dana, who already approved this request (as dana.r via console)"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        j.curl(Some(NOBODY), "/fhir/Condition").0,
+        403,
+        "one person is not a quorum of two"
+    );
+    assert_eq!(chromium(&theirs, "carol"), "approved");
+    assert_eq!(
+        j.curl(Some(NOBODY), "/fhir/Condition").0,
+        404,
+        "the upstream answered"
+    );
+    let approved: Vec<(Value, Value)> =
+        j.w.records("approvals")
+            .into_iter()
+            .filter(|r| r["approval_id"] == theirs.as_str() && r["state"] == "approved")
+            .map(|r| (r["reviewer"].clone(), r["reviewer_person"].clone()))
+            .collect();
+    assert_eq!(
+        approved,
+        [
+            ("dana.r".into(), "dana".into()),
+            ("carol".into(), "carol".into())
+        ]
+    );
+
+    // Two pending approvals per requester here; the third is refused at once.
+    for n in 1..=2 {
+        let (status, body, _) = j.curl(Some(NOBODY), &format!("/fhir/Observation?n={n}"));
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (403, Some("approval_pending"))
+        );
+    }
+    let (status, body, id) = j.curl(Some(NOBODY), "/fhir/Observation?n=3");
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(body["error"], "too_many_pending_approvals");
+    assert!(id.is_none());
+    let refused = j.request_record(body["request_id"].as_str().unwrap());
+    assert_eq!(refused["status"], 429);
+    assert_eq!(refused["outcome"], "refused");
+    // Dana's own request is hers, not nobody's: it did not count.
+    assert_eq!(
+        j.w.records("approvals")
+            .iter()
+            .filter(|r| r["state"] == "requested")
+            .count(),
+        4
+    );
+}
+
+/// Password guessing against the console over real HTTPS: after three failures the
+/// account and the address wait (429 with Retry-After) even with the right password,
+/// another account from that address waits too, and after the wait the right
+/// password signs in.
+#[test]
+fn console_sign_ins_back_off_after_failures_per_account_and_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let admin = console_admin_for(
+        dir.path(),
+        &[("alice", &["privacy"]), ("bob", &["privacy"])],
+    );
+    let j = Jit::start("jit-backoff", &admin);
+    let ca = j.ca.to_str().unwrap().to_owned();
+    let sign_in = |user: &str, password: &str| -> (String, u64) {
+        let out = output(
+            j.w.outside(),
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                "--cacert",
+                &ca,
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %header{retry-after}",
+                "-H",
+                &format!("Origin: {CONSOLE}"),
+                "--data-urlencode",
+                &format!("username={user}"),
+                "--data-urlencode",
+                &format!("password={password}"),
+                &format!("{CONSOLE}/login"),
+            ],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        let text = stdout(&out);
+        let (code, retry) = text.split_once(' ').unwrap_or((&text, ""));
+        (code.to_owned(), retry.trim().parse().unwrap_or(0))
+    };
+    for _ in 0..3 {
+        assert_ne!(sign_in("alice", "guess").0, "303");
+    }
+    let (code, retry) = sign_in("alice", "correct horse battery");
+    assert_eq!(code, "429", "the right password waits too");
+    assert!((1..=2).contains(&retry), "Retry-After {retry}");
+    assert_eq!(
+        sign_in("bob", "correct horse battery").0,
+        "429",
+        "the address waits"
+    );
+    std::thread::sleep(Duration::from_secs(retry + 1));
+    assert_eq!(sign_in("alice", "correct horse battery").0, "303");
 }

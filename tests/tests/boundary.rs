@@ -13,7 +13,6 @@ use phigate_e2e::*;
 use serde_json::Value;
 
 const UP: &str = "127.0.0.2:9443";
-const NOBODY: u32 = 65534;
 const PYTHON: &str = "/usr/bin/python3";
 
 fn tcp_world(tag: &str, agent_extra: &str) -> World {

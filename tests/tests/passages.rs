@@ -2,8 +2,9 @@
 //! a connection to a `tcp` destination (`TCP`), a TLS connection whose SNI is in
 //! `passthrough_hosts` (`TUNNEL`), and a request switching protocols (`UPGRADE`).
 //! Under a policy set that names none of them, each is refused and recorded with
-//! the decision; a permit naming one lets exactly that one through. Real clients
-//! (curl, `openssl s_client`, websocket-client) through the real redirect.
+//! the decision; a permit naming one lets exactly that one through, and a later set
+//! that no longer names it closes it. Real clients (curl, `openssl s_client`,
+//! websocket-client) through the real redirect, run as `nobody`.
 
 use std::time::Duration;
 
@@ -23,7 +24,7 @@ when { context.path like "/fhir/Patient/*" };
 const PASSAGES: &str = r#"
 @id("passages.db")
 permit (principal, action == Phigate::Action::"TCP", resource == Phigate::Destination::"raw-db")
-when { principal.user == "root" };
+when { principal.user == "nobody" };
 
 @id("passages.pinned")
 permit (principal, action == Phigate::Action::"TUNNEL", resource == Phigate::Destination::"fhir-api")
@@ -36,7 +37,9 @@ when { context.path == "/fhir/Patient/stream" };
 
 struct Passages {
     w: World,
-    pki: TestPki,
+    /// The upstream's CA and the agent's, readable by the unprivileged clients.
+    upstream_ca: std::path::PathBuf,
+    ca: std::path::PathBuf,
     db: CountingServer,
     _api: Background,
 }
@@ -59,8 +62,9 @@ fn start(tag: &str) -> Passages {
     ));
     w.start_agent(false);
     Passages {
+        upstream_ca: w.public_copy(&pki.ca),
+        ca: w.public_copy(&w.path("state/ca.pem")),
         w,
-        pki,
         db,
         _api: api,
     }
@@ -69,7 +73,7 @@ fn start(tag: &str) -> Passages {
 impl Passages {
     fn db_connect(&self) -> String {
         let out = output(
-            self.w.inside(),
+            self.w.unprivileged(),
             &["curl", "-sS", "--max-time", "5", &format!("http://{DB}/")],
         );
         format!("{}{}", stdout(&out), stderr(&out))
@@ -77,13 +81,13 @@ impl Passages {
 
     fn tunnel(&self) -> String {
         let out = output(
-            self.w.inside(),
+            self.w.unprivileged(),
             &[
                 "sh",
                 "-c",
                 &format!(
                     "openssl s_client -connect {API} -servername pinned.test -CAfile {} -verify_return_error </dev/null 2>&1",
-                    self.pki.ca.display()
+                    self.upstream_ca.display()
                 ),
             ],
         );
@@ -92,7 +96,7 @@ impl Passages {
 
     /// websocket-client to /fhir/Patient/stream: `Ok(echo)` or `Err(status)`.
     fn websocket(&self) -> Result<String, u64> {
-        let ca = self.w.path("state/ca.pem").display().to_string();
+        let ca = self.ca.display().to_string();
         let script = format!(
             r#"
 import json, ssl, socket, websocket
@@ -106,7 +110,7 @@ except websocket.WebSocketBadStatusException as e:
     print(json.dumps({{"status": e.status_code}}))
 "#
         );
-        let out = output(self.w.inside(), &["python3", "-c", &script]);
+        let out = output(self.w.unprivileged(), &["/usr/bin/python3", "-c", &script]);
         let v: Value = serde_json::from_str(stdout(&out).trim())
             .unwrap_or_else(|e| panic!("{e}: {} {}", stdout(&out), stderr(&out)));
         match v["status"].as_u64() {
@@ -206,7 +210,7 @@ fn an_upgraded_tunnel_ends_at_the_idle_timeout() {
         pki.ca.display()
     ));
     w.start_agent(false);
-    let ca = w.path("state/ca.pem").display().to_string();
+    let ca = w.public_copy(&w.path("state/ca.pem")).display().to_string();
     // Upgrade, exchange one message, then stay silent: the tunnel must be closed
     // by phigate within the idle bound, as any connection is.
     let script = format!(
@@ -228,7 +232,7 @@ except Exception as e:
 print(json.dumps({{"closed": closed, "after": time.time() - t}}))
 "#
     );
-    let out = output(w.inside(), &["python3", "-c", &script]);
+    let out = output(w.unprivileged(), &["/usr/bin/python3", "-c", &script]);
     let v: Value = serde_json::from_str(stdout(&out).trim())
         .unwrap_or_else(|e| panic!("{e}: {} {}", stdout(&out), stderr(&out)));
     assert_eq!(v["closed"], "closed", "{v}");
@@ -244,4 +248,138 @@ print(json.dumps({{"closed": closed, "after": time.time() - t}}))
     });
     let r = rec.expect("the tunnel's record");
     assert_eq!(r["outcome"], "idle_timeout", "{r}");
+}
+
+/// Echoes every byte back until the peer closes.
+const ECHO: &str = r#"
+import socket, sys, threading
+srv = socket.create_server((sys.argv[1], int(sys.argv[2])))
+def serve(c):
+    with c:
+        while (b := c.recv(4096)):
+            c.sendall(b)
+while True:
+    threading.Thread(target=serve, args=(srv.accept()[0],), daemon=True).start()
+"#;
+
+/// Keeps one uninspected connection busy: a TCP echo (`tcp HOST PORT`) or a TLS
+/// tunnel by SNI to the API (`tunnel CA`), one exchange every 100 ms; prints `up`
+/// after the first, and `closed` with how many exchanges when it ends.
+const BUSY: &str = r#"
+import socket, ssl, sys, time
+if sys.argv[1] == "tcp":
+    s = socket.create_connection((sys.argv[2], int(sys.argv[3])), timeout=5)
+    def exchange():
+        s.sendall(b"x")
+        return s.recv(16) == b"x"
+else:
+    ctx = ssl.create_default_context(cafile=sys.argv[2])
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.2", 9443), timeout=5),
+                        server_hostname="pinned.test")
+    def exchange():
+        s.sendall(b"GET /fhir/Patient/1 HTTP/1.1\r\nHost: pinned.test\r\n\r\n")
+        return s.recv(65536).startswith(b"HTTP/1.1 ")
+n = 0
+try:
+    while exchange():
+        n += 1
+        if n == 1:
+            print("up", flush=True)
+        time.sleep(0.1)
+except Exception as e:
+    print("error", type(e).__name__, flush=True)
+print("closed", n, flush=True)
+"#;
+
+/// A policy set that no longer permits a TCP relay or a TLS tunnel closes the ones
+/// open at once, and records them `revoked` with the set that decided. The clients
+/// run as `nobody`.
+#[test]
+fn a_new_policy_set_closes_open_tcp_relays_and_tunnels_it_no_longer_permits() {
+    require_root();
+    const ECHO_ADDR: &str = "127.0.0.4:7000";
+    let mut w = World::new("passage-revoke");
+    let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2,DNS:pinned.test");
+    let _api = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &["--h1only"]);
+    let _echo = Background::spawn(
+        w.outside(),
+        &["python3", "-c", ECHO, "127.0.0.4", "7000"],
+        w.path("echo.log"),
+    );
+    assert!(w
+        .netns
+        .wait_port(ECHO_ADDR.parse().unwrap(), Duration::from_secs(10)));
+    let permits = r#"
+@id("revoke.echo")
+permit (principal, action == Phigate::Action::"TCP", resource == Phigate::Destination::"echo")
+when { principal.user == "nobody" };
+
+@id("revoke.pinned")
+permit (principal, action == Phigate::Action::"TUNNEL", resource == Phigate::Destination::"fhir-api")
+when { context has sni && context.sni == "pinned.test" };
+"#;
+    w.write_policies(&[("p.cedar", READS), ("permits.cedar", permits)]);
+    w.write_config(&format!(
+        "{}\n[[destinations]]\nname = \"fhir-api\"\naddresses = [\"{API}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\npassthrough_hosts = [\"pinned.test\"]\n\n[[destinations]]\nname = \"echo\"\naddresses = [\"{ECHO_ADDR}\"]\nprotocol = \"tcp\"\n",
+        w.agent_section(""),
+        pki.ca.display()
+    ));
+    w.start_agent(false);
+    let ca = w.public_copy(&pki.ca);
+    let nobody = w.unprivileged();
+    let tcp = Background::spawn(
+        nobody,
+        &["/usr/bin/python3", "-c", BUSY, "tcp", "127.0.0.4", "7000"],
+        w.path("busy-tcp.log"),
+    );
+    let tunnel = Background::spawn(
+        nobody,
+        &[
+            "/usr/bin/python3",
+            "-c",
+            BUSY,
+            "tunnel",
+            ca.to_str().unwrap(),
+        ],
+        w.path("busy-tunnel.log"),
+    );
+    for b in [&tcp, &tunnel] {
+        wait_until(
+            "the client's first exchange",
+            Duration::from_secs(15),
+            || b.log_text().contains("up"),
+        )
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", b.log_text(), w.agent_log()));
+    }
+    // Both are still being served a moment later.
+    std::thread::sleep(Duration::from_millis(500));
+    for b in [&tcp, &tunnel] {
+        assert!(!b.log_text().contains("closed"), "{}", b.log_text());
+    }
+
+    // The permits go: both connections close, each recorded as revoked.
+    w.write_policies(&[("p.cedar", READS)]);
+    for b in [&tcp, &tunnel] {
+        wait_until(
+            "the connection to be closed",
+            Duration::from_secs(15),
+            || b.log_text().contains("closed"),
+        )
+        .unwrap_or_else(|e| panic!("{e}: {}\n{}", b.log_text(), w.agent_log()));
+    }
+    for (destination, passage) in [("echo", "TCP"), ("fhir-api", "TUNNEL")] {
+        let c = w.wait_row("connections", &format!("revoked for {destination}"), |r| {
+            r["destination"] == destination && r["outcome"] == "revoked"
+        });
+        let error = c["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("access revoked by policy set") && error.contains("no_permit"),
+            "{passage}: {c}"
+        );
+        assert_eq!(
+            c["decision"], "allow",
+            "decided allowed when it opened: {c}"
+        );
+        assert_eq!(c["uid"], 65534, "{c}");
+    }
 }

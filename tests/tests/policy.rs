@@ -2,7 +2,7 @@
 //! from a real provider (the `oidc-provider` npm package, tests/node), workload
 //! identity rules, hot reload, and `phigate policy explain` agreeing with the proxy.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use phigate_e2e::*;
@@ -10,48 +10,6 @@ use serde_json::Value;
 
 const UP: &str = "127.0.0.2:9443";
 const IDP_PORT: u16 = 9600;
-const NOBODY: u32 = 65534;
-
-fn idp_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("node/oidc-provider.mjs")
-}
-
-/// The OIDC provider inside the world's netns, on 127.0.0.1:`port`.
-fn start_idp(w: &World, pki: &TestPki, port: u16, keys: &Path, kid: &str) -> Background {
-    let script = idp_script();
-    assert!(
-        script.with_file_name("node_modules/oidc-provider").exists(),
-        "oidc-provider is not installed: run `cargo xtask setup` (npm install in tests/node)"
-    );
-    let port_s = port.to_string();
-    let bg = Background::spawn(
-        w.outside(),
-        &[
-            "node",
-            script.to_str().unwrap(),
-            "--port",
-            &port_s,
-            "--cert",
-            pki.cert.to_str().unwrap(),
-            "--key",
-            pki.key.to_str().unwrap(),
-            "--keys",
-            keys.to_str().unwrap(),
-            "--kid",
-            kid,
-        ],
-        w.path(&unique("idp.log")),
-    );
-    assert!(
-        w.netns.wait_port(
-            format!("127.0.0.1:{port}").parse().unwrap(),
-            Duration::from_secs(15)
-        ),
-        "the OIDC provider did not start: {}",
-        bg.log_text()
-    );
-    bg
-}
 
 struct Env {
     w: World,
@@ -142,30 +100,7 @@ upstream_ca = "{up_ca}"
     }
 
     fn token_from(&self, port: u16, client: &str, resource: &str) -> String {
-        let out = output(
-            self.w.outside(),
-            &[
-                "curl",
-                "-sS",
-                "--cacert",
-                self.idp_pki.ca.to_str().unwrap(),
-                &format!("https://127.0.0.1:{port}/token"),
-                "-d",
-                "grant_type=client_credentials",
-                "-d",
-                &format!("client_id={client}"),
-                "-d",
-                "client_secret=secret",
-                "-d",
-                &format!("resource={resource}"),
-            ],
-        );
-        let v: Value = serde_json::from_slice(&out.stdout)
-            .unwrap_or_else(|e| panic!("token response ({e}): {}", stdout(&out)));
-        v["access_token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("no access_token: {v}"))
-            .to_owned()
+        idp_token(&self.w, &self.idp_pki, port, client, resource)
     }
 
     fn token(&self, client: &str) -> String {
@@ -627,7 +562,7 @@ fn a_reload_closes_open_http2_connections_it_no_longer_allows() {
     let both = "@id(\"json\")\npermit (principal, action, resource) when { context.path == \"/json\" };\n\
                 @id(\"headers\")\npermit (principal, action, resource) when { context.path == \"/headers\" };\n";
     let e = Env::start("pol-revoke", 12, &[("a.cedar", both)]);
-    let script = idp_script().with_file_name("h2-session.mjs");
+    let script = node_script("h2-session.mjs");
     let go = e.w.path("go");
     let session = |path: &str, log: &str| {
         Background::spawn(

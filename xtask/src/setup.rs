@@ -26,6 +26,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // The packaged unit runs under a real systemd in a container (tests/tests/systemd.rs).
     "systemd-container",
     "debootstrap",
+    // Test clients that play the unprivileged attacker run as `nobody` under the
+    // system Python (root's own Python is not theirs to read): its WebSocket client.
+    "python3-websocket",
 ];
 
 /// Python modules (import name, pip name).

@@ -255,7 +255,7 @@ fn reviewer_of(uid: u32, gid: u32) -> Reviewer {
     Reviewer {
         name,
         groups,
-        via: "cli",
+        via: crate::approval::Via::Cli,
     }
 }
 

@@ -1,9 +1,11 @@
 //! Just-in-time approval: a request whose policy decision names an approval rule
 //! waits for (hold) or is refused until (retry) reviewers approve that exact request.
 //!
-//! An approval is bound to a digest of the request (requester, method, URL, body hash)
-//! and to its requester: a different request cannot ride on it, and the requester
-//! cannot approve it. Every state change is a row in the `approvals` table, durable
+//! An approval is bound to a digest of the request (requester, destination, method,
+//! authority, path and query, the headers that change its meaning, body hash) and to
+//! its requester: a different request cannot ride on it, and the requester cannot
+//! approve it under any of their names ([`people`]): self-approval and quorum count
+//! persons, not logins. One person may have only so many approvals pending at once. Every state change is a row in the `approvals` table, durable
 //! before it takes effect; approvals still open are kept in `state_dir/approvals.json`
 //! so they survive a restart (held requests, whose client is gone, are expired and
 //! recorded as such).
@@ -12,11 +14,14 @@
 //! reviewers (admin socket, console).
 
 pub mod notify;
+pub mod people;
 pub mod rules;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
@@ -25,6 +30,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::record::{micros, new_id, ApprovalRecord, Record, RecordSink};
+pub use people::{Name, People, TokenName};
 pub use rules::{ApprovalRule, Mode, RuleSet};
 
 pub const STATE_FILE: &str = "approvals.json";
@@ -36,34 +42,101 @@ pub const APPROVAL_ID_HEADER: &str = "x-phigate-approval-id";
 pub struct Binding {
     /// Who asks: the token subject when there is one, else the workload.
     pub requester: Requester,
+    /// The destination (configured name) the request goes to.
+    pub destination: String,
     pub method: String,
-    /// Scheme, authority, path and query as the client sent them.
-    pub url: String,
+    /// The request's authority (Host or `:authority`), else the original address.
+    pub authority: String,
+    /// Path and query as the client sent them.
+    pub target: String,
+    /// The headers of [`MEANING_HEADERS`] the request has, lowercased name and value,
+    /// in order.
+    pub headers: Vec<(String, String)>,
     /// SHA-256 of the request body (of nothing for a bodiless request).
     pub body_sha256: String,
 }
+
+/// Headers that change what a request does or what it answers: an approval for one
+/// reading of the request is not an approval for another. (Method-override headers
+/// are refused before any decision; they are listed so they could never slip by.)
+pub const MEANING_HEADERS: [&str; 14] = [
+    "content-type",
+    "content-encoding",
+    "accept",
+    "accept-encoding",
+    "prefer",
+    "if-match",
+    "if-none-match",
+    "if-none-exist",
+    "if-modified-since",
+    "if-unmodified-since",
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+    "x-fhir-starter",
+];
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Requester {
     /// Stable principal bound into the digest (`oidc:<iss>#<sub>` or `uid:<n>@<unit>`).
     pub principal: String,
-    /// Names a reviewer might have that are this requester's (login, token subject):
-    /// none of them may approve.
+    /// The workload's login, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unix: Option<String>,
+    /// The validated token's names, when the request carried one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<TokenName>,
+    /// Names kept by an earlier version (login, token subject), each read as a login
+    /// and as a console account.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub names: Vec<String>,
+}
+
+impl Requester {
+    /// The person who asks: the token's when there is one, else the workload login's.
+    pub fn person(&self, people: &People) -> String {
+        match (&self.token, &self.unix) {
+            (Some(t), _) => people.person(Name::Token(t)),
+            (None, Some(u)) => people.person(Name::Unix(u)),
+            (None, None) => self.principal.clone(),
+        }
+    }
+
+    /// Every person behind this request (token holder and workload login): none of
+    /// them may approve it.
+    pub fn persons(&self, people: &People) -> Vec<String> {
+        let mut v = vec![self.person(people)];
+        if let Some(u) = &self.unix {
+            v.push(people.person(Name::Unix(u)));
+        }
+        for n in &self.names {
+            v.push(people.person(Name::Unix(n)));
+            v.push(people.person(Name::Console(n)));
+        }
+        v.sort();
+        v.dedup();
+        v
+    }
 }
 
 impl Binding {
     pub fn digest(&self) -> String {
         let mut h = Sha256::new();
-        for part in [
-            self.requester.principal.as_str(),
-            self.method.as_str(),
-            self.url.as_str(),
-            self.body_sha256.as_str(),
-        ] {
-            h.update((part.len() as u64).to_be_bytes());
-            h.update(part.as_bytes());
+        let mut part = |p: &str| {
+            h.update((p.len() as u64).to_be_bytes());
+            h.update(p.as_bytes());
+        };
+        part("phigate-approval-v2");
+        part(&self.requester.principal);
+        part(&self.destination);
+        part(&self.method);
+        part(&self.authority);
+        part(&self.target);
+        for (name, value) in &self.headers {
+            part(name);
+            part(value);
         }
+        part(&self.body_sha256);
         hex::encode(h.finalize())
     }
 }
@@ -108,6 +181,9 @@ impl State {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Vote {
     pub reviewer: String,
+    /// The person the reviewer is, when they voted.
+    #[serde(default)]
+    pub person: String,
     pub reason: String,
     pub time_us: i64,
     /// `cli` or `console`.
@@ -122,6 +198,9 @@ pub struct Approval {
     pub hold: bool,
     pub digest: String,
     pub requester: Requester,
+    /// The person who asked, as the mapping said when they asked.
+    #[serde(default)]
+    pub requester_person: String,
     pub summary: RequestSummary,
     /// The rule's terms as they were when requested (a reload does not change them).
     pub reviewers: Vec<String>,
@@ -142,7 +221,40 @@ pub struct Approval {
 pub struct Reviewer {
     pub name: String,
     pub groups: Vec<String>,
-    pub via: &'static str,
+    pub via: Via,
+}
+
+/// Where a reviewer decided, which is also the namespace of their name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// The admin socket: a Unix login.
+    Cli,
+    /// The web console: a console account.
+    Console,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Cli => "cli",
+            Via::Console => "console",
+        }
+    }
+
+    fn name(self, name: &str) -> Name<'_> {
+        match self {
+            Via::Cli => Name::Unix(name),
+            Via::Console => Name::Console(name),
+        }
+    }
+
+    fn parse(via: &str) -> Via {
+        if via == "console" {
+            Via::Console
+        } else {
+            Via::Cli
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -163,10 +275,14 @@ pub enum DecideError {
         rule: String,
         groups: String,
     },
-    #[error("{0} asked for this request and cannot approve it")]
-    SelfApproval(String),
-    #[error("{0} already approved this request")]
-    AlreadyVoted(String),
+    #[error("{reviewer} is {person}, who asked for this request, and cannot approve it")]
+    SelfApproval { reviewer: String, person: String },
+    #[error("{reviewer} is {person}, who already approved this request (as {earlier})")]
+    AlreadyVoted {
+        reviewer: String,
+        person: String,
+        earlier: String,
+    },
     #[error("a reason is required")]
     ReasonRequired,
     #[error("the decision could not be recorded: {0}")]
@@ -185,6 +301,8 @@ pub enum Gate {
     /// Not (yet) approved: 403 with the approval id; `outcome` is pending, denied or
     /// expired.
     Refuse { approval_id: String, outcome: State },
+    /// The requester has `max` approvals pending already: 429, nothing is created.
+    TooMany { max: usize },
     /// The approval could not be recorded: fail closed.
     Unavailable(String),
 }
@@ -214,6 +332,8 @@ impl Inner {
 
 pub struct Approvals {
     inner: Mutex<Inner>,
+    /// Who is who, and the pending bound: from approvals.toml, replaced on reload.
+    directory: ArcSwap<RuleSet>,
     records: Arc<dyn RecordSink>,
     path: PathBuf,
     notifier: notify::Notifier,
@@ -244,6 +364,7 @@ impl Approvals {
                 waiters: HashMap::new(),
                 closed: Default::default(),
             }),
+            directory: ArcSwap::from_pointee(RuleSet::default()),
             records,
             path,
             notifier,
@@ -260,7 +381,6 @@ impl Approvals {
                 &a,
                 "expired",
                 None,
-                None,
                 Some("the agent restarted while the request was held"),
             )
             .await
@@ -273,6 +393,12 @@ impl Approvals {
         }
         this.persist()?;
         Ok(this)
+    }
+
+    /// Takes the people and the pending bound of a rule set in force (at start and on
+    /// each reload that is accepted). Pending approvals are judged by the new mapping.
+    pub fn configure(&self, rules: Arc<RuleSet>) {
+        self.directory.store(rules);
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -341,12 +467,27 @@ impl Approvals {
                 None => {}
             }
         }
+        // One person's pending approvals are bounded (each is a durable row, a rewrite
+        // of the approvals file and a notification).
+        let directory = self.directory.load();
+        let who = binding.requester.person(&directory.people);
+        let max = directory.max_pending_per_requester;
+        let pending = self
+            .lock()
+            .open
+            .values()
+            .filter(|a| a.state == State::Pending && a.requester.person(&directory.people) == who)
+            .count();
+        if pending >= max {
+            return Gate::TooMany { max };
+        }
         let a = Approval {
             id: new_id(),
             rule: rule.name.clone(),
             hold: rule.mode == Mode::Hold,
             digest,
             requester: binding.requester.clone(),
+            requester_person: who,
             summary,
             reviewers: rule.reviewers.clone(),
             quorum: rule.quorum,
@@ -365,7 +506,7 @@ impl Approvals {
             inner.open.insert(a.id.clone(), a.clone());
             inner.waiters.insert(a.id.clone(), tx);
         }
-        if let Err(e) = self.record(&a, "requested", None, None, None).await {
+        if let Err(e) = self.record(&a, "requested", None, None).await {
             self.lock().open.remove(&a.id);
             return Gate::Unavailable(e);
         }
@@ -414,7 +555,7 @@ impl Approvals {
     /// A grant is spent on this request: recorded before the request proceeds.
     async fn used(&self, a: Approval, request_id: &str) -> Gate {
         let note = format!("request {request_id}; {} use(s) left", a.uses_left);
-        if let Err(e) = self.record(&a, "used", None, None, Some(&note)).await {
+        if let Err(e) = self.record(&a, "used", None, Some(&note)).await {
             return Gate::Unavailable(e);
         }
         {
@@ -453,7 +594,7 @@ impl Approvals {
                 None => return State::Expired,
             }
         };
-        if let Err(e) = self.record(&a, "expired", None, None, None).await {
+        if let Err(e) = self.record(&a, "expired", None, None).await {
             warn!(approval = %id, error = %e, "approvals: cannot record an expiry");
         }
         self.finish(id, State::Expired);
@@ -488,13 +629,7 @@ impl Approvals {
         }
         for a in stale {
             let _ = self
-                .record(
-                    &a,
-                    "used",
-                    None,
-                    None,
-                    Some("grant window closed with uses left"),
-                )
+                .record(&a, "used", None, Some("grant window closed with uses left"))
                 .await;
             self.finish(&a.id, State::Used);
         }
@@ -509,7 +644,7 @@ impl Approvals {
         reason: &str,
     ) -> Result<Approval, DecideError> {
         let reason = reason.trim();
-        let a = {
+        let (a, person) = {
             let inner = self.lock();
             let a = inner
                 .open
@@ -528,36 +663,47 @@ impl Approvals {
                     groups: a.reviewers.join(", "),
                 });
             }
-            if a.requester.names.contains(&reviewer.name) {
-                return Err(DecideError::SelfApproval(reviewer.name.clone()));
+            // Persons, not names: the requester under any name they have, and each
+            // person once toward the quorum.
+            let directory = self.directory.load();
+            let people = &directory.people;
+            let person = people.person(reviewer.via.name(&reviewer.name));
+            if a.requester.persons(people).contains(&person) {
+                return Err(DecideError::SelfApproval {
+                    reviewer: reviewer.name.clone(),
+                    person,
+                });
             }
             if reason.is_empty() {
                 return Err(DecideError::ReasonRequired);
             }
-            if a.approvals.iter().any(|v| v.reviewer == reviewer.name) {
-                return Err(DecideError::AlreadyVoted(reviewer.name.clone()));
+            if let Some(v) = a
+                .approvals
+                .iter()
+                .find(|v| people.person(Via::parse(&v.via).name(&v.reviewer)) == person)
+            {
+                return Err(DecideError::AlreadyVoted {
+                    reviewer: reviewer.name.clone(),
+                    person,
+                    earlier: format!("{} via {}", v.reviewer, v.via),
+                });
             }
-            a.clone()
+            (a.clone(), person)
         };
         let vote = Vote {
             reviewer: reviewer.name.clone(),
+            person,
             reason: reason.to_owned(),
             time_us: now_us(),
-            via: reviewer.via.to_owned(),
+            via: reviewer.via.as_str().to_owned(),
         };
         let state_row = match verdict {
             Verdict::Approve => "approved",
             Verdict::Deny => "denied",
         };
-        self.record(
-            &a,
-            state_row,
-            Some(&vote.reviewer),
-            Some(&vote.reason),
-            None,
-        )
-        .await
-        .map_err(DecideError::NotRecorded)?;
+        self.record(&a, state_row, Some(&vote), None)
+            .await
+            .map_err(DecideError::NotRecorded)?;
         let (after, final_state) = {
             let mut inner = self.lock();
             let Some(x) = inner.open.get_mut(id) else {
@@ -630,8 +776,7 @@ impl Approvals {
         &self,
         a: &Approval,
         state: &'static str,
-        reviewer: Option<&str>,
-        reason: Option<&str>,
+        vote: Option<&Vote>,
         note: Option<&str>,
     ) -> Result<(), String> {
         crate::metrics::get()
@@ -649,8 +794,10 @@ impl Approvals {
             request_id: Some(a.summary.request_id.clone()),
             request_digest: a.digest.clone(),
             requester: a.requester.principal.clone(),
-            reviewer: reviewer.map(str::to_owned),
-            reason: reason.map(str::to_owned),
+            requester_person: Some(a.requester_person.clone()),
+            reviewer: vote.map(|v| v.reviewer.clone()),
+            reviewer_person: vote.map(|v| v.person.clone()),
+            reason: vote.map(|v| v.reason.clone()),
             error: note.map(str::to_owned),
         };
         self.records

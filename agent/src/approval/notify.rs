@@ -100,7 +100,9 @@ async fn record(
         request_id: Some(a.summary.request_id.clone()),
         request_digest: a.digest.clone(),
         requester: a.requester.principal.clone(),
+        requester_person: Some(a.requester_person.clone()),
         reviewer: None,
+        reviewer_person: None,
         reason: None,
         error,
     };

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
+use super::people::{People, Person};
 use crate::config::{line_of, ConfigError};
 
 pub const RULES_FILE: &str = "approvals.toml";
@@ -39,17 +40,47 @@ pub struct ApprovalRule {
     pub webhook: Option<String>,
 }
 
-/// Every rule, by name.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Every rule, by name, and who the people deciding and asking are.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuleSet {
     pub rules: BTreeMap<String, ApprovalRule>,
+    /// `[[person]]`: the names each person uses.
+    pub people: People,
+    /// Approvals one person may have pending at once; beyond, requests get 429.
+    pub max_pending_per_requester: usize,
+}
+
+/// Each pending approval rewrites (and fsyncs) the approvals file and may notify a
+/// webhook: one requester must not be able to flood reviewers and the disk.
+pub const DEFAULT_MAX_PENDING_PER_REQUESTER: usize = 10;
+
+impl Default for RuleSet {
+    fn default() -> Self {
+        RuleSet {
+            rules: BTreeMap::new(),
+            people: People::default(),
+            max_pending_per_requester: DEFAULT_MAX_PENDING_PER_REQUESTER,
+        }
+    }
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
+    max_pending_per_requester: Option<Spanned<u64>>,
     #[serde(default)]
     rule: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    person: Vec<Spanned<RawPerson>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPerson {
+    name: Spanned<String>,
+    unix: Option<Spanned<Vec<String>>>,
+    console: Option<Spanned<Vec<String>>>,
+    oidc: Option<Spanned<Vec<String>>>,
 }
 
 #[derive(Deserialize)]
@@ -196,7 +227,82 @@ impl RuleSet {
                 },
             );
         }
-        Ok(RuleSet { rules })
+        let mut people = People::default();
+        let mut names = std::collections::BTreeSet::new();
+        for (i, p) in raw.person.into_iter().enumerate() {
+            let p = p.into_inner();
+            let key = |k: &str| format!("person[{i}].{k}");
+            let name = p.name.get_ref().trim().to_owned();
+            if name.is_empty() || !names.insert(name.clone()) {
+                return Err(err(
+                    Some(p.name.span()),
+                    key("name"),
+                    if name.is_empty() {
+                        "a person needs a name".into()
+                    } else {
+                        format!("`{name}` is defined twice")
+                    },
+                ));
+            }
+            let kinds = [
+                ("unix", &p.unix),
+                ("console", &p.console),
+                ("oidc", &p.oidc),
+            ];
+            let span_of = |kind: &str| {
+                kinds
+                    .iter()
+                    .find(|(k, _)| *k == kind)
+                    .and_then(|(_, v)| v.as_ref().map(|v| v.span()))
+            };
+            for (kind, names) in kinds {
+                let Some(names) = names else { continue };
+                if let Some(bad) = names
+                    .get_ref()
+                    .iter()
+                    .find(|n| n.trim().is_empty() || n.trim() != n.as_str())
+                {
+                    return Err(err(
+                        Some(names.span()),
+                        key(kind),
+                        format!("`{bad}`: a name is not empty and has no surrounding spaces"),
+                    ));
+                }
+            }
+            let list = |v: &Option<Spanned<Vec<String>>>| {
+                v.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default()
+            };
+            people
+                .add(&Person {
+                    name,
+                    unix: list(&p.unix),
+                    console: list(&p.console),
+                    oidc: list(&p.oidc),
+                })
+                .map_err(|c| {
+                    err(
+                        span_of(c.kind),
+                        key(c.kind),
+                        format!("`{}` is already a name of person `{}`", c.name, c.first),
+                    )
+                })?;
+        }
+        let max_pending_per_requester = match raw.max_pending_per_requester {
+            None => DEFAULT_MAX_PENDING_PER_REQUESTER,
+            Some(n) if *n.get_ref() == 0 || *n.get_ref() > 10_000 => {
+                return Err(err(
+                    Some(n.span()),
+                    "max_pending_per_requester".into(),
+                    "must be 1 to 10000".into(),
+                ))
+            }
+            Some(n) => n.into_inner() as usize,
+        };
+        Ok(RuleSet {
+            rules,
+            people,
+            max_pending_per_requester,
+        })
     }
 
     pub fn get(&self, name: &str) -> Option<&ApprovalRule> {
@@ -247,6 +353,45 @@ uses = 3
         let e = RuleSet::parse(
             Path::new("a.toml"),
             "[[rule]]\nname = \"x\"\nreviewer = [\"a\"]\n",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, Some(3), "{e}");
+    }
+
+    #[test]
+    fn people_and_the_pending_bound_parse_and_conflicts_name_the_line() {
+        use crate::approval::people::Name;
+        let text = r#"
+max_pending_per_requester = 3
+
+[[person]]
+name = "dana"
+unix = ["dana"]
+console = ["dana.r"]
+oidc = ["https://idp.test#00u1x9"]
+"#;
+        let set = RuleSet::parse(Path::new("approvals.toml"), text).unwrap();
+        assert_eq!(set.max_pending_per_requester, 3);
+        assert_eq!(set.people.person(Name::Console("dana.r")), "dana");
+        assert_eq!(
+            RuleSet::default().max_pending_per_requester,
+            DEFAULT_MAX_PENDING_PER_REQUESTER
+        );
+
+        let twice = format!("{text}\n[[person]]\nname = \"eve\"\nconsole = [\"dana.r\"]\n");
+        let e = RuleSet::parse(Path::new("approvals.toml"), &twice).unwrap_err();
+        assert_eq!(e.key.as_deref(), Some("person[1].console"), "{e}");
+        assert_eq!(e.line, Some(12), "{e}");
+        assert!(e.message.contains("person `dana`"), "{e}");
+
+        let e = RuleSet::parse(Path::new("a.toml"), "max_pending_per_requester = 0\n").unwrap_err();
+        assert_eq!(
+            (e.line, e.key.as_deref()),
+            (Some(1), Some("max_pending_per_requester"))
+        );
+        let e = RuleSet::parse(
+            Path::new("a.toml"),
+            "[[person]]\nname = \"x\"\nldap = [\"x\"]\n",
         )
         .unwrap_err();
         assert_eq!(e.line, Some(3), "{e}");

@@ -74,14 +74,24 @@ fn rule(mode: Mode, quorum: usize, timeout_ms: u64) -> ApprovalRule {
     }
 }
 
-fn binding(who: &str, url: &str) -> Binding {
+/// A request by `who` (their token's person claim) for `target` on `api`.
+fn binding(who: &str, target: &str) -> Binding {
     Binding {
         requester: Requester {
             principal: format!("oidc:issuer#{who}"),
-            names: vec![who.to_owned()],
+            unix: None,
+            token: Some(TokenName {
+                issuer: "issuer".into(),
+                subject: who.into(),
+                person: Some(who.into()),
+            }),
+            names: Vec::new(),
         },
+        destination: "patients-api".into(),
         method: "GET".into(),
-        url: url.into(),
+        authority: "api".into(),
+        target: target.into(),
+        headers: Vec::new(),
         body_sha256: hex::encode(Sha256::digest(b"")),
     }
 }
@@ -100,7 +110,7 @@ fn reviewer(name: &str, group: &str) -> Reviewer {
     Reviewer {
         name: name.into(),
         groups: vec![group.into()],
-        via: "cli",
+        via: Via::Cli,
     }
 }
 
@@ -124,10 +134,7 @@ async fn a_held_request_proceeds_once_approved_and_names_the_approver() {
     let held = {
         let svc = svc.clone();
         let r = r.clone();
-        tokio::spawn(async move {
-            svc.gate(&r, &binding("alice", "https://api/x"), summary())
-                .await
-        })
+        tokio::spawn(async move { svc.gate(&r, &binding("alice", "/x"), summary()).await })
     };
     let id = pending(&svc).await;
     // Not a reviewer, the requester herself, no reason: each refused.
@@ -138,7 +145,13 @@ async fn a_held_request_proceeds_once_approved_and_names_the_approver() {
     let e = svc
         .decide(&id, &reviewer("alice", "privacy"), Verdict::Approve, "mine")
         .await;
-    assert_eq!(e, Err(DecideError::SelfApproval("alice".into())));
+    assert_eq!(
+        e,
+        Err(DecideError::SelfApproval {
+            reviewer: "alice".into(),
+            person: "alice".into()
+        })
+    );
     let e = svc
         .decide(&id, &reviewer("bob", "privacy"), Verdict::Approve, "  ")
         .await;
@@ -172,10 +185,7 @@ async fn denied_and_expired_holds_are_refused() {
     let r = rule(Mode::Hold, 1, 10_000);
     let held = {
         let (svc, r) = (svc.clone(), r.clone());
-        tokio::spawn(async move {
-            svc.gate(&r, &binding("alice", "https://api/x"), summary())
-                .await
-        })
+        tokio::spawn(async move { svc.gate(&r, &binding("alice", "/x"), summary()).await })
     };
     let id = pending(&svc).await;
     svc.decide(
@@ -196,11 +206,7 @@ async fn denied_and_expired_holds_are_refused() {
     assert_eq!(rows.states(&id), ["requested", "denied"]);
 
     let gate = svc
-        .gate(
-            &rule(Mode::Hold, 1, 50),
-            &binding("alice", "https://api/y"),
-            summary(),
-        )
+        .gate(&rule(Mode::Hold, 1, 50), &binding("alice", "/y"), summary())
         .await;
     let Gate::Refuse {
         approval_id,
@@ -227,7 +233,7 @@ async fn retry_grants_only_the_same_request_of_the_same_requester_within_its_use
     let rows = rows();
     let svc = service(dir.path(), &rows).await;
     let r = rule(Mode::Retry, 2, 10_000);
-    let b = binding("alice", "https://api/fhir/Patient/$export");
+    let b = binding("alice", "/fhir/Patient/$export");
     let Gate::Refuse {
         approval_id: id,
         outcome: State::Pending,
@@ -250,7 +256,10 @@ async fn retry_grants_only_the_same_request_of_the_same_requester_within_its_use
     let e = svc
         .decide(&id, &reviewer("bob", "privacy"), Verdict::Approve, "again")
         .await;
-    assert_eq!(e, Err(DecideError::AlreadyVoted("bob".into())));
+    assert!(
+        matches!(&e, Err(DecideError::AlreadyVoted { person, .. }) if person == "bob"),
+        "{e:?}"
+    );
     assert!(matches!(
         svc.gate(&r, &b, summary()).await,
         Gate::Refuse { .. }
@@ -264,10 +273,7 @@ async fn retry_grants_only_the_same_request_of_the_same_requester_within_its_use
     .await
     .unwrap();
     // Another URL, or another requester, does not ride on it.
-    let other_url = binding(
-        "alice",
-        "https://api/fhir/Patient/$export?_type=Observation",
-    );
+    let other_url = binding("alice", "/fhir/Patient/$export?_type=Observation");
     let Gate::Refuse {
         approval_id: other, ..
     } = svc.gate(&r, &other_url, summary()).await
@@ -275,7 +281,7 @@ async fn retry_grants_only_the_same_request_of_the_same_requester_within_its_use
         panic!()
     };
     assert_ne!(other, id);
-    let mallory = binding("mallory", "https://api/fhir/Patient/$export");
+    let mallory = binding("mallory", "/fhir/Patient/$export");
     assert!(matches!(
         svc.gate(&r, &mallory, summary()).await,
         Gate::Refuse { .. }
@@ -315,7 +321,7 @@ async fn a_restart_keeps_retry_approvals_and_expires_held_ones_on_record() {
     } = svc
         .gate(
             &rule(Mode::Retry, 1, 60_000),
-            &binding("alice", "https://api/a"),
+            &binding("alice", "/a"),
             summary(),
         )
         .await
@@ -327,7 +333,7 @@ async fn a_restart_keeps_retry_approvals_and_expires_held_ones_on_record() {
         tokio::spawn(async move {
             svc.gate(
                 &rule(Mode::Hold, 1, 60_000),
-                &binding("alice", "https://api/b"),
+                &binding("alice", "/b"),
                 summary(),
             )
             .await
@@ -359,10 +365,191 @@ async fn a_restart_keeps_retry_approvals_and_expires_held_ones_on_record() {
     assert!(matches!(
         svc.gate(
             &rule(Mode::Retry, 1, 60_000),
-            &binding("alice", "https://api/a"),
+            &binding("alice", "/a"),
             summary()
         )
         .await,
         Gate::Proceed { .. }
     ));
+}
+
+/// Dana asks with a token whose subject is opaque; she has a console account and a
+/// Unix login under other names. Under none of them may she approve her own request,
+/// and toward a quorum she counts once.
+#[tokio::test]
+async fn persons_not_names_decide_self_approval_and_quorum() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = rows();
+    let svc = service(dir.path(), &rows).await;
+    let rules = RuleSet::parse(
+        Path::new("approvals.toml"),
+        r#"
+[[person]]
+name = "dana"
+unix = ["dsmith"]
+console = ["dana.r"]
+oidc = ["https://idp.test#00u1x9"]
+"#,
+    )
+    .unwrap();
+    svc.configure(Arc::new(rules));
+    let r = rule(Mode::Retry, 2, 10_000);
+    let mut mine = binding("x", "/fhir/Patient/$export");
+    mine.requester = Requester {
+        principal: "oidc:https://idp.test#00u1x9".into(),
+        unix: Some("svc-ehr".into()),
+        token: Some(TokenName {
+            issuer: "https://idp.test".into(),
+            subject: "00u1x9".into(),
+            person: None,
+        }),
+        names: Vec::new(),
+    };
+    let Gate::Refuse {
+        approval_id: id, ..
+    } = svc.gate(&r, &mine, summary()).await
+    else {
+        panic!()
+    };
+    assert_eq!(svc.get(&id).unwrap().requester_person, "dana");
+    for (name, via) in [
+        ("dana.r", Via::Console),
+        ("dsmith", Via::Cli),
+        ("svc-ehr", Via::Cli),
+    ] {
+        let who = Reviewer {
+            name: name.into(),
+            groups: vec!["privacy".into()],
+            via,
+        };
+        let e = svc.decide(&id, &who, Verdict::Approve, "mine").await;
+        assert!(
+            matches!(&e, Err(DecideError::SelfApproval { .. })),
+            "{name} via {via:?}: {e:?}"
+        );
+    }
+
+    // Someone else's request: Dana votes once, as any of her names.
+    let theirs = binding("erin", "/fhir/Patient/$export");
+    let Gate::Refuse {
+        approval_id: id, ..
+    } = svc.gate(&r, &theirs, summary()).await
+    else {
+        panic!()
+    };
+    let console = Reviewer {
+        name: "dana.r".into(),
+        groups: vec!["privacy".into()],
+        via: Via::Console,
+    };
+    svc.decide(&id, &console, Verdict::Approve, "ok")
+        .await
+        .unwrap();
+    let e = svc
+        .decide(
+            &id,
+            &reviewer("dsmith", "privacy"),
+            Verdict::Approve,
+            "ok again",
+        )
+        .await;
+    assert!(
+        matches!(&e, Err(DecideError::AlreadyVoted { person, earlier, .. })
+            if person == "dana" && earlier == "dana.r via console"),
+        "{e:?}"
+    );
+    assert_eq!(
+        svc.get(&id).unwrap().state,
+        State::Pending,
+        "one person is not a quorum of two"
+    );
+    svc.decide(&id, &reviewer("bob", "privacy"), Verdict::Approve, "ok")
+        .await
+        .unwrap();
+    assert_eq!(svc.get(&id).unwrap().state, State::Approved);
+}
+
+#[tokio::test]
+async fn one_person_has_a_bounded_number_of_approvals_pending() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = rows();
+    let svc = service(dir.path(), &rows).await;
+    svc.configure(Arc::new(RuleSet {
+        max_pending_per_requester: 3,
+        ..RuleSet::default()
+    }));
+    let r = rule(Mode::Retry, 1, 10_000);
+    for i in 0..3 {
+        let g = svc
+            .gate(&r, &binding("alice", &format!("/x/{i}")), summary())
+            .await;
+        assert!(
+            matches!(
+                g,
+                Gate::Refuse {
+                    outcome: State::Pending,
+                    ..
+                }
+            ),
+            "{g:?}"
+        );
+    }
+    let rows_before = rows.rows.lock().unwrap().len();
+    assert_eq!(
+        svc.gate(&r, &binding("alice", "/x/3"), summary()).await,
+        Gate::TooMany { max: 3 }
+    );
+    assert_eq!(
+        rows.rows.lock().unwrap().len(),
+        rows_before,
+        "nothing is created"
+    );
+    // Asking again for one already pending is not a new one; others are not limited.
+    assert!(matches!(
+        svc.gate(&r, &binding("alice", "/x/0"), summary()).await,
+        Gate::Refuse { .. }
+    ));
+    assert!(matches!(
+        svc.gate(&r, &binding("bob", "/x/3"), summary()).await,
+        Gate::Refuse { .. }
+    ));
+    // A decision frees a place.
+    let id = svc.list()[0].id.clone();
+    svc.decide(&id, &reviewer("carol", "privacy"), Verdict::Deny, "no")
+        .await
+        .unwrap();
+    assert!(matches!(
+        svc.gate(&r, &binding("alice", "/x/3"), summary()).await,
+        Gate::Refuse { .. }
+    ));
+}
+
+#[test]
+fn the_digest_binds_destination_authority_target_meaning_headers_and_body() {
+    let b = binding("alice", "/fhir/Patient/1");
+    let d = b.digest();
+    type Change = Box<dyn Fn(&mut Binding)>;
+    let variants: Vec<Change> = vec![
+        Box::new(|b| b.destination = "other-api".into()),
+        Box::new(|b| b.method = "POST".into()),
+        Box::new(|b| b.authority = "api2".into()),
+        Box::new(|b| b.target = "/fhir/Patient/1?_elements=name".into()),
+        Box::new(|b| {
+            b.headers
+                .push(("prefer".into(), "return=representation".into()))
+        }),
+        Box::new(|b| b.body_sha256 = hex::encode(Sha256::digest(b"{}"))),
+        Box::new(|b| b.requester.principal = "oidc:issuer#bob".into()),
+        // Parts are length-prefixed: moving a byte across a boundary changes it.
+        Box::new(|b| {
+            b.authority = "api/".into();
+            b.target = "fhir/Patient/1".into();
+        }),
+    ];
+    for (i, change) in variants.iter().enumerate() {
+        let mut other = b.clone();
+        change(&mut other);
+        assert_ne!(other.digest(), d, "variant {i}");
+    }
+    assert_eq!(b.clone().digest(), d);
 }

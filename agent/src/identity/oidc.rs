@@ -348,6 +348,14 @@ impl Issuer {
             groups,
             expires_at: claims.get("exp").and_then(Value::as_i64).unwrap_or(0),
             claims: claims_out,
+            person: self
+                .cfg
+                .person_claim
+                .as_ref()
+                .and_then(|c| claims.get(c))
+                .and_then(Value::as_str)
+                .filter(|v| !v.is_empty())
+                .map(str::to_owned),
         }
     }
 }

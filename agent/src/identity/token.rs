@@ -15,6 +15,8 @@ pub struct TokenIdentity {
     pub expires_at: i64,
     /// Configured string claims policies may see (e.g. `client_id`, `department`).
     pub claims: BTreeMap<String, String>,
+    /// The issuer's `person_claim` value: who holds the token, for approvals.
+    pub person: Option<String>,
 }
 
 /// Why a request has no valid token. The code is the `reason` of a 401 body.

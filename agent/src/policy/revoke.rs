@@ -71,6 +71,15 @@ impl Drop for Grant {
 }
 
 impl Grants {
+    /// Grants whose revocation switch also trips when `parent` is cancelled (the
+    /// drain), so one token stops the connection for either reason.
+    pub fn under(parent: &CancellationToken) -> Grants {
+        Grants {
+            closed: parent.child_token(),
+            ..Grants::default()
+        }
+    }
+
     /// Notes an access the policies allowed; it stays held while the returned grant
     /// lives, and as the connection's latest access after that.
     pub fn grant(self: &Arc<Self>, access: Arc<Access>) -> Grant {

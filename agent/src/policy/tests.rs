@@ -36,6 +36,7 @@ fn token(groups: &[&str]) -> TokenIdentity {
         groups: groups.iter().map(|g| g.to_string()).collect(),
         expires_at: 2_000_000_000,
         claims: [("client_id".to_owned(), "ehr".to_owned())].into(),
+        person: None,
     }
 }
 

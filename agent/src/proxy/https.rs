@@ -54,15 +54,16 @@ where
                 Some("records cannot be written".into()),
             );
         }
-        if let Err(refused) = proxy.decide_passage(
+        let open = match proxy.open_passage(
             rec,
             &conn.workload,
             &dest.name,
             crate::policy::Passage::Tunnel,
             hello.sni.as_deref(),
         ) {
-            return refused;
-        }
+            Ok(open) => open,
+            Err(refused) => return refused,
+        };
         let (prefix, io) = start.into_passthrough();
         let (outcome, error) = tcp::relay(
             io,
@@ -71,9 +72,10 @@ where
             conn.original_dst,
             config,
             &proxy.sockets,
-            &proxy.force_close,
+            open.conn.stop(),
         )
         .await;
+        let (outcome, error) = open.conn.outcome(outcome, error);
         return match outcome {
             Outcome::Closed => (Outcome::Uninspected, error),
             other => (other, error),

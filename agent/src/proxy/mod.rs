@@ -195,7 +195,7 @@ impl Proxy {
                 Outcome::RecordsUnavailable,
                 Some("records cannot be written".into()),
             ),
-            Protocol::Tcp => match self.decide_passage(
+            Protocol::Tcp => match self.open_passage(
                 &mut rec,
                 &conn.workload,
                 &dest.name,
@@ -203,17 +203,18 @@ impl Proxy {
                 None,
             ) {
                 Err(refused) => refused,
-                Ok(()) => {
-                    tcp::relay(
+                Ok(open) => {
+                    let (outcome, error) = tcp::relay(
                         client,
                         &meter,
                         &[],
                         original_dst,
                         &config,
                         &self.sockets,
-                        &self.force_close,
+                        open.conn.stop(),
                     )
-                    .await
+                    .await;
+                    open.conn.outcome(outcome, error)
                 }
             },
             Protocol::Https => {
@@ -323,23 +324,36 @@ impl Proxy {
         }
     }
 
-    /// Decides a connection phigate relays uninspected, noting the decision in its
-    /// record. `Err`: the outcome and error to record for a refusal.
-    pub fn decide_passage(
+    /// Opens a passage phigate relays uninspected: listed first (so a reload from
+    /// here on decides it again), then decided, the decision noted in its record.
+    /// `Err`: the outcome and error to record for a refusal.
+    pub fn open_passage(
         &self,
         rec: &mut ConnectionRecord,
-        workload: &crate::identity::Workload,
+        workload: &Arc<Workload>,
         destination: &str,
         passage: crate::policy::Passage,
         sni: Option<&str>,
-    ) -> Result<(), (Outcome, Option<String>)> {
+    ) -> Result<OpenPassage<'_>, (Outcome, Option<String>)> {
+        let conn = Arc::new(live::PassageConn::new(
+            rec.connection_id.clone(),
+            Arc::clone(workload),
+            destination.to_owned(),
+            passage,
+            sni.map(str::to_owned),
+            &self.force_close,
+        ));
+        let listed = self.live.list_passage(&conn);
         let gate = self.pipeline.load().gate.load_full();
         let d = gate.check_connection(workload, destination, passage, sni);
         rec.decision = Some(if d.allowed { "allow" } else { "deny" });
         rec.policy_ids = d.policy_ids.clone();
         rec.policy_set_hash = Some(gate.policies.hash().to_owned());
         if d.allowed {
-            return Ok(());
+            return Ok(OpenPassage {
+                conn,
+                _listed: listed,
+            });
         }
         let mut why = format!("{} denied by policy: {}", passage.action(), d.reason.code());
         if !d.errors.is_empty() {
@@ -466,4 +480,10 @@ pub fn normalize(addr: SocketAddr) -> SocketAddr {
         },
         v4 => v4,
     }
+}
+
+/// A passage allowed and listed among the live connections while it is relayed.
+pub struct OpenPassage<'a> {
+    pub conn: Arc<live::PassageConn>,
+    _listed: live::Listed<'a>,
 }

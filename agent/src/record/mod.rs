@@ -219,7 +219,11 @@ pub struct ApprovalRecord {
     /// Digest binding the approval to one exact request.
     pub request_digest: String,
     pub requester: String,
+    /// The person behind the requester (approvals.toml `[[person]]`).
+    pub requester_person: Option<String>,
     pub reviewer: Option<String>,
+    /// The person the reviewer is: self-approval and quorum are decided on persons.
+    pub reviewer_person: Option<String>,
     pub reason: Option<String>,
     pub error: Option<String>,
 }

@@ -264,7 +264,9 @@ fn approvals() -> Vec<Field> {
         text("request_id"),
         text("request_digest"),
         text("requester"),
+        text("requester_person"),
         text("reviewer"),
+        text("reviewer_person"),
         text("reason"),
         text("error"),
     ]);
@@ -318,7 +320,9 @@ mod tests {
             // + decision, policy_ids, policy_set_hash (nullable, added: a TCP or
             // TUNNEL passage is decided per connection).
             ("connections", "32e1d78c9a3bbc69"),
-            ("approvals", "358fdec1cc73e61a"),
+            // + requester_person, reviewer_person (nullable, added: self-approval
+            // and quorum are decided on persons).
+            ("approvals", "3b94fb8d057f8dd9"),
             ("events", "78109fc628bd5a96"),
         ];
         for ((name, d), (ename, ed)) in got.iter().zip(expected) {

@@ -73,6 +73,7 @@ fn now() -> i64 {
 fn claims() -> Value {
     json!({"iss": ISS, "sub": "dr-alice", "aud": ["patients-api", "other"], "exp": now() + 300,
            "iat": now(), "groups": ["fhir-clinicians", "staff"], "client_id": "ehr",
+           "email": "alice@hospital.test",
            "realm_access": {"roles": ["auditor"]}})
 }
 
@@ -85,6 +86,7 @@ fn issuer_cfg(jwks: &std::path::Path) -> OidcIssuer {
         groups_claims: vec!["groups".into(), "realm_access.roles".into()],
         group_map: [("fhir-clinicians".to_owned(), "clinicians".to_owned())].into(),
         claims: vec!["client_id".into()],
+        person_claim: Some("email".into()),
         clock_skew: Duration::from_secs(5),
         ca_file: None,
         jwks_refresh_min: Duration::ZERO,
@@ -122,6 +124,7 @@ async fn valid_token_yields_identity_with_mapped_groups() {
     assert_eq!(id.subject, "dr-alice");
     assert_eq!(id.groups, ["clinicians", "staff", "auditor"]);
     assert_eq!(id.claims.get("client_id").map(String::as_str), Some("ehr"));
+    assert_eq!(id.person.as_deref(), Some("alice@hospital.test"));
     assert!(id.expires_at > now());
 
     let mut h = HeaderMap::new();
