@@ -295,7 +295,7 @@ fn sample_request(store: &RecordStore, workload: &Arc<Workload>) -> RequestRecor
         response_bytes: 1834,
         latency_ms: 3.2,
         duration_ms: 3.4,
-        decision: "allow",
+        decision: phigate::record::RequestDecision::Allow,
         policy_ids: vec!["clinician-read-patient".into()],
         policy_set_hash: Some("5e3b".repeat(16)),
         masking_profile: Some("safe_harbor".into()),
@@ -305,7 +305,7 @@ fn sample_request(store: &RecordStore, workload: &Arc<Workload>) -> RequestRecor
         approvers: Vec::new(),
         approval_reason: None,
         upgraded: false,
-        outcome: "complete",
+        outcome: phigate::record::RequestOutcome::Complete,
         error: None,
     }
 }

@@ -17,7 +17,9 @@
 //! * [`record`]: one record per connection and per request, to the configured sink.
 //!
 //! [`sockets`] makes the agent's own outbound sockets (exempt from the redirect by
-//! their kernel cookies), for every layer that connects out.
+//! their kernel cookies), for every layer that connects out; [`outbound`] is the
+//! agent's own small HTTP client on them (OIDC discovery and keys, webhooks), apart
+//! from the data plane's pooled forwarder; [`io`] meters a connection's bytes.
 //!
 //! [`app`] wires them together; [`cli`] is the `phigate` command line.
 
@@ -31,8 +33,10 @@ pub mod console;
 pub mod fuzzing;
 pub mod http;
 pub mod identity;
+pub mod io;
 pub mod mask;
 pub mod metrics;
+pub mod outbound;
 pub mod pipeline;
 pub mod policy;
 pub mod preflight;

@@ -12,6 +12,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod layers;
 mod setup;
 mod soak;
 mod systemd;
@@ -32,8 +33,10 @@ struct Cli {
 enum Task {
     /// Install the toolchain parts and packages building and testing need (idempotent).
     Setup,
-    /// fmt, clippy, cargo deny and the unit tests; needs no root.
+    /// fmt, the module layers, clippy, cargo deny and the unit tests; needs no root.
     Check,
+    /// Only the structure check: module layers and function sizes (xtask/src/layers.rs).
+    Layers,
     /// Run every check and test of the project (needs root: eBPF, netns, cgroups).
     Test {
         /// Only run tests whose name contains this.
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
     let r = match cli.task {
         Task::Setup => setup::run(),
         Task::Check => setup::toolchain().and_then(|_| check()),
+        Task::Layers => layers::check(&util::root_dir()),
         Task::Test { filter } => setup::run().and_then(|_| test(filter.as_deref())),
         Task::Demo => setup::run().and_then(|_| demo::run()),
         Task::Package => {
@@ -134,6 +138,9 @@ fn static_checks(run: &mut StepRunner<'_>) -> anyhow::Result<()> {
     use util::cargo;
     run("cargo fmt --check", &mut || {
         cargo(&["fmt", "--all", "--", "--check"], &[])
+    })?;
+    run("module layers, function sizes", &mut || {
+        layers::check(&util::root_dir())
     })?;
     run("cargo clippy -D warnings", &mut || {
         cargo(

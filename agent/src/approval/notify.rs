@@ -10,7 +10,7 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use super::{Approval, ApprovalRule};
-use crate::http::outbound::Outbound;
+use crate::outbound::Outbound;
 use crate::record::{ApprovalRecord, Record, RecordSink};
 
 const ATTEMPTS: u32 = 4;

@@ -10,22 +10,19 @@
 //! sockets ([`crate::sockets`]), which the redirect lets pass, over verified TLS.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use http::{header, HeaderMap, Request, StatusCode, Uri};
-use http_body_util::BodyExt;
+use http::{header, HeaderMap};
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use rustls_pki_types::ServerName;
 use serde_json::Value;
 use tracing::{debug, warn};
 
 use super::token::{TokenError, TokenIdentity};
 use crate::config::{OidcIssuer, OidcSection};
-use crate::http::forward::{Forwarder, UpstreamKey};
+use crate::outbound::Outbound;
 use crate::sockets::SocketFactory;
 use crate::tls::UpstreamTls;
 
@@ -64,7 +61,8 @@ struct Issuer {
     keys: RwLock<Arc<KeySet>>,
     /// Serializes refreshes; holds when the last one was attempted (rate limit).
     refresh: tokio::sync::Mutex<Option<Instant>>,
-    fetch: Fetcher,
+    /// Discovery and keys: the agent's own client, verified TLS, no redirects.
+    fetch: Outbound,
 }
 
 /// Validates bearer tokens against the configured issuers.
@@ -113,13 +111,10 @@ impl TokenValidator {
                 algorithms,
                 keys: RwLock::new(Arc::new(KeySet::default())),
                 refresh: tokio::sync::Mutex::new(None),
-                fetch: Fetcher {
-                    forwarder: Forwarder::new(
-                        vec![Arc::new(tls)],
-                        sockets.clone(),
-                        Duration::from_secs(5),
-                        Duration::from_secs(5),
-                    ),
+                fetch: Outbound {
+                    sockets: sockets.clone(),
+                    tls: Arc::new(tls),
+                    timeout: FETCH_TIMEOUT,
                 },
             };
             if let Some(f) = &c.jwks_file {
@@ -288,7 +283,10 @@ impl Issuer {
         let base = self.cfg.issuer.trim_end_matches('/');
         let doc = self
             .fetch
-            .get_json(&format!("{base}/.well-known/openid-configuration"))
+            .get_json(
+                &format!("{base}/.well-known/openid-configuration"),
+                MAX_DOC_BYTES,
+            )
             .await?;
         if doc.get("issuer").and_then(Value::as_str) != Some(self.cfg.issuer.as_str()) {
             return Err("the discovery document names another issuer".into());
@@ -300,7 +298,7 @@ impl Issuer {
         if !jwks_uri.starts_with("https://") {
             return Err(format!("jwks_uri {jwks_uri} is not https"));
         }
-        let jwks = self.fetch.get_json(jwks_uri).await?;
+        let jwks = self.fetch.get_json(jwks_uri, MAX_DOC_BYTES).await?;
         parse_jwks(jwks.to_string().as_bytes())
     }
 
@@ -417,59 +415,6 @@ fn parse_jwks(bytes: &[u8]) -> Result<KeySet, String> {
         return Err("the JWKS holds no usable signing key".into());
     }
     Ok(set)
-}
-
-/// GETs JSON documents from the issuer: the agent's own sockets, verified TLS, no redirects.
-struct Fetcher {
-    forwarder: Forwarder,
-}
-
-impl Fetcher {
-    async fn get_json(&self, url: &str) -> Result<Value, String> {
-        let uri: Uri = url.parse().map_err(|e| format!("{url}: {e}"))?;
-        if uri.scheme_str() != Some("https") {
-            return Err(format!("{url}: only https is used"));
-        }
-        let host = uri.host().ok_or_else(|| format!("{url}: no host"))?;
-        let host = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(443);
-        let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map_err(|e| format!("cannot resolve {host}: {e}"))?
-            .next()
-            .ok_or_else(|| format!("{host} has no address"))?;
-        let server_name = ServerName::try_from(host.clone())
-            .map_err(|_| format!("{host} is not a valid TLS server name"))?;
-        let key = UpstreamKey {
-            addr,
-            server_name: Some(server_name),
-            dest_index: 0,
-        };
-        let req = Request::get(uri.clone())
-            .header(header::ACCEPT, "application/json")
-            .header(
-                header::HOST,
-                uri.authority().map(|a| a.as_str()).unwrap_or(&host),
-            )
-            .body(crate::http::body::empty())
-            .map_err(|e| e.to_string())?;
-        let resp = tokio::time::timeout(FETCH_TIMEOUT, self.forwarder.send(&key, req))
-            .await
-            .map_err(|_| format!("{url}: no answer within {FETCH_TIMEOUT:?}"))?
-            .map_err(|e| format!("{url}: {}", crate::http::error_chain(&e)))?;
-        if resp.status() != StatusCode::OK {
-            return Err(format!("{url}: HTTP {}", resp.status()));
-        }
-        let body = http_body_util::Limited::new(resp.into_body(), MAX_DOC_BYTES)
-            .collect()
-            .await
-            .map_err(|e| format!("{url}: {e}"))?
-            .to_bytes();
-        serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))
-    }
 }
 
 #[cfg(test)]

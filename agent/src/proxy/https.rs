@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::io::Meter;
 use super::{tcp, Proxy, Redirected};
 use crate::config::{Config, Destination};
+use crate::io::Meter;
 use crate::pipeline::ClientTls;
 use crate::record::{ConnectionRecord, Outcome};
 use crate::tls::{self, LeafName, Sniffed};
@@ -128,7 +128,7 @@ where
         proxy.tunnel_bounds(meter, config),
     ));
     let _listed = proxy.live.list(&ctx);
-    let outcome = crate::http::serve(
+    let outcome = super::serve::serve(
         stream,
         Arc::clone(&ctx),
         proxy.pipeline.load_full(),

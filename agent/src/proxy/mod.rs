@@ -2,8 +2,8 @@
 //! who sent them, and hand them to the handler for the destination's protocol.
 
 pub mod https;
-pub mod io;
 pub mod live;
+pub mod serve;
 pub mod tcp;
 
 use std::net::SocketAddr;
@@ -18,9 +18,9 @@ use tracing::{debug, info, warn};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use self::io::{Meter, Metered};
 use crate::config::{Config, Destination, Protocol};
 use crate::identity::{IdentityResolver, Workload};
+use crate::io::{Meter, Metered};
 use crate::pipeline::{ClientTls, ConnContext, Pipeline};
 use crate::record::{new_id, ConnectionRecord, EventRecord, Outcome, Record, RecordSink};
 use crate::redirect::{Attested, OrigDstLookup};
@@ -229,7 +229,7 @@ impl Proxy {
                 let pipeline = self.pipeline.load_full();
                 let ctx = Arc::new(ctx);
                 let _listed = self.live.list(&ctx);
-                let outcome = crate::http::serve(
+                let outcome = serve::serve(
                     client,
                     Arc::clone(&ctx),
                     pipeline,

@@ -7,8 +7,8 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use super::io::Meter;
 use crate::config::Config;
+use crate::io::Meter;
 use crate::record::Outcome;
 use crate::sockets::SocketFactory;
 

@@ -67,6 +67,75 @@ pub enum Outcome {
     Denied,
 }
 
+/// What the policies (and reviewers) decided about a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestDecision {
+    Allow,
+    Deny,
+    /// Waiting for an approval (or refused at once in retry mode).
+    Held,
+    /// Allowed because reviewers approved this request.
+    Approved,
+    /// No reviewer decided in time.
+    Expired,
+}
+
+impl RequestDecision {
+    /// As the `decision` column and the metrics label spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestDecision::Allow => "allow",
+            RequestDecision::Deny => "deny",
+            RequestDecision::Held => "held",
+            RequestDecision::Approved => "approved",
+            RequestDecision::Expired => "expired",
+        }
+    }
+}
+
+/// How an HTTP exchange ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RequestOutcome {
+    /// The response went to the client whole.
+    Complete,
+    /// The client went away before the response ended.
+    ClientAborted,
+    /// phigate answered itself: a policy denial or a stage's refusal.
+    Refused,
+    UpstreamError,
+    UpstreamTimeout,
+    /// A body the profile applies to could not be masked: not passed.
+    MaskingFailed,
+    /// An upgraded tunnel failed on either side.
+    UpgradeFailed,
+    /// An upgraded tunnel closed by a new policy set.
+    Revoked,
+    IdleTimeout,
+    LifetimeExceeded,
+    Drained,
+}
+
+impl RequestOutcome {
+    /// As the `outcome` column and the metrics label spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RequestOutcome::Complete => "complete",
+            RequestOutcome::ClientAborted => "client_aborted",
+            RequestOutcome::Refused => "refused",
+            RequestOutcome::UpstreamError => "upstream_error",
+            RequestOutcome::UpstreamTimeout => "upstream_timeout",
+            RequestOutcome::MaskingFailed => "masking_failed",
+            RequestOutcome::UpgradeFailed => "upgrade_failed",
+            RequestOutcome::Revoked => "revoked",
+            RequestOutcome::IdleTimeout => "idle_timeout",
+            RequestOutcome::LifetimeExceeded => "lifetime_exceeded",
+            RequestOutcome::Drained => "drained",
+        }
+    }
+}
+
 /// Facts every row carries about the agent that wrote it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Origin {
@@ -184,8 +253,7 @@ pub struct RequestRecord {
     /// Time until the response head was ready, and until the response body ended.
     pub latency_ms: f64,
     pub duration_ms: f64,
-    /// allow, deny, held, approved, expired.
-    pub decision: &'static str,
+    pub decision: RequestDecision,
     /// Ids of the policies that decided, and the hash of the policy set in force.
     pub policy_ids: Vec<String>,
     pub policy_set_hash: Option<String>,
@@ -199,8 +267,8 @@ pub struct RequestRecord {
     /// True when the connection switched protocols (WebSocket): bytes after the
     /// upgrade are counted but not inspected.
     pub upgraded: bool,
-    /// How the exchange ended: `complete`, `client_aborted`, `upstream_error`, ...
-    pub outcome: &'static str,
+    /// How the exchange ended.
+    pub outcome: RequestOutcome,
     pub error: Option<String>,
 }
 
@@ -399,5 +467,36 @@ pub mod micros {
 
     pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_i64(of(*t))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The columns hold the same strings as every earlier version (the schema is a
+    /// contract), and metrics label them alike.
+    #[test]
+    fn typed_decisions_and_outcomes_are_written_as_their_names() {
+        use RequestDecision as D;
+        use RequestOutcome as O;
+        for d in [D::Allow, D::Deny, D::Held, D::Approved, D::Expired] {
+            assert_eq!(serde_json::to_value(d).unwrap(), d.as_str());
+        }
+        for o in [
+            O::Complete,
+            O::ClientAborted,
+            O::Refused,
+            O::UpstreamError,
+            O::UpstreamTimeout,
+            O::MaskingFailed,
+            O::UpgradeFailed,
+            O::Revoked,
+            O::IdleTimeout,
+            O::LifetimeExceeded,
+            O::Drained,
+        ] {
+            assert_eq!(serde_json::to_value(o).unwrap(), o.as_str());
+        }
     }
 }

@@ -8,7 +8,6 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -17,6 +16,11 @@ use http::{header, HeaderName, HeaderValue, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use rustls_pki_types::ServerName;
 use tracing::{debug, warn};
+
+mod conn;
+mod refusal;
+pub use conn::{ClientTls, ConnContext, TunnelBounds};
+pub use refusal::{Code, Refusal};
 
 use crate::config::MaskingSection;
 use crate::config::{Limits, Protocol};
@@ -27,52 +31,14 @@ use crate::http::body::{
 use crate::http::forward::{
     strip_hop_by_hop, upstream_uri, ConnectError, Forwarder, UpstreamInfo, UpstreamKey,
 };
-use crate::identity::Workload;
 use crate::mask::body::{MaskReport, MaskedBody, SharedReport};
 use crate::mask::{BodyMasker, Counts, MaskContext, Profile, ProfileSet};
 use crate::policy::gate::{Gatekeeper, Subject};
 use crate::policy::{status_for, Reason};
 use crate::record::pseudonym::Pseudonymizer;
-use crate::record::{new_id, Durable, Record, RecordSink, RequestRecord};
-
-/// TLS as negotiated with the client.
-#[derive(Debug, Clone, Default)]
-pub struct ClientTls {
-    pub sni: Option<String>,
-    pub version: Option<String>,
-    pub alpn: Option<String>,
-}
-
-/// What every request on one connection shares.
-pub struct ConnContext {
-    pub connection_id: String,
-    pub destination: String,
-    pub dest_index: usize,
-    pub protocol: Protocol,
-    pub original_dst: SocketAddr,
-    pub client_addr: SocketAddr,
-    pub workload: Arc<Workload>,
-    pub tls: Option<ClientTls>,
-    /// The names the destination serves (`hosts`); empty: any.
-    pub hosts: Arc<[String]>,
-    /// What bounds the connection, for a tunnel that outlives its request.
-    pub tunnel_bounds: TunnelBounds,
-    /// Requests seen on this connection.
-    pub requests: AtomicU64,
-    /// Requests not yet recorded: a connection waiting on its upstream is not idle.
-    pub in_flight: AtomicU64,
-    /// The accesses the policies granted on this connection; a new policy set that
-    /// no longer allows one of them closes the connection.
-    pub grants: Arc<crate::policy::revoke::Grants>,
-}
-
-/// The connection's bounds, kept by an upgraded tunnel as by any connection: its
-/// idle timeout, its maximum lifetime, and the agent's drain.
-pub struct TunnelBounds {
-    pub idle: Duration,
-    pub lifetime_end: tokio::time::Instant,
-    pub drain: tokio_util::sync::CancellationToken,
-}
+use crate::record::{
+    new_id, Durable, Record, RecordSink, RequestDecision, RequestOutcome, RequestRecord,
+};
 
 /// The masking profiles in force and which one applies where.
 pub struct Masking {
@@ -121,6 +87,9 @@ impl Pipeline {
             .flatten()
     }
 
+    /// One request, top to bottom: each stage either hands the next what it needs or
+    /// stops the request ([`Stop`]); `Exchange::stop` is the one place a stop becomes
+    /// phigate's answer and the record.
     pub async fn handle(
         self: Arc<Self>,
         conn: Arc<ConnContext>,
@@ -128,155 +97,229 @@ impl Pipeline {
     ) -> Result<Response<PhiBody>, Infallible> {
         conn.requests.fetch_add(1, Ordering::Relaxed);
         conn.in_flight.fetch_add(1, Ordering::Relaxed);
-        let ex = Exchange::begin(&self, &conn, &req);
+        let mut ex = Exchange::begin(&self, &conn, &req);
+        Ok(match self.to_upstream(&mut ex, &conn, req).await {
+            Ok(answered) => self.respond(ex, answered).await,
+            Err(stop) => ex.stop(stop).await,
+        })
+    }
 
+    /// The stages before the answer: admit, identify and authorize, approve,
+    /// prepare, forward.
+    async fn to_upstream(
+        &self,
+        ex: &mut Exchange,
+        conn: &ConnContext,
+        req: Request<Incoming>,
+    ) -> Result<Answered, Stop> {
         // 0. nothing passes unrecorded: while records cannot be written, refuse.
         if !self.records.writable() {
-            return Ok(ex
-                .answer(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "records_unavailable",
-                    "phigate cannot write its audit records; requests are refused until it can",
-                )
-                .await);
+            return Err(Refusal::new(
+                Code::RecordsUnavailable,
+                "phigate cannot write its audit records; requests are refused until it can",
+            )
+            .into());
         }
-
         // 1. admit: one reading of the request (one credential, one host, one
         //    method), for the host the connection was made for.
-        let expect = crate::http::admit::Expect {
-            sni: conn.tls.as_ref().and_then(|t| t.sni.as_deref()),
-            hosts: &conn.hosts,
-        };
-        let host = match crate::http::admit::admit(&req, expect) {
-            Ok(h) => h,
-            Err(r) => return Ok(ex.answer(r.status(), r.reason(), r.message()).await),
-        };
-
+        let host = crate::http::admit::admit(&req, expect(conn)).map_err(Refusal::from)?;
         // 2. identify: the caller is the kernel-attested workload of the connection,
         //    plus the OIDC identity of a valid bearer token (the token is never kept).
         // 3. authorize: the policy set decides; deny by default.
-        let gate = self.gate.load_full();
-        let verdict = match gate
-            .check(
-                &Subject {
-                    workload: &conn.workload,
-                    destination: &conn.destination,
-                    method: req.method().as_str(),
-                    path: req.uri().path(),
-                    query: req.uri().query(),
-                    headers: req.headers(),
-                    host: host.as_deref(),
-                    sni: expect.sni,
-                    has_approval: false,
-                },
-                None,
-            )
-            .await
-        {
-            Ok(v) => v,
-            Err(e) => {
-                return Ok(ex
-                    .answer(StatusCode::BAD_REQUEST, "bad_request", &e.to_string())
-                    .await)
-            }
-        };
-        let mut ex = ex;
-        ex.authorized(&verdict, gate.policies.hash());
-        let decision = &verdict.decision;
-        if !decision.allowed {
-            return Ok(ex.deny(decision).await);
-        }
-        // Held while this request lasts, so a new policy set can take it back.
-        ex.grant = Some(conn.grants.grant(verdict.access.clone()));
-        if !Arc::ptr_eq(&gate, &self.gate.load()) {
-            // A reload landed while deciding: the new set decides too (its sweep of
-            // open connections may have run before this grant was held).
-            let now = self.gate.load_full();
-            let d = now.recheck(&conn.workload, &conn.destination, &verdict.access);
-            if !d.allowed {
-                ex.authorized(
-                    &crate::policy::gate::Verdict {
-                        decision: d.clone(),
-                        access: verdict.access.clone(),
-                    },
-                    now.policies.hash(),
-                );
-                return Ok(ex.deny(&d).await);
-            }
-        }
+        let verdict = self.authorize(ex, conn, &req, host).await?;
         // 4. approve: a permit naming an approval rule holds (or refuses) the request
         //    until reviewers approve this exact request.
         let mut req = req.map(boxed);
-        if let Some(rule) = decision.approval_rule.clone() {
-            let profile = self.mask_profile_for(&conn, decision);
-            let token = verdict.access.token.as_ref().ok();
-            match self.approve(ex, &conn, &rule, profile, token, req).await {
-                Ok((e, r)) => (ex, req) = (e, r),
-                Err(resp) => return Ok(resp),
-            }
+        if let Some(rule) = verdict.decision.approval_rule.clone() {
+            req = self.approve(ex, conn, &rule, &verdict, req).await?;
         }
-
         // 5. forward (unless a new policy set revoked this connection meanwhile, e.g.
         //    while the request was held for approval)
+        let prepared = self.prepare(ex, conn, &verdict, req)?;
+        self.forward(ex, prepared).await
+    }
+
+    /// Decides the request with the policy set in force, and holds the grant (so a
+    /// new set can take it back); a set that lands while deciding decides too.
+    async fn authorize(
+        &self,
+        ex: &mut Exchange,
+        conn: &ConnContext,
+        req: &Request<Incoming>,
+        host: Option<String>,
+    ) -> Result<crate::policy::gate::Verdict, Stop> {
+        let gate = self.gate.load_full();
+        let subject = Subject {
+            workload: &conn.workload,
+            destination: &conn.destination,
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            query: req.uri().query(),
+            headers: req.headers(),
+            host: host.as_deref(),
+            sni: expect(conn).sni,
+            has_approval: false,
+        };
+        let verdict = gate
+            .check(&subject, None)
+            .await
+            .map_err(|e| Refusal::new(Code::BadRequest, e.to_string()))?;
+        ex.authorized(&verdict, gate.policies.hash());
+        if !verdict.decision.allowed {
+            return Err(Stop::Denied(verdict.decision));
+        }
+        ex.grant = Some(conn.grants.grant(verdict.access.clone()));
+        if !Arc::ptr_eq(&gate, &self.gate.load()) {
+            // A reload landed while deciding: its sweep of open connections may have
+            // run before this grant was held.
+            let now = self.gate.load_full();
+            let d = now.recheck(&conn.workload, &conn.destination, &verdict.access);
+            if !d.allowed {
+                return Err(ex.denied_by(d, &verdict.access, now.policies.hash()));
+            }
+        }
+        Ok(verdict)
+    }
+
+    /// The approval stage: binds an approval to this exact request (its body is read,
+    /// up to APPROVAL_BODY_LIMIT, to be hashed) and waits or refuses as the rule says.
+    /// Returns the request to forward.
+    async fn approve(
+        &self,
+        ex: &mut Exchange,
+        conn: &ConnContext,
+        rule_name: &str,
+        verdict: &crate::policy::gate::Verdict,
+        req: Request<PhiBody>,
+    ) -> Result<Request<PhiBody>, Stop> {
+        use crate::approval::{Gate, State};
+        let Some(rule) = self.approval_rules.get(rule_name).cloned() else {
+            // A policy names a rule approvals.toml does not define: nobody could
+            // approve it, so it does not pass.
+            ex.record.decision = RequestDecision::Deny;
+            return Err(Refusal::new(
+                Code::ApprovalUnavailable,
+                format!("approval rule `{rule_name}` is not defined"),
+            )
+            .into());
+        };
+        let (parts, body) = req.into_parts();
+        let bytes = read_whole(body, APPROVAL_BODY_LIMIT).await?;
+        let token = verdict.access.token.as_ref().ok();
+        let (binding, mut summary) = approval_binding(&ex.record, conn, token, &parts, &bytes);
+        let profile = self.mask_profile_for(conn, &verdict.decision);
+        summary.preview = Some(self.preview(profile.as_ref(), &parts, &bytes));
+        match self.approvals.gate(&rule, &binding, summary).await {
+            Gate::Proceed {
+                approval_id,
+                approvers,
+                reason,
+            } => {
+                ex.record.decision = RequestDecision::Approved;
+                ex.record.approval_id = Some(approval_id);
+                ex.record.approvers = approvers;
+                ex.record.approval_reason = Some(reason);
+                Ok(Request::from_parts(
+                    parts,
+                    boxed(http_body_util::Full::new(bytes)),
+                ))
+            }
+            Gate::Refuse {
+                approval_id,
+                outcome,
+            } => {
+                let (decision, refusal) = match outcome {
+                    State::Pending => (
+                        RequestDecision::Held,
+                        Refusal::new(
+                            Code::ApprovalPending,
+                            "this request waits for a reviewer's approval; repeat it once approved",
+                        ),
+                    ),
+                    State::Denied => (
+                        RequestDecision::Deny,
+                        Refusal::new(Code::ApprovalDenied, "a reviewer denied this request"),
+                    ),
+                    _ => (
+                        RequestDecision::Expired,
+                        Refusal::new(
+                            Code::ApprovalExpired,
+                            "no reviewer approved this request in time",
+                        ),
+                    ),
+                };
+                ex.record.decision = decision;
+                ex.record.approval_id = Some(approval_id.clone());
+                Err(Stop::Approval {
+                    approval_id,
+                    refusal,
+                })
+            }
+            Gate::TooMany { max } => {
+                ex.record.decision = RequestDecision::Held;
+                Err(Refusal::new(
+                    Code::TooManyPendingApprovals,
+                    format!(
+                        "you have {max} requests waiting for approval already; wait for a decision on them"
+                    ),
+                )
+                .into())
+            }
+            Gate::Unavailable(e) => Err(Refusal::new(
+                Code::RecordsUnavailable,
+                format!("the approval could not be recorded: {e}"),
+            )
+            .into()),
+        }
+    }
+
+    /// The request as it goes upstream: still allowed on this connection, within
+    /// the size limit, an upgrade only where allowed and never under masking, the
+    /// authorized (normalized) path, hop-by-hop headers gone, the body masked when
+    /// the profile masks requests.
+    fn prepare(
+        &self,
+        ex: &mut Exchange,
+        conn: &ConnContext,
+        verdict: &crate::policy::gate::Verdict,
+        mut req: Request<PhiBody>,
+    ) -> Result<Prepared, Stop> {
         if conn.grants.is_revoked() {
             let why = conn.grants.reason().map(ToString::to_string);
-            return Ok(ex
-                .answer(
-                    StatusCode::FORBIDDEN,
-                    "access_revoked",
-                    why.as_deref()
-                        .unwrap_or("the policy set no longer allows this connection"),
-                )
-                .await);
+            return Err(Refusal::new(
+                Code::AccessRevoked,
+                why.unwrap_or_else(|| "the policy set no longer allows this connection".into()),
+            )
+            .into());
         }
-        if let Some(len) = content_length(&req) {
-            if len > self.limits.max_request_body_bytes {
-                return Ok(ex
-                    .answer(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "request_too_large",
-                        &format!(
-                            "request body of {len} bytes exceeds the limit of {} bytes",
-                            self.limits.max_request_body_bytes
-                        ),
-                    )
-                    .await);
-            }
+        let limit = self.limits.max_request_body_bytes;
+        if let Some(len) = content_length(&req).filter(|len| *len > limit) {
+            return Err(Refusal::new(
+                Code::RequestTooLarge,
+                format!("request body of {len} bytes exceeds the limit of {limit} bytes"),
+            )
+            .into());
         }
         let upgrade = is_upgrade(&req);
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        let key = match self.upstream_key(&conn, &req) {
-            Ok(k) => k,
-            Err(reason) => {
-                return Ok(ex
-                    .answer(StatusCode::BAD_REQUEST, "bad_request", &reason)
-                    .await)
-            }
-        };
-        let profile = self.mask_profile_for(&conn, &verdict.decision);
+        let key = self
+            .upstream_key(conn, &req)
+            .map_err(|reason| Refusal::new(Code::BadRequest, reason))?;
+        let profile = self.mask_profile_for(conn, &verdict.decision);
         if upgrade {
             // What follows a switch of protocols is a tunnel: an UPGRADE passage of
             // its own, and never under masking (its bytes cannot be read).
             if profile.is_some() {
-                return Ok(ex
-                    .answer(
-                        StatusCode::FORBIDDEN,
-                        "upgrade_refused",
-                        "a protocol upgrade carries bytes that masking cannot read; refused under a masking obligation",
-                    )
-                    .await);
+                return Err(Refusal::new(
+                    Code::UpgradeRefused,
+                    "a protocol upgrade carries bytes that masking cannot read; refused under a masking obligation",
+                )
+                .into());
             }
             let gate = self.gate.load_full();
             let d = gate.check_upgrade(&conn.workload, &conn.destination, &verdict.access);
             if !d.allowed {
-                ex.authorized(
-                    &crate::policy::gate::Verdict {
-                        decision: d.clone(),
-                        access: verdict.access.clone(),
-                    },
-                    gate.policies.hash(),
-                );
-                return Ok(ex.deny(&d).await);
+                return Err(ex.denied_by(d, &verdict.access, gate.policies.hash()));
             }
         }
         let (mut parts, body) = req.into_parts();
@@ -294,203 +337,86 @@ impl Pipeline {
             Some(q) => format!("{}?{q}", verdict.access.path),
             None => verdict.access.path.clone(),
         };
-        parts.uri = match upstream_uri(key.server_name.is_some(), &authority, &path) {
-            Ok(u) => u,
-            Err(e) => {
-                return Ok(ex
-                    .answer(
-                        StatusCode::BAD_REQUEST,
-                        "bad_request",
-                        &format!("invalid request target: {e}"),
-                    )
-                    .await)
-            }
-        };
-        let body = Limited::new(
-            Observed::counting(body, ex.request_bytes.clone()),
-            self.limits.max_request_body_bytes,
-        );
-        let mut ex = ex;
+        parts.uri = upstream_uri(key.server_name.is_some(), &authority, &path)
+            .map_err(|e| Refusal::new(Code::BadRequest, format!("invalid request target: {e}")))?;
+        let body = Limited::new(Observed::counting(body, ex.request_bytes.clone()), limit);
         let body = match profile
             .as_ref()
             .filter(|_| self.masking.settings.mask_requests)
         {
-            Some(p) => match ex.mask_request(&mut parts, body, p, &self.masking) {
-                Ok(b) => b,
-                Err(reason) => {
-                    return Ok(ex
-                        .answer(StatusCode::BAD_REQUEST, "masking_failed", &reason)
-                        .await)
-                }
-            },
+            Some(p) => ex
+                .mask_request(&mut parts, body, p, &self.masking)
+                .map_err(|reason| {
+                    Refusal::new(Code::MaskingFailed, reason).with_status(StatusCode::BAD_REQUEST)
+                })?,
             None => boxed(body),
         };
-        let upstream_req = Request::from_parts(parts, body);
+        Ok(Prepared {
+            key,
+            request: Request::from_parts(parts, body),
+            client_upgrade,
+            profile,
+        })
+    }
 
+    /// Sends the request upstream within the request timeout.
+    async fn forward(&self, ex: &mut Exchange, p: Prepared) -> Result<Answered, Stop> {
         let upstream_t0 = Instant::now();
-        let sent = tokio::time::timeout(
-            self.request_timeout,
-            self.forwarder.send(&key, upstream_req),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout(self.request_timeout, self.forwarder.send(&p.key, p.request))
+                .await;
         crate::metrics::get().observe(crate::metrics::Stage::Upstream, upstream_t0.elapsed());
-        let mut resp = match sent {
+        let response = match sent {
             Err(_) => {
-                return Ok(ex
-                    .answer(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "upstream_timeout",
-                        &format!(
-                            "the upstream did not answer within {:?}",
-                            self.request_timeout
-                        ),
-                    )
-                    .await)
+                return Err(Refusal::new(
+                    Code::UpstreamTimeout,
+                    format!(
+                        "the upstream did not answer within {:?}",
+                        self.request_timeout
+                    ),
+                )
+                .into())
             }
-            Ok(Err(e)) => return Ok(ex.upstream_failed(&e).await),
+            Ok(Err(e)) => return Err(Stop::UpstreamFailed(e)),
             Ok(Ok(r)) => r,
         };
-        let info = resp
+        let info = response
             .extensions()
             .get::<UpstreamInfo>()
             .cloned()
             .unwrap_or_default();
-        let mut ex = ex.with_upstream(&info, resp.version());
+        ex.with_upstream(&info, response.version());
+        Ok(Answered {
+            response,
+            client_upgrade: p.client_upgrade,
+            profile: p.profile,
+        })
+    }
 
+    /// The upstream's answer to the client: a switch of protocols becomes a bounded
+    /// tunnel; otherwise 6. mask (the profile chosen for this request rewrites
+    /// headers and body) and 7. record (written when the last byte of the response
+    /// has passed; its end is released only once the record is durable).
+    async fn respond(&self, mut ex: Exchange, a: Answered) -> Response<PhiBody> {
+        let mut resp = a.response;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-            if let Some(client_upgrade) = client_upgrade {
+            if let Some(client_upgrade) = a.client_upgrade {
                 let upstream_upgrade = hyper::upgrade::on(&mut resp);
                 let (parts, _) = resp.into_parts();
                 ex.record.upgraded = true;
                 let resp = ex.finish_head(Response::from_parts(parts, crate::http::body::empty()));
                 ex.relay_upgraded(client_upgrade, upstream_upgrade);
-                return Ok(resp);
+                return resp;
             }
         }
-
-        // 6. mask: the profile chosen for this request rewrites headers and body.
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
-        if let Some(profile) = profile {
-            return Ok(ex
-                .masked_response(parts, body, profile, &self.masking)
-                .await);
-        }
-
-        // 7. record: written when the last byte of the response has passed; the end of
-        //    the response is released only once the record is durable.
-        Ok(ex.stream_response(parts, body).await)
-    }
-
-    /// The approval stage: binds an approval to this exact request (its body is read,
-    /// up to APPROVAL_BODY_LIMIT, to be hashed) and waits or refuses as the rule says.
-    /// Returns the request to forward, or phigate's answer.
-    async fn approve(
-        &self,
-        mut ex: Exchange,
-        conn: &ConnContext,
-        rule_name: &str,
-        profile: Option<Arc<Profile>>,
-        token: Option<&crate::identity::token::TokenIdentity>,
-        req: Request<PhiBody>,
-    ) -> Result<(Exchange, Request<PhiBody>), Response<PhiBody>> {
-        use crate::approval::{Gate, State};
-        let Some(rule) = self.approval_rules.get(rule_name).cloned() else {
-            // A policy names a rule approvals.toml does not define: nobody could
-            // approve it, so it does not pass.
-            ex.record.decision = "deny";
-            return Err(ex
-                .answer(
-                    StatusCode::FORBIDDEN,
-                    "approval_unavailable",
-                    &format!("approval rule `{rule_name}` is not defined"),
-                )
-                .await);
-        };
-        let (parts, body) = req.into_parts();
-        let bytes = match read_whole(body, APPROVAL_BODY_LIMIT).await {
-            Ok(b) => b,
-            Err(Unread::TooLarge(why)) => {
-                return Err(ex
-                    .answer(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", &why)
-                    .await)
+        match a.profile {
+            Some(profile) => {
+                ex.masked_response(parts, body, profile, &self.masking)
+                    .await
             }
-            Err(Unread::Broken(why)) => {
-                return Err(ex
-                    .answer(StatusCode::BAD_REQUEST, "bad_request", &why)
-                    .await)
-            }
-        };
-        let (binding, mut summary) = approval_binding(&ex.record, conn, token, &parts, &bytes);
-        summary.preview = Some(self.preview(profile.as_ref(), &parts, &bytes));
-        match self.approvals.gate(&rule, &binding, summary).await {
-            Gate::Proceed {
-                approval_id,
-                approvers,
-                reason,
-            } => {
-                ex.record.decision = "approved";
-                ex.record.approval_id = Some(approval_id);
-                ex.record.approvers = approvers;
-                ex.record.approval_reason = Some(reason);
-                Ok((
-                    ex,
-                    Request::from_parts(parts, boxed(http_body_util::Full::new(bytes))),
-                ))
-            }
-            Gate::Refuse {
-                approval_id,
-                outcome,
-            } => {
-                let (decision, code, reason): (&'static str, &'static str, &'static str) =
-                    match outcome {
-                        State::Pending => (
-                            "held",
-                            "approval_pending",
-                            "this request waits for a reviewer's approval; repeat it once approved",
-                        ),
-                        State::Denied => {
-                            ("deny", "approval_denied", "a reviewer denied this request")
-                        }
-                        _ => (
-                            "expired",
-                            "approval_expired",
-                            "no reviewer approved this request in time",
-                        ),
-                    };
-                ex.record.decision = decision;
-                ex.record.approval_id = Some(approval_id.clone());
-                let mut resp = crate::http::body::json_approval(
-                    code,
-                    reason,
-                    &approval_id,
-                    &ex.record.request_id,
-                );
-                if let Ok(v) = HeaderValue::from_str(&approval_id) {
-                    resp.headers_mut()
-                        .insert(crate::approval::APPROVAL_ID_HEADER, v);
-                }
-                Err(ex.answer_with(resp, code, reason).await)
-            }
-            Gate::TooMany { max } => {
-                ex.record.decision = "held";
-                Err(ex
-                    .answer(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "too_many_pending_approvals",
-                        &format!(
-                            "you have {max} requests waiting for approval already; wait for a decision on them"
-                        ),
-                    )
-                    .await)
-            }
-            Gate::Unavailable(e) => Err(ex
-                .answer(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "records_unavailable",
-                    &format!("the approval could not be recorded: {e}"),
-                )
-                .await),
+            None => ex.stream_response(parts, body).await,
         }
     }
 
@@ -571,6 +497,50 @@ impl Pipeline {
     }
 }
 
+/// Why a request stops before the upstream answers it.
+enum Stop {
+    /// A stage refused it.
+    Refused(Refusal),
+    /// The policies denied it (the decision names the policies).
+    Denied(crate::policy::Decision),
+    /// An approval holds it, or was denied or expired: the answer names it.
+    Approval {
+        approval_id: String,
+        refusal: Refusal,
+    },
+    /// The upstream could not be reached or failed.
+    UpstreamFailed(hyper_util::client::legacy::Error),
+}
+
+impl From<Refusal> for Stop {
+    fn from(r: Refusal) -> Stop {
+        Stop::Refused(r)
+    }
+}
+
+/// A request ready to go upstream, and what its answer needs.
+struct Prepared {
+    key: UpstreamKey,
+    request: Request<PhiBody>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    profile: Option<Arc<Profile>>,
+}
+
+/// The upstream's answer, and what relaying it needs.
+struct Answered {
+    response: Response<Incoming>,
+    client_upgrade: Option<hyper::upgrade::OnUpgrade>,
+    profile: Option<Arc<Profile>>,
+}
+
+/// What the connection fixes about its requests: the TLS name and the hosts served.
+fn expect(conn: &ConnContext) -> crate::http::admit::Expect<'_> {
+    crate::http::admit::Expect {
+        sni: conn.tls.as_ref().and_then(|t| t.sni.as_deref()),
+        hosts: &conn.hosts,
+    }
+}
+
 /// One exchange in progress: the record being filled in.
 struct Exchange {
     conn: Arc<ConnContext>,
@@ -593,7 +563,7 @@ impl Drop for Exchange {
     /// phigate waited on the upstream. That exchange is recorded too.
     fn drop(&mut self) {
         if !self.written {
-            self.record.outcome = "client_aborted";
+            self.record.outcome = RequestOutcome::ClientAborted;
             // Nobody is left to wait for it; the journal reports its own failures.
             drop(self.write());
         }
@@ -667,7 +637,7 @@ impl Exchange {
                 response_bytes: 0,
                 latency_ms: 0.0,
                 duration_ms: 0.0,
-                decision: "allow",
+                decision: RequestDecision::Allow,
                 policy_ids: Vec::new(),
                 policy_set_hash: None,
                 masking_profile: None,
@@ -677,7 +647,7 @@ impl Exchange {
                 approvers: Vec::new(),
                 approval_reason: None,
                 upgraded: false,
-                outcome: "complete",
+                outcome: RequestOutcome::Complete,
                 error: None,
             },
         }
@@ -697,7 +667,11 @@ impl Exchange {
         if decided != self.record.path {
             self.record.path_as_sent = Some(std::mem::replace(&mut self.record.path, decided));
         }
-        self.record.decision = if v.decision.allowed { "allow" } else { "deny" };
+        self.record.decision = if v.decision.allowed {
+            RequestDecision::Allow
+        } else {
+            RequestDecision::Deny
+        };
         self.record.policy_ids = v.decision.policy_ids.clone();
         self.record.policy_set_hash = Some(set_hash.to_owned());
     }
@@ -721,7 +695,7 @@ impl Exchange {
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        self.record.outcome = "refused";
+        self.record.outcome = RequestOutcome::Refused;
         self.record.error = Some(match &d.reason {
             Reason::TokenRequired(e) => format!("token_required: {}", e.code()),
             other => other.code().to_owned(),
@@ -733,36 +707,71 @@ impl Exchange {
         resp
     }
 
-    fn with_upstream(mut self, info: &UpstreamInfo, version: http::Version) -> Self {
+    fn with_upstream(&mut self, info: &UpstreamInfo, version: http::Version) {
         self.record.upstream_http_version = Some(format!("{version:?}"));
         self.record.upstream_tls_version = info.tls_version.clone();
         self.record.upstream_cert_subject = info.cert_subject.clone();
-        self
     }
 
-    /// phigate answers the client itself; the record is written (and durable) first.
-    async fn answer(self, status: StatusCode, code: &str, reason: &str) -> Response<PhiBody> {
-        let resp = json_error(status, code, reason, &self.record.request_id);
-        self.answer_with(resp, code, reason).await
+    /// A later decision (a set that landed while deciding, the upgrade) denied what
+    /// the first allowed: the record names the one that denied.
+    fn denied_by(
+        &mut self,
+        d: crate::policy::Decision,
+        access: &Arc<crate::policy::gate::Access>,
+        set_hash: &str,
+    ) -> Stop {
+        self.authorized(
+            &crate::policy::gate::Verdict {
+                decision: d.clone(),
+                access: access.clone(),
+            },
+            set_hash,
+        );
+        Stop::Denied(d)
     }
 
-    /// Like `answer`, with the response already made.
-    async fn answer_with(
-        mut self,
-        resp: Response<PhiBody>,
-        code: &str,
-        reason: &str,
-    ) -> Response<PhiBody> {
-        let status = resp.status();
-        self.record.outcome = match status {
-            _ if code == "masking_failed" => "masking_failed",
-            StatusCode::GATEWAY_TIMEOUT => "upstream_timeout",
-            StatusCode::BAD_GATEWAY => "upstream_error",
-            _ => "refused",
-        };
-        self.record.error = Some(reason.to_owned());
-        self.record.status = status.as_u16();
-        self.record.latency_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
+    /// The one place a stopped request becomes phigate's answer and its record.
+    async fn stop(self, stop: Stop) -> Response<PhiBody> {
+        match stop {
+            Stop::Refused(r) => self.refuse(r).await,
+            Stop::Denied(d) => self.deny(&d).await,
+            Stop::UpstreamFailed(e) => self.upstream_failed(&e).await,
+            Stop::Approval {
+                approval_id,
+                refusal,
+            } => {
+                let mut resp = crate::http::body::json_approval(
+                    refusal.code.as_str(),
+                    &refusal.reason,
+                    &approval_id,
+                    &self.record.request_id,
+                );
+                if let Ok(v) = HeaderValue::from_str(&approval_id) {
+                    resp.headers_mut()
+                        .insert(crate::approval::APPROVAL_ID_HEADER, v);
+                }
+                self.refuse_with(resp, refusal).await
+            }
+        }
+    }
+
+    /// phigate answers the client itself: the one place a stage's refusal becomes
+    /// the JSON answer and the record (written, and durable, first).
+    async fn refuse(self, r: Refusal) -> Response<PhiBody> {
+        let resp = json_error(
+            r.status,
+            r.code.as_str(),
+            &r.reason,
+            &self.record.request_id,
+        );
+        self.refuse_with(resp, r).await
+    }
+
+    /// Like `refuse`, with the answer already made (an approval's, which names it).
+    async fn refuse_with(mut self, resp: Response<PhiBody>, r: Refusal) -> Response<PhiBody> {
+        self.record.outcome = r.code.outcome();
+        self.record.error = Some(r.reason);
         let resp = self.finish_head(resp);
         if let Err(e) = self.write().await {
             // The answer is a refusal: it reveals nothing, so it still goes out.
@@ -775,7 +784,7 @@ impl Exchange {
         if let Some(limit) = find_in_chain::<BodyTooLarge>(e) {
             let reason = limit.to_string();
             return self
-                .answer(StatusCode::PAYLOAD_TOO_LARGE, "request_too_large", &reason)
+                .refuse(Refusal::new(Code::RequestTooLarge, &reason))
                 .await;
         }
         let reason = match find_in_chain::<ConnectError>(e) {
@@ -783,7 +792,7 @@ impl Exchange {
             None => format!("upstream request failed: {}", crate::http::error_chain(e)),
         };
         warn!(request = %self.record.request_id, reason = %reason, "upstream failed");
-        self.answer(StatusCode::BAD_GATEWAY, "upstream_unavailable", &reason)
+        self.refuse(Refusal::new(Code::UpstreamUnavailable, &reason))
             .await
     }
 
@@ -834,11 +843,11 @@ impl Exchange {
             match end {
                 BodyEnd::Complete => {}
                 BodyEnd::Error(e) => {
-                    self.record.outcome = "upstream_error";
+                    self.record.outcome = RequestOutcome::UpstreamError;
                     self.record.error = Some(format!("response body failed mid-stream: {e}"));
                 }
                 BodyEnd::Dropped => {
-                    self.record.outcome = "client_aborted";
+                    self.record.outcome = RequestOutcome::ClientAborted;
                 }
             }
             Some(self.write())
@@ -859,13 +868,11 @@ impl Exchange {
         tokio::spawn(async move {
             // The tunnel's own meter: its bytes (plaintext, each way) and its clock
             // for the idle timeout.
-            let meter = crate::proxy::io::Meter::new(std::time::Instant::now());
+            let meter = crate::io::Meter::new(std::time::Instant::now());
             let relay = async {
                 let (c, u) = tokio::try_join!(client, upstream)?;
-                let mut c = crate::proxy::io::Metered::new(
-                    hyper_util::rt::TokioIo::new(c),
-                    Arc::clone(&meter),
-                );
+                let mut c =
+                    crate::io::Metered::new(hyper_util::rt::TokioIo::new(c), Arc::clone(&meter));
                 let mut u = hyper_util::rt::TokioIo::new(u);
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
                     tokio::io::copy_bidirectional(&mut c, &mut u).await?,
@@ -877,14 +884,14 @@ impl Exchange {
             let ended = tokio::select! {
                 r = relay => match r {
                     Ok(_) => None,
-                    Err(e) => Some(("upgrade_failed", Some(e.to_string()))),
+                    Err(e) => Some((RequestOutcome::UpgradeFailed, Some(e.to_string()))),
                 },
                 _ = grants.revoked().cancelled() => {
-                    Some(("revoked", grants.reason().map(ToString::to_string)))
+                    Some((RequestOutcome::Revoked, grants.reason().map(ToString::to_string)))
                 }
-                _ = meter.idle_for(bounds.idle) => Some(("idle_timeout", None)),
-                _ = tokio::time::sleep_until(bounds.lifetime_end) => Some(("lifetime_exceeded", None)),
-                _ = bounds.drain.cancelled() => Some(("drained", None)),
+                _ = meter.idle_for(bounds.idle) => Some((RequestOutcome::IdleTimeout, None)),
+                _ = tokio::time::sleep_until(bounds.lifetime_end) => Some((RequestOutcome::LifetimeExceeded, None)),
+                _ = bounds.drain.cancelled() => Some((RequestOutcome::Drained, None)),
             };
             // The tunnel's bytes, whichever way it ended.
             ex.request_bytes.fetch_add(meter.up(), Ordering::Relaxed);
@@ -922,11 +929,10 @@ impl Exchange {
         // document that would be masked as a whole document of its own.
         if parts.status == StatusCode::PARTIAL_CONTENT {
             return self
-                .answer(
-                    StatusCode::BAD_GATEWAY,
-                    "masking_failed",
+                .refuse(Refusal::new(
+                    Code::MaskingFailed,
                     "the upstream answered with part of a document (206), which cannot be masked",
-                )
+                ))
                 .await;
         }
         if http_body::Body::is_end_stream(&body) {
@@ -953,7 +959,7 @@ impl Exchange {
                 profile.name
             );
             return self
-                .answer(StatusCode::BAD_GATEWAY, "masking_failed", &reason)
+                .refuse(Refusal::new(Code::MaskingFailed, &reason))
                 .await;
         };
         let encoding = header(&parts.headers, header::CONTENT_ENCODING);
@@ -966,7 +972,7 @@ impl Exchange {
             Ok(m) => m,
             Err(e) => {
                 return self
-                    .answer(StatusCode::BAD_GATEWAY, "masking_failed", &e.to_string())
+                    .refuse(Refusal::new(Code::MaskingFailed, e.to_string()))
                     .await
             }
         };
@@ -1012,7 +1018,7 @@ impl Exchange {
                 Some(Err(e)) => {
                     let reason = format!("the upstream response body failed: {e}");
                     return self
-                        .answer(StatusCode::BAD_GATEWAY, "upstream_unavailable", &reason)
+                        .refuse(Refusal::new(Code::UpstreamUnavailable, &reason))
                         .await;
                 }
                 // Trailers of a buffered body are dropped: the body is whole.
@@ -1054,7 +1060,7 @@ impl Exchange {
                         return self.stream_response(parts, full).await;
                     }
                     return self
-                        .answer(StatusCode::BAD_GATEWAY, "masking_failed", &e.to_string())
+                        .refuse(Refusal::new(Code::MaskingFailed, e.to_string()))
                         .await;
                 }
             }
@@ -1133,7 +1139,7 @@ impl Exchange {
                 self.record.response_body_truncated = r.truncated;
             }
             if let Some(e) = &r.error {
-                self.record.outcome = "masking_failed";
+                self.record.outcome = RequestOutcome::MaskingFailed;
                 self.record.error = Some(format!(
                     "response body masking failed; the response was cut off: {e}"
                 ));
@@ -1149,7 +1155,7 @@ impl Exchange {
                 self.record.request_body_truncated = r.truncated;
             }
             if let Some(e) = &r.error {
-                self.record.outcome = "masking_failed";
+                self.record.outcome = RequestOutcome::MaskingFailed;
                 self.record.error = Some(format!(
                     "request body masking failed; the request was cut off: {e}"
                 ));
@@ -1165,12 +1171,12 @@ impl Exchange {
         self.record.end_time = SystemTime::now();
         self.record.duration_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
         self.record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
-        debug!(request = %self.record.request_id, status = self.record.status, outcome = self.record.outcome, "request record");
+        debug!(request = %self.record.request_id, status = self.record.status, outcome = self.record.outcome.as_str(), "request record");
         let metrics = crate::metrics::get();
         metrics.request(
             &self.record.destination,
-            self.record.decision,
-            self.record.outcome,
+            self.record.decision.as_str(),
+            self.record.outcome.as_str(),
         );
         for (entity, n) in &self.record.masking_counts {
             metrics
@@ -1267,27 +1273,29 @@ fn approval_binding(
 }
 
 /// Reads a body whole, up to `limit` bytes; the refusal to answer otherwise.
-async fn read_whole(mut body: PhiBody, limit: usize) -> Result<bytes::Bytes, Unread> {
+async fn read_whole(mut body: PhiBody, limit: usize) -> Result<bytes::Bytes, Refusal> {
     use http_body_util::BodyExt;
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame
-            .map_err(|e| Unread::Broken(format!("the request body could not be read: {e}")))?;
+        let frame = frame.map_err(|e| {
+            Refusal::new(
+                Code::BadRequest,
+                format!("the request body could not be read: {e}"),
+            )
+        })?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > limit {
-                return Err(Unread::TooLarge(format!(
-                    "a request needing approval is read whole first, and may have at most {limit} bytes"
-                )));
+                return Err(Refusal::new(
+                    Code::RequestTooLarge,
+                    format!(
+                        "a request needing approval is read whole first, and may have at most {limit} bytes"
+                    ),
+                ));
             }
             buf.extend_from_slice(&data);
         }
     }
     Ok(buf.freeze())
-}
-
-enum Unread {
-    TooLarge(String),
-    Broken(String),
 }
 
 /// A request that needs approval is read whole (to bind the approval to its body's
