@@ -3,6 +3,7 @@
 //!
 //! A config is parsed and validated as a whole before anything uses it, so a bad file
 //! on reload is rejected and the running config stays.
+#![forbid(unsafe_code)]
 
 /// The default `[agent] mark` (for host firewall rules; not trusted by the redirect).
 pub use phigate_common::DEFAULT_AGENT_MARK;

@@ -1,5 +1,6 @@
 //! Entry points for the fuzz targets (`fuzz/`) into what is otherwise private.
 //! Not an API: nothing outside the fuzz crate calls these.
+#![forbid(unsafe_code)]
 
 use std::path::Path;
 

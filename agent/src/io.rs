@@ -1,6 +1,7 @@
 //! A client stream that counts bytes each way and remembers when it last moved, so
 //! the connection record has byte counts and the idle timeout has a clock, whatever
 //! protocol runs on top.
+#![forbid(unsafe_code)]
 
 use std::io;
 use std::pin::Pin;
@@ -70,9 +71,6 @@ pub struct Metered<S> {
 impl<S> Metered<S> {
     pub fn new(inner: S, meter: Arc<Meter>) -> Self {
         Metered { inner, meter }
-    }
-    pub fn get_ref(&self) -> &S {
-        &self.inner
     }
 }
 

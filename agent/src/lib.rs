@@ -22,26 +22,31 @@
 //! from the data plane's pooled forwarder; [`io`] meters a connection's bytes.
 //!
 //! [`app`] wires them together; [`cli`] is the `phigate` command line.
+//!
+//! Modules are private to the crate unless a tool outside it needs them (the
+//! command line, the benchmarks and fuzz targets, the auditors' record reader);
+//! they form one-way layers (`cargo xtask layers`), and those without unsafe code
+//! forbid it: the syscalls live in redirect, sockets, identity, record and app.
 
-pub mod admin;
-pub mod app;
+pub(crate) mod admin;
+pub(crate) mod app;
 pub mod approval;
 pub mod cli;
 pub mod config;
-pub mod console;
+pub(crate) mod console;
 #[doc(hidden)]
 pub mod fuzzing;
-pub mod http;
+pub(crate) mod http;
 pub mod identity;
-pub mod io;
+pub(crate) mod io;
 pub mod mask;
-pub mod metrics;
-pub mod outbound;
-pub mod pipeline;
+pub(crate) mod metrics;
+pub(crate) mod outbound;
+pub(crate) mod pipeline;
 pub mod policy;
-pub mod preflight;
-pub mod proxy;
+pub(crate) mod preflight;
+pub(crate) mod proxy;
 pub mod record;
-pub mod redirect;
-pub mod sockets;
-pub mod tls;
+pub(crate) mod redirect;
+pub(crate) mod sockets;
+pub(crate) mod tls;

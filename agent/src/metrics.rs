@@ -5,6 +5,7 @@
 //! eBPF map occupancy, open connections, the policy set in force) are sampled when
 //! scraped. Labels are destination names, decisions, outcomes, stages and entity
 //! types only: never paths, identities or values.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;

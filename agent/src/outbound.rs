@@ -3,6 +3,7 @@
 //! which the redirect lets pass; TLS verified against the system roots (plus an
 //! optional CA), like every upstream; one connection per call, a bound on time and
 //! on the answer's size.
+#![forbid(unsafe_code)]
 
 use std::sync::Arc;
 use std::time::Duration;

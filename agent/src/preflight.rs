@@ -1,4 +1,5 @@
 //! Start-up checks that turn kernel errors into messages naming the problem and the fix.
+#![forbid(unsafe_code)]
 
 use std::path::{Path, PathBuf};
 

@@ -4,6 +4,7 @@
 //! identity, so no password or token crosses this socket.
 //!
 //! Protocol: one JSON request line, one JSON response line, per connection.
+#![forbid(unsafe_code)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};

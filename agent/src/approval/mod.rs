@@ -12,6 +12,7 @@
 //!
 //! Entry points: [`Approvals::gate`] for the pipeline, [`Approvals::decide`] for
 //! reviewers (admin socket, console).
+#![forbid(unsafe_code)]
 
 pub mod notify;
 pub mod people;

@@ -9,6 +9,7 @@
 //! after 15 idle minutes or 8 hours in all;
 //! every form carries the session's CSRF token and the Origin is checked; URLs carry
 //! only approval ids, never PHI; pages are `no-store` with a strict CSP.
+#![forbid(unsafe_code)]
 
 pub mod accounts;
 pub mod guard;

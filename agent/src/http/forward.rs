@@ -39,7 +39,6 @@ pub struct UpstreamKey {
 #[derive(Clone, Debug, Default)]
 pub struct UpstreamInfo {
     pub tls_version: Option<String>,
-    pub alpn: Option<String>,
     pub cert_subject: Option<String>,
 }
 
@@ -113,16 +112,14 @@ impl Connection for UpstreamIo {
             UpstreamIo::Plain(_) => Connected::new().extra(UpstreamInfo::default()),
             UpstreamIo::Tls(s) => {
                 let s = s.inner();
-                let alpn = s.alpn().map(|a| String::from_utf8_lossy(a).into_owned());
                 let c = Connected::new();
-                let c = if alpn.as_deref() == Some("h2") {
+                let c = if s.alpn() == Some(b"h2".as_slice()) {
                     c.negotiated_h2()
                 } else {
                     c
                 };
                 c.extra(UpstreamInfo {
                     tls_version: s.tls_version().map(str::to_owned),
-                    alpn,
                     cert_subject: s.peer_subject().map(str::to_owned),
                 })
             }

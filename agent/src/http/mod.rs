@@ -2,6 +2,7 @@
 //! bodies phigate answers and relays ([`body`]), and the pooled forwarder to the real
 //! upstream ([`forward`]). Serving a client connection with them is the proxy's
 //! ([`crate::proxy::serve`]).
+#![forbid(unsafe_code)]
 
 pub mod admit;
 pub mod body;

@@ -5,6 +5,7 @@
 //! Each stage is a step of [`Pipeline::handle`]. A stage that refuses answers the
 //! client itself (JSON body, request id) and the refusal is recorded like any other
 //! exchange: nothing passes unrecorded.
+#![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

@@ -11,6 +11,7 @@
 //!   permits; `@require_token` on forbids turns their denial into a 401.
 //!
 //! policies/README.md documents the model for policy authors.
+#![forbid(unsafe_code)]
 
 pub mod explain;
 pub mod gate;

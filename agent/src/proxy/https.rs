@@ -30,7 +30,7 @@ where
     let t = &config.timeouts;
     let (hello, start) = match tls::sniff_client_hello(client, t.tls_handshake).await {
         Err(e) => return (Outcome::TlsHandshakeFailed, Some(e.to_string())),
-        Ok(Sniffed::NotTls { .. }) => {
+        Ok(Sniffed::NotTls) => {
             return (
                 Outcome::NotTls,
                 Some("the client sent non-TLS bytes to an https destination".into()),

@@ -119,10 +119,6 @@ impl LiveConnections {
         self.lock().len()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Decides every held access of every open connection, and every open passage,
     /// with `gate`, and closes the connections it no longer allows.
     pub fn revoke_disallowed(&self, gate: &Gatekeeper) -> Vec<RevokedConnection> {

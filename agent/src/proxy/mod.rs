@@ -1,5 +1,6 @@
 //! The data plane: accept redirected connections, find out where they were going and
 //! who sent them, and hand them to the handler for the destination's protocol.
+#![forbid(unsafe_code)]
 
 pub mod https;
 pub mod live;
@@ -487,3 +488,6 @@ pub struct OpenPassage<'a> {
     pub conn: Arc<live::PassageConn>,
     _listed: live::Listed<'a>,
 }
+
+#[cfg(test)]
+mod tests;

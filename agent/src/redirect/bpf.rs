@@ -392,12 +392,6 @@ impl Redirector {
             .context("writing the redirect settings map failed")
     }
 
-    /// A handle on the by-peer map for the accept path; same as using the Redirector
-    /// itself as [`OrigDstLookup`].
-    pub fn lookup(&self) -> &PeerLookup {
-        &self.lookup
-    }
-
     /// The programs' counters, summed over CPUs.
     pub fn counters(&self) -> anyhow::Result<Vec<(&'static str, u64)>> {
         COUNTER_NAMES

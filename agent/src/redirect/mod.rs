@@ -7,13 +7,11 @@
 
 pub mod bpf;
 
-use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Mutex;
 
 use phigate_common::{ConnectInfo, AF_INET};
 
-pub use bpf::{detach_pinned, DetachReport, RedirectSettings, Redirector};
+pub use bpf::{detach_pinned, RedirectSettings, Redirector};
 
 /// What the kernel attested about a redirected connection at connect time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,13 +75,15 @@ pub trait OrigDstLookup: Send + Sync + 'static {
     fn take(&self, peer: SocketAddr) -> Result<Option<Attested>, LookupError>;
 }
 
-/// A lookup table filled by hand: for tests of the data path without eBPF, and for
-/// tools that feed the pipeline synthetic connections.
+/// A lookup table filled by hand: the data path tested without eBPF
+/// (proxy/tests.rs).
+#[cfg(test)]
 #[derive(Default)]
 pub struct StaticOrigDst {
-    entries: Mutex<HashMap<SocketAddr, Attested>>,
+    entries: std::sync::Mutex<std::collections::HashMap<SocketAddr, Attested>>,
 }
 
+#[cfg(test)]
 impl StaticOrigDst {
     pub fn insert(&self, peer: SocketAddr, attested: Attested) {
         self.entries
@@ -93,6 +93,7 @@ impl StaticOrigDst {
     }
 }
 
+#[cfg(test)]
 impl OrigDstLookup for StaticOrigDst {
     fn take(&self, peer: SocketAddr) -> Result<Option<Attested>, LookupError> {
         Ok(self

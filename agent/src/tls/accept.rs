@@ -32,7 +32,7 @@ pub enum Sniffed<IO> {
         start: Handshake<IO>,
     },
     /// The first bytes are not a TLS handshake record.
-    NotTls { prefix: Vec<u8>, io: IO },
+    NotTls,
 }
 
 /// A connection whose ClientHello has been read but not answered.
@@ -79,7 +79,7 @@ where
         prefix.extend_from_slice(&chunk[..n]);
         // A TLS handshake record starts with content type 22.
         if prefix[0] != 0x16 {
-            return Ok(Sniffed::NotTls { prefix, io });
+            return Ok(Sniffed::NotTls);
         }
         if prefix.len() > MAX_HELLO_BYTES {
             return Err(TlsError::Handshake("ClientHello larger than 64 KiB".into()));

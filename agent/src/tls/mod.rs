@@ -1,6 +1,7 @@
 //! TLS interception: the local CA ([`CertAuthority`]), leaves minted per name
 //! ([`LeafMinter`]), reading the ClientHello before deciding ([`sniff_client_hello`]),
 //! and verified TLS to the upstream ([`UpstreamTls`]).
+#![forbid(unsafe_code)]
 
 mod accept;
 mod ca;
@@ -9,11 +10,8 @@ mod upstream;
 
 use std::path::{Path, PathBuf};
 
-pub use accept::{
-    negotiated_alpn, server_config, sniff_client_hello, tls_version, ClientHelloInfo, Handshake,
-    Prefixed, Sniffed,
-};
-pub use ca::{install_into_trust_store, CertAuthority, CA_CERT_FILE, CA_KEY_FILE};
+pub use accept::{negotiated_alpn, server_config, sniff_client_hello, tls_version, Sniffed};
+pub use ca::{install_into_trust_store, CertAuthority};
 pub use mint::{LeafMinter, LeafName};
 pub use upstream::{UpstreamTls, UpstreamTlsError, UpstreamTlsStream};
 

@@ -6,12 +6,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 
+use crate::config::Config;
+use crate::identity::IdentityResolver;
+use crate::proxy::Proxy;
+use crate::record::{RecordSink, Table};
+use crate::redirect::{Attested, StaticOrigDst};
 use arc_swap::ArcSwap;
-use phigate::config::Config;
-use phigate::identity::IdentityResolver;
-use phigate::proxy::Proxy;
-use phigate::record::{RecordSink, Table};
-use phigate::redirect::{Attested, StaticOrigDst};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -62,16 +62,16 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     )
     .unwrap();
     let config = Config::parse(&dir.path().join("phigate.toml"), &cfg).unwrap();
-    let (store, _) = phigate::app::open_store(&config).unwrap();
+    let (store, _) = crate::app::open_store(&config).unwrap();
     let store = Arc::new(store);
     let records: Arc<dyn RecordSink> = store.clone();
-    let ca = Arc::new(phigate::app::load_ca(&config).unwrap());
+    let ca = Arc::new(crate::app::load_ca(&config).unwrap());
     let lookup = Arc::new(StaticOrigDst::default());
     let approvals = Arc::new(
-        phigate::approval::Approvals::open(
+        crate::approval::Approvals::open(
             &config.agent.state_dir,
             records.clone(),
-            phigate::approval::notify::Notifier {
+            crate::approval::notify::Notifier {
                 client: None,
                 console_url: None,
             },
@@ -80,12 +80,12 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
         .unwrap(),
     );
     // No redirect here: the agent's own sockets need no exemption.
-    let sockets = phigate::sockets::SocketFactory::new(0, None);
+    let sockets = crate::sockets::SocketFactory::new(0, None);
     let proxy = Arc::new(Proxy {
         pipeline: ArcSwap::from_pointee(
-            phigate::app::build_pipeline(&config, records.clone(), approvals, &sockets).unwrap(),
+            crate::app::build_pipeline(&config, records.clone(), approvals, &sockets).unwrap(),
         ),
-        minter: Arc::new(phigate::tls::LeafMinter::new(ca, 16).unwrap()),
+        minter: Arc::new(crate::tls::LeafMinter::new(ca, 16).unwrap()),
         config: ArcSwap::from_pointee(config),
         lookup: lookup.clone(),
         identity: IdentityResolver::new(std::env::temp_dir()),
@@ -148,20 +148,18 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     tokio::task::spawn_blocking(move || closing.close())
         .await
         .unwrap();
-    let rows = phigate::record::read::rows(&dir.path().join("records"), Table::Requests).unwrap();
+    let rows = crate::record::read::rows(&dir.path().join("records"), Table::Requests).unwrap();
     assert_eq!(
         rows.len(),
         1,
         "{rows:?} {:?}",
-        phigate::record::writer::walk(&dir.path().join("records"))
+        crate::record::writer::walk(&dir.path().join("records"))
     );
     let rec = &rows[0];
     // The patient id in the path is recorded only as its keyed pseudonym.
-    let pseudonyms = phigate::record::pseudonym::load_or_create(
-        &dir.path().join("state"),
-        vec!["Patient".into()],
-    )
-    .unwrap();
+    let pseudonyms =
+        crate::record::pseudonym::load_or_create(&dir.path().join("state"), vec!["Patient".into()])
+            .unwrap();
     let p1 = pseudonyms.pseudonym("1");
     assert_eq!(rec["path"], format!("/Patient/{p1}"));
     assert_eq!(rec["patient_refs"], serde_json::json!([p1]));
@@ -174,9 +172,9 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     assert_eq!(rec["response_headers"]["content-type"], "application/json");
 
     // The records verify with the exported public key.
-    let key = phigate::record::seal::PublicKey::read(&dir.path().join("state/records-signing.pub"))
+    let key = crate::record::seal::PublicKey::read(&dir.path().join("state/records-signing.pub"))
         .unwrap();
-    let report = phigate::record::verify::verify(&dir.path().join("records"), &key).unwrap();
+    let report = crate::record::verify::verify(&dir.path().join("records"), &key).unwrap();
     assert!(report.ok(), "{:?}", report.problems);
     assert_eq!(report.tables["requests"].rows, 1);
 }
