@@ -4,6 +4,9 @@
 //! trip over: both sides read and write these bytes through BPF maps.
 #![no_std]
 
+#[cfg(feature = "host")]
+pub mod host;
+
 /// Address family values as the kernel uses them.
 pub const AF_INET: u16 = 2;
 pub const AF_INET6: u16 = 10;

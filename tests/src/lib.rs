@@ -81,18 +81,9 @@ pub fn timezone_at(hour: u8) -> String {
     }
 }
 
+/// The cgroup2 mount point, as the agent finds it.
 pub fn cgroup2_root() -> PathBuf {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    mounts
-        .lines()
-        .find(|l| {
-            l.split(" - ")
-                .nth(1)
-                .is_some_and(|t| t.starts_with("cgroup2 "))
-        })
-        .and_then(|l| l.split(' ').nth(4))
-        .map(PathBuf::from)
-        .expect("a cgroup2 mount")
+    phigate_common::host::cgroup2_root().expect("a cgroup2 mount")
 }
 
 /// A network namespace with loopback up; deleted on drop.

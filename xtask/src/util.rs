@@ -84,19 +84,9 @@ pub fn ensure_bpffs() -> anyhow::Result<()> {
     exec(Command::new("mount").args(["-t", "bpf", "bpf", "/sys/fs/bpf"]))
 }
 
-/// The cgroup2 mount point, from /proc/self/mountinfo.
+/// The cgroup2 mount point (the agent's own reading of /proc/self/mountinfo).
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
-    mounts
-        .lines()
-        .find(|l| {
-            l.split(" - ")
-                .nth(1)
-                .is_some_and(|t| t.starts_with("cgroup2 "))
-        })
-        .and_then(|l| l.split(' ').nth(4))
-        .map(PathBuf::from)
-        .context("no cgroup2 filesystem is mounted")
+    Ok(phigate_common::host::cgroup2_root()?)
 }
 
 extern "C" fn ignore_signal(_: libc::c_int) {}

@@ -774,63 +774,15 @@ fn check_cgroup_dir(cgroup: &Path) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("cannot resolve {}", cgroup.display()))
 }
 
-/// One line of /proc/self/mountinfo: (mount point, filesystem type).
+/// Every mount: (mount point, filesystem type).
 fn mounts() -> anyhow::Result<Vec<(PathBuf, String)>> {
-    let text =
-        fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
-    Ok(text
-        .lines()
-        .filter_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            let mount_point = left.split(' ').nth(4)?;
-            let fs_type = right.split(' ').next()?;
-            Some((
-                PathBuf::from(unescape_mountinfo(mount_point)),
-                fs_type.to_string(),
-            ))
-        })
-        .collect())
-}
-
-/// mountinfo escapes space, tab, newline and backslash as \ooo.
-fn unescape_mountinfo(s: &str) -> std::ffi::OsString {
-    use std::os::unix::ffi::OsStringExt;
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    std::ffi::OsString::from_vec(out)
+    Ok(phigate_common::host::mounts()?)
 }
 
 /// The mount point of the cgroup2 hierarchy (e.g. /sys/fs/cgroup, or
 /// /sys/fs/cgroup/unified on hybrid systems), from /proc/self/mountinfo.
 pub fn cgroup2_root() -> anyhow::Result<PathBuf> {
-    let all = mounts()?;
-    let cgroup2: Vec<&PathBuf> = all
-        .iter()
-        .filter(|(_, t)| t == "cgroup2")
-        .map(|(p, _)| p)
-        .collect();
-    // Prefer the conventional locations when several are mounted.
-    for preferred in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
-        if let Some(p) = cgroup2.iter().find(|p| p.as_path() == Path::new(preferred)) {
-            return Ok((*p).clone());
-        }
-    }
-    cgroup2.first().map(|p| (*p).clone()).ok_or_else(|| {
-        anyhow!("no cgroup2 filesystem is mounted (see /proc/self/mountinfo) — mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`")
-    })
+    Ok(phigate_common::host::cgroup2_root()?)
 }
 
 fn is_bpffs(path: &Path) -> bool {
@@ -1063,18 +1015,6 @@ mod tests {
             Some((Ipv4Addr::new(10, 0, 0, 0), 8))
         );
         assert_eq!(v4_view("fd00::/8".parse().unwrap()), None);
-    }
-
-    #[test]
-    fn mountinfo_unescape() {
-        assert_eq!(
-            unescape_mountinfo("/a\\040b"),
-            std::ffi::OsString::from("/a b")
-        );
-        assert_eq!(
-            unescape_mountinfo("/plain"),
-            std::ffi::OsString::from("/plain")
-        );
     }
 
     #[test]
