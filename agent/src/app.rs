@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -15,20 +15,17 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::approval::notify::Notifier;
-use crate::approval::{Approvals, RuleSet};
-use crate::config::{Config, FailMode};
-use crate::http::forward::Forwarder;
+use crate::approval::Approvals;
+use crate::config::Config;
 use crate::identity::IdentityResolver;
 use crate::outbound::Outbound;
-use crate::pipeline::Pipeline;
 use crate::preflight;
 use crate::proxy::Proxy;
-use crate::record::pseudonym::Pseudonymizer;
 use crate::record::store::{RecordStore, StoreConfig};
 use crate::record::{EventRecord, Origin, RecordSink};
-use crate::redirect::bpf::DestEntry;
-use crate::redirect::{RedirectSettings, Redirector};
+use crate::redirect::Redirector;
 use crate::sockets::SocketFactory;
+use crate::state::{build_pipeline, dest_entries, redirect_settings, InForce, Trigger};
 use crate::tls::{CertAuthority, LeafMinter, UpstreamTls};
 
 /// Runs the agent until SIGTERM/SIGINT. Returns after open connections drained.
@@ -86,7 +83,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let pipeline = build_pipeline(&config, records.clone(), approvals.clone(), &sockets)?;
     approvals.configure(pipeline.approval_rules.clone());
     let mut start = EventRecord::new(store.origin(), "agent_start", "ok");
-    start.config_hash = config_hash(&config.source);
+    start.config_hash = crate::state::config_hash(&config.source);
     start.policy_set_hash = Some(pipeline.gate.load().policies.hash().to_owned());
     start.message = Some(format!(
         "journal entries replayed: {}; torn journal tails: {}",
@@ -166,6 +163,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crate::metrics::serve(addr)?;
     }
 
+    let in_force = InForce::new(proxy.clone(), redirector.clone(), config_path);
     let mut serving = Vec::new();
     for l in listeners {
         info!(addr = %l.local_addr()?, "listening");
@@ -186,63 +184,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             _ = int.recv() => break,
             trigger = async {
                 tokio::select! {
-                    _ = hup.recv() => "sighup",
+                    _ = hup.recv() => Trigger::Signal,
                     Some(()) = policy_changes.recv() => {
                         // Editors write in several steps: let the directory settle.
                         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                         while policy_changes.try_recv().is_ok() {}
-                        "policy_files_changed"
+                        Trigger::PolicyFiles
                     }
                 }
             } => {
                 systemd::reloading();
-                let reloaded = reload(&config_path, &proxy, &redirector);
+                let report = in_force.reload(trigger);
                 systemd::ready();
-                let (outcome, message, revoked) = match reloaded {
-                    Ok(revoked) => ("ok", None, revoked),
-                    Err(e) => ("rejected", Some(e), Vec::new()),
-                };
-                // One file set holds both: a reload is of the config and the policies.
-                let metrics = crate::metrics::get();
-                metrics.reload("config", outcome);
-                metrics.reload("policy", outcome);
-                metrics.revoked.inc_by(revoked.len() as u64);
-                let mut ev = EventRecord::new(store.origin(), "config_reload", outcome);
-                ev.config_hash = config_hash(&config_path);
-                ev.message = message.clone().map(|m| format!("{trigger}: {m}"));
-                if let Err(e) = store.event(ev).await {
-                    error!(error = %e, "cannot record the config reload");
-                }
-                let dir = proxy.config.load().agent.policies_dir.clone();
-                let mut ev = EventRecord::new(store.origin(), "policy_reload", outcome);
-                ev.config_hash = config_hash(&config_path);
-                ev.policy_set_hash = if outcome == "ok" {
-                    Some(proxy.pipeline.load().gate.load().policies.hash().to_owned())
-                } else {
-                    crate::policy::hash_dir(&dir)
-                };
-                ev.message = Some(match &message {
-                    None => format!(
-                        "{trigger}: policy set of {} in force; open connections revoked: {}",
-                        dir.display(),
-                        revoked.len()
-                    ),
-                    Some(m) => format!("{trigger}: {m}"),
-                });
-                if let Err(e) = store.event(ev).await {
-                    error!(error = %e, "cannot record the policy reload");
-                }
-                for r in revoked {
-                    let mut ev = EventRecord::new(store.origin(), "connection_revoked", "ok");
-                    ev.policy_set_hash = Some(r.why.policy_set_hash.clone());
-                    ev.message = Some(format!(
-                        "connection {} to {} (pid {}, uid {}) closed: {} on a {} request",
-                        r.connection_id, r.destination, r.pid, r.uid, r.why, r.why.method
-                    ));
-                    if let Err(e) = store.event(ev).await {
-                        error!(error = %e, "cannot record a revoked connection");
-                    }
-                }
+                report.record(&store).await;
             }
         }
     }
@@ -275,87 +229,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     info!("stopped; redirect stays attached (fail_mode decides what protected connects get)");
     Ok(())
-}
-
-/// SIGHUP: the whole file is validated first; a bad file changes nothing. The error
-/// (file, line, key) is returned for the events table; on success, the open
-/// connections the new policy set closed.
-fn reload(
-    path: &Path,
-    proxy: &Proxy,
-    redirector: &Redirector,
-) -> Result<Vec<crate::proxy::live::RevokedConnection>, String> {
-    let new = match Config::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            error!(error = %e, "config reload rejected; the running config stays");
-            return Err(e.to_string());
-        }
-    };
-    let old = proxy.config.load();
-    // fail_mode applies live (an eBPF setting); listeners, directories, the socket
-    // mark, cgroup and CA need a restart.
-    let mut next = new;
-    let mut kept = old.agent.clone();
-    kept.fail_mode = next.agent.fail_mode;
-    let mut records = next.records.clone();
-    records.patient_path_segments = old.records.patient_path_segments.clone();
-    records.patient_query_params = old.records.patient_query_params.clone();
-    records.headers = old.records.headers.clone();
-    if next.agent != kept || next.tls != old.tls || records != old.records {
-        warn!("[agent] listeners, directories, cgroup, [tls] or how [records] are written changed: they take effect at the next restart");
-    }
-    next.agent = kept;
-    next.tls = old.tls.clone();
-    records.patient_path_segments = next.records.patient_path_segments.clone();
-    records.patient_query_params = next.records.patient_query_params.clone();
-    records.headers = next.records.headers.clone();
-    next.records = records;
-    let approvals = proxy.pipeline.load().approvals.clone();
-    let mut pipeline = match build_pipeline(&next, proxy.records.clone(), approvals, &proxy.sockets)
-    {
-        Ok(p) => p,
-        Err(e) => {
-            error!(
-                error = format!("{e:#}"),
-                "config reload rejected; the running config stays"
-            );
-            return Err(format!("{e:#}"));
-        }
-    };
-    if next.agent != old.agent {
-        let settings = redirect_settings(&next, redirector.cgroup().to_owned());
-        if let Err(e) = redirector.update_settings(&settings) {
-            error!(error = %e, "updating the redirect settings failed; the running config stays");
-            return Err(format!("redirect settings: {e:#}"));
-        }
-    }
-    if let Err(e) = redirector.set_destinations(&dest_entries(&next)) {
-        error!(error = %e, "updating the redirect maps failed; the running config stays");
-        return Err(format!("redirect maps: {e:#}"));
-    }
-    info!(destinations = next.destinations.len(), fail_mode = ?next.agent.fail_mode, "config reloaded");
-    // Requests on connections opened before the reload are decided by the new set too.
-    let current = proxy.pipeline.load();
-    current.gate.store(pipeline.gate.load_full());
-    pipeline.gate = current.gate.clone();
-    info!(policies = pipeline.gate.load().policies.len(), set = %pipeline.gate.load().policies.hash(), "policy set in force");
-    pipeline
-        .approvals
-        .configure(pipeline.approval_rules.clone());
-    proxy.pipeline.store(Arc::new(pipeline));
-    proxy.config.store(Arc::new(next));
-    // Revocation takes effect at once: open connections are decided again.
-    let gate = proxy.pipeline.load().gate.load_full();
-    let revoked = proxy.live.revoke_disallowed(&gate);
-    if !revoked.is_empty() {
-        info!(
-            revoked = revoked.len(),
-            open = proxy.live.len(),
-            "open connections re-checked"
-        );
-    }
-    Ok(revoked)
 }
 
 /// Every proxied connection holds two sockets (client and upstream): the soft limit
@@ -535,14 +408,6 @@ pub fn open_store(config: &Config) -> anyhow::Result<(RecordStore, crate::record
     .with_context(|| format!("records in {}", config.agent.records_dir.display()))
 }
 
-/// SHA-256 of the config file as read now, for the events table.
-pub fn config_hash(path: &Path) -> Option<String> {
-    use sha2::Digest;
-    std::fs::read(path)
-        .ok()
-        .map(|b| hex::encode(sha2::Sha256::digest(b)))
-}
-
 /// The operator's CA when configured, else phigate's own in state_dir (created once).
 pub fn load_ca(config: &Config) -> anyhow::Result<CertAuthority> {
     let supplied = config
@@ -554,89 +419,6 @@ pub fn load_ca(config: &Config) -> anyhow::Result<CertAuthority> {
         &config.agent.state_dir,
         supplied,
     )?)
-}
-
-/// The HTTP pipeline for a config: upstream trust per destination (system roots plus
-/// its `upstream_ca`), pools, limits.
-pub fn build_pipeline(
-    config: &Config,
-    records: Arc<dyn RecordSink>,
-    approvals: Arc<Approvals>,
-    sockets: &SocketFactory,
-) -> anyhow::Result<Pipeline> {
-    let approval_rules = RuleSet::load(&config.agent.policies_dir)?;
-    let tls = config
-        .destinations
-        .iter()
-        .map(|d| {
-            UpstreamTls::new(d.upstream_ca.as_deref())
-                .map(Arc::new)
-                .with_context(|| format!("destination `{}`: upstream trust roots", d.name))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let pseudonyms = crate::record::pseudonym::load_or_create(
-        &config.agent.state_dir,
-        config.records.patient_path_segments.clone(),
-    )?
-    .with_query_params(config.records.patient_query_params.clone());
-    let pseudonyms = Arc::new(pseudonyms);
-    let masking = build_masking(config, pseudonyms.clone())?;
-    let gate = crate::policy::gate::Gatekeeper::from_config(config, sockets)?;
-    check_obligations(&gate.policies, &masking.set, &approval_rules)?;
-    Ok(Pipeline {
-        masking: Arc::new(masking),
-        pseudonyms,
-        forwarder: Forwarder::new(
-            tls,
-            sockets.clone(),
-            config.timeouts.connect,
-            config.timeouts.tls_handshake,
-        ),
-        records,
-        approvals,
-        approval_rules: Arc::new(approval_rules),
-        record_headers: config.records.headers.clone(),
-        limits: config.limits.clone(),
-        request_timeout: config.timeouts.request,
-        gate: Arc::new(ArcSwap::from_pointee(gate)),
-    })
-}
-
-/// Every `@mask` names a profile and every `@approval` a rule that exists: a policy
-/// set pointing at nothing is rejected with the policy's file and line, rather than
-/// failing requests later.
-fn check_obligations(
-    policies: &crate::policy::PolicySet,
-    profiles: &crate::mask::ProfileSet,
-    rules: &RuleSet,
-) -> anyhow::Result<()> {
-    let mut problems = Vec::new();
-    for (id, mask, approval) in policies.obligations() {
-        let at = policies
-            .sources()
-            .get(id)
-            .map(|s| format!("{}:{}", s.file.display(), s.line))
-            .unwrap_or_else(|| id.to_owned());
-        if let Some(m) = mask.filter(|m| profiles.get(m).is_none()) {
-            problems.push(format!(
-                "{at}: policy `{id}`: @mask(\"{m}\") names no profile in profiles/ (have: {})",
-                profiles.names().collect::<Vec<_>>().join(", ")
-            ));
-        }
-        if let Some(a) = approval.filter(|a| rules.get(a).is_none()) {
-            problems.push(format!(
-                "{at}: policy `{id}`: @approval(\"{a}\") names no rule in {} (have: {})",
-                crate::approval::rules::RULES_FILE,
-                rules.rules.keys().cloned().collect::<Vec<_>>().join(", ")
-            ));
-        }
-    }
-    problems.sort();
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        anyhow::bail!("{}", problems.join("\n"))
-    }
 }
 
 /// Reports changes in the policy directory (inotify); each triggers a reload. The
@@ -662,76 +444,6 @@ fn watch_policies(dir: &Path) -> tokio::sync::mpsc::UnboundedReceiver<()> {
         Err(e) => warn!(error = %e, "cannot watch the policy directory; reload with SIGHUP"),
     }
     rx
-}
-
-/// The masking profiles of `policies_dir` (re-read on every reload; a bad profile
-/// rejects the reload) and each destination's `mask_profile`, which must exist.
-/// Pseudonyms in bodies use the records' key, so they join with `patient_refs`.
-pub fn build_masking(
-    config: &Config,
-    pseudonyms: Arc<Pseudonymizer>,
-) -> anyhow::Result<crate::pipeline::Masking> {
-    let set = crate::mask::ProfileSet::load(&config.agent.policies_dir)?;
-    let mut by_destination = Vec::with_capacity(config.destinations.len());
-    for (i, d) in config.destinations.iter().enumerate() {
-        by_destination.push(match &d.mask_profile {
-            None => None,
-            Some(name) => Some(set.get(name).cloned().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{}: destinations[{i}].mask_profile: no profile `{name}` in {}/profiles (have: {})",
-                    config.source.display(),
-                    config.agent.policies_dir.display(),
-                    set.names().collect::<Vec<_>>().join(", ")
-                )
-            })?),
-        });
-    }
-    if by_destination.iter().any(Option::is_some) {
-        info!(
-            profiles = set.names().count(),
-            set_hash = set.hash(),
-            "masking profiles loaded"
-        );
-    }
-    Ok(crate::pipeline::Masking {
-        ctx: Arc::new(crate::mask::MaskContext::new(pseudonyms)),
-        settings: config.masking.clone(),
-        by_destination,
-        set,
-    })
-}
-
-pub fn redirect_settings(config: &Config, cgroup: PathBuf) -> RedirectSettings {
-    let v4 = match config.agent.listen_v4 {
-        SocketAddr::V4(a) => a,
-        SocketAddr::V6(_) => unreachable!("config validation keeps listen_v4 IPv4"),
-    };
-    let v6 = match config.agent.listen_v6 {
-        Some(SocketAddr::V6(a)) => Some(a),
-        _ => None,
-    };
-    RedirectSettings {
-        cgroup,
-        pin_dir: config.agent.bpf_pin_dir.clone(),
-        listen_v4: v4,
-        listen_v6: v6,
-        fail_open: config.agent.fail_mode == FailMode::Open,
-    }
-}
-
-pub fn dest_entries(config: &Config) -> Vec<DestEntry> {
-    config
-        .destinations
-        .iter()
-        .enumerate()
-        .flat_map(|(i, d)| {
-            d.addresses.iter().map(move |a| DestEntry {
-                dest_id: i as u32,
-                net: a.net,
-                port: a.port,
-            })
-        })
-        .collect()
 }
 
 fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

@@ -49,4 +49,5 @@ pub(crate) mod proxy;
 pub mod record;
 pub(crate) mod redirect;
 pub(crate) mod sockets;
+pub(crate) mod state;
 pub(crate) mod tls;

@@ -27,6 +27,7 @@ pub const LAYERS: &[(&str, &[&str])] = &[
         "connections and operators",
         &["proxy", "console", "admin", "preflight", "fuzzing"],
     ),
+    ("what is in force", &["state"]),
     ("wiring", &["app"]),
     ("command line", &["cli"]),
 ];
@@ -38,7 +39,7 @@ pub const MAX_FN_LINES: usize = 150;
 /// exceed: debt to pay down (issue 19), never to grow. `file:function`.
 const LONG_FUNCTIONS: &[(&str, usize)] = &[
     ("agent/mask/src/profile.rs:parse", 365),
-    ("agent/src/app.rs:run", 244),
+    ("agent/src/app.rs:run", 201),
     ("agent/src/approval/rules.rs:parse", 192),
     ("agent/src/cli.rs:run", 165),
     ("agent/src/config.rs:parse", 674),

@@ -83,7 +83,7 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     let sockets = crate::sockets::SocketFactory::new(0, None);
     let proxy = Arc::new(Proxy {
         pipeline: ArcSwap::from_pointee(
-            crate::app::build_pipeline(&config, records.clone(), approvals, &sockets).unwrap(),
+            crate::state::build_pipeline(&config, records.clone(), approvals, &sockets).unwrap(),
         ),
         minter: Arc::new(crate::tls::LeafMinter::new(ca, 16).unwrap()),
         config: ArcSwap::from_pointee(config),
