@@ -422,15 +422,20 @@ fn audit_verify(
     }
 }
 
+/// The admin socket: as given, else the config's.
+fn admin_socket(config: &std::path::Path, socket: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match socket {
+        Some(s) => Ok(s),
+        None => Ok(Config::load(config)?.admin.socket),
+    }
+}
+
 fn status(
     config: &std::path::Path,
     socket: Option<PathBuf>,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let socket = match socket {
-        Some(s) => s,
-        None => Config::load(config)?.admin.socket,
-    };
+    let socket = admin_socket(config, socket)?;
     let resp = crate::admin::call(&socket, &crate::admin::AdminRequest::Status)?;
     let Some(s) = resp.status.filter(|_| resp.ok) else {
         eprintln!("phigate: {}", resp.error.unwrap_or_default());
@@ -510,10 +515,7 @@ fn approvals(
     command: ApprovalsCommand,
 ) -> anyhow::Result<ExitCode> {
     use crate::admin::AdminRequest;
-    let socket = match socket {
-        Some(s) => s,
-        None => Config::load(config)?.admin.socket,
-    };
+    let socket = admin_socket(config, socket)?;
     #[derive(PartialEq)]
     enum Show {
         List,

@@ -498,6 +498,22 @@ impl Pipeline {
     }
 }
 
+/// Which body a masking report is about.
+#[derive(Clone, Copy)]
+enum Side {
+    Request,
+    Response,
+}
+
+impl Side {
+    fn as_str(self) -> &'static str {
+        match self {
+            Side::Request => "request",
+            Side::Response => "response",
+        }
+    }
+}
+
 /// Why a request stops before the upstream answers it.
 enum Stop {
     /// A stage refused it.
@@ -1130,35 +1146,35 @@ impl Exchange {
 
     /// Moves what masking learned into the record.
     fn take_masking(&mut self) {
-        if let Some(r) = &self.mask_report {
+        let reports = [
+            (self.mask_report.take(), Side::Response),
+            (self.request_mask_report.take(), Side::Request),
+        ];
+        for (report, side) in reports {
+            let Some(r) = report else { continue };
             let r = r.lock().expect("report lock");
             for (k, v) in &r.counts {
                 *self.record.masking_counts.entry(k.clone()).or_default() += v;
             }
             if !r.recorded.is_empty() {
-                self.record.response_body = Some(String::from_utf8_lossy(&r.recorded).into_owned());
-                self.record.response_body_truncated = r.truncated;
+                let body = Some(String::from_utf8_lossy(&r.recorded).into_owned());
+                match side {
+                    Side::Response => {
+                        self.record.response_body = body;
+                        self.record.response_body_truncated = r.truncated;
+                    }
+                    Side::Request => {
+                        self.record.request_body = body;
+                        self.record.request_body_truncated = r.truncated;
+                    }
+                }
             }
             if let Some(e) = &r.error {
                 self.record.outcome = RequestOutcome::MaskingFailed;
                 self.record.error = Some(format!(
-                    "response body masking failed; the response was cut off: {e}"
-                ));
-            }
-        }
-        if let Some(r) = &self.request_mask_report {
-            let r = r.lock().expect("report lock");
-            for (k, v) in &r.counts {
-                *self.record.masking_counts.entry(k.clone()).or_default() += v;
-            }
-            if !r.recorded.is_empty() {
-                self.record.request_body = Some(String::from_utf8_lossy(&r.recorded).into_owned());
-                self.record.request_body_truncated = r.truncated;
-            }
-            if let Some(e) = &r.error {
-                self.record.outcome = RequestOutcome::MaskingFailed;
-                self.record.error = Some(format!(
-                    "request body masking failed; the request was cut off: {e}"
+                    "{} body masking failed; the {} was cut off: {e}",
+                    side.as_str(),
+                    side.as_str()
                 ));
             }
         }
