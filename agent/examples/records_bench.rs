@@ -109,6 +109,7 @@ fn open(dir: &Path, durability: Durability) -> anyhow::Result<Arc<RecordStore>> 
             rotate_age: Duration::from_secs(60),
             row_group_rows: 10_000,
             retention_days: 0,
+            metrics: Default::default(),
         },
         Origin::this_host(),
     )?;

@@ -60,7 +60,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         "redirect attached"
     );
 
-    let (store, replay) = open_store(&config)?;
+    // Counted by every part that does the work; served on metrics_listen.
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let (store, replay) = open_store(&config, metrics.clone())?;
     let store = Arc::new(store);
     let records: Arc<dyn RecordSink> = store.clone();
     let approvals = Arc::new(
@@ -75,12 +77,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 }),
                 console_url: config.admin.console_url.clone(),
             },
+            metrics.clone(),
         )
         .await
         .context("approvals")?,
     );
     // Policies are validated before anything is served: a bad set stops the start.
-    let pipeline = build_pipeline(&config, records.clone(), approvals.clone(), &sockets)?;
+    let pipeline = build_pipeline(
+        &config,
+        records.clone(),
+        approvals.clone(),
+        &sockets,
+        metrics.clone(),
+    )?;
     approvals.configure(pipeline.approval_rules.clone());
     let mut start = EventRecord::new(store.origin(), "agent_start", "ok");
     start.config_hash = crate::state::config_hash(&config.source);
@@ -101,28 +110,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     info!(socket = %config.admin.socket.display(), "admin socket");
     let ca = Arc::new(load_ca(&config)?);
     let minter = Arc::new(LeafMinter::new(ca, config.tls.leaf_cache_size)?);
-    if let (Some(addr), Some(accounts)) =
-        (config.admin.console_listen, &config.admin.console_accounts)
-    {
-        let accounts = crate::console::accounts::Accounts::load(accounts)?;
-        let listener = bind(addr)?;
-        let name = match &config.admin.console_name {
-            Some(n) => crate::tls::LeafName::Dns(n.clone()),
-            None => crate::tls::LeafName::Ip(addr.ip()),
-        };
-        let origin = config.admin.console_url.clone().unwrap_or_default();
-        let console = Arc::new(crate::console::Console::new(
-            approvals.clone(),
-            accounts,
-            origin,
-        ));
-        let minter = minter.clone();
-        tokio::spawn(async move {
-            if let Err(e) = console.serve(listener, minter, name).await {
-                error!(error = %format!("{e:#}"), "reviewer console stopped");
-            }
-        });
-    }
+    start_console(&config, &approvals, &minter)?;
     let mut policy_changes = watch_policies(&config.agent.policies_dir);
     let cgroup_root = crate::redirect::bpf::cgroup2_root()?;
     let config_path = config.source.clone();
@@ -140,6 +128,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         live: Default::default(),
         sockets,
         direct: Default::default(),
+        metrics: metrics.clone(),
     });
 
     let started = std::time::Instant::now();
@@ -158,9 +147,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         status.clone(),
     ));
     if let Some(addr) = proxy.config.load().admin.metrics_listen {
-        let metrics = crate::metrics::get();
         metrics.set_sampler(Box::new(move |m| sample(m, &status())));
-        crate::metrics::serve(addr)?;
+        crate::metrics::serve(addr, metrics.clone())?;
     }
 
     let in_force = InForce::new(proxy.clone(), redirector.clone(), config_path);
@@ -196,7 +184,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 systemd::reloading();
                 let report = in_force.reload(trigger);
                 systemd::ready();
-                report.record(&store).await;
+                report.record(&store, &metrics).await;
             }
         }
     }
@@ -228,6 +216,39 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let closing = store.clone();
     let _ = tokio::task::spawn_blocking(move || closing.close()).await;
     info!("stopped; redirect stays attached (fail_mode decides what protected connects get)");
+    Ok(())
+}
+
+/// The reviewer console, when `[admin]` configures one: its accounts are read and
+/// its port bound now (an error stops the start), then it serves on its own task.
+fn start_console(
+    config: &Config,
+    approvals: &Arc<Approvals>,
+    minter: &Arc<LeafMinter>,
+) -> anyhow::Result<()> {
+    let (Some(addr), Some(accounts)) =
+        (config.admin.console_listen, &config.admin.console_accounts)
+    else {
+        return Ok(());
+    };
+    let accounts = crate::console::accounts::Accounts::load(accounts)?;
+    let listener = bind(addr)?;
+    let name = match &config.admin.console_name {
+        Some(n) => crate::tls::LeafName::Dns(n.clone()),
+        None => crate::tls::LeafName::Ip(addr.ip()),
+    };
+    let origin = config.admin.console_url.clone().unwrap_or_default();
+    let console = Arc::new(crate::console::Console::new(
+        approvals.clone(),
+        accounts,
+        origin,
+    ));
+    let minter = minter.clone();
+    tokio::spawn(async move {
+        if let Err(e) = console.serve(listener, minter, name).await {
+            error!(error = %format!("{e:#}"), "reviewer console stopped");
+        }
+    });
     Ok(())
 }
 
@@ -299,7 +320,7 @@ fn status(
         records_writable: proxy.records.writable(),
         open_connections: proxy.live.len(),
         approvals_pending: approvals.list().len(),
-        counters: crate::metrics::get().totals(),
+        counters: proxy.metrics.totals(),
     }
 }
 
@@ -384,7 +405,10 @@ async fn verify_periodically(store: Arc<RecordStore>, every: std::time::Duration
 }
 
 /// Opens the record store for a config: replays the journal, recovers heads.
-pub fn open_store(config: &Config) -> anyhow::Result<(RecordStore, crate::record::store::Replay)> {
+pub fn open_store(
+    config: &Config,
+    metrics: Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<(RecordStore, crate::record::store::Replay)> {
     let r = &config.records;
     let durability = match r.durability {
         crate::config::Durability::Strict => crate::record::journal::Durability::Strict,
@@ -402,6 +426,7 @@ pub fn open_store(config: &Config) -> anyhow::Result<(RecordStore, crate::record
             rotate_age: r.rotate_age,
             row_group_rows: r.row_group_rows,
             retention_days: r.retention_days,
+            metrics: metrics.clone(),
         },
         Origin::this_host(),
     )

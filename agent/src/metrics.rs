@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -127,15 +127,22 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.00002, 2.0, 22))
 }
 
-static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
 
-/// The process's metrics.
-pub fn get() -> &'static Metrics {
-    &METRICS
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
 }
 
 impl Metrics {
-    fn new() -> Metrics {
+    /// The agent's metrics: made once at start and handed to every part that counts
+    /// (tests make their own).
+    pub fn new() -> Metrics {
         let mut m = Metrics {
             registry: Registry::default(),
             connections: Family::default(),
@@ -330,7 +337,7 @@ impl Metrics {
 
 /// Serves `GET /metrics` on `addr`, on a thread and runtime of its own so a slow or
 /// hostile scraper never competes with the data plane.
-pub fn serve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<SocketAddr> {
     let std_listener = std::net::TcpListener::bind(addr)
         .map_err(|e| anyhow::anyhow!("[admin] metrics_listen {addr}: {e}"))?;
     std_listener.set_nonblocking(true)?;
@@ -365,9 +372,13 @@ pub fn serve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
                             continue;
                         }
                     };
+                    let metrics = metrics.clone();
                     tokio::spawn(async move {
-                        let _ = tokio::time::timeout(Duration::from_secs(10), answer(&mut stream))
-                            .await;
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(10),
+                            answer(&mut stream, &metrics),
+                        )
+                        .await;
                     });
                 }
             });
@@ -377,7 +388,7 @@ pub fn serve(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
 }
 
 /// One HTTP/1 exchange: `GET /metrics` gets the text, anything else 404/405.
-async fn answer(stream: &mut tokio::net::TcpStream) -> std::io::Result<()> {
+async fn answer(stream: &mut tokio::net::TcpStream, metrics: &Metrics) -> std::io::Result<()> {
     let mut head = Vec::new();
     let mut buf = [0u8; 1024];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") {
@@ -396,7 +407,7 @@ async fn answer(stream: &mut tokio::net::TcpStream) -> std::io::Result<()> {
         ("GET", "/metrics") => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            get().encode(),
+            metrics.encode(),
         ),
         (_, "/metrics") => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
         _ => ("404 Not Found", "text/plain", "see /metrics\n".into()),

@@ -131,17 +131,22 @@ impl InForce {
         records.headers = next.records.headers.clone();
         next.records = records;
         let approvals = proxy.pipeline.load().approvals.clone();
-        let mut pipeline =
-            match build_pipeline(&next, proxy.records.clone(), approvals, &proxy.sockets) {
-                Ok(p) => p,
-                Err(e) => {
-                    error!(
-                        error = format!("{e:#}"),
-                        "config reload rejected; the running config stays"
-                    );
-                    return Err(format!("{e:#}"));
-                }
-            };
+        let mut pipeline = match build_pipeline(
+            &next,
+            proxy.records.clone(),
+            approvals,
+            &proxy.sockets,
+            proxy.metrics.clone(),
+        ) {
+            Ok(p) => p,
+            Err(e) => {
+                error!(
+                    error = format!("{e:#}"),
+                    "config reload rejected; the running config stays"
+                );
+                return Err(format!("{e:#}"));
+            }
+        };
         if next.agent != old.agent {
             let settings = redirect_settings(&next, redirector.cgroup().to_owned());
             if let Err(e) = redirector.update_settings(&settings) {
@@ -181,14 +186,13 @@ impl InForce {
 impl ReloadReport {
     /// Counts it and records it: one `config_reload` and one `policy_reload` event
     /// (one file set holds both), a `connection_revoked` event per closed connection.
-    pub async fn record(&self, store: &RecordStore) {
+    pub async fn record(&self, store: &RecordStore, metrics: &crate::metrics::Metrics) {
         let (outcome, message, revoked): (&str, Option<&String>, &[RevokedConnection]) =
             match &self.result {
                 Ok(revoked) => ("ok", None, revoked),
                 Err(e) => ("rejected", Some(e), &[]),
             };
         let trigger = self.trigger.as_str();
-        let metrics = crate::metrics::get();
         metrics.reload("config", outcome);
         metrics.reload("policy", outcome);
         metrics.revoked.inc_by(revoked.len() as u64);
@@ -233,6 +237,7 @@ pub fn build_pipeline(
     records: Arc<dyn RecordSink>,
     approvals: Arc<Approvals>,
     sockets: &SocketFactory,
+    metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<Pipeline> {
     let approval_rules = RuleSet::load(&config.agent.policies_dir)?;
     let tls = config
@@ -261,7 +266,9 @@ pub fn build_pipeline(
             sockets.clone(),
             config.timeouts.connect,
             config.timeouts.tls_handshake,
+            metrics.clone(),
         ),
+        metrics,
         records,
         approvals,
         approval_rules: Arc::new(approval_rules),

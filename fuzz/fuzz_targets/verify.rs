@@ -45,6 +45,7 @@ fn write_seed() -> Seed {
             rotate_age: Duration::from_secs(3600),
             row_group_rows: 2,
             retention_days: 0,
+            metrics: Default::default(),
         },
         origin.clone(),
     )

@@ -35,15 +35,16 @@ pub const LAYERS: &[(&str, &[&str])] = &[
 /// Longest function allowed, in lines (declarative tables excepted below).
 pub const MAX_FN_LINES: usize = 150;
 
-/// Functions longer than [`MAX_FN_LINES`] today, with the length each may not
-/// exceed: debt to pay down (issue 19), never to grow. `file:function`.
+/// Functions longer than [`MAX_FN_LINES`] today, with their length: debt to pay
+/// down (issue 19), never to grow; a shorter one must lower its entry (a ratchet).
+/// `file:function`.
 const LONG_FUNCTIONS: &[(&str, usize)] = &[
     ("agent/mask/src/profile.rs:parse", 365),
-    ("agent/src/app.rs:run", 201),
+    ("agent/src/app.rs:run", 189),
     ("agent/src/approval/rules.rs:parse", 192),
     ("agent/src/cli.rs:run", 165),
     ("agent/src/config.rs:parse", 674),
-    ("agent/src/pipeline/mod.rs:masked_response", 172),
+    ("agent/src/pipeline/mod.rs:masked_response", 157),
     ("agent/src/policy/explain.rs:run", 154),
     ("agent/src/policy/mod.rs:from_texts", 223),
     ("agent/src/proxy/mod.rs:handle", 151),
@@ -216,7 +217,11 @@ fn long_functions(root: &Path) -> anyhow::Result<Vec<String>> {
     }
     for (key, (line, len)) in &found {
         match LONG_FUNCTIONS.iter().find(|(k, _)| k == key) {
-            Some((_, cap)) if len <= cap => {}
+            Some((_, cap)) if len == cap => {}
+            // A ratchet: debt paid down stays paid.
+            Some((_, cap)) if len < cap => problems.push(format!(
+                "xtask/src/layers.rs: `{key}` is down to {len} lines: lower its cap from {cap} to {len}"
+            )),
             Some((_, cap)) => problems.push(format!(
                 "{}:{line}: `{}` grew to {len} lines (listed debt: at most {cap}; split it)",
                 key.rsplit_once(':').unwrap().0,

@@ -338,6 +338,7 @@ pub struct Approvals {
     records: Arc<dyn RecordSink>,
     path: PathBuf,
     notifier: notify::Notifier,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 fn now_us() -> i64 {
@@ -351,6 +352,7 @@ impl Approvals {
         state_dir: &Path,
         records: Arc<dyn RecordSink>,
         notifier: notify::Notifier,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> anyhow::Result<Approvals> {
         let path = state_dir.join(STATE_FILE);
         let open: HashMap<String, Approval> = match std::fs::read(&path) {
@@ -369,6 +371,7 @@ impl Approvals {
             records,
             path,
             notifier,
+            metrics,
         };
         let held: Vec<Approval> = this
             .lock()
@@ -780,7 +783,7 @@ impl Approvals {
         vote: Option<&Vote>,
         note: Option<&str>,
     ) -> Result<(), String> {
-        crate::metrics::get()
+        self.metrics
             .approval_transitions
             .get_or_create(&crate::metrics::StateLabels {
                 state: state.to_owned(),

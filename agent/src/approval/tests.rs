@@ -55,6 +55,7 @@ async fn service(dir: &Path, rows: &Arc<Rows>) -> Arc<Approvals> {
                 client: None,
                 console_url: None,
             },
+            Default::default(),
         )
         .await
         .unwrap(),

@@ -175,6 +175,7 @@ pub struct Forwarder {
     sockets: SocketFactory,
     connect_timeout: Duration,
     handshake_timeout: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Forwarder {
@@ -183,8 +184,10 @@ impl Forwarder {
         sockets: SocketFactory,
         connect_timeout: Duration,
         handshake_timeout: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Self {
         Forwarder {
+            metrics,
             pools: Mutex::new(LruCache::new(NonZeroUsize::new(1024).expect("non-zero"))),
             tls,
             sockets,
@@ -258,7 +261,7 @@ impl Forwarder {
             match (&result, next.take()) {
                 (Err(e), Some(again)) if went_away(e) => {
                     tracing::debug!(error = %super::error_chain(e), "upstream connection went away: sending again");
-                    crate::metrics::get().upstream_retries.inc();
+                    self.metrics.upstream_retries.inc();
                     next = Some(head(&again));
                     result = client.request(again).await;
                 }

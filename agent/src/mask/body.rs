@@ -49,6 +49,7 @@ pub struct MaskedBody<B> {
     report: SharedReport,
     record_limit: usize,
     finished: bool,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl<B> MaskedBody<B> {
@@ -58,8 +59,10 @@ impl<B> MaskedBody<B> {
         queued: Option<Bytes>,
         report: SharedReport,
         record_limit: usize,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
     ) -> Self {
         MaskedBody {
+            metrics,
             inner,
             masker,
             queued,
@@ -126,7 +129,7 @@ where
                     Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                 },
                 Poll::Ready(None) => {
-                    if let Err(e) = super::finish_body(&mut this.masker, &mut out) {
+                    if let Err(e) = super::finish_body(&mut this.masker, &mut out, &this.metrics) {
                         return Poll::Ready(Some(Err(this.fail(e.to_string()))));
                     }
                     this.finished = true;

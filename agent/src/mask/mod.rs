@@ -9,9 +9,13 @@ pub mod tool;
 pub use phigate_mask::*;
 
 /// Ends a body; the time spent masking it is reported as the `masking` stage.
-pub fn finish_body(masker: &mut BodyMasker, out: &mut Vec<u8>) -> Result<(), MaskError> {
+pub fn finish_body(
+    masker: &mut BodyMasker,
+    out: &mut Vec<u8>,
+    metrics: &crate::metrics::Metrics,
+) -> Result<(), MaskError> {
     let r = masker.finish(out);
-    crate::metrics::get().observe(crate::metrics::Stage::Masking, masker.busy());
+    metrics.observe(crate::metrics::Stage::Masking, masker.busy());
     r
 }
 
@@ -22,9 +26,10 @@ pub fn mask_body(
     kind: BodyKind,
     encoding: Option<&str>,
     body: &[u8],
+    metrics: &crate::metrics::Metrics,
 ) -> Result<(Vec<u8>, Counts), MaskError> {
     let t0 = std::time::Instant::now();
     let r = phigate_mask::mask_body(profile, ctx, kind, encoding, body);
-    crate::metrics::get().observe(crate::metrics::Stage::Masking, t0.elapsed());
+    metrics.observe(crate::metrics::Stage::Masking, t0.elapsed());
     r
 }

@@ -67,6 +67,7 @@ pub struct Pipeline {
     /// Policies and token validation (the authorize stage). One cell shared by every
     /// pipeline of this agent, so a reload reaches requests on open connections too.
     pub gate: Arc<arc_swap::ArcSwap<Gatekeeper>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Pipeline {
@@ -366,7 +367,8 @@ impl Pipeline {
         let sent =
             tokio::time::timeout(self.request_timeout, self.forwarder.send(&p.key, p.request))
                 .await;
-        crate::metrics::get().observe(crate::metrics::Stage::Upstream, upstream_t0.elapsed());
+        self.metrics
+            .observe(crate::metrics::Stage::Upstream, upstream_t0.elapsed());
         let response = match sent {
             Err(_) => {
                 return Err(Refusal::new(
@@ -444,7 +446,8 @@ impl Pipeline {
         let masked = profile
             .zip(crate::mask::body_kind(ctype))
             .and_then(|(p, kind)| {
-                crate::mask::mask_body(p, &self.masking.ctx, kind, encoding, body).ok()
+                crate::mask::mask_body(p, &self.masking.ctx, kind, encoding, body, &self.metrics)
+                    .ok()
             });
         match masked {
             Some((bytes, _)) => {
@@ -495,6 +498,29 @@ impl Pipeline {
             server_name,
             dest_index: conn.dest_index,
         })
+    }
+}
+
+/// The client gets the decoded, masked representation: no encoding, length or
+/// digest of the upstream's bytes, and only a weak validator.
+fn decoded_representation(headers: &mut http::HeaderMap) {
+    for h in [
+        header::CONTENT_ENCODING,
+        header::CONTENT_LENGTH,
+        HeaderName::from_static("content-md5"),
+        HeaderName::from_static("digest"),
+        HeaderName::from_static("content-digest"),
+        HeaderName::from_static("repr-digest"),
+    ] {
+        headers.remove(h);
+    }
+    let strong = headers
+        .get(header::ETAG)
+        .and_then(|v| v.to_str().ok())
+        .filter(|e| !e.starts_with("W/"))
+        .map(|e| format!("W/{e}"));
+    if let Some(weak) = strong.and_then(|e| HeaderValue::from_str(&e).ok()) {
+        headers.insert(header::ETAG, weak);
     }
 }
 
@@ -562,6 +588,7 @@ fn expect(conn: &ConnContext) -> crate::http::admit::Expect<'_> {
 struct Exchange {
     conn: Arc<ConnContext>,
     records: Arc<dyn RecordSink>,
+    metrics: Arc<crate::metrics::Metrics>,
     pseudonyms: Arc<Pseudonymizer>,
     record_headers: Vec<String>,
     record: RequestRecord,
@@ -608,6 +635,7 @@ impl Exchange {
         Exchange {
             conn: Arc::clone(conn),
             records: p.records.clone(),
+            metrics: p.metrics.clone(),
             pseudonyms: p.pseudonyms.clone(),
             record_headers: p.record_headers.clone(),
             t0: Instant::now(),
@@ -996,24 +1024,7 @@ impl Exchange {
         let announced: Option<u64> =
             header(&parts.headers, header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
         let original_headers = profile.pass_unparsable.then(|| parts.headers.clone());
-        // The client gets the decoded, masked representation.
-        for h in [
-            header::CONTENT_ENCODING,
-            header::CONTENT_LENGTH,
-            HeaderName::from_static("content-md5"),
-            HeaderName::from_static("digest"),
-            HeaderName::from_static("content-digest"),
-            HeaderName::from_static("repr-digest"),
-        ] {
-            parts.headers.remove(h);
-        }
-        if let Some(etag) = header(&parts.headers, header::ETAG) {
-            if !etag.starts_with("W/") {
-                if let Ok(v) = HeaderValue::from_str(&format!("W/{etag}")) {
-                    parts.headers.insert(header::ETAG, v);
-                }
-            }
-        }
+        decoded_representation(&mut parts.headers);
         let settings = &masking.settings;
         let report: SharedReport = Arc::new(std::sync::Mutex::new(MaskReport::default()));
         self.mask_report = Some(report.clone());
@@ -1024,14 +1035,15 @@ impl Exchange {
         // are masked, so that a body that is not what it claims (an error page, a
         // hostile nesting) is answered with a 502 rather than a response cut short;
         // a short body without a length still ends within that head, whole.
-        let hold = if announced.is_some_and(|n| n <= settings.buffer_bytes as u64) {
-            settings.buffer_bytes
-        } else {
-            settings.buffer_bytes.min(STREAM_HEAD_BYTES)
+        let hold = match announced {
+            Some(n) if n <= settings.buffer_bytes as u64 => settings.buffer_bytes,
+            _ => settings.buffer_bytes.min(STREAM_HEAD_BYTES),
         };
         loop {
             let step = match body.frame().await {
-                None => crate::mask::finish_body(&mut masker, &mut out).map(|()| true),
+                None => {
+                    crate::mask::finish_body(&mut masker, &mut out, &self.metrics).map(|()| true)
+                }
                 Some(Err(e)) => {
                     let reason = format!("the upstream response body failed: {e}");
                     return self
@@ -1093,6 +1105,7 @@ impl Exchange {
             Some(bytes::Bytes::from(out)),
             report,
             settings.record_body_bytes,
+            self.metrics.clone(),
         );
         self.stream_response(parts, masked).await
     }
@@ -1141,6 +1154,7 @@ impl Exchange {
             None,
             report,
             masking.settings.record_body_bytes,
+            self.metrics.clone(),
         )))
     }
 
@@ -1189,7 +1203,7 @@ impl Exchange {
         self.record.duration_ms = self.t0.elapsed().as_secs_f64() * 1000.0;
         self.record.request_bytes = self.request_bytes.load(Ordering::Relaxed);
         debug!(request = %self.record.request_id, status = self.record.status, outcome = self.record.outcome.as_str(), "request record");
-        let metrics = crate::metrics::get();
+        let metrics = &self.metrics;
         metrics.request(
             &self.record.destination,
             self.record.decision.as_str(),

@@ -110,7 +110,9 @@ where
         Ok(Err(e)) => return (Outcome::TlsHandshakeFailed, Some(e.to_string())),
         Ok(Ok(s)) => s,
     };
-    crate::metrics::get().observe(crate::metrics::Stage::TlsHandshake, handshake_t0.elapsed());
+    proxy
+        .metrics
+        .observe(crate::metrics::Stage::TlsHandshake, handshake_t0.elapsed());
     let client_tls = ClientTls {
         sni: hello.sni.clone(),
         version: tls::tls_version(&stream),

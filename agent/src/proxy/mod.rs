@@ -47,6 +47,7 @@ pub struct Proxy {
     pub sockets: crate::sockets::SocketFactory,
     /// Direct connects to the listener (not redirected), refused and counted.
     pub direct: DirectConnects,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A connection that was accepted and attributed, before protocol handling.
@@ -118,7 +119,7 @@ impl Proxy {
                 // destination, no attested caller. Refused, counted, and reported in
                 // an aggregate event: never one record each, so nobody can fill the
                 // records disk with connects.
-                crate::metrics::get().connection("", "not_redirected");
+                self.metrics.connection("", "not_redirected");
                 if let Some(summary) = self.direct.note(peer) {
                     let mut ev =
                         EventRecord::new(self.records.origin(), "direct_connects", "refused");
@@ -405,7 +406,8 @@ impl Proxy {
             .ok()
             .and_then(|v| v.as_str().map(str::to_owned))
             .unwrap_or_default();
-        crate::metrics::get().connection(rec.destination.as_deref().unwrap_or(""), &outcome);
+        self.metrics
+            .connection(rec.destination.as_deref().unwrap_or(""), &outcome);
         let durable = self.records.submit(Record::Connection(rec));
         // The connection is already over: nothing waits on this record, but its loss
         // must be loud.

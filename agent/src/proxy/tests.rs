@@ -62,7 +62,8 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     )
     .unwrap();
     let config = Config::parse(&dir.path().join("phigate.toml"), &cfg).unwrap();
-    let (store, _) = crate::app::open_store(&config).unwrap();
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let (store, _) = crate::app::open_store(&config, metrics.clone()).unwrap();
     let store = Arc::new(store);
     let records: Arc<dyn RecordSink> = store.clone();
     let ca = Arc::new(crate::app::load_ca(&config).unwrap());
@@ -75,6 +76,7 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
                 client: None,
                 console_url: None,
             },
+            metrics.clone(),
         )
         .await
         .unwrap(),
@@ -83,7 +85,14 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     let sockets = crate::sockets::SocketFactory::new(0, None);
     let proxy = Arc::new(Proxy {
         pipeline: ArcSwap::from_pointee(
-            crate::state::build_pipeline(&config, records.clone(), approvals, &sockets).unwrap(),
+            crate::state::build_pipeline(
+                &config,
+                records.clone(),
+                approvals,
+                &sockets,
+                metrics.clone(),
+            )
+            .unwrap(),
         ),
         minter: Arc::new(crate::tls::LeafMinter::new(ca, 16).unwrap()),
         config: ArcSwap::from_pointee(config),
@@ -96,6 +105,7 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
         live: Default::default(),
         sockets,
         direct: Default::default(),
+        metrics,
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = listener.local_addr().unwrap();

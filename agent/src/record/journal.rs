@@ -206,6 +206,7 @@ pub struct JournalThread {
     downstream: Sender<Vec<Entry>>,
     /// Set by the store on close: drain what is queued, sync, stop.
     shutdown: Arc<AtomicBool>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl JournalThread {
@@ -217,6 +218,7 @@ impl JournalThread {
         state: Arc<JournalState>,
         downstream: Sender<Vec<Entry>>,
         shutdown: Arc<AtomicBool>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> std::io::Result<JournalThread> {
         let file = new_segment(dir, next_seq)?;
         Ok(JournalThread {
@@ -231,6 +233,7 @@ impl JournalThread {
             state,
             downstream,
             shutdown,
+            metrics,
         })
     }
 
@@ -323,7 +326,7 @@ impl JournalThread {
                     info!("records: the journal accepts writes again");
                 }
                 let now = super::micros::of(std::time::SystemTime::now());
-                let metrics = crate::metrics::get();
+                let metrics = &self.metrics;
                 for (_, done, submitted) in waiters {
                     if let Some(d) = done {
                         let waited = u64::try_from(now - submitted).unwrap_or(0);
@@ -500,6 +503,7 @@ mod tests {
             state,
             down_tx,
             Arc::new(AtomicBool::new(false)),
+            Default::default(),
         )
         .unwrap();
         let mut buf = Vec::new();

@@ -30,6 +30,8 @@ pub struct StoreConfig {
     pub rotate_age: Duration,
     pub row_group_rows: usize,
     pub retention_days: u32,
+    /// Where the time until a record is durable is counted.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub const JOURNAL_DIR: &str = "_journal";
@@ -145,6 +147,7 @@ impl RecordStore {
             state.clone(),
             down_tx,
             shutdown.clone(),
+            cfg.metrics.clone(),
         )
         .with_context(|| format!("cannot open a journal segment in {}", journal_dir.display()))?;
         let j = std::thread::Builder::new()
