@@ -50,7 +50,8 @@ enum Task {
     SystemdRoot,
     /// Benchmarks, printed side by side with a peer in the same run.
     Bench {
-        /// Which benchmark: `proxy`, `records`, `policy`, `mask`.
+        /// Which benchmark: `proxy`, `records`, `policy`, `mask`; `guard` is the
+        /// short phigate/nginx ratio check `cargo xtask test` runs.
         name: String,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 10)]
@@ -93,6 +94,8 @@ fn main() -> ExitCode {
         Task::SystemdRoot => {
             setup::run().and_then(|_| systemd::prepare().map(|dir| println!("{}", dir.display())))
         }
+        // The guard runs inside `cargo xtask test`, after its setup.
+        Task::Bench { name, duration } if name == "guard" => bench::run(&name, duration),
         Task::Bench { name, duration } => setup::run().and_then(|_| bench::run(&name, duration)),
         Task::Soak { secs, clients } => setup::run().and_then(|_| soak::run(secs, clients)),
         Task::Fuzz { target, secs } => {
@@ -285,6 +288,19 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
                 ],
             )
         })?;
+        // A short side-by-side run against nginx: a throughput regression fails the
+        // suite instead of going unnoticed. Skipped when only some tests were asked
+        // for.
+        if filter.is_none() {
+            run("performance guard (1 KB keep-alive vs nginx)", &mut || {
+                util::exec(std::process::Command::new(std::env::current_exe()?).args([
+                    "bench",
+                    "guard",
+                    "--duration",
+                    "10",
+                ]))
+            })?;
+        }
         Ok(())
     })();
     print_summary(&summary);
