@@ -587,14 +587,7 @@ impl Config {
 
     /// Parses and validates config text; `path` is used for errors and relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let err = |span: Option<std::ops::Range<usize>>, key: Option<String>, message: String| {
-            ConfigError {
-                file: path.to_owned(),
-                line: span.map(|s| line_of(text, s.start)),
-                key,
-                message,
-            }
-        };
+        let src = Src { path, text };
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             // toml's message is multi-line with a source excerpt; keep its first line.
             let message = e
@@ -603,652 +596,23 @@ impl Config {
                 .next()
                 .unwrap_or("invalid TOML")
                 .to_owned();
-            err(e.span(), None, message)
+            src.err(e.span(), None, message)
         })?;
 
-        let raw_agent = raw.agent.map(Spanned::into_inner).unwrap_or_default();
-        let (listen_v4, listen_v6) = match raw_agent.listen {
-            None => (
-                "127.0.0.1:15001".parse().expect("valid literal"),
-                Some("[::1]:15001".parse().expect("valid literal")),
-            ),
-            Some(listen) => {
-                let span = listen.span();
-                let not_strings = || {
-                    err(
-                        Some(span.clone()),
-                        Some("agent.listen".into()),
-                        "must be a string or a list of strings like \"127.0.0.1:15001\"".into(),
-                    )
-                };
-                let items: Vec<String> = match listen.into_inner() {
-                    toml::Value::String(s) => vec![s],
-                    toml::Value::Array(a) => a
-                        .into_iter()
-                        .map(|v| v.as_str().map(str::to_owned).ok_or_else(not_strings))
-                        .collect::<Result<_, _>>()?,
-                    _ => return Err(not_strings()),
-                };
-                let mut v4 = None;
-                let mut v6 = None;
-                for item in items {
-                    let addr: SocketAddr = item.parse().map_err(|_| {
-                        err(
-                            Some(span.clone()),
-                            Some("agent.listen".into()),
-                            format!(
-                                "`{item}` is not ADDRESS:PORT (e.g. \"127.0.0.1:15001\" or \"[::1]:15001\")"
-                            ),
-                        )
-                    })?;
-                    if addr.port() == 0 {
-                        return Err(err(
-                            Some(span.clone()),
-                            Some("agent.listen".into()),
-                            "the listener needs a fixed port (the redirect points at it)".into(),
-                        ));
-                    }
-                    let slot = if addr.is_ipv4() { &mut v4 } else { &mut v6 };
-                    if slot.replace(addr).is_some() {
-                        return Err(err(
-                            Some(span.clone()),
-                            Some("agent.listen".into()),
-                            "at most one IPv4 and one IPv6 listener".into(),
-                        ));
-                    }
-                }
-                let v4 = v4.ok_or_else(|| {
-                    err(
-                        None,
-                        Some("agent.listen".into()),
-                        "an IPv4 listener is required (IPv4 and IPv4-mapped connects go to it)"
-                            .into(),
-                    )
-                })?;
-                (v4, v6)
-            }
-        };
-        for addr in std::iter::once(listen_v4).chain(listen_v6) {
-            if !addr.ip().is_loopback() {
-                return Err(err(
-                    None,
-                    Some("agent.listen".into()),
-                    format!("{addr} is not a loopback address; the agent listens on loopback only so redirected traffic never leaves the host"),
-                ));
-            }
-        }
-
-        let state_dir = raw_agent
-            .state_dir
-            .unwrap_or_else(|| PathBuf::from("/var/lib/phigate"));
-        let records_dir = raw_agent
-            .records_dir
-            .unwrap_or_else(|| state_dir.join("records"));
-        let policies_dir = raw_agent
-            .policies_dir
-            .unwrap_or_else(|| PathBuf::from("/etc/phigate/policies"));
-        let cgroup = match raw_agent.cgroup {
-            None => None,
-            Some(c) => {
-                if !c.get_ref().is_absolute() {
-                    return Err(err(
-                        Some(c.span()),
-                        Some("agent.cgroup".into()),
-                        "must be an absolute path to a cgroup v2 directory".into(),
-                    ));
-                }
-                Some(c.into_inner())
-            }
-        };
-        let mark = match raw_agent.mark {
-            None => phigate_common::DEFAULT_AGENT_MARK,
-            Some(m) if *m.get_ref() == 0 => {
-                return Err(err(
-                    Some(m.span()),
-                    Some("agent.mark".into()),
-                    "0 is every unmarked socket's mark; choose a non-zero mark".into(),
-                ))
-            }
-            Some(m) => m.into_inner(),
-        };
-
-        let timeouts = match raw.timeouts {
-            None => Timeouts::default(),
-            Some(t) => {
-                let d = Timeouts::default();
-                let pos = |v: Option<Spanned<u64>>,
-                           key: &str,
-                           unit: fn(u64) -> Duration,
-                           default: Duration|
-                 -> Result<Duration, ConfigError> {
-                    match v {
-                        None => Ok(default),
-                        Some(v) if *v.get_ref() == 0 => Err(err(
-                            Some(v.span()),
-                            Some(format!("timeouts.{key}")),
-                            "must be greater than 0".into(),
-                        )),
-                        Some(v) => Ok(unit(v.into_inner())),
-                    }
-                };
-                Timeouts {
-                    connect: pos(t.connect_ms, "connect_ms", Duration::from_millis, d.connect)?,
-                    tls_handshake: pos(
-                        t.tls_handshake_ms,
-                        "tls_handshake_ms",
-                        Duration::from_millis,
-                        d.tls_handshake,
-                    )?,
-                    idle: pos(t.idle_secs, "idle_secs", Duration::from_secs, d.idle)?,
-                    request: pos(
-                        t.request_secs,
-                        "request_secs",
-                        Duration::from_secs,
-                        d.request,
-                    )?,
-                    max_connection_lifetime: pos(
-                        t.max_connection_lifetime_secs,
-                        "max_connection_lifetime_secs",
-                        Duration::from_secs,
-                        d.max_connection_lifetime,
-                    )?,
-                    drain: pos(t.drain_secs, "drain_secs", Duration::from_secs, d.drain)?,
-                }
-            }
-        };
-
-        let limits = match raw.limits {
-            None => Limits::default(),
-            Some(l) => {
-                let d = Limits::default();
-                let max_header_bytes = match l.max_header_bytes {
-                    None => d.max_header_bytes,
-                    Some(v) if !(8192..=1 << 20).contains(v.get_ref()) => {
-                        return Err(err(
-                            Some(v.span()),
-                            Some("limits.max_header_bytes".into()),
-                            "must be between 8192 and 1048576".into(),
-                        ))
-                    }
-                    Some(v) => v.into_inner() as usize,
-                };
-                let max_request_body_bytes = match l.max_request_body_bytes {
-                    None => d.max_request_body_bytes,
-                    Some(v) if *v.get_ref() == 0 => {
-                        return Err(err(
-                            Some(v.span()),
-                            Some("limits.max_request_body_bytes".into()),
-                            "must be greater than 0".into(),
-                        ))
-                    }
-                    Some(v) => v.into_inner(),
-                };
-                Limits {
-                    max_header_bytes,
-                    max_request_body_bytes,
-                }
-            }
-        };
-
-        let masking = match raw.masking {
-            None => MaskingSection::default(),
-            Some(m) => {
-                let d = MaskingSection::default();
-                MaskingSection {
-                    buffer_bytes: match m.buffer_bytes {
-                        None => d.buffer_bytes,
-                        Some(v) if !(1024..=1 << 30).contains(v.get_ref()) => {
-                            return Err(err(
-                                Some(v.span()),
-                                Some("masking.buffer_bytes".into()),
-                                "must be between 1024 and 1073741824".into(),
-                            ))
-                        }
-                        Some(v) => v.into_inner() as usize,
-                    },
-                    record_body_bytes: m
-                        .record_body_bytes
-                        .map_or(d.record_body_bytes, |v| v as usize),
-                    mask_requests: m.mask_requests.unwrap_or(d.mask_requests),
-                }
-            }
-        };
-
-        let records = match raw.records {
-            None => RecordsSection::default(),
-            Some(r) => {
-                let d = RecordsSection::default();
-                let positive = |v: Option<Spanned<u64>>, key: &str, default: u64| match v {
-                    None => Ok(default),
-                    Some(v) if *v.get_ref() == 0 => Err(err(
-                        Some(v.span()),
-                        Some(format!("records.{key}")),
-                        "must be greater than 0".into(),
-                    )),
-                    Some(v) => Ok(v.into_inner()),
-                };
-                let durability = match r.durability {
-                    None => d.durability,
-                    Some(v) => match v.get_ref().as_str() {
-                        "strict" => Durability::Strict,
-                        "batched" => Durability::Batched,
-                        other => {
-                            return Err(err(
-                                Some(v.span()),
-                                Some("records.durability".into()),
-                                format!("`{other}`: expected \"strict\" or \"batched\""),
-                            ))
-                        }
-                    },
-                };
-                let rotate_age = match r.rotate_secs {
-                    None => d.rotate_age,
-                    Some(v) if !(*v.get_ref() > 0.0 && *v.get_ref() <= 86400.0) => {
-                        return Err(err(
-                            Some(v.span()),
-                            Some("records.rotate_secs".into()),
-                            "must be greater than 0 and at most 86400".into(),
-                        ))
-                    }
-                    Some(v) => Duration::from_secs_f64(v.into_inner()),
-                };
-                let verify_every = match r.verify_secs {
-                    None => d.verify_every,
-                    Some(v) if *v.get_ref() == 0.0 => None,
-                    Some(v) if !(*v.get_ref() > 0.0 && v.get_ref().is_finite()) => {
-                        return Err(err(
-                            Some(v.span()),
-                            Some("records.verify_secs".into()),
-                            "must be 0 (never) or a positive number of seconds".into(),
-                        ))
-                    }
-                    Some(v) => Some(Duration::from_secs_f64(v.into_inner())),
-                };
-                let lower =
-                    |v: Vec<String>| v.into_iter().map(|h| h.to_ascii_lowercase()).collect();
-                RecordsSection {
-                    durability,
-                    batch_window: Duration::from_millis(positive(
-                        r.batch_window_ms,
-                        "batch_window_ms",
-                        d.batch_window.as_millis() as u64,
-                    )?),
-                    rotate_rows: positive(r.rotate_rows, "rotate_rows", d.rotate_rows as u64)?
-                        as usize,
-                    rotate_bytes: (positive(
-                        r.rotate_mb,
-                        "rotate_mb",
-                        (d.rotate_bytes >> 20) as u64,
-                    )? << 20) as usize,
-                    rotate_age,
-                    row_group_rows: positive(
-                        r.row_group_rows,
-                        "row_group_rows",
-                        d.row_group_rows as u64,
-                    )? as usize,
-                    retention_days: r.retention_days.unwrap_or(d.retention_days),
-                    verify_every,
-                    patient_path_segments: r
-                        .patient_path_segments
-                        .unwrap_or(d.patient_path_segments),
-                    patient_query_params: r.patient_query_params.unwrap_or(d.patient_query_params),
-                    headers: r.headers.map(lower).unwrap_or(d.headers),
-                }
-            }
-        };
-
-        let base = path.parent().unwrap_or(Path::new("."));
-        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
-        let tls = match raw.tls {
-            None => TlsSection {
-                ca: None,
-                leaf_cache_size: 4096,
-            },
-            Some(t) => {
-                let span = t.span();
-                let t = t.into_inner();
-                let ca = match (t.ca_cert, t.ca_key) {
-                    (Some(c), Some(k)) => Some((resolve(c), resolve(k))),
-                    (None, None) => None,
-                    _ => {
-                        return Err(err(
-                            Some(span),
-                            Some("tls.ca_cert/tls.ca_key".into()),
-                            "give both the CA certificate and its key, or neither (phigate then creates its own CA in state_dir)".into(),
-                        ))
-                    }
-                };
-                TlsSection {
-                    ca,
-                    leaf_cache_size: t.leaf_cache_size.unwrap_or(4096).max(16),
-                }
-            }
-        };
-        let policy = match raw.policy {
-            None => PolicySection::default(),
-            Some(p) => {
-                let timezone = match p.timezone {
-                    None => "UTC".to_owned(),
-                    Some(tz) => {
-                        if jiff::tz::TimeZone::get(tz.get_ref()).is_err() {
-                            return Err(err(
-                                Some(tz.span()),
-                                Some("policy.timezone".into()),
-                                format!("`{}` is not a time zone of this host's tz database (use e.g. \"UTC\" or \"America/New_York\")", tz.get_ref()),
-                            ));
-                        }
-                        tz.into_inner()
-                    }
-                };
-                PolicySection {
-                    timezone,
-                    headers: p
-                        .headers
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|h| h.to_ascii_lowercase())
-                        .collect(),
-                }
-            }
-        };
-        let mut oidc = OidcSection::default();
-        for (i, raw_issuer) in raw
-            .oidc
-            .map(|o| o.issuers)
-            .unwrap_or_default()
-            .into_iter()
-            .enumerate()
-        {
-            let r = raw_issuer.into_inner();
-            let key = |k: &str| Some(format!("oidc.issuers[{i}].{k}"));
-            let issuer = r.issuer.get_ref().clone();
-            let is_https = issuer.starts_with("https://");
-            if !is_https || issuer.len() <= "https://".len() {
-                return Err(err(
-                    Some(r.issuer.span()),
-                    key("issuer"),
-                    format!("`{issuer}` must be an https:// URL (tokens and keys come from it)"),
-                ));
-            }
-            if oidc.issuers.iter().any(|x: &OidcIssuer| x.issuer == issuer) {
-                return Err(err(
-                    Some(r.issuer.span()),
-                    key("issuer"),
-                    format!("`{issuer}` is configured twice"),
-                ));
-            }
-            if r.audiences.get_ref().is_empty() {
-                return Err(err(
-                    Some(r.audiences.span()),
-                    key("audiences"),
-                    "at least one audience is required (a token for another service must not be accepted here)".into(),
-                ));
-            }
-            let algorithms = match r.algorithms {
-                None => ["RS256", "ES256", "EdDSA"].map(String::from).to_vec(),
-                Some(a) => {
-                    if a.get_ref().is_empty() {
-                        return Err(err(
-                            Some(a.span()),
-                            key("algorithms"),
-                            "must list at least one algorithm".into(),
-                        ));
-                    }
-                    for alg in a.get_ref() {
-                        if !OIDC_ALGORITHMS.contains(&alg.as_str()) {
-                            return Err(err(
-                                Some(a.span()),
-                                key("algorithms"),
-                                format!("`{alg}` is not allowed; use one of {} (HMAC and `none` are never accepted)", OIDC_ALGORITHMS.join(", ")),
-                            ));
-                        }
-                    }
-                    a.into_inner()
-                }
-            };
-            let clock_skew = match r.clock_skew_secs {
-                None => Duration::from_secs(60),
-                Some(v) if *v.get_ref() > 300 => {
-                    return Err(err(
-                        Some(v.span()),
-                        key("clock_skew_secs"),
-                        "at most 300 seconds".into(),
-                    ))
-                }
-                Some(v) => Duration::from_secs(v.into_inner()),
-            };
-            oidc.issuers.push(OidcIssuer {
-                issuer,
-                audiences: r.audiences.into_inner(),
-                jwks_file: r.jwks_file.map(resolve),
-                algorithms,
-                groups_claims: r.groups_claims.unwrap_or_else(|| vec!["groups".into()]),
-                group_map: r.group_map,
-                claims: r.claims,
-                person_claim: r.person_claim.filter(|c| !c.trim().is_empty()),
-                clock_skew,
-                ca_file: r.ca_file.map(resolve),
-                jwks_refresh_min: Duration::from_secs(r.jwks_refresh_min_secs.unwrap_or(30)),
-            });
-        }
-
-        let mut destinations = Vec::with_capacity(raw.destinations.len());
-        let mut seen: Vec<(ProtectedAddr, String)> = Vec::new();
-        for (i, d) in raw.destinations.into_iter().enumerate() {
-            let dspan = d.span();
-            let d = d.into_inner();
-            let name = d.name.get_ref().trim().to_owned();
-            if name.is_empty() {
-                return Err(err(
-                    Some(d.name.span()),
-                    Some(format!("destinations[{i}].name")),
-                    "must not be empty".into(),
-                ));
-            }
-            if destinations.iter().any(|x: &Destination| x.name == name) {
-                return Err(err(
-                    Some(d.name.span()),
-                    Some(format!("destinations[{i}].name")),
-                    format!("`{name}` is used by another destination; names must be unique"),
-                ));
-            }
-            if d.addresses.get_ref().is_empty() {
-                return Err(err(
-                    Some(d.addresses.span()),
-                    Some(format!("destinations[{i}].addresses")),
-                    "at least one ADDRESS[/PREFIX]:PORT is required".into(),
-                ));
-            }
-            let mut addresses = Vec::new();
-            for (j, a) in d.addresses.into_inner().into_iter().enumerate() {
-                let key = format!("destinations[{i}].addresses[{j}]");
-                let pa = ProtectedAddr::parse(a.get_ref())
-                    .map_err(|m| err(Some(a.span()), Some(key.clone()), m))?;
-                if let Some((_, other)) = seen.iter().find(|(s, _)| *s == pa) {
-                    return Err(err(
-                        Some(a.span()),
-                        Some(key),
-                        format!("{pa} is already protected by destination `{other}`"),
-                    ));
-                }
-                if let Some(reason) = ipv6_problem(&pa, listen_v6.is_some()) {
-                    return Err(err(Some(a.span()), Some(key), reason));
-                }
-                if pa.contains(listen_v4) || listen_v6.is_some_and(|l| pa.contains(l)) {
-                    return Err(err(
-                        Some(a.span()),
-                        Some(key),
-                        format!("{pa} covers the agent's own listener; that would redirect the agent to itself"),
-                    ));
-                }
-                seen.push((pa.clone(), name.clone()));
-                addresses.push(pa);
-            }
-            let alpn = match d.alpn {
-                None => vec!["h2".to_owned(), "http/1.1".to_owned()],
-                Some(a) => {
-                    for p in a.get_ref() {
-                        if p != "h2" && p != "http/1.1" {
-                            return Err(err(
-                                Some(a.span()),
-                                Some(format!("destinations[{i}].alpn")),
-                                format!("`{p}` is not a supported ALPN protocol (use \"h2\" and/or \"http/1.1\")"),
-                            ));
-                        }
-                    }
-                    if a.get_ref().is_empty() {
-                        return Err(err(
-                            Some(a.span()),
-                            Some(format!("destinations[{i}].alpn")),
-                            "must list at least one protocol".into(),
-                        ));
-                    }
-                    a.into_inner()
-                }
-            };
-            if d.protocol == Protocol::Tcp && !d.passthrough_hosts.is_empty() {
-                return Err(err(
-                    Some(dspan),
-                    Some(format!("destinations[{i}].passthrough_hosts")),
-                    "only meaningful for protocol = \"https\" (a tcp destination is never intercepted)".into(),
-                ));
-            }
-            let hosts: Arc<[String]> = match d.hosts {
-                None => Arc::from([]),
-                Some(h) => {
-                    let span = h.span();
-                    let field = format!("destinations[{i}].hosts");
-                    if d.protocol == Protocol::Tcp {
-                        return Err(err(
-                            Some(span),
-                            Some(field),
-                            "only meaningful for HTTP destinations (a tcp destination has no Host)"
-                                .into(),
-                        ));
-                    }
-                    let mut names = Vec::new();
-                    for name in h.into_inner() {
-                        let name = name.to_ascii_lowercase();
-                        let bare = name.strip_prefix("*.").unwrap_or(&name);
-                        if bare.is_empty()
-                            || bare.contains('*')
-                            || http::uri::Authority::try_from(bare)
-                                .map_or(true, |a| a.port().is_some() || a.host() != bare)
-                        {
-                            return Err(err(
-                                Some(span.clone()),
-                                Some(field),
-                                format!("`{name}` is not a host name (a name, or `*.` and a name)"),
-                            ));
-                        }
-                        names.push(name);
-                    }
-                    if names.is_empty() {
-                        return Err(err(
-                            Some(span),
-                            Some(field),
-                            "must list at least one name (leave it out to serve any)".into(),
-                        ));
-                    }
-                    names.into()
-                }
-            };
-            let upstream_ca = d.upstream_ca.map(resolve);
-            destinations.push(Destination {
-                name,
-                addresses,
-                protocol: d.protocol,
-                upstream_ca,
-                passthrough_hosts: d
-                    .passthrough_hosts
-                    .into_iter()
-                    .map(|h| h.to_ascii_lowercase())
-                    .collect(),
-                hosts,
-                alpn,
-                mask_profile: match d.mask_profile {
-                    None => None,
-                    Some(p) if d.protocol == Protocol::Tcp => {
-                        return Err(err(
-                            Some(p.span()),
-                            Some(format!("destinations[{i}].mask_profile")),
-                            "a tcp destination's bytes are not inspected, so they cannot be masked"
-                                .into(),
-                        ))
-                    }
-                    Some(p) => Some(p.into_inner()),
-                },
-            });
-        }
-
-        let raw_admin = raw.admin.unwrap_or_default();
-        let console_listen = match &raw_admin.console_listen {
-            None => None,
-            Some(v) => Some(v.get_ref().parse::<SocketAddr>().map_err(|e| {
-                err(
-                    Some(v.span()),
-                    Some("admin.console_listen".into()),
-                    format!("`{}`: {e} (expected ADDRESS:PORT)", v.get_ref()),
-                )
-            })?),
-        };
-        let metrics_listen = match &raw_admin.metrics_listen {
-            None => None,
-            Some(v) => Some(v.get_ref().parse::<SocketAddr>().map_err(|e| {
-                err(
-                    Some(v.span()),
-                    Some("admin.metrics_listen".into()),
-                    format!("`{}`: {e} (expected ADDRESS:PORT)", v.get_ref()),
-                )
-            })?),
-        };
-        if console_listen.is_some() && raw_admin.console_accounts.is_none() {
-            return Err(err(
-                raw_admin.console_listen.as_ref().map(|v| v.span()),
-                Some("admin.console_accounts".into()),
-                "the console needs an accounts file (console_accounts)".into(),
-            ));
-        }
-        let console_url = raw_admin.console_url.or_else(|| {
-            console_listen.map(|a| {
-                let host = raw_admin
-                    .console_name
-                    .clone()
-                    .unwrap_or_else(|| match a.ip() {
-                        IpAddr::V6(ip) => format!("[{ip}]"),
-                        ip => ip.to_string(),
-                    });
-                format!("https://{host}:{}", a.port())
-            })
-        });
-        let admin = AdminSection {
-            socket: raw_admin
-                .socket
-                .map(resolve)
-                .unwrap_or_else(|| PathBuf::from("/run/phigate/admin.sock")),
-            socket_group: raw_admin.socket_group,
-            console_url,
-            console_listen,
-            console_name: raw_admin.console_name,
-            console_accounts: raw_admin.console_accounts.map(resolve),
-            metrics_listen,
-        };
+        let agent = agent_section(&src, raw.agent)?;
+        let timeouts = timeouts_section(&src, raw.timeouts)?;
+        let limits = limits_section(&src, raw.limits)?;
+        let masking = masking_section(&src, raw.masking)?;
+        let records = records_section(&src, raw.records)?;
+        let tls = tls_section(&src, raw.tls)?;
+        let policy = policy_section(&src, raw.policy)?;
+        let oidc = oidc_section(&src, raw.oidc)?;
+        let destinations =
+            destinations_section(&src, raw.destinations, agent.listen_v4, agent.listen_v6)?;
+        let admin = admin_section(&src, raw.admin)?;
         Ok(Config {
             source: path.to_owned(),
-            agent: AgentSection {
-                listen_v4,
-                listen_v6,
-                state_dir,
-                records_dir,
-                policies_dir,
-                cgroup,
-                fail_mode: raw_agent.fail_mode,
-                mark,
-                bpf_pin_dir: raw_agent
-                    .bpf_pin_dir
-                    .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/phigate")),
-                log_format: raw_agent.log_format,
-            },
+            agent,
             timeouts,
             limits,
             tls,
@@ -1313,6 +677,722 @@ pub(crate) fn line_of(text: &str, offset: usize) -> usize {
         .filter(|b| *b == b'\n')
         .count()
         + 1
+}
+
+/// A config file being read: errors name its path and the line of a span.
+struct Src<'a> {
+    path: &'a Path,
+    text: &'a str,
+}
+
+impl Src<'_> {
+    fn err(
+        &self,
+        span: Option<std::ops::Range<usize>>,
+        key: Option<String>,
+        message: String,
+    ) -> ConfigError {
+        ConfigError {
+            file: self.path.to_owned(),
+            line: span.map(|s| line_of(self.text, s.start)),
+            key,
+            message,
+        }
+    }
+
+    /// A path of the file, relative to the file's own directory.
+    fn resolve(&self, p: PathBuf) -> PathBuf {
+        if p.is_absolute() {
+            p
+        } else {
+            self.path.parent().unwrap_or(Path::new(".")).join(p)
+        }
+    }
+}
+
+/// `[agent]`, validated: loopback listeners on fixed ports, absolute cgroup, a
+/// non-zero mark.
+fn agent_section(
+    src: &Src<'_>,
+    raw: Option<Spanned<RawAgent>>,
+) -> Result<AgentSection, ConfigError> {
+    let raw_agent = raw.map(Spanned::into_inner).unwrap_or_default();
+    let (listen_v4, listen_v6) = match raw_agent.listen {
+        None => (
+            "127.0.0.1:15001".parse().expect("valid literal"),
+            Some("[::1]:15001".parse().expect("valid literal")),
+        ),
+        Some(listen) => {
+            let span = listen.span();
+            let not_strings = || {
+                src.err(
+                    Some(span.clone()),
+                    Some("agent.listen".into()),
+                    "must be a string or a list of strings like \"127.0.0.1:15001\"".into(),
+                )
+            };
+            let items: Vec<String> = match listen.into_inner() {
+                toml::Value::String(s) => vec![s],
+                toml::Value::Array(a) => a
+                    .into_iter()
+                    .map(|v| v.as_str().map(str::to_owned).ok_or_else(not_strings))
+                    .collect::<Result<_, _>>()?,
+                _ => return Err(not_strings()),
+            };
+            let mut v4 = None;
+            let mut v6 = None;
+            for item in items {
+                let addr: SocketAddr = item.parse().map_err(|_| {
+                    src.err(
+                        Some(span.clone()),
+                        Some("agent.listen".into()),
+                        format!(
+                            "`{item}` is not ADDRESS:PORT (e.g. \"127.0.0.1:15001\" or \"[::1]:15001\")"
+                        ),
+                    )
+                })?;
+                if addr.port() == 0 {
+                    return Err(src.err(
+                        Some(span.clone()),
+                        Some("agent.listen".into()),
+                        "the listener needs a fixed port (the redirect points at it)".into(),
+                    ));
+                }
+                let slot = if addr.is_ipv4() { &mut v4 } else { &mut v6 };
+                if slot.replace(addr).is_some() {
+                    return Err(src.err(
+                        Some(span.clone()),
+                        Some("agent.listen".into()),
+                        "at most one IPv4 and one IPv6 listener".into(),
+                    ));
+                }
+            }
+            let v4 = v4.ok_or_else(|| {
+                src.err(
+                    None,
+                    Some("agent.listen".into()),
+                    "an IPv4 listener is required (IPv4 and IPv4-mapped connects go to it)".into(),
+                )
+            })?;
+            (v4, v6)
+        }
+    };
+    for addr in std::iter::once(listen_v4).chain(listen_v6) {
+        if !addr.ip().is_loopback() {
+            return Err(src.err(
+                None,
+                Some("agent.listen".into()),
+                format!("{addr} is not a loopback address; the agent listens on loopback only so redirected traffic never leaves the host"),
+            ));
+        }
+    }
+
+    let state_dir = raw_agent
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from("/var/lib/phigate"));
+    let records_dir = raw_agent
+        .records_dir
+        .unwrap_or_else(|| state_dir.join("records"));
+    let policies_dir = raw_agent
+        .policies_dir
+        .unwrap_or_else(|| PathBuf::from("/etc/phigate/policies"));
+    let cgroup = match raw_agent.cgroup {
+        None => None,
+        Some(c) => {
+            if !c.get_ref().is_absolute() {
+                return Err(src.err(
+                    Some(c.span()),
+                    Some("agent.cgroup".into()),
+                    "must be an absolute path to a cgroup v2 directory".into(),
+                ));
+            }
+            Some(c.into_inner())
+        }
+    };
+    let mark = match raw_agent.mark {
+        None => phigate_common::DEFAULT_AGENT_MARK,
+        Some(m) if *m.get_ref() == 0 => {
+            return Err(src.err(
+                Some(m.span()),
+                Some("agent.mark".into()),
+                "0 is every unmarked socket's mark; choose a non-zero mark".into(),
+            ))
+        }
+        Some(m) => m.into_inner(),
+    };
+    Ok(AgentSection {
+        listen_v4,
+        listen_v6,
+        state_dir,
+        records_dir,
+        policies_dir,
+        cgroup,
+        fail_mode: raw_agent.fail_mode,
+        mark,
+        bpf_pin_dir: raw_agent
+            .bpf_pin_dir
+            .unwrap_or_else(|| PathBuf::from("/sys/fs/bpf/phigate")),
+        log_format: raw_agent.log_format,
+    })
+}
+
+/// `[timeouts]`, validated.
+fn timeouts_section(src: &Src<'_>, raw: Option<RawTimeouts>) -> Result<Timeouts, ConfigError> {
+    Ok(match raw {
+        None => Timeouts::default(),
+        Some(t) => {
+            let d = Timeouts::default();
+            let pos = |v: Option<Spanned<u64>>,
+                       key: &str,
+                       unit: fn(u64) -> Duration,
+                       default: Duration|
+             -> Result<Duration, ConfigError> {
+                match v {
+                    None => Ok(default),
+                    Some(v) if *v.get_ref() == 0 => Err(src.err(
+                        Some(v.span()),
+                        Some(format!("timeouts.{key}")),
+                        "must be greater than 0".into(),
+                    )),
+                    Some(v) => Ok(unit(v.into_inner())),
+                }
+            };
+            Timeouts {
+                connect: pos(t.connect_ms, "connect_ms", Duration::from_millis, d.connect)?,
+                tls_handshake: pos(
+                    t.tls_handshake_ms,
+                    "tls_handshake_ms",
+                    Duration::from_millis,
+                    d.tls_handshake,
+                )?,
+                idle: pos(t.idle_secs, "idle_secs", Duration::from_secs, d.idle)?,
+                request: pos(
+                    t.request_secs,
+                    "request_secs",
+                    Duration::from_secs,
+                    d.request,
+                )?,
+                max_connection_lifetime: pos(
+                    t.max_connection_lifetime_secs,
+                    "max_connection_lifetime_secs",
+                    Duration::from_secs,
+                    d.max_connection_lifetime,
+                )?,
+                drain: pos(t.drain_secs, "drain_secs", Duration::from_secs, d.drain)?,
+            }
+        }
+    })
+}
+
+/// `[limits]`, validated.
+fn limits_section(src: &Src<'_>, raw: Option<RawLimits>) -> Result<Limits, ConfigError> {
+    Ok(match raw {
+        None => Limits::default(),
+        Some(l) => {
+            let d = Limits::default();
+            let max_header_bytes = match l.max_header_bytes {
+                None => d.max_header_bytes,
+                Some(v) if !(8192..=1 << 20).contains(v.get_ref()) => {
+                    return Err(src.err(
+                        Some(v.span()),
+                        Some("limits.max_header_bytes".into()),
+                        "must be between 8192 and 1048576".into(),
+                    ))
+                }
+                Some(v) => v.into_inner() as usize,
+            };
+            let max_request_body_bytes = match l.max_request_body_bytes {
+                None => d.max_request_body_bytes,
+                Some(v) if *v.get_ref() == 0 => {
+                    return Err(src.err(
+                        Some(v.span()),
+                        Some("limits.max_request_body_bytes".into()),
+                        "must be greater than 0".into(),
+                    ))
+                }
+                Some(v) => v.into_inner(),
+            };
+            Limits {
+                max_header_bytes,
+                max_request_body_bytes,
+            }
+        }
+    })
+}
+
+/// `[masking]`, validated.
+fn masking_section(src: &Src<'_>, raw: Option<RawMasking>) -> Result<MaskingSection, ConfigError> {
+    Ok(match raw {
+        None => MaskingSection::default(),
+        Some(m) => {
+            let d = MaskingSection::default();
+            MaskingSection {
+                buffer_bytes: match m.buffer_bytes {
+                    None => d.buffer_bytes,
+                    Some(v) if !(1024..=1 << 30).contains(v.get_ref()) => {
+                        return Err(src.err(
+                            Some(v.span()),
+                            Some("masking.buffer_bytes".into()),
+                            "must be between 1024 and 1073741824".into(),
+                        ))
+                    }
+                    Some(v) => v.into_inner() as usize,
+                },
+                record_body_bytes: m
+                    .record_body_bytes
+                    .map_or(d.record_body_bytes, |v| v as usize),
+                mask_requests: m.mask_requests.unwrap_or(d.mask_requests),
+            }
+        }
+    })
+}
+
+/// `[records]`, validated.
+fn records_section(src: &Src<'_>, raw: Option<RawRecords>) -> Result<RecordsSection, ConfigError> {
+    Ok(match raw {
+        None => RecordsSection::default(),
+        Some(r) => {
+            let d = RecordsSection::default();
+            let positive = |v: Option<Spanned<u64>>, key: &str, default: u64| match v {
+                None => Ok(default),
+                Some(v) if *v.get_ref() == 0 => Err(src.err(
+                    Some(v.span()),
+                    Some(format!("records.{key}")),
+                    "must be greater than 0".into(),
+                )),
+                Some(v) => Ok(v.into_inner()),
+            };
+            let durability = match r.durability {
+                None => d.durability,
+                Some(v) => match v.get_ref().as_str() {
+                    "strict" => Durability::Strict,
+                    "batched" => Durability::Batched,
+                    other => {
+                        return Err(src.err(
+                            Some(v.span()),
+                            Some("records.durability".into()),
+                            format!("`{other}`: expected \"strict\" or \"batched\""),
+                        ))
+                    }
+                },
+            };
+            let rotate_age = match r.rotate_secs {
+                None => d.rotate_age,
+                Some(v) if !(*v.get_ref() > 0.0 && *v.get_ref() <= 86400.0) => {
+                    return Err(src.err(
+                        Some(v.span()),
+                        Some("records.rotate_secs".into()),
+                        "must be greater than 0 and at most 86400".into(),
+                    ))
+                }
+                Some(v) => Duration::from_secs_f64(v.into_inner()),
+            };
+            let verify_every = match r.verify_secs {
+                None => d.verify_every,
+                Some(v) if *v.get_ref() == 0.0 => None,
+                Some(v) if !(*v.get_ref() > 0.0 && v.get_ref().is_finite()) => {
+                    return Err(src.err(
+                        Some(v.span()),
+                        Some("records.verify_secs".into()),
+                        "must be 0 (never) or a positive number of seconds".into(),
+                    ))
+                }
+                Some(v) => Some(Duration::from_secs_f64(v.into_inner())),
+            };
+            let lower = |v: Vec<String>| v.into_iter().map(|h| h.to_ascii_lowercase()).collect();
+            RecordsSection {
+                durability,
+                batch_window: Duration::from_millis(positive(
+                    r.batch_window_ms,
+                    "batch_window_ms",
+                    d.batch_window.as_millis() as u64,
+                )?),
+                rotate_rows: positive(r.rotate_rows, "rotate_rows", d.rotate_rows as u64)? as usize,
+                rotate_bytes: (positive(r.rotate_mb, "rotate_mb", (d.rotate_bytes >> 20) as u64)?
+                    << 20) as usize,
+                rotate_age,
+                row_group_rows: positive(
+                    r.row_group_rows,
+                    "row_group_rows",
+                    d.row_group_rows as u64,
+                )? as usize,
+                retention_days: r.retention_days.unwrap_or(d.retention_days),
+                verify_every,
+                patient_path_segments: r.patient_path_segments.unwrap_or(d.patient_path_segments),
+                patient_query_params: r.patient_query_params.unwrap_or(d.patient_query_params),
+                headers: r.headers.map(lower).unwrap_or(d.headers),
+            }
+        }
+    })
+}
+
+/// `[tls]`, validated.
+fn tls_section(src: &Src<'_>, raw: Option<Spanned<RawTls>>) -> Result<TlsSection, ConfigError> {
+    Ok(match raw {
+        None => TlsSection {
+            ca: None,
+            leaf_cache_size: 4096,
+        },
+        Some(t) => {
+            let span = t.span();
+            let t = t.into_inner();
+            let ca = match (t.ca_cert, t.ca_key) {
+                (Some(c), Some(k)) => Some((src.resolve(c), src.resolve(k))),
+                (None, None) => None,
+                _ => {
+                    return Err(src.err(
+                        Some(span),
+                        Some("tls.ca_cert/tls.ca_key".into()),
+                        "give both the CA certificate and its key, or neither (phigate then creates its own CA in state_dir)".into(),
+                    ))
+                }
+            };
+            TlsSection {
+                ca,
+                leaf_cache_size: t.leaf_cache_size.unwrap_or(4096).max(16),
+            }
+        }
+    })
+}
+
+/// `[policy]`, validated.
+fn policy_section(src: &Src<'_>, raw: Option<RawPolicy>) -> Result<PolicySection, ConfigError> {
+    Ok(match raw {
+        None => PolicySection::default(),
+        Some(p) => {
+            let timezone = match p.timezone {
+                None => "UTC".to_owned(),
+                Some(tz) => {
+                    if jiff::tz::TimeZone::get(tz.get_ref()).is_err() {
+                        return Err(src.err(
+                            Some(tz.span()),
+                            Some("policy.timezone".into()),
+                            format!("`{}` is not a time zone of this host's tz database (use e.g. \"UTC\" or \"America/New_York\")", tz.get_ref()),
+                        ));
+                    }
+                    tz.into_inner()
+                }
+            };
+            PolicySection {
+                timezone,
+                headers: p
+                    .headers
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
+            }
+        }
+    })
+}
+
+/// `[[oidc.issuers]]`, validated.
+fn oidc_section(src: &Src<'_>, raw: Option<RawOidc>) -> Result<OidcSection, ConfigError> {
+    let mut oidc = OidcSection::default();
+    for (i, raw_issuer) in raw
+        .map(|o| o.issuers)
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+    {
+        let r = raw_issuer.into_inner();
+        let key = |k: &str| Some(format!("oidc.issuers[{i}].{k}"));
+        let issuer = r.issuer.get_ref().clone();
+        let is_https = issuer.starts_with("https://");
+        if !is_https || issuer.len() <= "https://".len() {
+            return Err(src.err(
+                Some(r.issuer.span()),
+                key("issuer"),
+                format!("`{issuer}` must be an https:// URL (tokens and keys come from it)"),
+            ));
+        }
+        if oidc.issuers.iter().any(|x: &OidcIssuer| x.issuer == issuer) {
+            return Err(src.err(
+                Some(r.issuer.span()),
+                key("issuer"),
+                format!("`{issuer}` is configured twice"),
+            ));
+        }
+        if r.audiences.get_ref().is_empty() {
+            return Err(src.err(
+                Some(r.audiences.span()),
+                key("audiences"),
+                "at least one audience is required (a token for another service must not be accepted here)".into(),
+            ));
+        }
+        let algorithms = match r.algorithms {
+            None => ["RS256", "ES256", "EdDSA"].map(String::from).to_vec(),
+            Some(a) => {
+                if a.get_ref().is_empty() {
+                    return Err(src.err(
+                        Some(a.span()),
+                        key("algorithms"),
+                        "must list at least one algorithm".into(),
+                    ));
+                }
+                for alg in a.get_ref() {
+                    if !OIDC_ALGORITHMS.contains(&alg.as_str()) {
+                        return Err(src.err(
+                            Some(a.span()),
+                            key("algorithms"),
+                            format!("`{alg}` is not allowed; use one of {} (HMAC and `none` are never accepted)", OIDC_ALGORITHMS.join(", ")),
+                        ));
+                    }
+                }
+                a.into_inner()
+            }
+        };
+        let clock_skew = match r.clock_skew_secs {
+            None => Duration::from_secs(60),
+            Some(v) if *v.get_ref() > 300 => {
+                return Err(src.err(
+                    Some(v.span()),
+                    key("clock_skew_secs"),
+                    "at most 300 seconds".into(),
+                ))
+            }
+            Some(v) => Duration::from_secs(v.into_inner()),
+        };
+        oidc.issuers.push(OidcIssuer {
+            issuer,
+            audiences: r.audiences.into_inner(),
+            jwks_file: r.jwks_file.map(|p| src.resolve(p)),
+            algorithms,
+            groups_claims: r.groups_claims.unwrap_or_else(|| vec!["groups".into()]),
+            group_map: r.group_map,
+            claims: r.claims,
+            person_claim: r.person_claim.filter(|c| !c.trim().is_empty()),
+            clock_skew,
+            ca_file: r.ca_file.map(|p| src.resolve(p)),
+            jwks_refresh_min: Duration::from_secs(r.jwks_refresh_min_secs.unwrap_or(30)),
+        });
+    }
+    Ok(oidc)
+}
+
+/// `[[destinations]]`, validated: unique names, addresses protected once, never
+/// the agent's own listeners (`listen_v4`, `listen_v6`).
+fn destinations_section(
+    src: &Src<'_>,
+    raw: Vec<Spanned<RawDestination>>,
+    listen_v4: SocketAddr,
+    listen_v6: Option<SocketAddr>,
+) -> Result<Vec<Destination>, ConfigError> {
+    let mut destinations = Vec::with_capacity(raw.len());
+    let mut seen: Vec<(ProtectedAddr, String)> = Vec::new();
+    for (i, d) in raw.into_iter().enumerate() {
+        let dspan = d.span();
+        let d = d.into_inner();
+        let name = d.name.get_ref().trim().to_owned();
+        if name.is_empty() {
+            return Err(src.err(
+                Some(d.name.span()),
+                Some(format!("destinations[{i}].name")),
+                "must not be empty".into(),
+            ));
+        }
+        if destinations.iter().any(|x: &Destination| x.name == name) {
+            return Err(src.err(
+                Some(d.name.span()),
+                Some(format!("destinations[{i}].name")),
+                format!("`{name}` is used by another destination; names must be unique"),
+            ));
+        }
+        if d.addresses.get_ref().is_empty() {
+            return Err(src.err(
+                Some(d.addresses.span()),
+                Some(format!("destinations[{i}].addresses")),
+                "at least one ADDRESS[/PREFIX]:PORT is required".into(),
+            ));
+        }
+        let mut addresses = Vec::new();
+        for (j, a) in d.addresses.into_inner().into_iter().enumerate() {
+            let key = format!("destinations[{i}].addresses[{j}]");
+            let pa = ProtectedAddr::parse(a.get_ref())
+                .map_err(|m| src.err(Some(a.span()), Some(key.clone()), m))?;
+            if let Some((_, other)) = seen.iter().find(|(s, _)| *s == pa) {
+                return Err(src.err(
+                    Some(a.span()),
+                    Some(key),
+                    format!("{pa} is already protected by destination `{other}`"),
+                ));
+            }
+            if let Some(reason) = ipv6_problem(&pa, listen_v6.is_some()) {
+                return Err(src.err(Some(a.span()), Some(key), reason));
+            }
+            if pa.contains(listen_v4) || listen_v6.is_some_and(|l| pa.contains(l)) {
+                return Err(src.err(
+                    Some(a.span()),
+                    Some(key),
+                    format!("{pa} covers the agent's own listener; that would redirect the agent to itself"),
+                ));
+            }
+            seen.push((pa.clone(), name.clone()));
+            addresses.push(pa);
+        }
+        let alpn = match d.alpn {
+            None => vec!["h2".to_owned(), "http/1.1".to_owned()],
+            Some(a) => {
+                for p in a.get_ref() {
+                    if p != "h2" && p != "http/1.1" {
+                        return Err(src.err(
+                            Some(a.span()),
+                            Some(format!("destinations[{i}].alpn")),
+                            format!("`{p}` is not a supported ALPN protocol (use \"h2\" and/or \"http/1.1\")"),
+                        ));
+                    }
+                }
+                if a.get_ref().is_empty() {
+                    return Err(src.err(
+                        Some(a.span()),
+                        Some(format!("destinations[{i}].alpn")),
+                        "must list at least one protocol".into(),
+                    ));
+                }
+                a.into_inner()
+            }
+        };
+        if d.protocol == Protocol::Tcp && !d.passthrough_hosts.is_empty() {
+            return Err(src.err(
+                Some(dspan),
+                Some(format!("destinations[{i}].passthrough_hosts")),
+                "only meaningful for protocol = \"https\" (a tcp destination is never intercepted)"
+                    .into(),
+            ));
+        }
+        let hosts = hosts_of(src, i, d.protocol, d.hosts)?;
+        let upstream_ca = d.upstream_ca.map(|p| src.resolve(p));
+        destinations.push(Destination {
+            name,
+            addresses,
+            protocol: d.protocol,
+            upstream_ca,
+            passthrough_hosts: d
+                .passthrough_hosts
+                .into_iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+            hosts,
+            alpn,
+            mask_profile: match d.mask_profile {
+                None => None,
+                Some(p) if d.protocol == Protocol::Tcp => {
+                    return Err(src.err(
+                        Some(p.span()),
+                        Some(format!("destinations[{i}].mask_profile")),
+                        "a tcp destination's bytes are not inspected, so they cannot be masked"
+                            .into(),
+                    ))
+                }
+                Some(p) => Some(p.into_inner()),
+            },
+        });
+    }
+    Ok(destinations)
+}
+
+/// A destination's `hosts`: host names (or `*.` and a name), lower case; none: any.
+fn hosts_of(
+    src: &Src<'_>,
+    i: usize,
+    protocol: Protocol,
+    hosts: Option<Spanned<Vec<String>>>,
+) -> Result<Arc<[String]>, ConfigError> {
+    Ok(match hosts {
+        None => Arc::from([]),
+        Some(h) => {
+            let span = h.span();
+            let field = format!("destinations[{i}].hosts");
+            if protocol == Protocol::Tcp {
+                return Err(src.err(
+                    Some(span),
+                    Some(field),
+                    "only meaningful for HTTP destinations (a tcp destination has no Host)".into(),
+                ));
+            }
+            let mut names = Vec::new();
+            for name in h.into_inner() {
+                let name = name.to_ascii_lowercase();
+                let bare = name.strip_prefix("*.").unwrap_or(&name);
+                if bare.is_empty()
+                    || bare.contains('*')
+                    || http::uri::Authority::try_from(bare)
+                        .map_or(true, |a| a.port().is_some() || a.host() != bare)
+                {
+                    return Err(src.err(
+                        Some(span.clone()),
+                        Some(field),
+                        format!("`{name}` is not a host name (a name, or `*.` and a name)"),
+                    ));
+                }
+                names.push(name);
+            }
+            if names.is_empty() {
+                return Err(src.err(
+                    Some(span),
+                    Some(field),
+                    "must list at least one name (leave it out to serve any)".into(),
+                ));
+            }
+            names.into()
+        }
+    })
+}
+
+/// `[admin]`, validated.
+fn admin_section(src: &Src<'_>, raw: Option<RawAdmin>) -> Result<AdminSection, ConfigError> {
+    let raw_admin = raw.unwrap_or_default();
+    let console_listen = match &raw_admin.console_listen {
+        None => None,
+        Some(v) => Some(v.get_ref().parse::<SocketAddr>().map_err(|e| {
+            src.err(
+                Some(v.span()),
+                Some("admin.console_listen".into()),
+                format!("`{}`: {e} (expected ADDRESS:PORT)", v.get_ref()),
+            )
+        })?),
+    };
+    let metrics_listen = match &raw_admin.metrics_listen {
+        None => None,
+        Some(v) => Some(v.get_ref().parse::<SocketAddr>().map_err(|e| {
+            src.err(
+                Some(v.span()),
+                Some("admin.metrics_listen".into()),
+                format!("`{}`: {e} (expected ADDRESS:PORT)", v.get_ref()),
+            )
+        })?),
+    };
+    if console_listen.is_some() && raw_admin.console_accounts.is_none() {
+        return Err(src.err(
+            raw_admin.console_listen.as_ref().map(|v| v.span()),
+            Some("admin.console_accounts".into()),
+            "the console needs an accounts file (console_accounts)".into(),
+        ));
+    }
+    let console_url = raw_admin.console_url.or_else(|| {
+        console_listen.map(|a| {
+            let host = raw_admin
+                .console_name
+                .clone()
+                .unwrap_or_else(|| match a.ip() {
+                    IpAddr::V6(ip) => format!("[{ip}]"),
+                    ip => ip.to_string(),
+                });
+            format!("https://{host}:{}", a.port())
+        })
+    });
+    Ok(AdminSection {
+        socket: raw_admin
+            .socket
+            .map(|p| src.resolve(p))
+            .unwrap_or_else(|| PathBuf::from("/run/phigate/admin.sock")),
+        socket_group: raw_admin.socket_group,
+        console_url,
+        console_listen,
+        console_name: raw_admin.console_name,
+        console_accounts: raw_admin.console_accounts.map(|p| src.resolve(p)),
+        metrics_listen,
+    })
 }
 
 #[cfg(test)]

@@ -43,7 +43,6 @@ const LONG_FUNCTIONS: &[(&str, usize)] = &[
     ("agent/src/app.rs:run", 189),
     ("agent/src/approval/rules.rs:parse", 192),
     ("agent/src/cli.rs:run", 165),
-    ("agent/src/config.rs:parse", 674),
     ("agent/src/pipeline/mod.rs:masked_response", 157),
     ("agent/src/policy/explain.rs:run", 154),
     ("agent/src/policy/mod.rs:from_texts", 223),
