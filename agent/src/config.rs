@@ -587,18 +587,8 @@ impl Config {
 
     /// Parses and validates config text; `path` is used for errors and relative paths.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let src = Src { path, text };
-        let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            // toml's message is multi-line with a source excerpt; keep its first line.
-            let message = e
-                .message()
-                .lines()
-                .next()
-                .unwrap_or("invalid TOML")
-                .to_owned();
-            src.err(e.span(), None, message)
-        })?;
-
+        let src = TomlSource::new(path, text);
+        let raw: RawConfig = src.parse()?;
         let agent = agent_section(&src, raw.agent)?;
         let timeouts = timeouts_section(&src, raw.timeouts)?;
         let limits = limits_section(&src, raw.limits)?;
@@ -679,14 +669,33 @@ pub(crate) fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// A config file being read: errors name its path and the line of a span.
-struct Src<'a> {
+/// A TOML file being read (the config, approvals.toml, console accounts): every
+/// error names its path, the line of the span and the key, the same way.
+pub(crate) struct TomlSource<'a> {
     path: &'a Path,
     text: &'a str,
 }
 
-impl Src<'_> {
-    fn err(
+impl<'a> TomlSource<'a> {
+    pub(crate) fn new(path: &'a Path, text: &'a str) -> TomlSource<'a> {
+        TomlSource { path, text }
+    }
+
+    /// The file as `T`; a TOML error keeps the first line of its message and its line.
+    pub(crate) fn parse<T: serde::de::DeserializeOwned>(&self) -> Result<T, ConfigError> {
+        toml::from_str(self.text).map_err(|e| {
+            // toml's message is multi-line with a source excerpt; keep its first line.
+            let message = e
+                .message()
+                .lines()
+                .next()
+                .unwrap_or("invalid TOML")
+                .to_owned();
+            self.err(e.span(), None, message)
+        })
+    }
+
+    pub(crate) fn err(
         &self,
         span: Option<std::ops::Range<usize>>,
         key: Option<String>,
@@ -701,7 +710,7 @@ impl Src<'_> {
     }
 
     /// A path of the file, relative to the file's own directory.
-    fn resolve(&self, p: PathBuf) -> PathBuf {
+    pub(crate) fn resolve(&self, p: PathBuf) -> PathBuf {
         if p.is_absolute() {
             p
         } else {
@@ -713,7 +722,7 @@ impl Src<'_> {
 /// `[agent]`, validated: loopback listeners on fixed ports, absolute cgroup, a
 /// non-zero mark.
 fn agent_section(
-    src: &Src<'_>,
+    src: &TomlSource<'_>,
     raw: Option<Spanned<RawAgent>>,
 ) -> Result<AgentSection, ConfigError> {
     let raw_agent = raw.map(Spanned::into_inner).unwrap_or_default();
@@ -837,7 +846,10 @@ fn agent_section(
 }
 
 /// `[timeouts]`, validated.
-fn timeouts_section(src: &Src<'_>, raw: Option<RawTimeouts>) -> Result<Timeouts, ConfigError> {
+fn timeouts_section(
+    src: &TomlSource<'_>,
+    raw: Option<RawTimeouts>,
+) -> Result<Timeouts, ConfigError> {
     Ok(match raw {
         None => Timeouts::default(),
         Some(t) => {
@@ -885,7 +897,7 @@ fn timeouts_section(src: &Src<'_>, raw: Option<RawTimeouts>) -> Result<Timeouts,
 }
 
 /// `[limits]`, validated.
-fn limits_section(src: &Src<'_>, raw: Option<RawLimits>) -> Result<Limits, ConfigError> {
+fn limits_section(src: &TomlSource<'_>, raw: Option<RawLimits>) -> Result<Limits, ConfigError> {
     Ok(match raw {
         None => Limits::default(),
         Some(l) => {
@@ -921,7 +933,10 @@ fn limits_section(src: &Src<'_>, raw: Option<RawLimits>) -> Result<Limits, Confi
 }
 
 /// `[masking]`, validated.
-fn masking_section(src: &Src<'_>, raw: Option<RawMasking>) -> Result<MaskingSection, ConfigError> {
+fn masking_section(
+    src: &TomlSource<'_>,
+    raw: Option<RawMasking>,
+) -> Result<MaskingSection, ConfigError> {
     Ok(match raw {
         None => MaskingSection::default(),
         Some(m) => {
@@ -948,7 +963,10 @@ fn masking_section(src: &Src<'_>, raw: Option<RawMasking>) -> Result<MaskingSect
 }
 
 /// `[records]`, validated.
-fn records_section(src: &Src<'_>, raw: Option<RawRecords>) -> Result<RecordsSection, ConfigError> {
+fn records_section(
+    src: &TomlSource<'_>,
+    raw: Option<RawRecords>,
+) -> Result<RecordsSection, ConfigError> {
     Ok(match raw {
         None => RecordsSection::default(),
         Some(r) => {
@@ -1027,7 +1045,10 @@ fn records_section(src: &Src<'_>, raw: Option<RawRecords>) -> Result<RecordsSect
 }
 
 /// `[tls]`, validated.
-fn tls_section(src: &Src<'_>, raw: Option<Spanned<RawTls>>) -> Result<TlsSection, ConfigError> {
+fn tls_section(
+    src: &TomlSource<'_>,
+    raw: Option<Spanned<RawTls>>,
+) -> Result<TlsSection, ConfigError> {
     Ok(match raw {
         None => TlsSection {
             ca: None,
@@ -1056,7 +1077,10 @@ fn tls_section(src: &Src<'_>, raw: Option<Spanned<RawTls>>) -> Result<TlsSection
 }
 
 /// `[policy]`, validated.
-fn policy_section(src: &Src<'_>, raw: Option<RawPolicy>) -> Result<PolicySection, ConfigError> {
+fn policy_section(
+    src: &TomlSource<'_>,
+    raw: Option<RawPolicy>,
+) -> Result<PolicySection, ConfigError> {
     Ok(match raw {
         None => PolicySection::default(),
         Some(p) => {
@@ -1087,7 +1111,7 @@ fn policy_section(src: &Src<'_>, raw: Option<RawPolicy>) -> Result<PolicySection
 }
 
 /// `[[oidc.issuers]]`, validated.
-fn oidc_section(src: &Src<'_>, raw: Option<RawOidc>) -> Result<OidcSection, ConfigError> {
+fn oidc_section(src: &TomlSource<'_>, raw: Option<RawOidc>) -> Result<OidcSection, ConfigError> {
     let mut oidc = OidcSection::default();
     for (i, raw_issuer) in raw
         .map(|o| o.issuers)
@@ -1173,7 +1197,7 @@ fn oidc_section(src: &Src<'_>, raw: Option<RawOidc>) -> Result<OidcSection, Conf
 /// `[[destinations]]`, validated: unique names, addresses protected once, never
 /// the agent's own listeners (`listen_v4`, `listen_v6`).
 fn destinations_section(
-    src: &Src<'_>,
+    src: &TomlSource<'_>,
     raw: Vec<Spanned<RawDestination>>,
     listen_v4: SocketAddr,
     listen_v6: Option<SocketAddr>,
@@ -1293,7 +1317,7 @@ fn destinations_section(
 
 /// A destination's `hosts`: host names (or `*.` and a name), lower case; none: any.
 fn hosts_of(
-    src: &Src<'_>,
+    src: &TomlSource<'_>,
     i: usize,
     protocol: Protocol,
     hosts: Option<Spanned<Vec<String>>>,
@@ -1340,7 +1364,7 @@ fn hosts_of(
 }
 
 /// `[admin]`, validated.
-fn admin_section(src: &Src<'_>, raw: Option<RawAdmin>) -> Result<AdminSection, ConfigError> {
+fn admin_section(src: &TomlSource<'_>, raw: Option<RawAdmin>) -> Result<AdminSection, ConfigError> {
     let raw_admin = raw.unwrap_or_default();
     let console_listen = match &raw_admin.console_listen {
         None => None,

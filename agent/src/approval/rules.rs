@@ -2,14 +2,14 @@
 //! wait. They live in `<policies_dir>/approvals.toml`; a policy's obligation names one.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
 
 use super::people::{People, Person};
-use crate::config::{line_of, ConfigError};
+use crate::config::{ConfigError, TomlSource};
 
 pub const RULES_FILE: &str = "approvals.toml";
 
@@ -113,19 +113,11 @@ impl RuleSet {
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<RuleSet, ConfigError> {
-        let err =
-            |span: Option<std::ops::Range<usize>>, key: String, message: String| ConfigError {
-                file: PathBuf::from(path),
-                line: span.map(|s| line_of(text, s.start)),
-                key: Some(key),
-                message,
-            };
-        let raw: RawFile = toml::from_str(text).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            line: e.span().map(|s| line_of(text, s.start)),
-            key: None,
-            message: e.message().to_owned(),
-        })?;
+        let src = TomlSource::new(path, text);
+        let err = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
+            src.err(span, Some(key), message)
+        };
+        let raw: RawFile = src.parse()?;
         let mut rules = BTreeMap::new();
         for (i, r) in raw.rule.into_iter().enumerate() {
             let r = r.into_inner();

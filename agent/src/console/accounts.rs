@@ -17,7 +17,7 @@ use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, Salt
 use argon2::Argon2;
 use serde::Deserialize;
 
-use crate::config::{line_of, ConfigError};
+use crate::config::{ConfigError, TomlSource};
 
 #[derive(Clone, Default)]
 pub struct Accounts {
@@ -67,26 +67,21 @@ impl Accounts {
         }
         let text = std::fs::read_to_string(path)
             .map_err(|x| e(None, None, format!("cannot read: {x}")))?;
-        let raw: RawFile = toml::from_str(&text).map_err(|x| {
-            e(
-                x.span().map(|s| line_of(&text, s.start)),
-                None,
-                x.message().to_owned(),
-            )
-        })?;
+        let src = TomlSource::new(path, &text);
+        let raw: RawFile = src.parse()?;
         let mut by_name = HashMap::new();
         for (i, a) in raw.account.into_iter().enumerate() {
             let name = a.name.get_ref().clone();
             if name.trim().is_empty() || by_name.contains_key(&name) {
-                return Err(e(
-                    Some(line_of(&text, a.name.span().start)),
+                return Err(src.err(
+                    Some(a.name.span()),
                     Some(format!("account[{i}].name")),
                     "empty or defined twice".into(),
                 ));
             }
             if PasswordHash::new(a.password.get_ref()).is_err() {
-                return Err(e(
-                    Some(line_of(&text, a.password.span().start)),
+                return Err(src.err(
+                    Some(a.password.span()),
                     Some(format!("account[{i}].password")),
                     "not a password hash (make one with `phigate console hash-password`)".into(),
                 ));

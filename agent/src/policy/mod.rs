@@ -30,6 +30,7 @@ use cedar_policy::{
 };
 use sha2::{Digest, Sha256};
 
+use crate::config::line_of;
 use crate::identity::token::{TokenError, TokenIdentity};
 use crate::identity::Workload;
 
@@ -326,14 +327,6 @@ fn uid(t: &str, id: &str) -> EntityUid {
 
 fn s(v: &str) -> RestrictedExpression {
     RestrictedExpression::new_string(v.to_owned())
-}
-
-fn line_of(text: &str, offset: usize) -> usize {
-    text[..offset.min(text.len())]
-        .bytes()
-        .filter(|b| *b == b'\n')
-        .count()
-        + 1
 }
 
 /// The first labelled offset of a Cedar diagnostic, and its message with help.
