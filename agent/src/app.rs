@@ -410,12 +410,7 @@ pub fn open_store(
     metrics: Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<(RecordStore, crate::record::store::Replay)> {
     let r = &config.records;
-    let durability = match r.durability {
-        crate::config::Durability::Strict => crate::record::journal::Durability::Strict,
-        crate::config::Durability::Batched => crate::record::journal::Durability::Batched {
-            window: r.batch_window,
-        },
-    };
+    let durability = r.durability;
     RecordStore::open(
         StoreConfig {
             records_dir: config.agent.records_dir.clone(),

@@ -322,10 +322,8 @@ impl Default for MaskingSection {
 /// How records are kept: durability, files, retention, and what they hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordsSection {
-    /// `strict`: a response is released only once its record is fsynced in the
-    /// journal. `batched`: records are fsynced at least every `batch_window`.
+    /// `strict`, or `batched` with its window (`batch_window_ms`).
     pub durability: Durability,
-    pub batch_window: Duration,
     /// A Parquet file is closed at this many rows, megabytes of records, or age.
     pub rotate_rows: usize,
     pub rotate_bytes: usize,
@@ -345,17 +343,22 @@ pub struct RecordsSection {
     pub headers: Vec<String>,
 }
 
+/// When a record counts as durable (the journal's rule, set by `[records]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Durability {
+    /// Acknowledged after fsync: a response is released only once its record is on disk.
     Strict,
-    Batched,
+    /// Acknowledged when queued; fsync at least every `window`.
+    Batched { window: Duration },
 }
+
+/// The fsync window of `batched` durability unless `batch_window_ms` says otherwise.
+const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(200);
 
 impl Default for RecordsSection {
     fn default() -> Self {
         RecordsSection {
             durability: Durability::Strict,
-            batch_window: Duration::from_millis(200),
             rotate_rows: 100_000,
             rotate_bytes: 64 << 20,
             rotate_age: Duration::from_secs(60),
@@ -980,11 +983,17 @@ fn records_section(
                 )),
                 Some(v) => Ok(v.into_inner()),
             };
+            // Checked whatever the durability, so a bad value never waits for a switch.
+            let window = Duration::from_millis(positive(
+                r.batch_window_ms,
+                "batch_window_ms",
+                DEFAULT_BATCH_WINDOW.as_millis() as u64,
+            )?);
             let durability = match r.durability {
                 None => d.durability,
                 Some(v) => match v.get_ref().as_str() {
                     "strict" => Durability::Strict,
-                    "batched" => Durability::Batched,
+                    "batched" => Durability::Batched { window },
                     other => {
                         return Err(src.err(
                             Some(v.span()),
@@ -1020,11 +1029,6 @@ fn records_section(
             let lower = |v: Vec<String>| v.into_iter().map(|h| h.to_ascii_lowercase()).collect();
             RecordsSection {
                 durability,
-                batch_window: Duration::from_millis(positive(
-                    r.batch_window_ms,
-                    "batch_window_ms",
-                    d.batch_window.as_millis() as u64,
-                )?),
                 rotate_rows: positive(r.rotate_rows, "rotate_rows", d.rotate_rows as u64)? as usize,
                 rotate_bytes: (positive(r.rotate_mb, "rotate_mb", (d.rotate_bytes >> 20) as u64)?
                     << 20) as usize,

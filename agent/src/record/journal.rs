@@ -160,14 +160,7 @@ pub fn read_all(dir: &Path) -> std::io::Result<(Vec<Entry>, Vec<TornSegment>)> {
     Ok((all, tails))
 }
 
-/// When a record counts as durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Durability {
-    /// Acknowledged after fsync: a response is released only once its record is on disk.
-    Strict,
-    /// Acknowledged when queued; fsync at least every `window`.
-    Batched { window: Duration },
-}
+pub use crate::config::Durability;
 
 /// A record on its way into the journal.
 pub struct Submission {
