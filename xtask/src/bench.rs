@@ -233,7 +233,12 @@ impl Rig {
     /// uses the build that step made.
     fn start(build: bool) -> anyhow::Result<Rig> {
         if build {
-            cargo(&["build", "--release", "-p", "phigate"], &[])?;
+            // The same feature resolution as `cargo xtask test`'s build, so the two
+            // share one build of the agent instead of rebuilding its dependencies.
+            cargo(
+                &["build", "--release", "-p", "phigate", "-p", "phigate-e2e"],
+                &[],
+            )?;
         }
         let bin = root_dir().join("target/release/phigate");
         let dir = std::env::temp_dir().join(format!("phigate-bench-{}", std::process::id()));
