@@ -566,11 +566,7 @@ fn approvals(
                 a.summary.method,
                 a.summary.destination,
                 a.summary.path,
-                if a.requester_person.is_empty() {
-                    a.requester.principal.clone()
-                } else {
-                    format!("{} ({})", a.requester_person, a.requester.principal)
-                },
+                a.requester_label(),
                 a.approvals.len(),
                 a.quorum
             );

@@ -315,7 +315,17 @@ impl Jit {
             ..self.w.inside()
         };
         let url = format!("https://{UP}{path}");
-        let mut argv = vec![
+        let mut argv = self.curl_argv();
+        argv.extend_from_slice(extra);
+        argv.push(&url);
+        let out = output(place, &argv);
+        assert!(out.status.success(), "curl {path}: {}", stderr(&out));
+        parse_response(&stdout(&out))
+    }
+
+    /// curl trusting the agent's CA, response head on stdout.
+    fn curl_argv(&self) -> Vec<&str> {
+        vec![
             "curl",
             "-sS",
             "--max-time",
@@ -324,12 +334,7 @@ impl Jit {
             self.ca.to_str().unwrap(),
             "-D",
             "-",
-        ];
-        argv.extend_from_slice(extra);
-        argv.push(&url);
-        let out = output(place, &argv);
-        assert!(out.status.success(), "curl {path}: {}", stderr(&out));
-        parse_response(&stdout(&out))
+        ]
     }
 
     fn curl_background(&self, path: &str, tag: &str) -> (Background, PathBuf) {
@@ -340,18 +345,8 @@ impl Jit {
     fn curl_background_with(&self, path: &str, tag: &str, extra: &[&str]) -> (Background, PathBuf) {
         let out = self.w.path(&format!("{tag}.out"));
         let url = format!("https://{UP}{path}");
-        let mut argv = vec![
-            "curl",
-            "-sS",
-            "--max-time",
-            "60",
-            "--cacert",
-            self.ca.to_str().unwrap(),
-            "-D",
-            "-",
-            "-o",
-            out.to_str().unwrap(),
-        ];
+        let mut argv = self.curl_argv();
+        argv.extend(["-o", out.to_str().unwrap()]);
         argv.extend_from_slice(extra);
         argv.push(&url);
         let bg = Background::spawn(self.w.inside(), &argv, self.w.path(&format!("{tag}.log")));

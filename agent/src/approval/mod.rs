@@ -217,6 +217,21 @@ pub struct Approval {
     pub uses_left: u32,
 }
 
+impl Approval {
+    /// The requester as reviewers read it (console and CLI): the person, and the
+    /// principal they asked as.
+    pub fn requester_label(&self) -> String {
+        if self.requester_person.is_empty() || self.requester_person == self.requester.principal {
+            self.requester.principal.clone()
+        } else {
+            format!(
+                "{} (as {})",
+                self.requester_person, self.requester.principal
+            )
+        }
+    }
+}
+
 /// A reviewer, as the admin socket (peer credentials) or the console (login) knows them.
 #[derive(Debug, Clone)]
 pub struct Reviewer {

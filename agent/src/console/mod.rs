@@ -477,7 +477,7 @@ fn list_page(open: &[Approval]) -> String {
                 r#"<tr><td>{t}</td><td>{rule}</td><td>{who}</td><td><code>{m} {d} {p}</code></td><td>{n} of {q}</td><td><a class="open" href="/approvals/{id}">review</a></td></tr>"#,
                 t = time_of(a.created_us),
                 rule = esc(&a.rule),
-                who = esc(&requester(a)),
+                who = esc(&a.requester_label()),
                 m = esc(&a.summary.method),
                 d = esc(&a.summary.destination),
                 p = esc(&a.summary.path),
@@ -577,7 +577,7 @@ fn detail_page(a: &Approval, csrf: &str, error: Option<&str>) -> String {
         rule = esc(&a.rule),
         q = a.quorum,
         groups = esc(&a.reviewers.join(", ")),
-        who = esc(&requester(a)),
+        who = esc(&a.requester_label()),
         wl = esc(&a.summary.workload),
         m = esc(&a.summary.method),
         d = esc(&a.summary.destination),
@@ -641,15 +641,6 @@ fn not_found() -> Response<Full<Bytes>> {
 
 fn bad_request(why: &str) -> Response<Full<Bytes>> {
     plain(StatusCode::BAD_REQUEST, why)
-}
-
-/// The requester as reviewers read it: the person, and the principal they asked as.
-fn requester(a: &Approval) -> String {
-    if a.requester_person.is_empty() || a.requester_person == a.requester.principal {
-        a.requester.principal.clone()
-    } else {
-        format!("{} (as {})", a.requester_person, a.requester.principal)
-    }
 }
 
 #[cfg(test)]
