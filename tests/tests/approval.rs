@@ -1278,11 +1278,12 @@ oidc = ["dana@hospital.test"]
         "the upstream answered"
     );
     let approved: Vec<(Value, Value)> =
-        j.w.records("approvals")
-            .into_iter()
-            .filter(|r| r["approval_id"] == theirs.as_str() && r["state"] == "approved")
-            .map(|r| (r["reviewer"].clone(), r["reviewer_person"].clone()))
-            .collect();
+        j.w.wait_rows("approvals", 2, "approving their request", |r| {
+            r["approval_id"] == theirs.as_str() && r["state"] == "approved"
+        })
+        .into_iter()
+        .map(|r| (r["reviewer"].clone(), r["reviewer_person"].clone()))
+        .collect();
     assert_eq!(
         approved,
         [
@@ -1306,7 +1307,9 @@ oidc = ["dana@hospital.test"]
     let refused = j.request_record(body["request_id"].as_str().unwrap());
     assert_eq!(refused["status"], 429);
     assert_eq!(refused["outcome"], "refused");
-    // Dana's own request is hers, not nobody's: it did not count.
+    // Dana's own request is hers, not nobody's: it did not count. The rows are
+    // written after the answers, so wait for them; then no fifth may exist.
+    j.w.wait_rows("approvals", 4, "requested", |r| r["state"] == "requested");
     assert_eq!(
         j.w.records("approvals")
             .iter()
