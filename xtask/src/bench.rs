@@ -257,7 +257,12 @@ impl Rig {
                     .stdout(Stdio::null())
                     .status();
                 let _ = std::fs::remove_dir(&cgroup);
-                let _ = std::fs::remove_dir_all(&dir);
+                // PHIGATE_BENCH_KEEP=1 keeps the logs, config and records to look at.
+                if std::env::var_os("PHIGATE_BENCH_KEEP").is_none() {
+                    let _ = std::fs::remove_dir_all(&dir);
+                } else {
+                    eprintln!("kept {}", dir.display());
+                }
             }));
         }
         make_pki(
@@ -310,7 +315,10 @@ upstream_ca = "{d}/upstream-ca.pem"
         let phigate = Command::new(&bin)
             .args(["run", "--config"])
             .arg(dir.join("phigate.toml"))
-            .env("PHIGATE_LOG", "warn")
+            .env(
+                "PHIGATE_LOG",
+                std::env::var("PHIGATE_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stderr(log)
             .spawn()?;
         let rig = Rig {
@@ -567,11 +575,14 @@ fn guard(duration: u64) -> anyhow::Result<()> {
         "phigate {:.0} req/s, nginx {:.0} req/s: {ratio:.2}x (floor {GUARD_FLOOR:.2}x)",
         p.rps, n.rps
     );
-    let (_, ok) = rig.stop_and_count_rows()?;
+    let (all, ok) = rig.stop_and_count_rows()?;
     let answered = |f: &Figures| f.requests - f.errors.min(f.requests);
     let through = answered(&warm) + answered(&p);
-    println!("phigate recorded {ok} answered requests; wrk counted {through} through it");
-    check_rows(ok, through, 2 * u64::from(CONNECTIONS))?;
+    println!("phigate recorded {all} requests ({ok} answered 200); wrk counted {through} answered through it");
+    if let Err(e) = check_rows(ok, through, 2 * u64::from(CONNECTIONS)) {
+        rig.log_tails();
+        return Err(e);
+    }
     if ratio < GUARD_FLOOR {
         bail!("phigate/nginx throughput fell to {ratio:.2}x, below the committed floor {GUARD_FLOOR:.2}x (xtask/src/bench.rs)");
     }

@@ -233,8 +233,10 @@ pub struct PolicySource {
 pub struct PolicySet {
     policies: cedar_policy::PolicySet,
     schema: Schema,
-    /// The schema's action entities (the `read`/`write` groups live here).
-    actions: Entities,
+    /// Per action, its entity and its groups' (`read`/`write`) from the schema: all a
+    /// request's `action in ...` needs. Cloning these few per request, rather than
+    /// the schema's whole action store, keeps the closure Cedar recomputes small.
+    action_entities: HashMap<String, Vec<Entity>>,
     action_names: HashSet<String>,
     obligations: HashMap<String, Obligations>,
     sources: BTreeMap<String, PolicySource>,
@@ -566,11 +568,26 @@ impl PolicySet {
                 (a.clone(), groups)
             })
             .collect();
+        let action_entities = action_names
+            .iter()
+            .map(|a| {
+                let me = uid("Action", a);
+                let groups: Vec<EntityUid> = actions
+                    .ancestors(&me)
+                    .map(|it| it.cloned().collect())
+                    .unwrap_or_default();
+                let parts = std::iter::once(me)
+                    .chain(groups)
+                    .filter_map(|u| actions.get(&u).cloned())
+                    .collect();
+                (a.clone(), parts)
+            })
+            .collect();
         let mut ps = PolicySet {
             index: index::Index::new(&set, action_groups),
             policies: set,
             schema,
-            actions,
+            action_entities,
             action_names,
             obligations,
             sources,
@@ -833,11 +850,14 @@ impl PolicySet {
             schema,
         )
         .map_err(|e| e.to_string())?;
-        let entities = self
-            .actions
-            .clone()
-            .add_entities(entities, None)
-            .map_err(|e| e.to_string())?;
+        entities.extend(
+            self.action_entities
+                .get(action)
+                .into_iter()
+                .flatten()
+                .cloned(),
+        );
+        let entities = Entities::from_entities(entities, None).map_err(|e| e.to_string())?;
         Ok((request, entities))
     }
 
