@@ -39,7 +39,6 @@ pub const MAX_FN_LINES: usize = 150;
 /// down (issue 19), never to grow; a shorter one must lower its entry (a ratchet).
 /// `file:function`.
 const LONG_FUNCTIONS: &[(&str, usize)] = &[
-    ("agent/mask/src/profile.rs:parse", 365),
     ("agent/src/app.rs:run", 189),
     ("agent/src/approval/rules.rs:parse", 184),
     ("agent/src/cli.rs:run", 165),
