@@ -30,25 +30,98 @@ use crate::tls::{CertAuthority, LeafMinter, UpstreamTls};
 
 /// Runs the agent until SIGTERM/SIGINT. Returns after open connections drained.
 pub async fn run(config: Config) -> anyhow::Result<()> {
+    let cgroup = prepare_host(&config)?;
+    // Listen before attaching: the redirect must never point at a port we do not hold.
+    let mut listeners = vec![bind(config.agent.listen_v4)?];
+    if let Some(v6) = config.agent.listen_v6 {
+        listeners.push(bind(v6)?);
+    }
+    let (redirector, sockets) = attach_redirect(&config, cgroup, &listeners)?;
+
+    // Counted by every part that does the work; served on metrics_listen.
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let (store, approvals, pipeline) = open_records(&config, &sockets, &metrics).await?;
+    let records: Arc<dyn RecordSink> = store.clone();
+    let admin = crate::admin::bind(&config.admin.socket, config.admin.socket_group.as_deref())?;
+    info!(socket = %config.admin.socket.display(), "admin socket");
+    let ca = Arc::new(load_ca(&config)?);
+    let minter = Arc::new(LeafMinter::new(ca, config.tls.leaf_cache_size)?);
+    start_console(&config, &approvals, &minter)?;
+    let policy_changes = watch_policies(&config.agent.policies_dir);
+    let cgroup_root = crate::redirect::bpf::cgroup2_root()?;
+    let config_path = config.source.clone();
+    let drain = config.timeouts.drain;
+    let proxy = Arc::new(Proxy {
+        config: ArcSwap::from_pointee(config),
+        lookup: redirector.clone(),
+        identity: IdentityResolver::new(cgroup_root),
+        records,
+        pipeline: ArcSwap::from_pointee(pipeline),
+        minter,
+        stop_accepting: CancellationToken::new(),
+        force_close: CancellationToken::new(),
+        tasks: TaskTracker::new(),
+        live: Default::default(),
+        sockets,
+        direct: Default::default(),
+        metrics: metrics.clone(),
+    });
+    let agent = Agent {
+        proxy,
+        redirector,
+        store,
+        approvals,
+        metrics,
+    };
+
+    agent.serve_admin(admin)?;
+    let in_force = InForce::new(agent.proxy.clone(), agent.redirector.clone(), config_path);
+    let serving = agent.serve(listeners)?;
+    // Redirect attached, destinations loaded, listeners served: protected connects
+    // from now on reach this agent.
+    info!("ready");
+    systemd::ready();
+    systemd::spawn_watchdog();
+
+    agent.run_until_stopped(&in_force, policy_changes).await?;
+    agent.stop(serving, drain).await;
+    Ok(())
+}
+
+/// The running agent's parts that serving, reloads, status and the stop share.
+struct Agent {
+    proxy: Arc<Proxy>,
+    redirector: Arc<Redirector>,
+    store: Arc<RecordStore>,
+    approvals: Arc<Approvals>,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Checks the host (capabilities, open files, the cgroup) and makes the agent's
+/// directories; returns the protected cgroup.
+fn prepare_host(config: &Config) -> anyhow::Result<std::path::PathBuf> {
     preflight::check_capabilities()?;
     raise_open_files_limit();
     let cgroup = preflight::resolve_cgroup(config.agent.cgroup.as_deref())?;
 
     make_private_dir(&config.agent.state_dir)?;
     make_private_dir(&config.agent.records_dir)?;
+    Ok(cgroup)
+}
 
-    // Listen before attaching: the redirect must never point at a port we do not hold.
-    let mut listeners = vec![bind(config.agent.listen_v4)?];
-    if let Some(v6) = config.agent.listen_v6 {
-        listeners.push(bind(v6)?);
-    }
-
-    let settings = redirect_settings(&config, cgroup.clone());
+/// Attaches the redirect to the cgroup, toward `listeners`, for the configured
+/// destinations; the agent's own sockets are exempt from it.
+fn attach_redirect(
+    config: &Config,
+    cgroup: std::path::PathBuf,
+    listeners: &[TcpListener],
+) -> anyhow::Result<(Arc<Redirector>, SocketFactory)> {
+    let settings = redirect_settings(config, cgroup.clone());
     let redirector = Arc::new(Redirector::attach(&settings)?);
     // Only these very sockets receive redirected connects; registered before any
     // destination is protected.
     redirector.register_listeners(&listeners[0], listeners.get(1))?;
-    redirector.set_destinations(&dest_entries(&config))?;
+    redirector.set_destinations(&dest_entries(config))?;
     let sockets = SocketFactory::new(
         config.agent.mark,
         Some(redirector.clone() as Arc<dyn crate::sockets::Exemptions>),
@@ -59,10 +132,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         destinations = config.destinations.len(),
         "redirect attached"
     );
+    Ok((redirector, sockets))
+}
 
-    // Counted by every part that does the work; served on metrics_listen.
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let (store, replay) = open_store(&config, metrics.clone())?;
+/// Opens the record store and the approvals, builds the pipeline from the policies
+/// and records the agent's start.
+async fn open_records(
+    config: &Config,
+    sockets: &SocketFactory,
+    metrics: &Arc<crate::metrics::Metrics>,
+) -> anyhow::Result<(Arc<RecordStore>, Arc<Approvals>, crate::pipeline::Pipeline)> {
+    let (store, replay) = open_store(config, metrics.clone())?;
     let store = Arc::new(store);
     let records: Arc<dyn RecordSink> = store.clone();
     let approvals = Arc::new(
@@ -84,10 +164,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     // Policies are validated before anything is served: a bad set stops the start.
     let pipeline = build_pipeline(
-        &config,
+        config,
         records.clone(),
         approvals.clone(),
-        &sockets,
+        sockets,
         metrics.clone(),
     )?;
     approvals.configure(pipeline.approval_rules.clone());
@@ -106,117 +186,116 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(verify_periodically(store.clone(), every));
     }
     crate::approval::spawn_sweeper(&approvals);
-    let admin = crate::admin::bind(&config.admin.socket, config.admin.socket_group.as_deref())?;
-    info!(socket = %config.admin.socket.display(), "admin socket");
-    let ca = Arc::new(load_ca(&config)?);
-    let minter = Arc::new(LeafMinter::new(ca, config.tls.leaf_cache_size)?);
-    start_console(&config, &approvals, &minter)?;
-    let mut policy_changes = watch_policies(&config.agent.policies_dir);
-    let cgroup_root = crate::redirect::bpf::cgroup2_root()?;
-    let config_path = config.source.clone();
-    let drain = config.timeouts.drain;
-    let proxy = Arc::new(Proxy {
-        config: ArcSwap::from_pointee(config),
-        lookup: redirector.clone(),
-        identity: IdentityResolver::new(cgroup_root),
-        records,
-        pipeline: ArcSwap::from_pointee(pipeline),
-        minter,
-        stop_accepting: CancellationToken::new(),
-        force_close: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-        live: Default::default(),
-        sockets,
-        direct: Default::default(),
-        metrics: metrics.clone(),
-    });
+    Ok((store, approvals, pipeline))
+}
 
-    let started = std::time::Instant::now();
-    let status: crate::admin::StatusSource = {
-        let (proxy, redirector, store, approvals) = (
-            proxy.clone(),
-            redirector.clone(),
-            store.clone(),
-            approvals.clone(),
-        );
-        Arc::new(move || status(&proxy, &redirector, &store, &approvals, started))
-    };
-    tokio::spawn(crate::admin::serve(
-        admin,
-        approvals.clone(),
-        status.clone(),
-    ));
-    if let Some(addr) = proxy.config.load().admin.metrics_listen {
-        metrics.set_sampler(Box::new(move |m| sample(m, &status())));
-        crate::metrics::serve(addr, metrics.clone())?;
+impl Agent {
+    /// The admin socket (and the metrics endpoint, when configured) on their own
+    /// tasks.
+    fn serve_admin(&self, admin: tokio::net::UnixListener) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let status: crate::admin::StatusSource = {
+            let (proxy, redirector, store, approvals) = (
+                self.proxy.clone(),
+                self.redirector.clone(),
+                self.store.clone(),
+                self.approvals.clone(),
+            );
+            Arc::new(move || status(&proxy, &redirector, &store, &approvals, started))
+        };
+        tokio::spawn(crate::admin::serve(
+            admin,
+            self.approvals.clone(),
+            status.clone(),
+        ));
+        if let Some(addr) = self.proxy.config.load().admin.metrics_listen {
+            self.metrics
+                .set_sampler(Box::new(move |m| sample(m, &status())));
+            crate::metrics::serve(addr, self.metrics.clone())?;
+        }
+        Ok(())
     }
 
-    let in_force = InForce::new(proxy.clone(), redirector.clone(), config_path);
-    let mut serving = Vec::new();
-    for l in listeners {
-        info!(addr = %l.local_addr()?, "listening");
-        serving.push(tokio::spawn(Arc::clone(&proxy).serve(l)));
+    /// Accepts on every listener, each on its own task.
+    fn serve(
+        &self,
+        listeners: Vec<TcpListener>,
+    ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+        let mut serving = Vec::new();
+        for l in listeners {
+            info!(addr = %l.local_addr()?, "listening");
+            serving.push(tokio::spawn(Arc::clone(&self.proxy).serve(l)));
+        }
+        Ok(serving)
     }
-    // Redirect attached, destinations loaded, listeners served: protected connects
-    // from now on reach this agent.
-    info!("ready");
-    systemd::ready();
-    systemd::spawn_watchdog();
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    loop {
-        tokio::select! {
-            _ = term.recv() => break,
-            _ = int.recv() => break,
-            trigger = async {
-                tokio::select! {
-                    _ = hup.recv() => Trigger::Signal,
-                    Some(()) = policy_changes.recv() => {
-                        // Editors write in several steps: let the directory settle.
-                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                        while policy_changes.try_recv().is_ok() {}
-                        Trigger::PolicyFiles
+    /// Reloads on SIGHUP and on policy file changes until SIGTERM or SIGINT.
+    async fn run_until_stopped(
+        &self,
+        in_force: &InForce,
+        mut policy_changes: tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) -> anyhow::Result<()> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup = signal(SignalKind::hangup())?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                trigger = async {
+                    tokio::select! {
+                        _ = hup.recv() => Trigger::Signal,
+                        Some(()) = policy_changes.recv() => {
+                            // Editors write in several steps: let the directory settle.
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            while policy_changes.try_recv().is_ok() {}
+                            Trigger::PolicyFiles
+                        }
                     }
+                } => {
+                    systemd::reloading();
+                    let report = in_force.reload(trigger);
+                    systemd::ready();
+                    report.record(&self.store, &self.metrics).await;
                 }
-            } => {
-                systemd::reloading();
-                let report = in_force.reload(trigger);
-                systemd::ready();
-                report.record(&store, &metrics).await;
             }
         }
+        Ok(())
     }
 
-    systemd::stopping();
-    info!(drain = ?drain, "stopping: no new connections, draining open ones");
-    proxy.stop_accepting.cancel();
-    for s in serving {
-        let _ = s.await;
+    /// Stops accepting, drains open connections (closing them after `drain`),
+    /// records the stop and closes the store.
+    async fn stop(self, serving: Vec<tokio::task::JoinHandle<()>>, drain: std::time::Duration) {
+        let proxy = &self.proxy;
+        systemd::stopping();
+        info!(drain = ?drain, "stopping: no new connections, draining open ones");
+        proxy.stop_accepting.cancel();
+        for s in serving {
+            let _ = s.await;
+        }
+        proxy.tasks.close();
+        if tokio::time::timeout(drain, proxy.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                open = proxy.tasks.len(),
+                "drain bound reached; closing open connections"
+            );
+            proxy.force_close.cancel();
+            // Closing is prompt; the bound only guards against a stuck record write.
+            let _ =
+                tokio::time::timeout(std::time::Duration::from_secs(5), proxy.tasks.wait()).await;
+        }
+        let stop = EventRecord::new(self.store.origin(), "agent_stop", "ok");
+        if let Err(e) = self.store.event(stop).await {
+            error!(error = %e, "cannot record the agent stop");
+        }
+        // Sync the journal and write every buffered row to Parquet.
+        let closing = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || closing.close()).await;
+        info!("stopped; redirect stays attached (fail_mode decides what protected connects get)");
     }
-    proxy.tasks.close();
-    if tokio::time::timeout(drain, proxy.tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!(
-            open = proxy.tasks.len(),
-            "drain bound reached; closing open connections"
-        );
-        proxy.force_close.cancel();
-        // Closing is prompt; the bound only guards against a stuck record write.
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), proxy.tasks.wait()).await;
-    }
-    let stop = EventRecord::new(store.origin(), "agent_stop", "ok");
-    if let Err(e) = store.event(stop).await {
-        error!(error = %e, "cannot record the agent stop");
-    }
-    // Sync the journal and write every buffered row to Parquet.
-    let closing = store.clone();
-    let _ = tokio::task::spawn_blocking(move || closing.close()).await;
-    info!("stopped; redirect stays attached (fail_mode decides what protected connects get)");
-    Ok(())
 }
 
 /// The reviewer console, when `[admin]` configures one: its accounts are read and

@@ -210,85 +210,10 @@ pub fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Run { config } => {
-            let config = Config::load(&config)?;
-            init_logging(config.agent.log_format);
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .thread_name("phigate")
-                .build()?;
-            rt.block_on(crate::app::run(config))?;
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Detach { config, all } => {
-            let config = Config::load(&config)?;
-            let cgroup = if all {
-                None
-            } else {
-                Some(crate::preflight::resolve_cgroup(
-                    config.agent.cgroup.as_deref(),
-                )?)
-            };
-            let report =
-                crate::redirect::detach_pinned(&config.agent.bpf_pin_dir, cgroup.as_deref())?;
-            if report.removed.is_empty() {
-                println!(
-                    "nothing attached under {}",
-                    config.agent.bpf_pin_dir.display()
-                );
-            }
-            for p in &report.removed {
-                println!("detached {}", p.display());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Audit {
-            command: AuditCommand::Pseudonym { config, value },
-        } => {
-            let config = Config::load(&config)?;
-            let p = crate::record::pseudonym::load_or_create(
-                &config.agent.state_dir,
-                config.records.patient_path_segments.clone(),
-            )?;
-            // The raw id would otherwise sit in shell history beside its pseudonym;
-            // that is the auditor's choice, on the host that holds the key.
-            println!("{}", p.pseudonym(&value));
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Audit {
-            command:
-                AuditCommand::Verify {
-                    dir,
-                    pubkey,
-                    config,
-                },
-        } => audit_verify(dir, pubkey, &config),
-        Command::Audit {
-            command: AuditCommand::Pubkey { config },
-        } => {
-            let config = Config::load(&config)?;
-            let signer = crate::record::seal::Signer::load_or_create(&config.agent.state_dir)?;
-            print!("{}", signer.public.to_text());
-            Ok(ExitCode::SUCCESS)
-        }
-        Command::Ca { command } => {
-            let (config, install) = match command {
-                CaCommand::Export { config } => (config, None),
-                CaCommand::Install { config, name } => (config, Some(name)),
-            };
-            let config = Config::load(&config)?;
-            let ca = crate::app::load_ca(&config)?;
-            if let Some(name) = install {
-                let path = crate::tls::install_into_trust_store(ca.cert_pem(), &name)?;
-                println!(
-                    "installed the phigate CA as {} and refreshed the system trust store",
-                    path.display()
-                );
-            } else {
-                print!("{}", ca.cert_pem());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Run { config } => run_agent(&config),
+        Command::Detach { config, all } => detach(&config, all),
+        Command::Audit { command } => audit(command),
+        Command::Ca { command } => ca(command),
         Command::Approvals {
             config,
             socket,
@@ -301,41 +226,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => status(&config, socket, json),
         Command::Console {
             command: ConsoleCommand::HashPassword,
-        } => {
-            let mut password = String::new();
-            std::io::stdin().read_line(&mut password)?;
-            let password = password.trim_end_matches(['\n', '\r']);
-            anyhow::ensure!(!password.is_empty(), "no password on standard input");
-            println!("{}", crate::console::accounts::hash_password(password)?);
-            Ok(ExitCode::SUCCESS)
-        }
+        } => hash_password(),
         Command::Policy {
             command: PolicyCommand::Check { dir, config },
-        } => {
-            let dir = match dir {
-                Some(d) => d,
-                None => Config::load(&config)?.agent.policies_dir,
-            };
-            match crate::policy::PolicySet::load(&dir) {
-                Ok(set) => {
-                    println!(
-                        "{}: ok ({} polic{}, set {})",
-                        dir.display(),
-                        set.len(),
-                        if set.len() == 1 { "y" } else { "ies" },
-                        set.hash()
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(errors) => {
-                    for e in &errors.0 {
-                        println!("{e}");
-                    }
-                    println!("{} error(s) in {}", errors.0.len(), dir.display());
-                    Ok(ExitCode::from(1))
-                }
-            }
-        }
+        } => policy_check(dir, &config),
         Command::Policy {
             command: PolicyCommand::Explain(args),
         } => crate::policy::explain::run(*args),
@@ -361,17 +255,135 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Config {
             command: ConfigCommand::Check { file },
-        } => {
-            let c = Config::load(&file)?;
-            println!(
-                "{}: ok ({} destination{})",
-                file.display(),
-                c.destinations.len(),
-                if c.destinations.len() == 1 { "" } else { "s" }
-            );
+        } => config_check(&file),
+    }
+}
+
+/// `phigate run`: the agent, in the foreground, until SIGTERM.
+fn run_agent(config: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config)?;
+    init_logging(config.agent.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("phigate")
+        .build()?;
+    rt.block_on(crate::app::run(config))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn detach(config: &std::path::Path, all: bool) -> anyhow::Result<ExitCode> {
+    let config = Config::load(config)?;
+    let cgroup = if all {
+        None
+    } else {
+        Some(crate::preflight::resolve_cgroup(
+            config.agent.cgroup.as_deref(),
+        )?)
+    };
+    let report = crate::redirect::detach_pinned(&config.agent.bpf_pin_dir, cgroup.as_deref())?;
+    if report.removed.is_empty() {
+        println!(
+            "nothing attached under {}",
+            config.agent.bpf_pin_dir.display()
+        );
+    }
+    for p in &report.removed {
+        println!("detached {}", p.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AuditCommand::Pseudonym { config, value } => {
+            let config = Config::load(&config)?;
+            let p = crate::record::pseudonym::load_or_create(
+                &config.agent.state_dir,
+                config.records.patient_path_segments.clone(),
+            )?;
+            // The raw id would otherwise sit in shell history beside its pseudonym;
+            // that is the auditor's choice, on the host that holds the key.
+            println!("{}", p.pseudonym(&value));
+            Ok(ExitCode::SUCCESS)
+        }
+        AuditCommand::Verify {
+            dir,
+            pubkey,
+            config,
+        } => audit_verify(dir, pubkey, &config),
+        AuditCommand::Pubkey { config } => {
+            let config = Config::load(&config)?;
+            let signer = crate::record::seal::Signer::load_or_create(&config.agent.state_dir)?;
+            print!("{}", signer.public.to_text());
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn ca(command: CaCommand) -> anyhow::Result<ExitCode> {
+    let (config, install) = match command {
+        CaCommand::Export { config } => (config, None),
+        CaCommand::Install { config, name } => (config, Some(name)),
+    };
+    let config = Config::load(&config)?;
+    let ca = crate::app::load_ca(&config)?;
+    if let Some(name) = install {
+        let path = crate::tls::install_into_trust_store(ca.cert_pem(), &name)?;
+        println!(
+            "installed the phigate CA as {} and refreshed the system trust store",
+            path.display()
+        );
+    } else {
+        print!("{}", ca.cert_pem());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `phigate console hash-password`: the password is read from standard input.
+fn hash_password() -> anyhow::Result<ExitCode> {
+    let mut password = String::new();
+    std::io::stdin().read_line(&mut password)?;
+    let password = password.trim_end_matches(['\n', '\r']);
+    anyhow::ensure!(!password.is_empty(), "no password on standard input");
+    println!("{}", crate::console::accounts::hash_password(password)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn policy_check(dir: Option<PathBuf>, config: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let dir = match dir {
+        Some(d) => d,
+        None => Config::load(config)?.agent.policies_dir,
+    };
+    match crate::policy::PolicySet::load(&dir) {
+        Ok(set) => {
+            println!(
+                "{}: ok ({} polic{}, set {})",
+                dir.display(),
+                set.len(),
+                if set.len() == 1 { "y" } else { "ies" },
+                set.hash()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                println!("{e}");
+            }
+            println!("{} error(s) in {}", errors.0.len(), dir.display());
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn config_check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let c = Config::load(file)?;
+    println!(
+        "{}: ok ({} destination{})",
+        file.display(),
+        c.destinations.len(),
+        if c.destinations.len() == 1 { "" } else { "s" }
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn audit_verify(

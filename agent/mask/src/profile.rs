@@ -293,23 +293,419 @@ fn valid_name(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
+/// The profile file being parsed: every error names it, and the line of its span.
+struct Source<'a> {
+    file: &'a Path,
+    text: &'a str,
+}
+
+/// Entity names in the order rules first name them; rules refer to them by index.
+#[derive(Default)]
+struct Entities(Vec<String>);
+
+impl Entities {
+    fn index(&mut self, name: &str) -> usize {
+        match self.0.iter().position(|e| e == name) {
+            Some(i) => i,
+            None => {
+                self.0.push(name.to_owned());
+                self.0.len() - 1
+            }
+        }
+    }
+}
+
+/// A profile's `[[rule]]`s, by kind.
+#[derive(Default)]
+struct Rules {
+    paths: Vec<Rule>,
+    /// Parallel to `detector_rules`.
+    detectors: Vec<Detector>,
+    detector_rules: Vec<DetectorRule>,
+}
+
+/// Configured detectors by name, with their default entity.
+type Patterns = BTreeMap<String, (Detector, String)>;
+
+impl Source<'_> {
+    fn err(
+        &self,
+        span: Option<Range<usize>>,
+        field: Option<String>,
+        message: String,
+    ) -> ProfileError {
+        ProfileError {
+            file: self.file.to_owned(),
+            line: span.map(|s| line_of(self.text, s.start)),
+            key: field,
+            message,
+        }
+    }
+
+    /// An entity name as records and placeholders show it (upper case).
+    fn entity(&self, e: &Spanned<String>, field: String) -> Result<String, ProfileError> {
+        let v = e.get_ref();
+        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(self.err(
+                Some(e.span()),
+                Some(field),
+                "an entity is letters, digits and `_` (it appears in placeholders and records)"
+                    .into(),
+            ));
+        }
+        Ok(v.to_ascii_uppercase())
+    }
+
+    /// An operator and its parameters (each only with the operator it belongs to).
+    fn op(&self, r: RawOp<'_>, field: &str) -> Result<Op, ProfileError> {
+        let name = r.op.get_ref().as_str();
+        let misplaced = |span: Range<usize>, param: &str, owner: &str| {
+            self.err(
+                Some(span),
+                Some(format!("{field}.{param}")),
+                format!("only meaningful with op = \"{owner}\""),
+            )
+        };
+        if let Some(k) = r.keep_last {
+            if name != "partial" {
+                return Err(misplaced(k.span(), "keep_last", "partial"));
+            }
+        }
+        if let Some(k) = r.split_last {
+            if name != "pseudonymize" {
+                return Err(misplaced(k.span(), "split_last", "pseudonymize"));
+            }
+        }
+        if let Some(k) = r.max_age {
+            if name != "generalize_date" {
+                return Err(misplaced(k.span(), "max_age", "generalize_date"));
+            }
+        }
+        Ok(match name {
+            "keep" => Op::Keep,
+            "redact" => Op::Redact,
+            "partial" => Op::Partial {
+                keep_last: r.keep_last.as_ref().map_or(4, |k| *k.get_ref() as usize),
+            },
+            "pseudonymize" => Op::Pseudonymize {
+                split_last: match r.split_last {
+                    None => None,
+                    Some(s) => Some(self.split_last(s, field)?),
+                },
+            },
+            "generalize_date" => Op::GeneralizeDate {
+                max_age: r.max_age.as_ref().map(|m| *m.get_ref()),
+            },
+            "zip3" => Op::Zip3,
+            "age_cap" => Op::AgeCap,
+            "drop" => Op::Drop,
+            other => {
+                return Err(self.err(
+                    Some(r.op.span()),
+                    Some(format!("{field}.op")),
+                    format!(
+                        "`{other}` is not an operator; one of {}",
+                        OP_NAMES.join(", ")
+                    ),
+                ))
+            }
+        })
+    }
+
+    fn split_last(&self, s: &Spanned<String>, field: &str) -> Result<char, ProfileError> {
+        let mut c = s.get_ref().chars();
+        match (c.next(), c.next()) {
+            (Some(ch), None) => Ok(ch),
+            _ => Err(self.err(
+                Some(s.span()),
+                Some(format!("{field}.split_last")),
+                "one character, e.g. \"/\"".into(),
+            )),
+        }
+    }
+
+    /// `[[pattern]]`: configured detectors, by name.
+    fn patterns(&self, raw: &[Spanned<RawPattern>]) -> Result<Patterns, ProfileError> {
+        let mut patterns = Patterns::new();
+        for (i, p) in raw.iter().enumerate() {
+            let p = p.get_ref();
+            let field = format!("pattern[{i}]");
+            let name = p.name.get_ref();
+            if !valid_name(name) {
+                return Err(self.err(
+                    Some(p.name.span()),
+                    Some(format!("{field}.name")),
+                    "letters, digits, `_` and `-`".into(),
+                ));
+            }
+            if BUILTIN.contains(&name.as_str()) || patterns.contains_key(name) {
+                return Err(self.err(
+                    Some(p.name.span()),
+                    Some(format!("{field}.name")),
+                    format!("`{name}` is already a detector"),
+                ));
+            }
+            let d = Detector::pattern(name, p.regex.get_ref(), p.luhn, p.requires_digit)
+                .map_err(|m| self.err(Some(p.regex.span()), Some(format!("{field}.regex")), m))?;
+            let ent = match &p.entity {
+                Some(e) => self.entity(e, format!("{field}.entity"))?,
+                None => name.to_ascii_uppercase().replace('-', "_"),
+            };
+            patterns.insert(name.clone(), (d, ent));
+        }
+        Ok(patterns)
+    }
+
+    /// `[[rule]]`: path rules and detector rules, in file order.
+    fn rules(
+        &self,
+        raw: &[Spanned<RawRule>],
+        patterns: &Patterns,
+        entities: &mut Entities,
+    ) -> Result<Rules, ProfileError> {
+        let mut rules = Rules::default();
+        for (i, r) in raw.iter().enumerate() {
+            let rspan = r.span();
+            let r = r.get_ref();
+            let field = format!("rule[{i}]");
+            let op = self.op(raw_op!(r), &field)?;
+            let explicit = match &r.entity {
+                Some(e) => Some(self.entity(e, format!("{field}.entity"))?),
+                None => None,
+            };
+            match (&r.path, &r.detector) {
+                (Some(p), None) => {
+                    let path = self.rule_path(p, &field)?;
+                    let ent = explicit.unwrap_or_else(|| path_entity(&path));
+                    rules.paths.push(Rule {
+                        path,
+                        op,
+                        entity: entities.index(&ent),
+                    });
+                }
+                (None, Some(d)) => {
+                    if matches!(op, Op::Keep | Op::Drop | Op::AgeCap) {
+                        return Err(self.err(
+                            Some(r.op.span()),
+                            Some(format!("{field}.op")),
+                            "a detector's find is replaced inside its text: use redact, partial, pseudonymize, generalize_date or zip3".into(),
+                        ));
+                    }
+                    let (det, default_entity) =
+                        self.rule_detector(d, &field, patterns, &rules.detectors)?;
+                    rules.detectors.push(det);
+                    rules.detector_rules.push(DetectorRule {
+                        op,
+                        entity: entities.index(&explicit.unwrap_or(default_entity)),
+                    });
+                }
+                _ => {
+                    return Err(self.err(
+                        Some(rspan),
+                        Some(field),
+                        "a rule has either `path` or `detector`".into(),
+                    ))
+                }
+            }
+        }
+        Ok(rules)
+    }
+
+    /// A path rule's `path`: a JSONPath naming fields (not the whole document).
+    fn rule_path(&self, p: &Spanned<String>, field: &str) -> Result<JsonPath, ProfileError> {
+        let path = JsonPath::parse(p.get_ref()).map_err(|e| {
+            self.err(
+                Some(p.span()),
+                Some(format!("{field}.path")),
+                format!("`{}`: {e}", p.get_ref()),
+            )
+        })?;
+        if path.segments.is_empty() {
+            return Err(self.err(
+                Some(p.span()),
+                Some(format!("{field}.path")),
+                "`$` is the whole document; name the fields to mask".into(),
+            ));
+        }
+        Ok(path)
+    }
+
+    /// A detector rule's `detector` (built in or a `[[pattern]]`, one rule each),
+    /// with its default entity.
+    fn rule_detector(
+        &self,
+        d: &Spanned<String>,
+        field: &str,
+        patterns: &Patterns,
+        detectors: &[Detector],
+    ) -> Result<(Detector, String), ProfileError> {
+        let name = d.get_ref();
+        if detectors.iter().any(|x: &Detector| &x.name == name) {
+            return Err(self.err(
+                Some(d.span()),
+                Some(format!("{field}.detector")),
+                format!("`{name}` already has a rule"),
+            ));
+        }
+        match Detector::builtin(name) {
+            Some(b) => Ok((b, name.to_ascii_uppercase())),
+            None => match patterns.get(name) {
+                Some((p, e)) => Ok((p.clone(), e.clone())),
+                None => Err(self.err(
+                    Some(d.span()),
+                    Some(format!("{field}.detector")),
+                    format!(
+                        "no detector `{name}`; built in: {}; or declare it as a [[pattern]]",
+                        BUILTIN.join(", ")
+                    ),
+                )),
+            },
+        }
+    }
+
+    /// A declared pattern no rule uses is a mistake, not a no-op.
+    fn every_pattern_used(
+        &self,
+        raw: &[Spanned<RawPattern>],
+        patterns: &Patterns,
+        detectors: &[Detector],
+    ) -> Result<(), ProfileError> {
+        for (name, (_, _)) in patterns {
+            if !detectors.iter().any(|d| &d.name == name) {
+                let span = raw
+                    .iter()
+                    .find(|p| p.get_ref().name.get_ref() == name)
+                    .map(|p| p.span());
+                return Err(self.err(
+                    span,
+                    Some("pattern".into()),
+                    format!("pattern `{name}` is declared but no rule uses it"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[[header]]`: header rules (headers are kept unless one masks them).
+    fn headers(
+        &self,
+        raw: &[Spanned<RawHeader>],
+        entities: &mut Entities,
+    ) -> Result<Vec<HeaderRule>, ProfileError> {
+        let mut headers = Vec::new();
+        for (i, h) in raw.iter().enumerate() {
+            let h = h.get_ref();
+            let field = format!("header[{i}]");
+            let name = h.name.get_ref().to_ascii_lowercase();
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(self.err(
+                    Some(h.name.span()),
+                    Some(format!("{field}.name")),
+                    "not a valid header name".into(),
+                ));
+            }
+            let op = self.op(raw_op!(h), &field)?;
+            if op == Op::Keep {
+                return Err(self.err(
+                    Some(h.op.span()),
+                    Some(format!("{field}.op")),
+                    "headers are kept unless a rule masks them".into(),
+                ));
+            }
+            let ent = match &h.entity {
+                Some(e) => self.entity(e, format!("{field}.entity"))?,
+                None => "HEADER".into(),
+            };
+            headers.push(HeaderRule {
+                name,
+                op,
+                entity: entities.index(&ent),
+            });
+        }
+        Ok(headers)
+    }
+
+    /// `pass_through`: media types sent unmasked (never JSON or NDJSON).
+    fn pass_through(
+        &self,
+        raw: &Option<Vec<Spanned<String>>>,
+    ) -> Result<Vec<String>, ProfileError> {
+        let mut pass_through = Vec::new();
+        for (i, t) in raw.iter().flatten().enumerate() {
+            let v = t.get_ref().trim().to_ascii_lowercase();
+            let ok = v
+                .split_once('/')
+                .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && !v.contains(';'));
+            if !ok || super::body_kind(Some(&v)).is_some() {
+                return Err(self.err(
+                    Some(t.span()),
+                    Some(format!("pass_through[{i}]")),
+                    if ok {
+                        "JSON and NDJSON are always masked; they cannot pass through".into()
+                    } else {
+                        "a media type like \"text/plain\" or \"image/*\"".into()
+                    },
+                ));
+            }
+            pass_through.push(v);
+        }
+        Ok(pass_through)
+    }
+
+    /// `restricted_zip3`: three-digit prefixes; absent, the built-in list.
+    fn restricted_zip3(
+        &self,
+        raw: &Option<Vec<Spanned<String>>>,
+    ) -> Result<Vec<String>, ProfileError> {
+        let Some(list) = raw else {
+            return Ok(RESTRICTED_ZIP3.iter().map(|s| s.to_string()).collect());
+        };
+        let mut v = Vec::new();
+        for (i, z) in list.iter().enumerate() {
+            let s = z.get_ref();
+            if s.len() != 3 || !s.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(self.err(
+                    Some(z.span()),
+                    Some(format!("restricted_zip3[{i}]")),
+                    "three digits".into(),
+                ));
+            }
+            v.push(s.clone());
+        }
+        Ok(v)
+    }
+}
+
+/// A path rule's default entity: its last field name, upper case (`FIELD` when it
+/// names none).
+fn path_entity(path: &JsonPath) -> String {
+    path.segments
+        .iter()
+        .rev()
+        .find_map(|s| match &s.selector {
+            Selector::Name(n) => Some(
+                n.chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect::<String>()
+                    .to_ascii_uppercase(),
+            ),
+            _ => None,
+        })
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "FIELD".into())
+}
+
 impl Profile {
     /// Parses and validates one profile file; its name is the file stem.
     pub fn parse(file: &Path, text: &str) -> Result<Profile, ProfileError> {
-        let err =
-            |span: Option<Range<usize>>, field: Option<String>, message: String| ProfileError {
-                file: file.to_owned(),
-                line: span.map(|s| line_of(text, s.start)),
-                key: field,
-                message,
-            };
+        let src = Source { file, text };
         let stem = file
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or_default()
             .to_owned();
         if !valid_name(&stem) {
-            return Err(err(
+            return Err(src.err(
                 None,
                 None,
                 "a profile file name is its name: letters, digits, `_` and `-`, then `.toml`"
@@ -323,11 +719,11 @@ impl Profile {
                 .next()
                 .unwrap_or("invalid TOML")
                 .to_owned();
-            err(e.span(), None, message)
+            src.err(e.span(), None, message)
         })?;
         if let Some(n) = &raw.name {
             if n.get_ref() != &stem {
-                return Err(err(
+                return Err(src.err(
                     Some(n.span()),
                     Some("name".into()),
                     format!(
@@ -338,314 +734,25 @@ impl Profile {
             }
         }
 
-        let mut entities: Vec<String> = Vec::new();
-        let mut entity = |name: &str| -> usize {
-            match entities.iter().position(|e| e == name) {
-                Some(i) => i,
-                None => {
-                    entities.push(name.to_owned());
-                    entities.len() - 1
-                }
-            }
-        };
-        let check_entity = |e: &Spanned<String>, field: String| -> Result<String, ProfileError> {
-            let v = e.get_ref();
-            if v.is_empty() || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                return Err(err(
-                    Some(e.span()),
-                    Some(field),
-                    "an entity is letters, digits and `_` (it appears in placeholders and records)"
-                        .into(),
-                ));
-            }
-            Ok(v.to_ascii_uppercase())
-        };
-        let parse_op = |r: RawOp<'_>, field: &str| -> Result<Op, ProfileError> {
-            let name = r.op.get_ref().as_str();
-            let misplaced = |span: Range<usize>, param: &str, owner: &str| {
-                err(
-                    Some(span),
-                    Some(format!("{field}.{param}")),
-                    format!("only meaningful with op = \"{owner}\""),
-                )
-            };
-            if let Some(k) = r.keep_last {
-                if name != "partial" {
-                    return Err(misplaced(k.span(), "keep_last", "partial"));
-                }
-            }
-            if let Some(k) = r.split_last {
-                if name != "pseudonymize" {
-                    return Err(misplaced(k.span(), "split_last", "pseudonymize"));
-                }
-            }
-            if let Some(k) = r.max_age {
-                if name != "generalize_date" {
-                    return Err(misplaced(k.span(), "max_age", "generalize_date"));
-                }
-            }
-            Ok(match name {
-                "keep" => Op::Keep,
-                "redact" => Op::Redact,
-                "partial" => Op::Partial {
-                    keep_last: r.keep_last.as_ref().map_or(4, |k| *k.get_ref() as usize),
-                },
-                "pseudonymize" => Op::Pseudonymize {
-                    split_last: match r.split_last {
-                        None => None,
-                        Some(s) => {
-                            let mut c = s.get_ref().chars();
-                            match (c.next(), c.next()) {
-                                (Some(ch), None) => Some(ch),
-                                _ => {
-                                    return Err(err(
-                                        Some(s.span()),
-                                        Some(format!("{field}.split_last")),
-                                        "one character, e.g. \"/\"".into(),
-                                    ))
-                                }
-                            }
-                        }
-                    },
-                },
-                "generalize_date" => Op::GeneralizeDate {
-                    max_age: r.max_age.as_ref().map(|m| *m.get_ref()),
-                },
-                "zip3" => Op::Zip3,
-                "age_cap" => Op::AgeCap,
-                "drop" => Op::Drop,
-                other => {
-                    return Err(err(
-                        Some(r.op.span()),
-                        Some(format!("{field}.op")),
-                        format!(
-                            "`{other}` is not an operator; one of {}",
-                            OP_NAMES.join(", ")
-                        ),
-                    ))
-                }
-            })
-        };
-
+        let mut entities = Entities::default();
         // Configured patterns first: rules refer to them by name.
-        let mut patterns: BTreeMap<String, (Detector, String)> = BTreeMap::new();
-        for (i, p) in raw.pattern.iter().enumerate() {
-            let p = p.get_ref();
-            let field = format!("pattern[{i}]");
-            let name = p.name.get_ref();
-            if !valid_name(name) {
-                return Err(err(
-                    Some(p.name.span()),
-                    Some(format!("{field}.name")),
-                    "letters, digits, `_` and `-`".into(),
-                ));
-            }
-            if BUILTIN.contains(&name.as_str()) || patterns.contains_key(name) {
-                return Err(err(
-                    Some(p.name.span()),
-                    Some(format!("{field}.name")),
-                    format!("`{name}` is already a detector"),
-                ));
-            }
-            let d = Detector::pattern(name, p.regex.get_ref(), p.luhn, p.requires_digit)
-                .map_err(|m| err(Some(p.regex.span()), Some(format!("{field}.regex")), m))?;
-            let ent = match &p.entity {
-                Some(e) => check_entity(e, format!("{field}.entity"))?,
-                None => name.to_ascii_uppercase().replace('-', "_"),
-            };
-            patterns.insert(name.clone(), (d, ent));
-        }
-
-        let mut rules = Vec::new();
-        let mut detectors = Vec::new();
-        let mut detector_rules = Vec::new();
-        for (i, r) in raw.rule.iter().enumerate() {
-            let rspan = r.span();
-            let r = r.get_ref();
-            let field = format!("rule[{i}]");
-            let op = parse_op(raw_op!(r), &field)?;
-            let explicit = match &r.entity {
-                Some(e) => Some(check_entity(e, format!("{field}.entity"))?),
-                None => None,
-            };
-            match (&r.path, &r.detector) {
-                (Some(p), None) => {
-                    let path = JsonPath::parse(p.get_ref()).map_err(|e| {
-                        err(
-                            Some(p.span()),
-                            Some(format!("{field}.path")),
-                            format!("`{}`: {e}", p.get_ref()),
-                        )
-                    })?;
-                    if path.segments.is_empty() {
-                        return Err(err(
-                            Some(p.span()),
-                            Some(format!("{field}.path")),
-                            "`$` is the whole document; name the fields to mask".into(),
-                        ));
-                    }
-                    let ent = explicit.unwrap_or_else(|| {
-                        path.segments
-                            .iter()
-                            .rev()
-                            .find_map(|s| match &s.selector {
-                                Selector::Name(n) => Some(
-                                    n.chars()
-                                        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-                                        .collect::<String>()
-                                        .to_ascii_uppercase(),
-                                ),
-                                _ => None,
-                            })
-                            .filter(|n| !n.is_empty())
-                            .unwrap_or_else(|| "FIELD".into())
-                    });
-                    rules.push(Rule {
-                        path,
-                        op,
-                        entity: entity(&ent),
-                    });
-                }
-                (None, Some(d)) => {
-                    let name = d.get_ref();
-                    if matches!(op, Op::Keep | Op::Drop | Op::AgeCap) {
-                        return Err(err(
-                            Some(r.op.span()),
-                            Some(format!("{field}.op")),
-                            "a detector's find is replaced inside its text: use redact, partial, pseudonymize, generalize_date or zip3".into(),
-                        ));
-                    }
-                    if detectors.iter().any(|x: &Detector| &x.name == name) {
-                        return Err(err(
-                            Some(d.span()),
-                            Some(format!("{field}.detector")),
-                            format!("`{name}` already has a rule"),
-                        ));
-                    }
-                    let (det, default_entity) = match Detector::builtin(name) {
-                        Some(b) => (b, name.to_ascii_uppercase()),
-                        None => match patterns.get(name) {
-                            Some((p, e)) => (p.clone(), e.clone()),
-                            None => {
-                                return Err(err(
-                                    Some(d.span()),
-                                    Some(format!("{field}.detector")),
-                                    format!(
-                                        "no detector `{name}`; built in: {}; or declare it as a [[pattern]]",
-                                        BUILTIN.join(", ")
-                                    ),
-                                ))
-                            }
-                        },
-                    };
-                    detectors.push(det);
-                    detector_rules.push(super::profile::DetectorRule {
-                        op,
-                        entity: entity(&explicit.unwrap_or(default_entity)),
-                    });
-                }
-                _ => {
-                    return Err(err(
-                        Some(rspan),
-                        Some(field),
-                        "a rule has either `path` or `detector`".into(),
-                    ))
-                }
-            }
-        }
-        for (name, (_, _)) in &patterns {
-            if !detectors.iter().any(|d| &d.name == name) {
-                let span = raw
-                    .pattern
-                    .iter()
-                    .find(|p| p.get_ref().name.get_ref() == name)
-                    .map(|p| p.span());
-                return Err(err(
-                    span,
-                    Some("pattern".into()),
-                    format!("pattern `{name}` is declared but no rule uses it"),
-                ));
-            }
-        }
-
-        let mut headers = Vec::new();
-        for (i, h) in raw.header.iter().enumerate() {
-            let h = h.get_ref();
-            let field = format!("header[{i}]");
-            let name = h.name.get_ref().to_ascii_lowercase();
-            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
-                return Err(err(
-                    Some(h.name.span()),
-                    Some(format!("{field}.name")),
-                    "not a valid header name".into(),
-                ));
-            }
-            let op = parse_op(raw_op!(h), &field)?;
-            if op == Op::Keep {
-                return Err(err(
-                    Some(h.op.span()),
-                    Some(format!("{field}.op")),
-                    "headers are kept unless a rule masks them".into(),
-                ));
-            }
-            let ent = match &h.entity {
-                Some(e) => check_entity(e, format!("{field}.entity"))?,
-                None => "HEADER".into(),
-            };
-            headers.push(HeaderRule {
-                name,
-                op,
-                entity: entity(&ent),
-            });
-        }
-
-        let mut pass_through = Vec::new();
-        for (i, t) in raw.pass_through.iter().flatten().enumerate() {
-            let v = t.get_ref().trim().to_ascii_lowercase();
-            let ok = v
-                .split_once('/')
-                .is_some_and(|(a, b)| !a.is_empty() && !b.is_empty() && !v.contains(';'));
-            if !ok || super::body_kind(Some(&v)).is_some() {
-                return Err(err(
-                    Some(t.span()),
-                    Some(format!("pass_through[{i}]")),
-                    if ok {
-                        "JSON and NDJSON are always masked; they cannot pass through".into()
-                    } else {
-                        "a media type like \"text/plain\" or \"image/*\"".into()
-                    },
-                ));
-            }
-            pass_through.push(v);
-        }
-        let restricted_zip3 = match &raw.restricted_zip3 {
-            None => RESTRICTED_ZIP3.iter().map(|s| s.to_string()).collect(),
-            Some(list) => {
-                let mut v = Vec::new();
-                for (i, z) in list.iter().enumerate() {
-                    let s = z.get_ref();
-                    if s.len() != 3 || !s.bytes().all(|b| b.is_ascii_digit()) {
-                        return Err(err(
-                            Some(z.span()),
-                            Some(format!("restricted_zip3[{i}]")),
-                            "three digits".into(),
-                        ));
-                    }
-                    v.push(s.clone());
-                }
-                v
-            }
-        };
-        let dfa = PathDfa::new(rules.iter().map(|r| r.path.clone()).collect());
+        let patterns = src.patterns(&raw.pattern)?;
+        let rules = src.rules(&raw.rule, &patterns, &mut entities)?;
+        src.every_pattern_used(&raw.pattern, &patterns, &rules.detectors)?;
+        let headers = src.headers(&raw.header, &mut entities)?;
+        let pass_through = src.pass_through(&raw.pass_through)?;
+        let restricted_zip3 = src.restricted_zip3(&raw.restricted_zip3)?;
+        let dfa = PathDfa::new(rules.paths.iter().map(|r| r.path.clone()).collect());
+        let entities = entities.0;
         Ok(Profile {
             name: stem,
             description: raw.description.unwrap_or_default(),
             pass_through,
             pass_unparsable: raw.pass_unparsable,
-            rules,
+            rules: rules.paths,
             dfa,
-            detectors: Detectors::new(detectors),
-            detector_rules,
+            detectors: Detectors::new(rules.detectors),
+            detector_rules: rules.detector_rules,
             headers,
             placeholders: entities
                 .iter()

@@ -114,177 +114,23 @@ impl RuleSet {
 
     pub fn parse(path: &Path, text: &str) -> Result<RuleSet, ConfigError> {
         let src = TomlSource::new(path, text);
-        let err = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
-            src.err(span, Some(key), message)
-        };
         let raw: RawFile = src.parse()?;
         let mut rules = BTreeMap::new();
         for (i, r) in raw.rule.into_iter().enumerate() {
-            let r = r.into_inner();
-            let key = |k: &str| format!("rule[{i}].{k}");
-            let name = r.name.get_ref().trim().to_owned();
-            if name.is_empty()
-                || !name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
-                return Err(err(
-                    Some(r.name.span()),
-                    key("name"),
-                    "letters, digits, `_` and `-` only".into(),
-                ));
-            }
-            if rules.contains_key(&name) {
-                return Err(err(
-                    Some(r.name.span()),
-                    key("name"),
-                    format!("`{name}` is defined twice"),
-                ));
-            }
-            let reviewers = r.reviewers.get_ref().clone();
-            if reviewers.is_empty() || reviewers.iter().any(|g| g.trim().is_empty()) {
-                return Err(err(
-                    Some(r.reviewers.span()),
-                    key("reviewers"),
-                    "name at least one reviewer group".into(),
-                ));
-            }
-            let quorum = match r.quorum {
-                None => 1,
-                Some(q) if *q.get_ref() == 0 || *q.get_ref() > 16 => {
-                    return Err(err(Some(q.span()), key("quorum"), "must be 1 to 16".into()))
-                }
-                Some(q) => q.into_inner() as usize,
-            };
-            let mode = match r.mode.as_ref().map(|m| m.get_ref().as_str()) {
-                None | Some("hold") => Mode::Hold,
-                Some("retry") => Mode::Retry,
-                Some(other) => {
-                    return Err(err(
-                        r.mode.as_ref().map(|m| m.span()),
-                        key("mode"),
-                        format!("`{other}`: expected \"hold\" or \"retry\""),
-                    ))
-                }
-            };
-            let secs = |v: Option<Spanned<f64>>, k: &str, default: f64| match v {
-                None => Ok(Duration::from_secs_f64(default)),
-                Some(v) if !(*v.get_ref() > 0.0 && *v.get_ref() <= 7.0 * 86400.0) => Err(err(
-                    Some(v.span()),
-                    key(k),
-                    "must be more than 0 and at most 604800 (a week)".into(),
-                )),
-                Some(v) => Ok(Duration::from_secs_f64(v.into_inner())),
-            };
-            let timeout = secs(r.timeout_secs, "timeout_secs", 900.0)?;
-            let grant = secs(r.grant_secs, "grant_secs", 3600.0)?;
-            let uses = match r.uses {
-                None => 1,
-                Some(u) if *u.get_ref() == 0 => {
-                    return Err(err(
-                        Some(u.span()),
-                        key("uses"),
-                        "must be at least 1".into(),
-                    ))
-                }
-                Some(u) => u.into_inner(),
-            };
-            let webhook = match r.webhook {
-                None => None,
-                Some(w) => {
-                    let uri: http::Uri = w.get_ref().parse().map_err(|e| {
-                        err(Some(w.span()), key("webhook"), format!("not a URL: {e}"))
-                    })?;
-                    if uri.scheme_str() != Some("https") && uri.scheme_str() != Some("http") {
-                        return Err(err(
-                            Some(w.span()),
-                            key("webhook"),
-                            "must be an http or https URL".into(),
-                        ));
-                    }
-                    Some(w.into_inner())
-                }
-            };
-            rules.insert(
-                name.clone(),
-                ApprovalRule {
-                    name,
-                    reviewers,
-                    quorum,
-                    mode,
-                    timeout,
-                    grant,
-                    uses,
-                    webhook,
-                },
-            );
+            let rule = parse_rule(&src, i, r.into_inner(), &rules)?;
+            rules.insert(rule.name.clone(), rule);
         }
         let mut people = People::default();
         let mut names = std::collections::BTreeSet::new();
         for (i, p) in raw.person.into_iter().enumerate() {
-            let p = p.into_inner();
-            let key = |k: &str| format!("person[{i}].{k}");
-            let name = p.name.get_ref().trim().to_owned();
-            if name.is_empty() || !names.insert(name.clone()) {
-                return Err(err(
-                    Some(p.name.span()),
-                    key("name"),
-                    if name.is_empty() {
-                        "a person needs a name".into()
-                    } else {
-                        format!("`{name}` is defined twice")
-                    },
-                ));
-            }
-            let kinds = [
-                ("unix", &p.unix),
-                ("console", &p.console),
-                ("oidc", &p.oidc),
-            ];
-            let span_of = |kind: &str| {
-                kinds
-                    .iter()
-                    .find(|(k, _)| *k == kind)
-                    .and_then(|(_, v)| v.as_ref().map(|v| v.span()))
-            };
-            for (kind, names) in kinds {
-                let Some(names) = names else { continue };
-                if let Some(bad) = names
-                    .get_ref()
-                    .iter()
-                    .find(|n| n.trim().is_empty() || n.trim() != n.as_str())
-                {
-                    return Err(err(
-                        Some(names.span()),
-                        key(kind),
-                        format!("`{bad}`: a name is not empty and has no surrounding spaces"),
-                    ));
-                }
-            }
-            let list = |v: &Option<Spanned<Vec<String>>>| {
-                v.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default()
-            };
-            people
-                .add(&Person {
-                    name,
-                    unix: list(&p.unix),
-                    console: list(&p.console),
-                    oidc: list(&p.oidc),
-                })
-                .map_err(|c| {
-                    err(
-                        span_of(c.kind),
-                        key(c.kind),
-                        format!("`{}` is already a name of person `{}`", c.name, c.first),
-                    )
-                })?;
+            add_person(&src, i, p.into_inner(), &mut names, &mut people)?;
         }
         let max_pending_per_requester = match raw.max_pending_per_requester {
             None => DEFAULT_MAX_PENDING_PER_REQUESTER,
             Some(n) if *n.get_ref() == 0 || *n.get_ref() > 10_000 => {
-                return Err(err(
+                return Err(src.err(
                     Some(n.span()),
-                    "max_pending_per_requester".into(),
+                    Some("max_pending_per_requester".into()),
                     "must be 1 to 10000".into(),
                 ))
             }
@@ -300,6 +146,189 @@ impl RuleSet {
     pub fn get(&self, name: &str) -> Option<&ApprovalRule> {
         self.rules.get(name)
     }
+}
+
+/// `rule[i]`, validated against the rules before it.
+fn parse_rule(
+    src: &TomlSource<'_>,
+    i: usize,
+    r: RawRule,
+    rules: &BTreeMap<String, ApprovalRule>,
+) -> Result<ApprovalRule, ConfigError> {
+    let err = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
+        src.err(span, Some(key), message)
+    };
+    let key = |k: &str| format!("rule[{i}].{k}");
+    let name = r.name.get_ref().trim().to_owned();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        return Err(err(
+            Some(r.name.span()),
+            key("name"),
+            "letters, digits, `_` and `-` only".into(),
+        ));
+    }
+    if rules.contains_key(&name) {
+        return Err(err(
+            Some(r.name.span()),
+            key("name"),
+            format!("`{name}` is defined twice"),
+        ));
+    }
+    let reviewers = r.reviewers.get_ref().clone();
+    if reviewers.is_empty() || reviewers.iter().any(|g| g.trim().is_empty()) {
+        return Err(err(
+            Some(r.reviewers.span()),
+            key("reviewers"),
+            "name at least one reviewer group".into(),
+        ));
+    }
+    let quorum = match r.quorum {
+        None => 1,
+        Some(q) if *q.get_ref() == 0 || *q.get_ref() > 16 => {
+            return Err(err(Some(q.span()), key("quorum"), "must be 1 to 16".into()))
+        }
+        Some(q) => q.into_inner() as usize,
+    };
+    let mode = match r.mode.as_ref().map(|m| m.get_ref().as_str()) {
+        None | Some("hold") => Mode::Hold,
+        Some("retry") => Mode::Retry,
+        Some(other) => {
+            return Err(err(
+                r.mode.as_ref().map(|m| m.span()),
+                key("mode"),
+                format!("`{other}`: expected \"hold\" or \"retry\""),
+            ))
+        }
+    };
+    let secs = |v: Option<Spanned<f64>>, k: &str, default: f64| match v {
+        None => Ok(Duration::from_secs_f64(default)),
+        Some(v) if !(*v.get_ref() > 0.0 && *v.get_ref() <= 7.0 * 86400.0) => Err(err(
+            Some(v.span()),
+            key(k),
+            "must be more than 0 and at most 604800 (a week)".into(),
+        )),
+        Some(v) => Ok(Duration::from_secs_f64(v.into_inner())),
+    };
+    let timeout = secs(r.timeout_secs, "timeout_secs", 900.0)?;
+    let grant = secs(r.grant_secs, "grant_secs", 3600.0)?;
+    let uses = match r.uses {
+        None => 1,
+        Some(u) if *u.get_ref() == 0 => {
+            return Err(err(
+                Some(u.span()),
+                key("uses"),
+                "must be at least 1".into(),
+            ))
+        }
+        Some(u) => u.into_inner(),
+    };
+    let webhook = match r.webhook {
+        None => None,
+        Some(w) => Some(parse_webhook(src, w, key("webhook"))?),
+    };
+    Ok(ApprovalRule {
+        name,
+        reviewers,
+        quorum,
+        mode,
+        timeout,
+        grant,
+        uses,
+        webhook,
+    })
+}
+
+/// A rule's `webhook`: an http or https URL.
+fn parse_webhook(
+    src: &TomlSource<'_>,
+    w: Spanned<String>,
+    key: String,
+) -> Result<String, ConfigError> {
+    let uri: http::Uri = w
+        .get_ref()
+        .parse()
+        .map_err(|e| src.err(Some(w.span()), Some(key.clone()), format!("not a URL: {e}")))?;
+    if uri.scheme_str() != Some("https") && uri.scheme_str() != Some("http") {
+        return Err(src.err(
+            Some(w.span()),
+            Some(key),
+            "must be an http or https URL".into(),
+        ));
+    }
+    Ok(w.into_inner())
+}
+
+/// `person[i]`: one person's names, none shared with a person before (`names`
+/// holds the people's own names so far).
+fn add_person(
+    src: &TomlSource<'_>,
+    i: usize,
+    p: RawPerson,
+    names: &mut std::collections::BTreeSet<String>,
+    people: &mut People,
+) -> Result<(), ConfigError> {
+    let err = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
+        src.err(span, Some(key), message)
+    };
+    let key = |k: &str| format!("person[{i}].{k}");
+    let name = p.name.get_ref().trim().to_owned();
+    if name.is_empty() || !names.insert(name.clone()) {
+        return Err(err(
+            Some(p.name.span()),
+            key("name"),
+            if name.is_empty() {
+                "a person needs a name".into()
+            } else {
+                format!("`{name}` is defined twice")
+            },
+        ));
+    }
+    let kinds = [
+        ("unix", &p.unix),
+        ("console", &p.console),
+        ("oidc", &p.oidc),
+    ];
+    let span_of = |kind: &str| {
+        kinds
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .and_then(|(_, v)| v.as_ref().map(|v| v.span()))
+    };
+    for (kind, names) in kinds {
+        let Some(names) = names else { continue };
+        if let Some(bad) = names
+            .get_ref()
+            .iter()
+            .find(|n| n.trim().is_empty() || n.trim() != n.as_str())
+        {
+            return Err(err(
+                Some(names.span()),
+                key(kind),
+                format!("`{bad}`: a name is not empty and has no surrounding spaces"),
+            ));
+        }
+    }
+    let list = |v: &Option<Spanned<Vec<String>>>| {
+        v.as_ref().map(|v| v.get_ref().clone()).unwrap_or_default()
+    };
+    people
+        .add(&Person {
+            name,
+            unix: list(&p.unix),
+            console: list(&p.console),
+            oidc: list(&p.oidc),
+        })
+        .map_err(|c| {
+            err(
+                span_of(c.kind),
+                key(c.kind),
+                format!("`{}` is already a name of person `{}`", c.name, c.first),
+            )
+        })
 }
 
 #[cfg(test)]

@@ -960,69 +960,19 @@ impl Exchange {
         masking: &Masking,
     ) -> Response<PhiBody> {
         use http_body_util::BodyExt;
-        self.record.masking_profile = Some(profile.name.clone());
-        self.record.masking_set_hash = Some(masking.set.hash().to_owned());
-        let mut header_counts = Counts::new(&profile);
-        crate::mask::mask_headers(
-            &profile,
-            &masking.ctx,
-            &mut parts.headers,
-            &mut header_counts,
-        );
-        self.record.masking_counts = header_counts.by_entity(&profile);
-        // Range headers were removed before forwarding: a 206 is a part of a
-        // document that would be masked as a whole document of its own.
-        if parts.status == StatusCode::PARTIAL_CONTENT {
-            return self
-                .refuse(Refusal::new(
-                    Code::MaskingFailed,
-                    "the upstream answered with part of a document (206), which cannot be masked",
-                ))
-                .await;
+        if let Err(r) = self.mask_response_head(&mut parts, &profile, masking) {
+            return self.refuse(r).await;
         }
         if http_body::Body::is_end_stream(&body) {
             return self.stream_response(parts, body).await;
         }
-        let header = |h: &http::HeaderMap, name| {
-            h.get(name)
-                .and_then(|v: &HeaderValue| v.to_str().ok())
-                .map(str::to_owned)
-        };
-        let content_type = header(&parts.headers, header::CONTENT_TYPE);
-        let Some(kind) = crate::mask::body_kind(content_type.as_deref()) else {
-            if profile.passes_through(content_type.as_deref()) {
-                self.record.error = Some(format!(
-                    "body not masked: content type `{}` passes through under profile `{}`",
-                    content_type.as_deref().unwrap_or(""),
-                    profile.name
-                ));
-                return self.stream_response(parts, body).await;
-            }
-            let reason = format!(
-                "the response's content type `{}` is not one masking profile `{}` can mask, and the profile does not let it pass",
-                content_type.as_deref().unwrap_or("(none)"),
-                profile.name
-            );
-            return self
-                .refuse(Refusal::new(Code::MaskingFailed, &reason))
-                .await;
-        };
-        let encoding = header(&parts.headers, header::CONTENT_ENCODING);
-        let mut masker = match BodyMasker::new(
-            profile.clone(),
-            masking.ctx.clone(),
-            kind,
-            encoding.as_deref(),
-        ) {
-            Ok(m) => m,
-            Err(e) => {
-                return self
-                    .refuse(Refusal::new(Code::MaskingFailed, e.to_string()))
-                    .await
-            }
+        let mut masker = match self.response_masker(&parts, &profile, masking) {
+            Ok(Some(m)) => m,
+            Ok(None) => return self.stream_response(parts, body).await,
+            Err(r) => return self.refuse(r).await,
         };
         let announced: Option<u64> =
-            header(&parts.headers, header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
+            header_text(&parts.headers, header::CONTENT_LENGTH).and_then(|v| v.parse().ok());
         let original_headers = profile.pass_unparsable.then(|| parts.headers.clone());
         decoded_representation(&mut parts.headers);
         let settings = &masking.settings;
@@ -1108,6 +1058,71 @@ impl Exchange {
             self.metrics.clone(),
         );
         self.stream_response(parts, masked).await
+    }
+
+    /// The masked response's head: the profile noted in the record, its header rules
+    /// applied and counted. A 206 is refused.
+    fn mask_response_head(
+        &mut self,
+        parts: &mut http::response::Parts,
+        profile: &Profile,
+        masking: &Masking,
+    ) -> Result<(), Refusal> {
+        self.record.masking_profile = Some(profile.name.clone());
+        self.record.masking_set_hash = Some(masking.set.hash().to_owned());
+        let mut header_counts = Counts::new(profile);
+        crate::mask::mask_headers(
+            profile,
+            &masking.ctx,
+            &mut parts.headers,
+            &mut header_counts,
+        );
+        self.record.masking_counts = header_counts.by_entity(profile);
+        // Range headers were removed before forwarding: a 206 is a part of a
+        // document that would be masked as a whole document of its own.
+        if parts.status == StatusCode::PARTIAL_CONTENT {
+            return Err(Refusal::new(
+                Code::MaskingFailed,
+                "the upstream answered with part of a document (206), which cannot be masked",
+            ));
+        }
+        Ok(())
+    }
+
+    /// What masks the response's body, by its content type and encoding. `None`: the
+    /// profile lets this content type pass unmasked (noted in the record).
+    fn response_masker(
+        &mut self,
+        parts: &http::response::Parts,
+        profile: &Arc<Profile>,
+        masking: &Masking,
+    ) -> Result<Option<BodyMasker>, Refusal> {
+        let content_type = header_text(&parts.headers, header::CONTENT_TYPE);
+        let Some(kind) = crate::mask::body_kind(content_type.as_deref()) else {
+            if profile.passes_through(content_type.as_deref()) {
+                self.record.error = Some(format!(
+                    "body not masked: content type `{}` passes through under profile `{}`",
+                    content_type.as_deref().unwrap_or(""),
+                    profile.name
+                ));
+                return Ok(None);
+            }
+            let reason = format!(
+                "the response's content type `{}` is not one masking profile `{}` can mask, and the profile does not let it pass",
+                content_type.as_deref().unwrap_or("(none)"),
+                profile.name
+            );
+            return Err(Refusal::new(Code::MaskingFailed, &reason));
+        };
+        let encoding = header_text(&parts.headers, header::CONTENT_ENCODING);
+        BodyMasker::new(
+            profile.clone(),
+            masking.ctx.clone(),
+            kind,
+            encoding.as_deref(),
+        )
+        .map(Some)
+        .map_err(|e| Refusal::new(Code::MaskingFailed, e.to_string()))
     }
 
     /// With `mask_requests`, a JSON request body is masked before it goes upstream.
@@ -1394,6 +1409,13 @@ fn selected_headers(
         out.insert(name.clone(), text);
     }
     out
+}
+
+/// A header's value as text, when it is text.
+fn header_text(h: &http::HeaderMap, name: HeaderName) -> Option<String> {
+    h.get(name)
+        .and_then(|v: &HeaderValue| v.to_str().ok())
+        .map(str::to_owned)
 }
 
 fn content_length<B>(req: &Request<B>) -> Option<u64> {

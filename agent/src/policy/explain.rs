@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Uri};
 
-use super::gate::{Gatekeeper, Subject};
+use super::gate::{Gatekeeper, Subject, Verdict};
 use super::Clock;
 use crate::config::{Config, DEFAULT_CONFIG_PATH};
 use crate::identity::Workload;
@@ -63,74 +63,9 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         .trim()
         .parse()
         .with_context(|| format!("`{url}` is not a URL"))?;
-    let destination = match &args.destination {
-        Some(d) => {
-            if !config.destinations.iter().any(|x| &x.name == d) {
-                bail!("no destination named `{d}` in {}", args.config.display());
-            }
-            d.clone()
-        }
-        None => {
-            let host = uri.host().context("the URL has no host")?;
-            let ip: IpAddr = host
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .parse()
-                .map_err(|_| anyhow::anyhow!("`{host}` is not an address: phigate matches destinations by address; give --destination NAME"))?;
-            let port = uri
-                .port_u16()
-                .unwrap_or(if uri.scheme_str() == Some("http") {
-                    80
-                } else {
-                    443
-                });
-            let (_, d) = config
-                .destination_for(SocketAddr::new(ip, port))
-                .with_context(|| {
-                    format!(
-                        "{ip}:{port} is not a protected destination in {}",
-                        args.config.display()
-                    )
-                })?;
-            d.name.clone()
-        }
-    };
-    let mut workload = Workload {
-        user: args.user.clone(),
-        systemd_unit: args.unit.clone(),
-        exe_path: args.exe.clone(),
-        exe_sha256: args.exe_sha256.clone(),
-        comm: "explain".into(),
-        ..Workload::default()
-    };
-    if let Some(u) = &args.user {
-        if let Ok(Some(pw)) = nix::unistd::User::from_name(u) {
-            workload.uid = pw.uid.as_raw();
-            workload.gid = pw.gid.as_raw();
-        }
-    }
-    workload.uid = args.uid.unwrap_or(workload.uid);
-    workload.gid = args.gid.unwrap_or(workload.gid);
-
-    let mut headers = HeaderMap::new();
-    for h in &args.headers {
-        let (n, v) = h
-            .split_once(':')
-            .with_context(|| format!("--header `{h}`: expected \"name: value\""))?;
-        headers.append(
-            HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes())?,
-            HeaderValue::from_str(v.trim())?,
-        );
-    }
-    if let Some(f) = &args.token_file {
-        let token =
-            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
-        headers.insert(
-            header::AUTHORIZATION,
-            HeaderValue::from_str(&format!("Bearer {}", token.trim()))
-                .context("the token file holds characters a header cannot carry")?,
-        );
-    }
+    let destination = destination_of(&args, &config, &uri)?;
+    let workload = workload_of(&args);
+    let headers = headers_of(&args)?;
     let clock = args.at.as_deref().map(parse_at).transpose()?;
     // The URL's host is the request's authority; a client of an https URL names it
     // in its SNI too (never an address).
@@ -167,10 +102,99 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
             clock,
         ))
         .context("the URL's path cannot be normalized")?;
-    let d = &verdict.decision;
     // What the proxy will do, not only what Cedar said: a permit with an approval
     // obligation is held (403 approval_pending) until a reviewer grants it.
-    let outcome = Explained::of(d, args.approved, |rule| rules.get(rule).is_some());
+    let outcome = Explained::of(&verdict.decision, args.approved, |rule| {
+        rules.get(rule).is_some()
+    });
+    print_explained(&outcome, &verdict, &destination, gate.policies.hash());
+    Ok(match outcome.decision {
+        "allow" => ExitCode::SUCCESS,
+        "held" => ExitCode::from(3),
+        _ => ExitCode::from(2),
+    })
+}
+
+/// The destination named by `--destination`, else the one the URL's address and
+/// port are protected as.
+fn destination_of(args: &ExplainArgs, config: &Config, uri: &Uri) -> anyhow::Result<String> {
+    if let Some(d) = &args.destination {
+        if !config.destinations.iter().any(|x| &x.name == d) {
+            bail!("no destination named `{d}` in {}", args.config.display());
+        }
+        return Ok(d.clone());
+    }
+    let host = uri.host().context("the URL has no host")?;
+    let ip: IpAddr = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| anyhow::anyhow!("`{host}` is not an address: phigate matches destinations by address; give --destination NAME"))?;
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("http") {
+            80
+        } else {
+            443
+        });
+    let (_, d) = config
+        .destination_for(SocketAddr::new(ip, port))
+        .with_context(|| {
+            format!(
+                "{ip}:{port} is not a protected destination in {}",
+                args.config.display()
+            )
+        })?;
+    Ok(d.name.clone())
+}
+
+/// The calling process as the options describe it.
+fn workload_of(args: &ExplainArgs) -> Workload {
+    let mut workload = Workload {
+        user: args.user.clone(),
+        systemd_unit: args.unit.clone(),
+        exe_path: args.exe.clone(),
+        exe_sha256: args.exe_sha256.clone(),
+        comm: "explain".into(),
+        ..Workload::default()
+    };
+    if let Some(u) = &args.user {
+        if let Ok(Some(pw)) = nix::unistd::User::from_name(u) {
+            workload.uid = pw.uid.as_raw();
+            workload.gid = pw.gid.as_raw();
+        }
+    }
+    workload.uid = args.uid.unwrap_or(workload.uid);
+    workload.gid = args.gid.unwrap_or(workload.gid);
+    workload
+}
+
+/// The request's headers: `--header`s, and the token file's bearer token.
+fn headers_of(args: &ExplainArgs) -> anyhow::Result<HeaderMap> {
+    let mut headers = HeaderMap::new();
+    for h in &args.headers {
+        let (n, v) = h
+            .split_once(':')
+            .with_context(|| format!("--header `{h}`: expected \"name: value\""))?;
+        headers.append(
+            HeaderName::from_bytes(n.trim().to_ascii_lowercase().as_bytes())?,
+            HeaderValue::from_str(v.trim())?,
+        );
+    }
+    if let Some(f) = &args.token_file {
+        let token =
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?;
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_str(&format!("Bearer {}", token.trim()))
+                .context("the token file holds characters a header cannot carry")?,
+        );
+    }
+    Ok(headers)
+}
+
+fn print_explained(outcome: &Explained, verdict: &Verdict, destination: &str, set_hash: &str) {
+    let d = &verdict.decision;
     println!("decision: {}", outcome.decision);
     println!("reason: {}", outcome.reason);
     println!("status: {}", outcome.status.as_u16());
@@ -196,15 +220,10 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
         ),
         Err(e) => println!("token: {} ({e})", e.code()),
     }
-    println!("policy set: {}", gate.policies.hash());
+    println!("policy set: {set_hash}");
     for e in &d.errors {
         println!("evaluation error: {e}");
     }
-    Ok(match outcome.decision {
-        "allow" => ExitCode::SUCCESS,
-        "held" => ExitCode::from(3),
-        _ => ExitCode::from(2),
-    })
 }
 
 /// The proxy's answer to a decision, as `explain` prints it.

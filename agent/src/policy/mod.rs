@@ -341,6 +341,207 @@ fn diag(e: &dyn miette::Diagnostic) -> (Option<usize>, String) {
     (offset, message)
 }
 
+/// The schema, its action entities and the names of its actions.
+fn read_schema(
+    schema_path: &Path,
+    schema_text: &str,
+) -> Result<(Schema, Entities, HashSet<String>), PolicyErrors> {
+    let schema = match Schema::from_cedarschema_str(schema_text) {
+        Ok((s, _warnings)) => s,
+        Err(e) => {
+            let (off, message) = diag(&e);
+            return Err(PolicyErrors(vec![PolicyError {
+                file: schema_path.to_owned(),
+                line: off.map(|o| line_of(schema_text, o)),
+                message,
+            }]));
+        }
+    };
+    let actions = schema.action_entities().map_err(|e| {
+        PolicyErrors(vec![PolicyError {
+            file: schema_path.to_owned(),
+            line: None,
+            message: e.to_string(),
+        }])
+    })?;
+    let action_names: HashSet<String> = schema
+        .actions()
+        .filter(|a| a.type_name().to_string() == format!("{NS}::Action"))
+        .map(|a| a.id().unescaped().to_owned())
+        .collect();
+    Ok((schema, actions, action_names))
+}
+
+/// The policies of a set's files as they are parsed, and every error found.
+struct Parsed {
+    set: cedar_policy::PolicySet,
+    sources: BTreeMap<String, PolicySource>,
+    obligations: HashMap<String, Obligations>,
+    /// Policy id -> (file text) for locating validation errors.
+    text_of: HashMap<String, usize>,
+    errors: Vec<PolicyError>,
+}
+
+impl Parsed {
+    fn new() -> Parsed {
+        Parsed {
+            set: cedar_policy::PolicySet::new(),
+            sources: BTreeMap::new(),
+            obligations: HashMap::new(),
+            text_of: HashMap::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Adds the policies of file `fi`, each under its `@id`.
+    fn add_file(&mut self, fi: usize, file: &Path, text: &str) {
+        let parsed = match cedar_policy::PolicySet::from_str(text) {
+            Ok(p) => p,
+            Err(errs) => {
+                for e in errs.iter() {
+                    let (off, message) = diag(e);
+                    self.errors.push(PolicyError {
+                        file: file.to_owned(),
+                        line: off.map(|o| line_of(text, o)),
+                        message,
+                    });
+                }
+                return;
+            }
+        };
+        if let Some(t) = parsed.templates().next() {
+            self.errors.push(PolicyError {
+                file: file.to_owned(),
+                line: locate(text, &t.to_cedar(), 0).map(|o| line_of(text, o)),
+                message: "templates (`?principal`, `?resource`) are not used by phigate; write static policies".into(),
+            });
+        }
+        // Cedar numbers policies in source order: policy0, policy1, ...
+        let mut ps: Vec<&Policy> = parsed.policies().collect();
+        ps.sort_by_key(|p| {
+            p.id()
+                .to_string()
+                .trim_start_matches("policy")
+                .parse::<usize>()
+                .unwrap_or(usize::MAX)
+        });
+        let mut cursor = 0;
+        for p in ps {
+            let offset = p
+                .to_cedar()
+                .and_then(|src| locate(text, &src, cursor).inspect(|o| cursor = o + src.len()));
+            let line = offset.map(|o| line_of(text, o)).unwrap_or(1);
+            self.add_policy(fi, file, line, p);
+        }
+    }
+
+    /// Adds one policy at `file:line`, unless its `@id` is missing, unprintable or
+    /// taken.
+    fn add_policy(&mut self, fi: usize, file: &Path, line: usize, p: &Policy) {
+        let at = |message: String| PolicyError {
+            file: file.to_owned(),
+            line: Some(line),
+            message,
+        };
+        let Some(id) = p.annotation("id").map(str::to_owned) else {
+            self.errors.push(at("policy has no @id(\"...\") annotation; every policy needs a unique id (records name it)".into()));
+            return;
+        };
+        if id.trim().is_empty() || id.chars().any(|c| c.is_control()) {
+            self.errors.push(at(format!(
+                "@id({id:?}) must be a non-empty printable name"
+            )));
+            return;
+        }
+        if let Some(prev) = self.sources.get(&id) {
+            self.errors.push(at(format!(
+                "@id(\"{id}\") is already used at {}:{}; policy ids must be unique",
+                prev.file.display(),
+                prev.line
+            )));
+            return;
+        }
+        let ob = obligations_of(p, &id, &at, &mut self.errors);
+        let renamed = p.new_id(PolicyId::new(&id));
+        if let Err(e) = self.set.add(renamed) {
+            self.errors.push(at(e.to_string()));
+            return;
+        }
+        self.sources.insert(
+            id.clone(),
+            PolicySource {
+                file: file.to_owned(),
+                line,
+            },
+        );
+        self.text_of.insert(id.clone(), fi);
+        self.obligations.insert(id, ob);
+    }
+
+    /// Strict validation against the schema; each error at its policy's file and line.
+    fn validate(&mut self, schema: &Schema, schema_path: &Path, files: &[(PathBuf, String)]) {
+        let validator = Validator::new(schema.clone());
+        let result = validator.validate(&self.set, ValidationMode::Strict);
+        for e in result.validation_errors() {
+            let id = e.policy_id().to_string();
+            let (off, message) = diag(e);
+            let (file, text) = match self.text_of.get(&id) {
+                Some(fi) => (files[*fi].0.clone(), Some(&files[*fi].1)),
+                None => (schema_path.to_owned(), None),
+            };
+            let line = match (off, text) {
+                (Some(o), Some(t)) => Some(line_of(t, o)),
+                _ => self.sources.get(&id).map(|s| s.line),
+            };
+            self.errors.push(PolicyError {
+                file,
+                line,
+                message: if message.contains(&format!("`{id}`")) {
+                    message
+                } else {
+                    format!("policy `{id}`: {message}")
+                },
+            });
+        }
+    }
+}
+
+/// What policy `id`'s annotations oblige; a misplaced or unknown one is an error
+/// (`at` its line).
+fn obligations_of(
+    p: &Policy,
+    id: &str,
+    at: &dyn Fn(String) -> PolicyError,
+    errors: &mut Vec<PolicyError>,
+) -> Obligations {
+    let mut ob = Obligations {
+        effect_forbid: p.effect() == Effect::Forbid,
+        ..Obligations::default()
+    };
+    for (k, v) in p.annotations() {
+        match k {
+            "id" | "description" => {}
+            "mask" | "approval" if ob.effect_forbid => errors.push(at(format!(
+                "@{k} is an obligation of a permit; policy `{id}` is a forbid"
+            ))),
+            "mask" | "approval" if v.trim().is_empty() => {
+                errors.push(at(format!("@{k} needs a name, e.g. @{k}(\"...\")")))
+            }
+            "mask" => ob.mask = Some(v.to_owned()),
+            "approval" => ob.approval = Some(v.to_owned()),
+            "require_token" if !ob.effect_forbid => errors.push(at(format!(
+                "@require_token belongs on a forbid (the rule that denies requests without a valid token); policy `{id}` is a permit"
+            ))),
+            "require_token" => ob.require_token = true,
+            other => errors.push(at(format!(
+                "unknown annotation @{other}; phigate understands @{}",
+                ANNOTATIONS.join(", @")
+            ))),
+        }
+    }
+    ob
+}
+
 impl PolicySet {
     /// Loads and validates `dir`: every `*.cedar` file and `schema.cedarschema`.
     /// Subdirectories (e.g. masking `profiles/`) are not read here.
@@ -397,165 +598,16 @@ impl PolicySet {
         files: &[(PathBuf, String)],
         hash: String,
     ) -> Result<PolicySet, PolicyErrors> {
-        let mut errors = Vec::new();
-        let schema = match Schema::from_cedarschema_str(schema_text) {
-            Ok((s, _warnings)) => s,
-            Err(e) => {
-                let (off, message) = diag(&e);
-                return Err(PolicyErrors(vec![PolicyError {
-                    file: schema_path.to_owned(),
-                    line: off.map(|o| line_of(schema_text, o)),
-                    message,
-                }]));
-            }
-        };
-        let actions = schema.action_entities().map_err(|e| {
-            PolicyErrors(vec![PolicyError {
-                file: schema_path.to_owned(),
-                line: None,
-                message: e.to_string(),
-            }])
-        })?;
-        let action_names: HashSet<String> = schema
-            .actions()
-            .filter(|a| a.type_name().to_string() == format!("{NS}::Action"))
-            .map(|a| a.id().unescaped().to_owned())
-            .collect();
-
-        let mut set = cedar_policy::PolicySet::new();
-        let mut sources: BTreeMap<String, PolicySource> = BTreeMap::new();
-        let mut obligations = HashMap::new();
-        // Policy id -> (file text) for locating validation errors.
-        let mut text_of: HashMap<String, usize> = HashMap::new();
+        let (schema, actions, action_names) = read_schema(schema_path, schema_text)?;
+        let mut parsed = Parsed::new();
         for (fi, (file, text)) in files.iter().enumerate() {
-            let parsed = match cedar_policy::PolicySet::from_str(text) {
-                Ok(p) => p,
-                Err(errs) => {
-                    for e in errs.iter() {
-                        let (off, message) = diag(e);
-                        errors.push(PolicyError {
-                            file: file.clone(),
-                            line: off.map(|o| line_of(text, o)),
-                            message,
-                        });
-                    }
-                    continue;
-                }
-            };
-            if let Some(t) = parsed.templates().next() {
-                errors.push(PolicyError {
-                    file: file.clone(),
-                    line: locate(text, &t.to_cedar(), 0).map(|o| line_of(text, o)),
-                    message: "templates (`?principal`, `?resource`) are not used by phigate; write static policies".into(),
-                });
-            }
-            // Cedar numbers policies in source order: policy0, policy1, ...
-            let mut ps: Vec<&Policy> = parsed.policies().collect();
-            ps.sort_by_key(|p| {
-                p.id()
-                    .to_string()
-                    .trim_start_matches("policy")
-                    .parse::<usize>()
-                    .unwrap_or(usize::MAX)
-            });
-            let mut cursor = 0;
-            for p in ps {
-                let offset = p
-                    .to_cedar()
-                    .and_then(|src| locate(text, &src, cursor).inspect(|o| cursor = o + src.len()));
-                let line = offset.map(|o| line_of(text, o)).unwrap_or(1);
-                let at = |message: String| PolicyError {
-                    file: file.clone(),
-                    line: Some(line),
-                    message,
-                };
-                let Some(id) = p.annotation("id").map(str::to_owned) else {
-                    errors.push(at("policy has no @id(\"...\") annotation; every policy needs a unique id (records name it)".into()));
-                    continue;
-                };
-                if id.trim().is_empty() || id.chars().any(|c| c.is_control()) {
-                    errors.push(at(format!(
-                        "@id({id:?}) must be a non-empty printable name"
-                    )));
-                    continue;
-                }
-                if let Some(prev) = sources.get(&id) {
-                    errors.push(at(format!(
-                        "@id(\"{id}\") is already used at {}:{}; policy ids must be unique",
-                        prev.file.display(),
-                        prev.line
-                    )));
-                    continue;
-                }
-                let mut ob = Obligations {
-                    effect_forbid: p.effect() == Effect::Forbid,
-                    ..Obligations::default()
-                };
-                for (k, v) in p.annotations() {
-                    match k {
-                        "id" | "description" => {}
-                        "mask" | "approval" if ob.effect_forbid => errors.push(at(format!(
-                            "@{k} is an obligation of a permit; policy `{id}` is a forbid"
-                        ))),
-                        "mask" | "approval" if v.trim().is_empty() => {
-                            errors.push(at(format!("@{k} needs a name, e.g. @{k}(\"...\")")))
-                        }
-                        "mask" => ob.mask = Some(v.to_owned()),
-                        "approval" => ob.approval = Some(v.to_owned()),
-                        "require_token" if !ob.effect_forbid => errors.push(at(format!(
-                            "@require_token belongs on a forbid (the rule that denies requests without a valid token); policy `{id}` is a permit"
-                        ))),
-                        "require_token" => ob.require_token = true,
-                        other => errors.push(at(format!(
-                            "unknown annotation @{other}; phigate understands @{}",
-                            ANNOTATIONS.join(", @")
-                        ))),
-                    }
-                }
-                let renamed = p.new_id(PolicyId::new(&id));
-                if let Err(e) = set.add(renamed) {
-                    errors.push(at(e.to_string()));
-                    continue;
-                }
-                sources.insert(
-                    id.clone(),
-                    PolicySource {
-                        file: file.clone(),
-                        line,
-                    },
-                );
-                text_of.insert(id.clone(), fi);
-                obligations.insert(id, ob);
-            }
+            parsed.add_file(fi, file, text);
         }
-
-        if errors.is_empty() {
-            let validator = Validator::new(schema.clone());
-            let result = validator.validate(&set, ValidationMode::Strict);
-            for e in result.validation_errors() {
-                let id = e.policy_id().to_string();
-                let (off, message) = diag(e);
-                let (file, text) = match text_of.get(&id) {
-                    Some(fi) => (files[*fi].0.clone(), Some(&files[*fi].1)),
-                    None => (schema_path.to_owned(), None),
-                };
-                let line = match (off, text) {
-                    (Some(o), Some(t)) => Some(line_of(t, o)),
-                    _ => sources.get(&id).map(|s| s.line),
-                };
-                errors.push(PolicyError {
-                    file,
-                    line,
-                    message: if message.contains(&format!("`{id}`")) {
-                        message
-                    } else {
-                        format!("policy `{id}`: {message}")
-                    },
-                });
-            }
+        if parsed.errors.is_empty() {
+            parsed.validate(&schema, schema_path, files);
         }
-        if !errors.is_empty() {
-            return Err(PolicyErrors(errors));
+        if !parsed.errors.is_empty() {
+            return Err(PolicyErrors(parsed.errors));
         }
 
         let action_groups = action_names
@@ -584,49 +636,55 @@ impl PolicySet {
             })
             .collect();
         let mut ps = PolicySet {
-            index: index::Index::new(&set, action_groups),
-            policies: set,
+            index: index::Index::new(&parsed.set, action_groups),
+            policies: parsed.set,
             schema,
             action_entities,
             action_names,
-            obligations,
-            sources,
+            obligations: parsed.obligations,
+            sources: parsed.sources,
             hash,
             dir: dir.to_owned(),
             authorizer: Authorizer::new(),
             features: SchemaFeatures::ALL,
         };
-        if ps.check_request_shape().is_err() {
+        ps.fit_request_model(schema_path)?;
+        Ok(ps)
+    }
+
+    /// Settles which request model the schema describes (the fullest it fits, with
+    /// a warning per part it lacks) and refuses a schema that fits none.
+    fn fit_request_model(&mut self, schema_path: &Path) -> Result<(), PolicyErrors> {
+        if self.check_request_shape().is_err() {
             let fits = SchemaFeatures::fallbacks().skip(1).find(|f| {
-                ps.features = *f;
-                ps.check_request_shape().is_ok()
+                self.features = *f;
+                self.check_request_shape().is_ok()
             });
             match fits {
                 Some(f) => {
-                    ps.features = f;
+                    self.features = f;
                     for m in f.missing() {
                         tracing::warn!(schema = %schema_path.display(), "the policy schema does not declare {m}; update it from the shipped policies/schema.cedarschema");
                     }
                 }
                 // Report the errors of the full model.
-                None => ps.features = SchemaFeatures::ALL,
+                None => self.features = SchemaFeatures::ALL,
             }
         }
         for p in Passage::ALL {
-            if !ps.action_names.contains(p.action()) {
+            if !self.action_names.contains(p.action()) {
                 tracing::warn!(schema = %schema_path.display(), "the policy schema declares no action \"{}\": every such passage is refused; update it from the shipped policies/schema.cedarschema", p.action());
             }
         }
         // The schema must describe the requests phigate builds, or policies would be
         // validated against a model that never occurs.
-        ps.check_request_shape().map_err(|message| {
+        self.check_request_shape().map_err(|message| {
             PolicyErrors(vec![PolicyError {
                 file: schema_path.to_owned(),
                 line: None,
                 message: format!("the schema does not describe the requests phigate makes: {message} (start from the shipped policies/schema.cedarschema)"),
             }])
-        })?;
-        Ok(ps)
+        })
     }
 
     /// SHA-256 over the schema and the policy files (names and contents, sorted).

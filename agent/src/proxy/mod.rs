@@ -106,64 +106,9 @@ impl Proxy {
     }
 
     async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
-        let started = SystemTime::now();
-        let t0 = Instant::now();
-        let peer = normalize(peer);
-        let id = new_id();
-
-        let attested = match self.lookup.take(peer) {
-            Ok(Some(a)) => a,
-            Ok(None) => {
-                // Someone connected to the listener directly (any local user can), or
-                // a redirected client closed before we accepted: no original
-                // destination, no attested caller. Refused, counted, and reported in
-                // an aggregate event: never one record each, so nobody can fill the
-                // records disk with connects.
-                self.metrics.connection("", "not_redirected");
-                if let Some(summary) = self.direct.note(peer) {
-                    let mut ev =
-                        EventRecord::new(self.records.origin(), "direct_connects", "refused");
-                    ev.message = Some(summary);
-                    let durable = self.records.submit(Record::Event(ev));
-                    tokio::spawn(async move {
-                        if let Err(e) = durable.await {
-                            tracing::error!(error = %e, "direct_connects event lost");
-                        }
-                    });
-                }
-                return;
-            }
-            Err(e) => {
-                self.record_refused(&id, peer, started, t0, Outcome::Error, Some(e.to_string()));
-                return;
-            }
+        let Some(inbound) = self.attribute(client, peer).await else {
+            return;
         };
-        let workload = {
-            let this = Arc::clone(&self);
-            let a = attested.clone();
-            tokio::task::spawn_blocking(move || this.identity.resolve(&a))
-                .await
-                .unwrap_or_else(|_| Workload {
-                    pid: attested.pid,
-                    tid: attested.tid,
-                    uid: attested.uid,
-                    gid: attested.gid,
-                    comm: attested.comm.clone(),
-                    cgroup_id: attested.cgroup_id,
-                    ..Workload::default()
-                })
-        };
-        let _ = client.set_nodelay(true);
-        let inbound = Inbound {
-            id,
-            client,
-            client_addr: peer,
-            attested,
-            workload: Arc::new(workload),
-            started,
-            t0,
-        };
-
         let config = self.config.load_full();
         let Some((dest_index, dest)) = config.destination_for(inbound.attested.original_dst) else {
             // Protected at connect time, removed by a reload before accept.
@@ -189,36 +134,11 @@ impl Proxy {
         let t0 = inbound.t0;
         let (client, conn) = inbound.split();
         let client = Metered::new(client, Arc::clone(&meter));
-        let original_dst = conn.original_dst;
         let (outcome, error) = match dest.protocol {
-            // Fail closed: a connection that cannot be recorded is not relayed. (HTTP
-            // destinations answer 503 per request instead, in the pipeline.)
-            Protocol::Tcp if !self.records.writable() => (
-                Outcome::RecordsUnavailable,
-                Some("records cannot be written".into()),
-            ),
-            Protocol::Tcp => match self.open_passage(
-                &mut rec,
-                &conn.workload,
-                &dest.name,
-                crate::policy::Passage::Tcp,
-                None,
-            ) {
-                Err(refused) => refused,
-                Ok(open) => {
-                    let (outcome, error) = tcp::relay(
-                        client,
-                        &meter,
-                        &[],
-                        original_dst,
-                        &config,
-                        &self.sockets,
-                        open.conn.stop(),
-                    )
-                    .await;
-                    open.conn.outcome(outcome, error)
-                }
-            },
+            Protocol::Tcp => {
+                self.relay_tcp(client, &meter, &conn, dest, &config, &mut rec)
+                    .await
+            }
             Protocol::Https => {
                 https::serve(
                     &self, client, &meter, &conn, dest_index, dest, &config, &mut rec,
@@ -226,23 +146,8 @@ impl Proxy {
                 .await
             }
             Protocol::Http | Protocol::HttpToHttps => {
-                let bounds = self.tunnel_bounds(&meter, &config);
-                let ctx = self.conn_context(&rec, dest_index, dest, &conn, None, bounds);
-                let pipeline = self.pipeline.load_full();
-                let ctx = Arc::new(ctx);
-                let _listed = self.live.list(&ctx);
-                let outcome = serve::serve(
-                    client,
-                    Arc::clone(&ctx),
-                    pipeline,
-                    &meter,
-                    &config.timeouts,
-                    &config.limits,
-                    &self.force_close,
-                )
-                .await;
-                rec.requests = ctx.requests.load(Ordering::Relaxed);
-                outcome
+                self.serve_http(client, &meter, &conn, dest_index, dest, &config, &mut rec)
+                    .await
             }
         };
         self.write(ConnectionRecord {
@@ -255,6 +160,145 @@ impl Proxy {
             error,
             ..rec
         });
+    }
+
+    /// Who sent an accepted connection and where it was going: its attested
+    /// original destination and caller, and the workload that is. `None`: refused
+    /// (not redirected, or not attested), and already counted or recorded.
+    async fn attribute(self: &Arc<Self>, client: TcpStream, peer: SocketAddr) -> Option<Inbound> {
+        let started = SystemTime::now();
+        let t0 = Instant::now();
+        let peer = normalize(peer);
+        let id = new_id();
+
+        let attested = match self.lookup.take(peer) {
+            Ok(Some(a)) => a,
+            Ok(None) => {
+                self.direct_connect(peer);
+                return None;
+            }
+            Err(e) => {
+                self.record_refused(&id, peer, started, t0, Outcome::Error, Some(e.to_string()));
+                return None;
+            }
+        };
+        let workload = {
+            let this = Arc::clone(self);
+            let a = attested.clone();
+            tokio::task::spawn_blocking(move || this.identity.resolve(&a))
+                .await
+                .unwrap_or_else(|_| Workload {
+                    pid: attested.pid,
+                    tid: attested.tid,
+                    uid: attested.uid,
+                    gid: attested.gid,
+                    comm: attested.comm.clone(),
+                    cgroup_id: attested.cgroup_id,
+                    ..Workload::default()
+                })
+        };
+        let _ = client.set_nodelay(true);
+        Some(Inbound {
+            id,
+            client,
+            client_addr: peer,
+            attested,
+            workload: Arc::new(workload),
+            started,
+            t0,
+        })
+    }
+
+    /// Someone connected to the listener directly (any local user can), or a
+    /// redirected client closed before we accepted: no original destination, no
+    /// attested caller. Refused, counted, and reported in an aggregate event: never
+    /// one record each, so nobody can fill the records disk with connects.
+    fn direct_connect(&self, peer: SocketAddr) {
+        self.metrics.connection("", "not_redirected");
+        if let Some(summary) = self.direct.note(peer) {
+            let mut ev = EventRecord::new(self.records.origin(), "direct_connects", "refused");
+            ev.message = Some(summary);
+            let durable = self.records.submit(Record::Event(ev));
+            tokio::spawn(async move {
+                if let Err(e) = durable.await {
+                    tracing::error!(error = %e, "direct_connects event lost");
+                }
+            });
+        }
+    }
+
+    /// A `tcp` destination: the passage decided, then the bytes relayed uninspected.
+    async fn relay_tcp(
+        &self,
+        client: Metered<TcpStream>,
+        meter: &Meter,
+        conn: &Redirected,
+        dest: &Destination,
+        config: &Config,
+        rec: &mut ConnectionRecord,
+    ) -> (Outcome, Option<String>) {
+        // Fail closed: a connection that cannot be recorded is not relayed. (HTTP
+        // destinations answer 503 per request instead, in the pipeline.)
+        if !self.records.writable() {
+            return (
+                Outcome::RecordsUnavailable,
+                Some("records cannot be written".into()),
+            );
+        }
+        match self.open_passage(
+            rec,
+            &conn.workload,
+            &dest.name,
+            crate::policy::Passage::Tcp,
+            None,
+        ) {
+            Err(refused) => refused,
+            Ok(open) => {
+                let (outcome, error) = tcp::relay(
+                    client,
+                    meter,
+                    &[],
+                    conn.original_dst,
+                    config,
+                    &self.sockets,
+                    open.conn.stop(),
+                )
+                .await;
+                open.conn.outcome(outcome, error)
+            }
+        }
+    }
+
+    /// An `http` destination: requests served through the pipeline, the connection
+    /// listed for policy re-checks while it is open.
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_http(
+        &self,
+        client: Metered<TcpStream>,
+        meter: &Meter,
+        conn: &Redirected,
+        dest_index: u32,
+        dest: &Destination,
+        config: &Config,
+        rec: &mut ConnectionRecord,
+    ) -> (Outcome, Option<String>) {
+        let bounds = self.tunnel_bounds(meter, config);
+        let ctx = self.conn_context(rec, dest_index, dest, conn, None, bounds);
+        let pipeline = self.pipeline.load_full();
+        let ctx = Arc::new(ctx);
+        let _listed = self.live.list(&ctx);
+        let outcome = serve::serve(
+            client,
+            Arc::clone(&ctx),
+            pipeline,
+            meter,
+            &config.timeouts,
+            &config.limits,
+            &self.force_close,
+        )
+        .await;
+        rec.requests = ctx.requests.load(Ordering::Relaxed);
+        outcome
     }
 
     /// What the HTTP requests of this connection share.
