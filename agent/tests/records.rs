@@ -10,10 +10,9 @@ use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ArrowWriter;
 use phigate::record::journal::Durability;
-use phigate::record::seal::{self, Manifest, PublicKey};
+use phigate::record::seal::{self, list_manifests, Manifest, PublicKey};
 use phigate::record::store::{RecordStore, StoreConfig};
 use phigate::record::verify::{verify, Report};
-use phigate::record::writer::list_manifests;
 use phigate::record::{read, EventRecord, Origin, Record, RecordSink, Table};
 use tempfile::TempDir;
 

@@ -40,6 +40,7 @@ pub const MAX_FN_LINES: usize = 150;
 /// `file:function`.
 const LONG_FUNCTIONS: &[(&str, usize)] = &[
     ("agent/mask/src/profile.rs:parse", 365),
+    ("agent/record/src/verify.rs:verify_table", 185),
     ("agent/src/app.rs:run", 189),
     ("agent/src/approval/rules.rs:parse", 184),
     ("agent/src/cli.rs:run", 165),
@@ -47,7 +48,6 @@ const LONG_FUNCTIONS: &[(&str, usize)] = &[
     ("agent/src/policy/explain.rs:run", 154),
     ("agent/src/policy/mod.rs:from_texts", 223),
     ("agent/src/proxy/mod.rs:handle", 151),
-    ("agent/src/record/verify.rs:verify_table", 185),
 ];
 
 pub fn check(root: &Path) -> anyhow::Result<()> {
@@ -198,7 +198,7 @@ fn crate_paths(code: &str) -> Vec<(usize, String)> {
 fn long_functions(root: &Path) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
     let mut found = BTreeMap::new();
-    for dir in ["agent/src", "agent/mask/src"] {
+    for dir in ["agent/src", "agent/mask/src", "agent/record/src"] {
         let mut files = Vec::new();
         rust_files(&root.join(dir), &mut files)?;
         for f in files {

@@ -11,10 +11,9 @@ use arrow_array::types::UInt64Type;
 use arrow_array::{Array, RecordBatch};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::chain::{self, Hash, GENESIS};
-use super::schema::{Table, CHAIN_HASH, CHAIN_SEQ};
-use super::seal::{self, Head, Manifest, PublicKey};
-use super::writer::{file_sha256, walk};
+use crate::chain::{self, Hash, GENESIS};
+use crate::schema::{Table, CHAIN_HASH, CHAIN_SEQ};
+use crate::seal::{self, file_sha256, walk, Head, Manifest, PublicKey};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -69,7 +68,7 @@ pub fn verify(dir: &Path, key: &PublicKey) -> anyhow::Result<Report> {
     // table, `events` included. Rows read here are trusted only as far as their own
     // files verify below.
     let mut retired: HashMap<String, Vec<Retired>> = HashMap::new();
-    for mpath in super::writer::list_manifests(dir, Table::Events)? {
+    for mpath in seal::list_manifests(dir, Table::Events)? {
         let Some(data) = relative(dir, &mpath)
             .strip_suffix(seal::MANIFEST_SUFFIX)
             .map(|d| dir.join(d))
