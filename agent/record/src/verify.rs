@@ -300,7 +300,16 @@ fn check_links(
     }
     for w in manifests.windows(2) {
         let ((a, _), (b, bdata)) = (&w[0], &w[1]);
-        if b.file_seq != a.file_seq + 1 {
+        if b.file_seq <= a.file_seq {
+            // Two manifests with one number (a copy), or numbers going back.
+            found.add(
+                Some(bdata),
+                format!(
+                    "file number {} does not follow {} (files copied or replaced)",
+                    b.file_seq, a.file_seq
+                ),
+            );
+        } else if b.file_seq != a.file_seq + 1 {
             found.add(
                 Some(bdata),
                 format!(
