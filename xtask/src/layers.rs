@@ -38,7 +38,7 @@ pub const MAX_FN_LINES: usize = 150;
 /// Functions longer than [`MAX_FN_LINES`] today, with their length: debt to pay
 /// down (issue 19), never to grow; a shorter one must lower its entry (a ratchet).
 /// `file:function`.
-const LONG_FUNCTIONS: &[(&str, usize)] = &[("agent/src/record/verify.rs:verify_table", 185)];
+const LONG_FUNCTIONS: &[(&str, usize)] = &[];
 
 pub fn check(root: &Path) -> anyhow::Result<()> {
     let src = root.join("agent/src");
@@ -188,7 +188,7 @@ fn crate_paths(code: &str) -> Vec<(usize, String)> {
 fn long_functions(root: &Path) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
     let mut found = BTreeMap::new();
-    for dir in ["agent/src", "agent/mask/src"] {
+    for dir in ["agent/src", "agent/mask/src", "agent/record/src"] {
         let mut files = Vec::new();
         rust_files(&root.join(dir), &mut files)?;
         for f in files {

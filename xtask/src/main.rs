@@ -166,11 +166,13 @@ fn static_checks(run: &mut StepRunner<'_>) -> anyhow::Result<()> {
 }
 
 /// The crates whose unit tests need no root.
-const UNIT_TESTED: [&str; 6] = [
+const UNIT_TESTED: [&str; 8] = [
     "-p",
     "phigate",
     "-p",
     "phigate-mask",
+    "-p",
+    "phigate-record",
     "-p",
     "phigate-common",
 ];

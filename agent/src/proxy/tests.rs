@@ -163,7 +163,7 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
         rows.len(),
         1,
         "{rows:?} {:?}",
-        crate::record::writer::walk(&dir.path().join("records"))
+        crate::record::seal::walk(&dir.path().join("records"))
     );
     let rec = &rows[0];
     // The patient id in the path is recorded only as its keyed pseudonym.

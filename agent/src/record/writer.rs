@@ -30,7 +30,7 @@ use tracing::{error, info, warn};
 use super::chain::{self, Hash};
 use super::journal::{Entry, JournalState, Submission};
 use super::schema::SCHEMA_VERSION;
-use super::seal::{self, Head, Manifest, Signer};
+use super::seal::{self, file_sha256, list_manifests, walk, Head, Manifest, Signer};
 use super::{micros, EventRecord, Origin, Record, Table};
 
 #[derive(Debug, Clone)]
@@ -579,48 +579,6 @@ fn recover(records_dir: &Path, t: Table, signer: &Signer) -> anyhow::Result<Head
         write_atomically(&head_path, &serde_json::to_vec_pretty(&head)?)?;
     }
     Ok(head)
-}
-
-/// Every manifest of table `t`.
-pub fn list_manifests(records_dir: &Path, t: Table) -> std::io::Result<Vec<PathBuf>> {
-    Ok(walk(&records_dir.join(t.name()))?
-        .into_iter()
-        .filter(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with(seal::MANIFEST_SUFFIX))
-        })
-        .collect())
-}
-
-/// Files under `dir`, recursively (the partitions are one level deep).
-pub fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        let rd = match fs::read_dir(&d) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
-        };
-        for e in rd {
-            let e = e?;
-            if e.file_type()?.is_dir() {
-                stack.push(e.path());
-            } else {
-                out.push(e.path());
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
-}
-
-pub fn file_sha256(path: &Path) -> std::io::Result<([u8; 32], u64)> {
-    let mut f = File::open(path)?;
-    let mut h = Sha256::new();
-    let n = std::io::copy(&mut f, &mut h)?;
-    Ok((h.finalize().into(), n))
 }
 
 fn date_of(time_us: i64) -> Date {

@@ -25,7 +25,7 @@ pub const GENESIS: Hash = [0u8; 32];
 const DOMAIN: &[u8] = b"phigate-chain-v1";
 
 /// The canonical bytes of row `row` over the columns named in `columns` order.
-pub fn canonical_row(batch: &RecordBatch, columns: &[usize], row: usize, out: &mut Vec<u8>) {
+pub(crate) fn canonical_row(batch: &RecordBatch, columns: &[usize], row: usize, out: &mut Vec<u8>) {
     let schema = batch.schema();
     for &c in columns {
         let name = schema.field(c).name().as_bytes();

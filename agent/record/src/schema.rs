@@ -146,7 +146,7 @@ fn origin() -> Vec<Field> {
     vec![text_req("host"), text_req("agent_version")]
 }
 
-/// The kernel-attested caller (see `identity::Workload`).
+/// The kernel-attested caller (the agent's `identity::Workload`).
 fn workload() -> Vec<Field> {
     vec![
         u32_("pid"),

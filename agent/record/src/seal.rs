@@ -5,16 +5,19 @@
 //! Both are signed with an Ed25519 key kept 0600 in state_dir; the public key is all
 //! `audit verify` needs.
 
+use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
 use ring::signature::{Ed25519KeyPair, KeyPair, UnparsedPublicKey, ED25519};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::schema::Table;
+
 pub const SIGNING_KEY_FILE: &str = "records-signing.key";
 pub const PUBLIC_KEY_FILE: &str = "records-signing.pub";
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
-pub const HEAD_FILE: &str = "_head.json";
+pub(crate) const HEAD_FILE: &str = "_head.json";
 
 const PUBLIC_KEY_PREFIX: &str = "phigate-ed25519 ";
 
@@ -29,7 +32,7 @@ impl Signer {
     /// writes the public key beside it (0644) for export.
     pub fn load_or_create(state_dir: &Path) -> anyhow::Result<Signer> {
         let path = state_dir.join(SIGNING_KEY_FILE);
-        let pkcs8 = super::keyfile::load_or_create(&path, || {
+        let pkcs8 = crate::keyfile::load_or_create(&path, || {
             let doc = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
                 .map_err(|_| anyhow::anyhow!("cannot generate an Ed25519 key"))?;
             Ok(doc.as_ref().to_vec())
@@ -161,7 +164,7 @@ pub struct Manifest {
 signed!(Manifest);
 
 pub const MANIFEST_FORMAT: &str = "phigate-manifest-v1";
-pub const HEAD_FORMAT: &str = "phigate-head-v1";
+pub(crate) const HEAD_FORMAT: &str = "phigate-head-v1";
 
 /// The newest state of one table's chain.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,7 +192,7 @@ impl Head {
             table: table.into(),
             next_file_seq: 0,
             next_chain_seq: 0,
-            last_hash: super::chain::to_hex(&super::chain::GENESIS),
+            last_hash: crate::chain::to_hex(&crate::chain::GENESIS),
             last_file: None,
             journal_seq_last: 0,
             updated: String::new(),
@@ -218,6 +221,49 @@ pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+/// Every manifest of table `t`.
+pub fn list_manifests(records_dir: &Path, t: Table) -> std::io::Result<Vec<PathBuf>> {
+    Ok(walk(&records_dir.join(t.name()))?
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with(MANIFEST_SUFFIX))
+        })
+        .collect())
+}
+
+/// Files under `dir`, recursively (the partitions are one level deep).
+pub fn walk(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let rd = match fs::read_dir(&d) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in rd {
+            let e = e?;
+            if e.file_type()?.is_dir() {
+                stack.push(e.path());
+            } else {
+                out.push(e.path());
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// A file's SHA-256 and length, as its manifest binds them.
+pub fn file_sha256(path: &Path) -> std::io::Result<([u8; 32], u64)> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let n = std::io::copy(&mut f, &mut h)?;
+    Ok((h.finalize().into(), n))
 }
 
 /// `s` decoded, if it is lowercase hex (as phigate writes it).

@@ -6,9 +6,8 @@ use std::path::Path;
 
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::seal::{self, Manifest};
-use super::writer::list_manifests;
-use super::Table;
+use crate::seal::{self, list_manifests, Manifest};
+use crate::Table;
 
 /// The rows of `table` under `records_dir`, oldest first. Timestamps come out as
 /// RFC 3339 text, maps as objects, lists as arrays.

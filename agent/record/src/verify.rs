@@ -11,10 +11,9 @@ use arrow_array::types::UInt64Type;
 use arrow_array::{Array, RecordBatch};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::chain::{self, Hash, GENESIS};
-use super::schema::{Table, CHAIN_HASH, CHAIN_SEQ};
-use super::seal::{self, Head, Manifest, PublicKey};
-use super::writer::{file_sha256, walk};
+use crate::chain::{self, Hash, GENESIS};
+use crate::schema::{Table, CHAIN_HASH, CHAIN_SEQ};
+use crate::seal::{self, file_sha256, walk, Head, Manifest, PublicKey};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -69,7 +68,7 @@ pub fn verify(dir: &Path, key: &PublicKey) -> anyhow::Result<Report> {
     // table, `events` included. Rows read here are trusted only as far as their own
     // files verify below.
     let mut retired: HashMap<String, Vec<Retired>> = HashMap::new();
-    for mpath in super::writer::list_manifests(dir, Table::Events)? {
+    for mpath in seal::list_manifests(dir, Table::Events)? {
         let Some(data) = relative(dir, &mpath)
             .strip_suffix(seal::MANIFEST_SUFFIX)
             .map(|d| dir.join(d))
@@ -123,7 +122,24 @@ fn collect_retired(b: &RecordBatch, out: &mut HashMap<String, Vec<Retired>>) {
     }
 }
 
-/// Verifies one table.
+/// What is wrong in one table, in the order it was found.
+struct Findings {
+    table: Table,
+    problems: Vec<Problem>,
+}
+
+impl Findings {
+    fn add(&mut self, file: Option<&str>, what: String) {
+        self.problems.push(Problem {
+            table: self.table.name().into(),
+            file: file.map(str::to_owned),
+            what,
+        })
+    }
+}
+
+/// Verifies one table: every file is accounted for, whole and chained to the one
+/// before, and the signed head names the newest.
 fn verify_table(
     dir: &Path,
     t: Table,
@@ -133,23 +149,35 @@ fn verify_table(
 ) -> anyhow::Result<()> {
     let table_dir = dir.join(t.name());
     let summary = report.tables.entry(t.name().into()).or_default();
-    let mut problems = Vec::new();
-    let mut problem = |file: Option<&str>, what: String| {
-        problems.push(Problem {
-            table: t.name().into(),
-            file: file.map(str::to_owned),
-            what,
-        })
-    };
     if !table_dir.exists() {
         return Ok(());
     }
-
-    // Everything in the table directory must be accounted for.
+    let mut found = Findings {
+        table: t,
+        problems: Vec::new(),
+    };
     let head_path = seal::head_path(dir, t.name());
+    let manifests = inventory(dir, &table_dir, &head_path, key, &mut found)?;
+    check_files(dir, &manifests, summary, &mut found);
+    check_links(&manifests, retired, summary, &mut found);
+    check_head(&head_path, key, &manifests, &mut found);
+    report.problems.append(&mut found.problems);
+    Ok(())
+}
+
+/// Everything in the table directory must be accounted for: the signed manifests
+/// (with the data file each lies beside), in file order.
+fn inventory(
+    dir: &Path,
+    table_dir: &Path,
+    head_path: &Path,
+    key: &PublicKey,
+    found: &mut Findings,
+) -> anyhow::Result<Vec<(Manifest, String)>> {
+    let t = found.table;
     let mut manifests: Vec<(Manifest, String)> = Vec::new();
     let mut data_files: Vec<String> = Vec::new();
-    for p in walk(&table_dir)? {
+    for p in walk(table_dir)? {
         let rel = relative(dir, &p);
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         if p == head_path || name.ends_with(".tmp") {
@@ -158,43 +186,51 @@ fn verify_table(
             match seal::read_json::<Manifest>(&p) {
                 Ok(m) => {
                     if let Err(e) = key.check(&m) {
-                        problem(Some(&rel), format!("manifest signature invalid: {e}"));
+                        found.add(Some(&rel), format!("manifest signature invalid: {e}"));
                     }
                     if m.table != t.name() {
-                        problem(Some(&rel), format!("manifest belongs to table {}", m.table));
+                        found.add(Some(&rel), format!("manifest belongs to table {}", m.table));
                     }
                     if m.file != data {
-                        problem(
+                        found.add(
                             Some(&rel),
                             format!("manifest describes {} but lies beside {data} (files moved or swapped)", m.file),
                         );
                     }
                     manifests.push((m, data.to_owned()));
                 }
-                Err(e) => problem(Some(&rel), format!("unreadable manifest: {e:#}")),
+                Err(e) => found.add(Some(&rel), format!("unreadable manifest: {e:#}")),
             }
         } else if name.ends_with(".parquet") {
             data_files.push(rel);
         } else {
-            problem(Some(&rel), "unexpected file in the records".into());
+            found.add(Some(&rel), "unexpected file in the records".into());
         }
     }
     for f in &data_files {
         if !manifests.iter().any(|(_, d)| d == f) {
-            problem(
+            found.add(
                 Some(f),
                 "Parquet file without a signed manifest (inserted or renamed)".into(),
             );
         }
     }
     manifests.sort_by_key(|(m, _)| m.file_seq);
+    Ok(manifests)
+}
 
-    // Each file: present, whole, and its rows chained.
-    for (m, data) in &manifests {
+/// Each file: present, whole, and its rows chained.
+fn check_files(
+    dir: &Path,
+    manifests: &[(Manifest, String)],
+    summary: &mut TableSummary,
+    found: &mut Findings,
+) {
+    for (m, data) in manifests {
         let path = dir.join(data);
         match file_sha256(&path) {
             Err(_) => {
-                problem(
+                found.add(
                     Some(data),
                     format!(
                         "file deleted (manifest says {} rows, chain {}..={})",
@@ -205,7 +241,7 @@ fn verify_table(
             }
             Ok((sha, len)) => {
                 if len != m.bytes {
-                    problem(
+                    found.add(
                         Some(data),
                         format!(
                             "file altered: {len} bytes where the signed manifest says {} (truncated, extended or rewritten)",
@@ -213,7 +249,7 @@ fn verify_table(
                         ),
                     );
                 } else if hex::encode(sha) != m.sha256 {
-                    problem(
+                    found.add(
                         Some(data),
                         "file altered or replaced: its SHA-256 differs from the signed manifest"
                             .into(),
@@ -221,19 +257,27 @@ fn verify_table(
                 }
             }
         }
-        match check_rows(&path, m, t) {
-            Ok((rows, found)) => {
+        match check_rows(&path, m, found.table) {
+            Ok((rows, problems)) => {
                 summary.files += 1;
                 summary.rows += rows;
-                for w in found {
-                    problem(Some(data), w);
+                for w in problems {
+                    found.add(Some(data), w);
                 }
             }
-            Err(e) => problem(Some(data), format!("unreadable: {e:#}")),
+            Err(e) => found.add(Some(data), format!("unreadable: {e:#}")),
         }
     }
+}
 
-    // Files chain to each other, the first to genesis or to a documented deletion.
+/// Files chain to each other, the first to genesis or to a documented deletion.
+fn check_links(
+    manifests: &[(Manifest, String)],
+    retired: &HashMap<String, Vec<Retired>>,
+    summary: &mut TableSummary,
+    found: &mut Findings,
+) {
+    let t = found.table;
     if let Some((first, data)) = manifests.first() {
         if first.first_chain_seq != 0 || first.prev_hash != chain::to_hex(&GENESIS) {
             let documented = retired.get(t.name()).is_some_and(|rs| {
@@ -244,7 +288,7 @@ fn verify_table(
             if documented {
                 summary.retired_rows = first.first_chain_seq;
             } else {
-                problem(
+                found.add(
                     Some(data),
                     format!(
                         "the chain starts at row {}: earlier files were deleted without a retention record",
@@ -256,8 +300,17 @@ fn verify_table(
     }
     for w in manifests.windows(2) {
         let ((a, _), (b, bdata)) = (&w[0], &w[1]);
-        if b.file_seq != a.file_seq + 1 {
-            problem(
+        if b.file_seq <= a.file_seq {
+            // Two manifests with one number (a copy), or numbers going back.
+            found.add(
+                Some(bdata),
+                format!(
+                    "file number {} does not follow {} (files copied or replaced)",
+                    b.file_seq, a.file_seq
+                ),
+            );
+        } else if b.file_seq != a.file_seq + 1 {
+            found.add(
                 Some(bdata),
                 format!(
                     "files {}..{} are missing (deleted)",
@@ -267,7 +320,7 @@ fn verify_table(
             );
         }
         if b.prev_hash != a.last_hash || b.first_chain_seq != a.last_chain_seq + 1 {
-            problem(
+            found.add(
                 Some(bdata),
                 format!(
                     "does not continue the chain of {} (rows deleted, files replaced or reordered)",
@@ -276,12 +329,19 @@ fn verify_table(
             );
         }
     }
+}
 
-    // The signed head names the newest file: deleting files from the end shows.
-    match seal::read_json::<Head>(&head_path) {
+/// The signed head names the newest file: deleting files from the end shows.
+fn check_head(
+    head_path: &Path,
+    key: &PublicKey,
+    manifests: &[(Manifest, String)],
+    found: &mut Findings,
+) {
+    match seal::read_json::<Head>(head_path) {
         Ok(h) => {
             if let Err(e) = key.check(&h) {
-                problem(
+                found.add(
                     None,
                     format!("{}: head signature invalid: {e}", seal::HEAD_FILE),
                 );
@@ -292,7 +352,7 @@ fn verify_table(
                 None => h.next_file_seq == 0,
             };
             if !matches {
-                problem(
+                found.add(
                     h.last_file.as_deref(),
                     format!(
                         "the head names {} file(s) ending in {}, but the newest present is {} (files deleted from the end)",
@@ -304,10 +364,8 @@ fn verify_table(
             }
         }
         Err(_) if manifests.is_empty() => {}
-        Err(e) => problem(None, format!("head missing or unreadable: {e:#}")),
+        Err(e) => found.add(None, format!("head missing or unreadable: {e:#}")),
     }
-    report.problems.append(&mut problems);
-    Ok(())
 }
 
 /// Recomputes one file's chain; returns its row count and what is wrong.
