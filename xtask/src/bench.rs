@@ -300,6 +300,9 @@ policies_dir = "{d}/policies"
 cgroup = "{cg}"
 bpf_pin_dir = "/sys/fs/bpf/phigate-bench"
 
+[admin]
+socket = "{d}/admin.sock"
+
 [[destinations]]
 name = "bench-api"
 addresses = ["{UPSTREAM}"]
@@ -327,7 +330,27 @@ upstream_ca = "{d}/upstream-ca.pem"
             phigate: Some(phigate),
             _procs: procs,
         };
-        wait_port("127.0.0.1:15001")?;
+        // The listener accepts before the redirect is attached: wait for the admin
+        // socket, which answers only once the agent is ready, or wrk's first
+        // connections would go straight to the upstream.
+        let t = Instant::now();
+        loop {
+            let ok = Command::new(&bin)
+                .args(["status", "--json", "--config"])
+                .arg(rig.dir.join("phigate.toml"))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()?
+                .success();
+            if ok {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(30) {
+                rig.log_tails();
+                bail!("phigate did not become ready within 30 s");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         Ok(rig)
     }
 
@@ -570,6 +593,10 @@ fn guard(duration: u64) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    println!(
+        "warm-up through phigate: {} responses, {} errors; measured: {} responses, {} errors",
+        warm.requests, warm.errors, p.requests, p.errors
+    );
     let ratio = p.rps / n.rps;
     println!(
         "phigate {:.0} req/s, nginx {:.0} req/s: {ratio:.2}x (floor {GUARD_FLOOR:.2}x)",
