@@ -48,7 +48,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let minter = Arc::new(LeafMinter::new(ca, config.tls.leaf_cache_size)?);
     start_console(&config, &approvals, &minter)?;
     let policy_changes = watch_policies(&config.agent.policies_dir);
-    let cgroup_root = crate::redirect::bpf::cgroup2_root()?;
+    let cgroup_root = crate::redirect::cgroup2_root()?;
     let config_path = config.source.clone();
     let drain = config.timeouts.drain;
     let proxy = Arc::new(Proxy {

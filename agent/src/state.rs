@@ -22,8 +22,7 @@ use crate::proxy::Proxy;
 use crate::record::pseudonym::Pseudonymizer;
 use crate::record::store::RecordStore;
 use crate::record::{EventRecord, RecordSink};
-use crate::redirect::bpf::DestEntry;
-use crate::redirect::{RedirectSettings, Redirector};
+use crate::redirect::{DestEntry, RedirectSettings, Redirector};
 use crate::sockets::SocketFactory;
 use crate::tls::UpstreamTls;
 
