@@ -1,5 +1,6 @@
 //! The filesystems the redirect needs: the cgroup2 directory it attaches to, and the
 //! bpf filesystem its links and maps are pinned in (mounted when missing).
+#![forbid(unsafe_code)]
 
 use std::fs;
 use std::io;

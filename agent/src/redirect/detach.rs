@@ -1,6 +1,7 @@
-//! Removing the redirect: [`detach_pinned`] detaches and unpins phigate's links (and
-//! removes its pinned maps), through raw bpf(2) because aya 0.14 cannot force-detach a
-//! link.
+//! Removing pinned links: [`detach_pinned`] (`phigate detach`) detaches and unpins
+//! phigate's links and removes its pinned maps; a restart replaces the previous
+//! instance's links one by one ([`detach_and_remove`]). Through raw bpf(2), because
+//! aya 0.14 cannot force-detach a link.
 
 use std::ffi::CString;
 use std::fs;

@@ -1,5 +1,6 @@
 //! The original-destination lookup: for an accepted connection, the by-peer map's
 //! entry the programs recorded at connect time (see [`OrigDstLookup`]).
+#![forbid(unsafe_code)]
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Mutex;

@@ -1,6 +1,7 @@
 //! The redirect's maps as the agent writes and reads them: protected destinations
 //! (LPM tries keyed by port and network), settings, the agent's listeners and own
 //! sockets, counters; and how their keys and values are encoded for the programs.
+#![forbid(unsafe_code)]
 
 use std::collections::HashMap as StdHashMap;
 use std::io;

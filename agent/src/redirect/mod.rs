@@ -14,7 +14,8 @@
 //! * `lookup`: the original destination of an accepted connection, from the by-peer
 //!   map ([`OrigDstLookup`]).
 //! * `bpffs`: the cgroup2 directory and the bpf filesystem the links are pinned in.
-//! * `detach`: [`detach_pinned`], which removes the redirect (`phigate detach`).
+//! * `detach`: removing pinned links: [`detach_pinned`] (`phigate detach`), and the
+//!   previous instance's on restart.
 
 mod bpffs;
 mod detach;
