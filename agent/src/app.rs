@@ -7,11 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use crate::approval::notify::Notifier;
@@ -48,24 +45,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let minter = Arc::new(LeafMinter::new(ca, config.tls.leaf_cache_size)?);
     start_console(&config, &approvals, &minter)?;
     let policy_changes = watch_policies(&config.agent.policies_dir);
-    let cgroup_root = crate::redirect::bpf::cgroup2_root()?;
+    let cgroup_root = crate::redirect::cgroup2_root()?;
     let config_path = config.source.clone();
     let drain = config.timeouts.drain;
-    let proxy = Arc::new(Proxy {
-        config: ArcSwap::from_pointee(config),
-        lookup: redirector.clone(),
-        identity: IdentityResolver::new(cgroup_root),
+    let proxy = Arc::new(Proxy::new(
+        config,
+        pipeline,
+        redirector.clone(),
+        IdentityResolver::new(cgroup_root),
         records,
-        pipeline: ArcSwap::from_pointee(pipeline),
         minter,
-        stop_accepting: CancellationToken::new(),
-        force_close: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-        live: Default::default(),
         sockets,
-        direct: Default::default(),
-        metrics: metrics.clone(),
-    });
+        metrics.clone(),
+    ));
     let agent = Agent {
         proxy,
         redirector,
@@ -208,7 +200,7 @@ impl Agent {
             self.approvals.clone(),
             status.clone(),
         ));
-        if let Some(addr) = self.proxy.config.load().admin.metrics_listen {
+        if let Some(addr) = self.proxy.config().admin.metrics_listen {
             self.metrics
                 .set_sampler(Box::new(move |m| sample(m, &status())));
             crate::metrics::serve(addr, self.metrics.clone())?;
@@ -359,8 +351,8 @@ fn status(
     approvals: &Approvals,
     started: std::time::Instant,
 ) -> crate::admin::Status {
-    let config = proxy.config.load();
-    let gate = proxy.pipeline.load().gate.load_full();
+    let config = proxy.config();
+    let gate = proxy.gate();
     let mut listeners = vec![config.agent.listen_v4.to_string()];
     listeners.extend(config.agent.listen_v6.map(|a| a.to_string()));
     crate::admin::Status {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::redirect::bpf::cgroup2_root;
+use crate::redirect::cgroup2_root;
 
 /// Linux capability numbers (linux/capability.h).
 const CAP_NET_ADMIN: u32 = 12;

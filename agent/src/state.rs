@@ -22,8 +22,7 @@ use crate::proxy::Proxy;
 use crate::record::pseudonym::Pseudonymizer;
 use crate::record::store::RecordStore;
 use crate::record::{EventRecord, RecordSink};
-use crate::redirect::bpf::DestEntry;
-use crate::redirect::{RedirectSettings, Redirector};
+use crate::redirect::{DestEntry, RedirectSettings, Redirector};
 use crate::sockets::SocketFactory;
 use crate::tls::UpstreamTls;
 
@@ -77,18 +76,9 @@ impl InForce {
     /// Reloads the config file and the policy directory.
     pub fn reload(&self, trigger: Trigger) -> ReloadReport {
         let result = self.apply();
-        let policies_dir = self.proxy.config.load().agent.policies_dir.clone();
+        let policies_dir = self.proxy.config().agent.policies_dir.clone();
         let policy_set_hash = match &result {
-            Ok(_) => Some(
-                self.proxy
-                    .pipeline
-                    .load()
-                    .gate
-                    .load()
-                    .policies
-                    .hash()
-                    .to_owned(),
-            ),
+            Ok(_) => Some(self.proxy.gate().policies.hash().to_owned()),
             Err(_) => crate::policy::hash_dir(&policies_dir),
         };
         ReloadReport {
@@ -111,7 +101,7 @@ impl InForce {
                 return Err(e.to_string());
             }
         };
-        let old = proxy.config.load();
+        let old = proxy.config();
         // fail_mode applies live (an eBPF setting); listeners, directories, the socket
         // mark, cgroup and CA need a restart.
         let mut next = new;
@@ -130,7 +120,7 @@ impl InForce {
         records.patient_query_params = next.records.patient_query_params.clone();
         records.headers = next.records.headers.clone();
         next.records = records;
-        let approvals = proxy.pipeline.load().approvals.clone();
+        let approvals = proxy.pipeline().approvals.clone();
         let mut pipeline = match build_pipeline(
             &next,
             proxy.records.clone(),
@@ -160,17 +150,14 @@ impl InForce {
         }
         info!(destinations = next.destinations.len(), fail_mode = ?next.agent.fail_mode, "config reloaded");
         // Requests on connections opened before the reload are decided by the new set too.
-        let current = proxy.pipeline.load();
-        current.gate.store(pipeline.gate.load_full());
-        pipeline.gate = current.gate.clone();
+        pipeline.take_over_gate(&proxy.pipeline());
         info!(policies = pipeline.gate.load().policies.len(), set = %pipeline.gate.load().policies.hash(), "policy set in force");
         pipeline
             .approvals
             .configure(pipeline.approval_rules.clone());
-        proxy.pipeline.store(Arc::new(pipeline));
-        proxy.config.store(Arc::new(next));
+        proxy.replace(next, pipeline);
         // Revocation takes effect at once: open connections are decided again.
-        let gate = proxy.pipeline.load().gate.load_full();
+        let gate = proxy.gate();
         let revoked = proxy.live.revoke_disallowed(&gate);
         if !revoked.is_empty() {
             info!(

@@ -71,6 +71,15 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// Takes over from `current`, the pipeline in force: this pipeline's policy set
+    /// goes into the gate cell `current` shares with every pipeline before it, and this
+    /// one shares that cell from now on, so requests on connections opened before
+    /// (which keep their pipeline) are decided by the new set too.
+    pub fn take_over_gate(&mut self, current: &Pipeline) {
+        current.gate.store(self.gate.load_full());
+        self.gate = current.gate.clone();
+    }
+
     /// The masking profile for a request: the one the policy decision names (so
     /// "minimum necessary" can differ by role and route), else the destination's
     /// `mask_profile`. Names were checked against the profile set at load.

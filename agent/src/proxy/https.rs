@@ -133,7 +133,7 @@ where
     let outcome = super::serve::serve(
         stream,
         Arc::clone(&ctx),
-        proxy.pipeline.load_full(),
+        proxy.pipeline(),
         meter,
         t,
         &config.limits,

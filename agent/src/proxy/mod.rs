@@ -23,17 +23,20 @@ use crate::config::{Config, Destination, Protocol};
 use crate::identity::{IdentityResolver, Workload};
 use crate::io::{Meter, Metered};
 use crate::pipeline::{ClientTls, ConnContext, Pipeline};
+use crate::policy::gate::Gatekeeper;
 use crate::record::{new_id, ConnectionRecord, EventRecord, Outcome, Record, RecordSink};
 use crate::redirect::{Attested, OrigDstLookup};
 
 /// Everything the data plane shares across connections.
 pub struct Proxy {
-    pub config: ArcSwap<Config>,
+    /// The config in force ([`Proxy::config`]); a reload replaces it.
+    config: ArcSwap<Config>,
     pub lookup: Arc<dyn OrigDstLookup>,
     pub identity: IdentityResolver,
     pub records: Arc<dyn RecordSink>,
-    /// The HTTP pipeline; rebuilt when a reload changes the destinations.
-    pub pipeline: ArcSwap<Pipeline>,
+    /// The HTTP pipeline ([`Proxy::pipeline`]); rebuilt when a reload changes the
+    /// destinations.
+    pipeline: ArcSwap<Pipeline>,
     /// Leaf certificates for intercepted TLS, minted from the local CA.
     pub minter: Arc<crate::tls::LeafMinter>,
     /// Cancelled when the agent stops accepting (SIGTERM).
@@ -82,6 +85,59 @@ impl Inbound {
 }
 
 impl Proxy {
+    /// The data plane for `config` and its `pipeline`, accepting until
+    /// `stop_accepting` is cancelled, with no connection open yet.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Config,
+        pipeline: Pipeline,
+        lookup: Arc<dyn OrigDstLookup>,
+        identity: IdentityResolver,
+        records: Arc<dyn RecordSink>,
+        minter: Arc<crate::tls::LeafMinter>,
+        sockets: crate::sockets::SocketFactory,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Proxy {
+        Proxy {
+            config: ArcSwap::from_pointee(config),
+            lookup,
+            identity,
+            records,
+            pipeline: ArcSwap::from_pointee(pipeline),
+            minter,
+            stop_accepting: CancellationToken::new(),
+            force_close: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            live: Default::default(),
+            sockets,
+            direct: Default::default(),
+            metrics,
+        }
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        self.config.load_full()
+    }
+
+    /// The HTTP pipeline in force: a connection keeps the one it started with.
+    pub fn pipeline(&self) -> Arc<Pipeline> {
+        self.pipeline.load_full()
+    }
+
+    /// The policy set in force, which decides new connections and the requests of
+    /// open ones (every pipeline shares it).
+    pub fn gate(&self) -> Arc<Gatekeeper> {
+        self.pipeline.load().gate.load_full()
+    }
+
+    /// Puts a reloaded config and its pipeline in force for the connections accepted
+    /// from now on.
+    pub fn replace(&self, config: Config, pipeline: Pipeline) {
+        self.pipeline.store(Arc::new(pipeline));
+        self.config.store(Arc::new(config));
+    }
+
     /// Accepts connections until `stop_accepting` is cancelled.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
@@ -109,7 +165,7 @@ impl Proxy {
         let Some(inbound) = self.attribute(client, peer).await else {
             return;
         };
-        let config = self.config.load_full();
+        let config = self.config();
         let Some((dest_index, dest)) = config.destination_for(inbound.attested.original_dst) else {
             // Protected at connect time, removed by a reload before accept.
             let rec = self.base_record(&inbound, None, None);
@@ -284,7 +340,7 @@ impl Proxy {
     ) -> (Outcome, Option<String>) {
         let bounds = self.tunnel_bounds(meter, config);
         let ctx = self.conn_context(rec, dest_index, dest, conn, None, bounds);
-        let pipeline = self.pipeline.load_full();
+        let pipeline = self.pipeline();
         let ctx = Arc::new(ctx);
         let _listed = self.live.list(&ctx);
         let outcome = serve::serve(
@@ -390,7 +446,7 @@ impl Proxy {
             &self.force_close,
         ));
         let listed = self.live.list_passage(&conn);
-        let gate = self.pipeline.load().gate.load_full();
+        let gate = self.gate();
         let d = gate.check_connection(workload, destination, passage, sni);
         rec.decision = Some(if d.allowed { "allow" } else { "deny" });
         rec.policy_ids = d.policy_ids.clone();

@@ -11,9 +11,6 @@ use crate::identity::IdentityResolver;
 use crate::proxy::Proxy;
 use crate::record::{RecordSink, Table};
 use crate::redirect::{Attested, StaticOrigDst};
-use arc_swap::ArcSwap;
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// A one-shot HTTP/1.1 upstream that answers every request with a fixed body.
 fn upstream() -> SocketAddr {
@@ -83,30 +80,24 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     );
     // No redirect here: the agent's own sockets need no exemption.
     let sockets = crate::sockets::SocketFactory::new(0, None);
-    let proxy = Arc::new(Proxy {
-        pipeline: ArcSwap::from_pointee(
-            crate::state::build_pipeline(
-                &config,
-                records.clone(),
-                approvals,
-                &sockets,
-                metrics.clone(),
-            )
-            .unwrap(),
-        ),
-        minter: Arc::new(crate::tls::LeafMinter::new(ca, 16).unwrap()),
-        config: ArcSwap::from_pointee(config),
-        lookup: lookup.clone(),
-        identity: IdentityResolver::new(std::env::temp_dir()),
+    let pipeline = crate::state::build_pipeline(
+        &config,
+        records.clone(),
+        approvals,
+        &sockets,
+        metrics.clone(),
+    )
+    .unwrap();
+    let proxy = Arc::new(Proxy::new(
+        config,
+        pipeline,
+        lookup.clone(),
+        IdentityResolver::new(std::env::temp_dir()),
         records,
-        stop_accepting: CancellationToken::new(),
-        force_close: CancellationToken::new(),
-        tasks: TaskTracker::new(),
-        live: Default::default(),
+        Arc::new(crate::tls::LeafMinter::new(ca, 16).unwrap()),
         sockets,
-        direct: Default::default(),
         metrics,
-    });
+    ));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent = listener.local_addr().unwrap();
     tokio::spawn(Arc::clone(&proxy).serve(listener));

@@ -3,15 +3,35 @@
 //! the kernel saw it at connect time.
 //!
 //! The proxy only depends on [`OrigDstLookup`], so the L7 pipeline is testable without
-//! eBPF ([`StaticOrigDst`]); [`bpf::Redirector`] is the kernel-backed implementation.
+//! eBPF ([`StaticOrigDst`]); [`Redirector`] is the kernel-backed implementation, and
+//! the one entry point to the kernel side:
+//!
+//! * `load`: [`Redirector::attach`] loads the eBPF object, attaches and pins its links,
+//!   and hands over from a previous instance without a gap (the bpffs layout is
+//!   described there).
+//! * `maps`: what the agent writes into the maps (destinations, settings, its
+//!   listeners and own sockets) and reads from them (counters, occupancy).
+//! * `lookup`: the original destination of an accepted connection, from the by-peer
+//!   map ([`OrigDstLookup`]).
+//! * `bpffs`: the cgroup2 directory and the bpf filesystem the links are pinned in.
+//! * `detach`: removing pinned links: [`detach_pinned`] (`phigate detach`), and the
+//!   previous instance's on restart.
 
-pub mod bpf;
+mod bpffs;
+mod detach;
+mod load;
+mod lookup;
+mod maps;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Mutex, MutexGuard};
 
 use phigate_common::{ConnectInfo, AF_INET};
 
-pub use bpf::{detach_pinned, RedirectSettings, Redirector};
+pub(crate) use bpffs::cgroup2_root;
+pub(crate) use detach::detach_pinned;
+pub(crate) use load::{RedirectSettings, Redirector};
+pub(crate) use maps::DestEntry;
 
 /// What the kernel attested about a redirected connection at connect time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +93,10 @@ pub trait OrigDstLookup: Send + Sync + 'static {
     /// `peer`, removing the entry. `Ok(None)`: the connection was not redirected by us
     /// (someone connected to the listener directly) and must be refused.
     fn take(&self, peer: SocketAddr) -> Result<Option<Attested>, LookupError>;
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A lookup table filled by hand: the data path tested without eBPF
