@@ -17,6 +17,9 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use toml::Spanned;
 
+/// Where phigate.toml is read from unless `--config` says otherwise.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/phigate/phigate.toml";
+
 /// A config error, pointing at where in which file it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -215,23 +218,6 @@ pub struct Destination {
     /// destination's bodies; checked against the loaded profiles when the pipeline
     /// is built.
     pub mask_profile: Option<String>,
-}
-
-/// The agent's whole configuration, validated.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Config {
-    /// The file this came from (errors and reload refer to it).
-    pub source: PathBuf,
-    pub agent: AgentSection,
-    pub timeouts: Timeouts,
-    pub limits: Limits,
-    pub tls: TlsSection,
-    pub records: RecordsSection,
-    pub admin: AdminSection,
-    pub masking: MaskingSection,
-    pub destinations: Vec<Destination>,
-    pub policy: PolicySection,
-    pub oidc: OidcSection,
 }
 
 /// What policies see beyond the request itself.
@@ -433,25 +419,9 @@ pub struct AdminSection {
 
 // ---- raw, as written in TOML -------------------------------------------------------
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    agent: Option<Spanned<RawAgent>>,
-    timeouts: Option<RawTimeouts>,
-    limits: Option<RawLimits>,
-    masking: Option<RawMasking>,
-    tls: Option<Spanned<RawTls>>,
-    records: Option<RawRecords>,
-    admin: Option<RawAdmin>,
-    policy: Option<RawPolicy>,
-    oidc: Option<RawOidc>,
-    #[serde(default)]
-    destinations: Vec<Spanned<RawDestination>>,
-}
-
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawAdmin {
+pub(crate) struct RawAdmin {
     socket: Option<PathBuf>,
     socket_group: Option<String>,
     console_url: Option<String>,
@@ -463,7 +433,7 @@ struct RawAdmin {
 
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-struct RawAgent {
+pub(crate) struct RawAgent {
     /// A string or a list of strings (untagged enums lose spans, so it is read raw).
     listen: Option<Spanned<toml::Value>>,
     state_dir: Option<PathBuf>,
@@ -480,7 +450,7 @@ struct RawAgent {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTimeouts {
+pub(crate) struct RawTimeouts {
     connect_ms: Option<Spanned<u64>>,
     tls_handshake_ms: Option<Spanned<u64>>,
     idle_secs: Option<Spanned<u64>>,
@@ -491,7 +461,7 @@ struct RawTimeouts {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawRecords {
+pub(crate) struct RawRecords {
     durability: Option<Spanned<String>>,
     batch_window_ms: Option<Spanned<u64>>,
     rotate_rows: Option<Spanned<u64>>,
@@ -507,7 +477,7 @@ struct RawRecords {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTls {
+pub(crate) struct RawTls {
     ca_cert: Option<PathBuf>,
     ca_key: Option<PathBuf>,
     leaf_cache_size: Option<usize>,
@@ -515,7 +485,7 @@ struct RawTls {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawMasking {
+pub(crate) struct RawMasking {
     buffer_bytes: Option<Spanned<u64>>,
     record_body_bytes: Option<u64>,
     mask_requests: Option<bool>,
@@ -523,14 +493,14 @@ struct RawMasking {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawLimits {
+pub(crate) struct RawLimits {
     max_header_bytes: Option<Spanned<u64>>,
     max_request_body_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawDestination {
+pub(crate) struct RawDestination {
     name: Spanned<String>,
     addresses: Spanned<Vec<Spanned<String>>>,
     protocol: Protocol,
@@ -544,21 +514,21 @@ struct RawDestination {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawPolicy {
+pub(crate) struct RawPolicy {
     timezone: Option<Spanned<String>>,
     headers: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawOidc {
+pub(crate) struct RawOidc {
     #[serde(default)]
     issuers: Vec<Spanned<RawIssuer>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawIssuer {
+pub(crate) struct RawIssuer {
     issuer: Spanned<String>,
     audiences: Spanned<Vec<String>>,
     jwks_file: Option<PathBuf>,
@@ -574,61 +544,19 @@ struct RawIssuer {
     jwks_refresh_min_secs: Option<u64>,
 }
 
-pub const DEFAULT_CONFIG_PATH: &str = "/etc/phigate/phigate.toml";
-
-impl Config {
-    /// Reads and validates a config file.
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_owned(),
-            line: None,
-            key: None,
-            message: format!("cannot read config: {e}"),
-        })?;
-        Config::parse(path, &text)
-    }
-
-    /// Parses and validates config text; `path` is used for errors and relative paths.
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let src = TomlSource::new(path, text);
-        let raw: RawConfig = src.parse()?;
-        let agent = agent_section(&src, raw.agent)?;
-        let timeouts = timeouts_section(&src, raw.timeouts)?;
-        let limits = limits_section(&src, raw.limits)?;
-        let masking = masking_section(&src, raw.masking)?;
-        let records = records_section(&src, raw.records)?;
-        let tls = tls_section(&src, raw.tls)?;
-        let policy = policy_section(&src, raw.policy)?;
-        let oidc = oidc_section(&src, raw.oidc)?;
-        let destinations =
-            destinations_section(&src, raw.destinations, agent.listen_v4, agent.listen_v6)?;
-        let admin = admin_section(&src, raw.admin)?;
-        Ok(Config {
-            source: path.to_owned(),
-            agent,
-            timeouts,
-            limits,
-            tls,
-            records,
-            admin,
-            masking,
-            destinations,
-            policy,
-            oidc,
-        })
-    }
-
-    /// The destination protecting `addr`, with its index (the id the eBPF maps carry).
-    pub fn destination_for(&self, addr: SocketAddr) -> Option<(u32, &Destination)> {
-        // Longest prefix wins, as in the kernel's LPM trie.
-        self.destinations
-            .iter()
-            .enumerate()
-            .flat_map(|(i, d)| d.addresses.iter().map(move |a| (i, d, a)))
-            .filter(|(_, _, a)| a.contains(addr))
-            .max_by_key(|(_, _, a)| a.net.prefix_len())
-            .map(|(i, d, _)| (i as u32, d))
-    }
+/// The destination protecting `addr`, with its index (the id the eBPF maps carry).
+pub fn destination_for(
+    destinations: &[Destination],
+    addr: SocketAddr,
+) -> Option<(u32, &Destination)> {
+    // Longest prefix wins, as in the kernel's LPM trie.
+    destinations
+        .iter()
+        .enumerate()
+        .flat_map(|(i, d)| d.addresses.iter().map(move |a| (i, d, a)))
+        .filter(|(_, _, a)| a.contains(addr))
+        .max_by_key(|(_, _, a)| a.net.prefix_len())
+        .map(|(i, d, _)| (i as u32, d))
 }
 
 /// Why an IPv6 destination address cannot be protected as written, if it cannot.
@@ -724,7 +652,7 @@ impl<'a> TomlSource<'a> {
 
 /// `[agent]`, validated: loopback listeners on fixed ports, absolute cgroup, a
 /// non-zero mark.
-fn agent_section(
+pub(crate) fn agent_section(
     src: &TomlSource<'_>,
     raw: Option<Spanned<RawAgent>>,
 ) -> Result<AgentSection, ConfigError> {
@@ -849,7 +777,7 @@ fn agent_section(
 }
 
 /// `[timeouts]`, validated.
-fn timeouts_section(
+pub(crate) fn timeouts_section(
     src: &TomlSource<'_>,
     raw: Option<RawTimeouts>,
 ) -> Result<Timeouts, ConfigError> {
@@ -900,7 +828,10 @@ fn timeouts_section(
 }
 
 /// `[limits]`, validated.
-fn limits_section(src: &TomlSource<'_>, raw: Option<RawLimits>) -> Result<Limits, ConfigError> {
+pub(crate) fn limits_section(
+    src: &TomlSource<'_>,
+    raw: Option<RawLimits>,
+) -> Result<Limits, ConfigError> {
     Ok(match raw {
         None => Limits::default(),
         Some(l) => {
@@ -936,7 +867,7 @@ fn limits_section(src: &TomlSource<'_>, raw: Option<RawLimits>) -> Result<Limits
 }
 
 /// `[masking]`, validated.
-fn masking_section(
+pub(crate) fn masking_section(
     src: &TomlSource<'_>,
     raw: Option<RawMasking>,
 ) -> Result<MaskingSection, ConfigError> {
@@ -966,7 +897,7 @@ fn masking_section(
 }
 
 /// `[records]`, validated.
-fn records_section(
+pub(crate) fn records_section(
     src: &TomlSource<'_>,
     raw: Option<RawRecords>,
 ) -> Result<RecordsSection, ConfigError> {
@@ -1049,7 +980,7 @@ fn records_section(
 }
 
 /// `[tls]`, validated.
-fn tls_section(
+pub(crate) fn tls_section(
     src: &TomlSource<'_>,
     raw: Option<Spanned<RawTls>>,
 ) -> Result<TlsSection, ConfigError> {
@@ -1081,7 +1012,7 @@ fn tls_section(
 }
 
 /// `[policy]`, validated.
-fn policy_section(
+pub(crate) fn policy_section(
     src: &TomlSource<'_>,
     raw: Option<RawPolicy>,
 ) -> Result<PolicySection, ConfigError> {
@@ -1115,7 +1046,10 @@ fn policy_section(
 }
 
 /// `[[oidc.issuers]]`, validated.
-fn oidc_section(src: &TomlSource<'_>, raw: Option<RawOidc>) -> Result<OidcSection, ConfigError> {
+pub(crate) fn oidc_section(
+    src: &TomlSource<'_>,
+    raw: Option<RawOidc>,
+) -> Result<OidcSection, ConfigError> {
     let mut oidc = OidcSection::default();
     for (i, raw_issuer) in raw
         .map(|o| o.issuers)
@@ -1200,7 +1134,7 @@ fn oidc_section(src: &TomlSource<'_>, raw: Option<RawOidc>) -> Result<OidcSectio
 
 /// `[[destinations]]`, validated: unique names, addresses protected once, never
 /// the agent's own listeners (`listen_v4`, `listen_v6`).
-fn destinations_section(
+pub(crate) fn destinations_section(
     src: &TomlSource<'_>,
     raw: Vec<Spanned<RawDestination>>,
     listen_v4: SocketAddr,
@@ -1368,7 +1302,10 @@ fn hosts_of(
 }
 
 /// `[admin]`, validated.
-fn admin_section(src: &TomlSource<'_>, raw: Option<RawAdmin>) -> Result<AdminSection, ConfigError> {
+pub(crate) fn admin_section(
+    src: &TomlSource<'_>,
+    raw: Option<RawAdmin>,
+) -> Result<AdminSection, ConfigError> {
     let raw_admin = raw.unwrap_or_default();
     let console_listen = match &raw_admin.console_listen {
         None => None,
@@ -1426,48 +1363,10 @@ fn admin_section(src: &TomlSource<'_>, raw: Option<RawAdmin>) -> Result<AdminSec
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::settings::Config;
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("/etc/phigate/test.toml"), text)
-    }
-
-    const GOOD: &str = r#"
-[agent]
-listen = ["127.0.0.1:15001", "[::1]:15001"]
-state_dir = "/var/lib/phigate"
-records_dir = "/var/lib/phigate/records"
-policies_dir = "/etc/phigate/policies"
-cgroup = "/sys/fs/cgroup/unified"
-fail_mode = "closed"
-
-[[destinations]]
-name = "patients-api"
-addresses = ["127.0.0.2:9443", "10.20.0.0/16:443", "[fd00::/64]:443"]
-protocol = "tcp"
-"#;
-
-    #[test]
-    fn parses_the_documented_example() {
-        let c = parse(GOOD).unwrap();
-        assert_eq!(c.agent.listen_v4, "127.0.0.1:15001".parse().unwrap());
-        assert_eq!(c.agent.listen_v6, Some("[::1]:15001".parse().unwrap()));
-        assert_eq!(c.agent.fail_mode, FailMode::Closed);
-        assert_eq!(c.agent.mark, phigate_common::DEFAULT_AGENT_MARK);
-        assert_eq!(c.destinations.len(), 1);
-        let d = &c.destinations[0];
-        assert_eq!(d.protocol, Protocol::Tcp);
-        assert_eq!(d.addresses[1].to_string(), "10.20.0.0/16:443");
-        assert_eq!(d.addresses[2].to_string(), "[fd00::/64]:443");
-        assert_eq!(
-            c.destination_for("10.20.3.4:443".parse().unwrap())
-                .map(|(i, _)| i),
-            Some(0)
-        );
-        assert!(c.destination_for("10.20.3.4:80".parse().unwrap()).is_none());
-        // IPv4-mapped IPv6 matches the IPv4 entry.
-        assert!(c
-            .destination_for("[::ffff:127.0.0.2]:9443".parse().unwrap())
-            .is_some());
     }
 
     #[test]
@@ -1619,12 +1518,6 @@ protocol = "tcp"
         let e = parse("[[destinations]]\nname = \"a\"\nprotocol = \"tcp\"\naddresses = [\"127.0.0.2:1\"]\nmask_profile = \"x\"\n").unwrap_err();
         assert_eq!(e.line, Some(5), "{e}");
         assert!(e.message.contains("cannot be masked"), "{e}");
-    }
-
-    #[test]
-    fn missing_file_is_a_clear_error() {
-        let e = Config::load(Path::new("/nonexistent/phigate.toml")).unwrap_err();
-        assert!(e.to_string().contains("cannot read config"), "{e}");
     }
 
     #[test]

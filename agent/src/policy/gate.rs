@@ -8,7 +8,7 @@ use http::HeaderMap;
 
 use super::normalize::{normalize_path, parse_query};
 use super::{AccessRequest, Clock, Decision, Passage, PolicySet};
-use crate::config::Config;
+use crate::config::{OidcSection, PolicySection};
 use crate::identity::oidc::TokenValidator;
 use crate::identity::token::{TokenError, TokenIdentity};
 use crate::identity::Workload;
@@ -72,18 +72,20 @@ impl Gatekeeper {
     /// Loads `policies_dir` and sets up the configured issuers. A policy error is
     /// reported with every file:line.
     pub fn from_config(
-        config: &Config,
+        policies_dir: &std::path::Path,
+        policy: &PolicySection,
+        oidc: &OidcSection,
         sockets: &crate::sockets::SocketFactory,
     ) -> anyhow::Result<Gatekeeper> {
-        let policies = PolicySet::load(&config.agent.policies_dir)
+        let policies = PolicySet::load(policies_dir)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("policies rejected")?;
-        let tokens = TokenValidator::new(&config.oidc, sockets)?;
+        let tokens = TokenValidator::new(oidc, sockets)?;
         Ok(Gatekeeper {
             policies: Arc::new(policies),
             tokens: Arc::new(tokens),
-            headers: config.policy.headers.clone(),
-            tz: config.policy.tz(),
+            headers: policy.headers.clone(),
+            tz: policy.tz(),
         })
     }
 
