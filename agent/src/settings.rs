@@ -1,5 +1,5 @@
 //! The whole phigate.toml: every module's section, parsed with the one shared
-//! [`TomlSource`] and validated together, so a bad file on reload is rejected and the
+//! `TomlSource` and validated together, so a bad file on reload is rejected and the
 //! running config stays.
 //!
 //! It sits above every section's owner (`tls`, `identity`, `record`, `mask`,
@@ -16,12 +16,15 @@ use toml::Spanned;
 /// Where phigate.toml is read from unless `--config` says otherwise.
 pub use crate::config::DEFAULT_CONFIG_PATH;
 use crate::config::{
-    admin_section, agent_section, destinations_section, limits_section, masking_section,
-    oidc_section, policy_section, records_section, timeouts_section, tls_section, AdminSection,
-    AgentSection, ConfigError, Destination, Limits, MaskingSection, OidcSection, PolicySection,
-    RawAdmin, RawAgent, RawDestination, RawLimits, RawMasking, RawOidc, RawPolicy, RawRecords,
-    RawTimeouts, RawTls, RecordsSection, Timeouts, TlsSection, TomlSource,
+    admin_section, agent_section, destinations_section, limits_section, timeouts_section,
+    AdminSection, AgentSection, ConfigError, Destination, Limits, RawAdmin, RawAgent,
+    RawDestination, RawLimits, RawTimeouts, Timeouts, TomlSource,
 };
+use crate::identity::oidc::config::{oidc_section, OidcSection, RawOidc};
+use crate::mask::config::{masking_section, MaskingSection, RawMasking};
+use crate::policy::config::{policy_section, PolicySection, RawPolicy};
+use crate::record::config::{records_section, RawRecords, RecordsSection};
+use crate::tls::config::{tls_section, RawTls, TlsSection};
 
 /// The agent's whole configuration, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,9 +8,11 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Uri};
 
+use super::config::PolicySection;
 use super::gate::{Gatekeeper, Subject, Verdict};
 use super::Clock;
-use crate::config::{AgentSection, Destination, OidcSection, PolicySection, DEFAULT_CONFIG_PATH};
+use crate::config::{AgentSection, Destination, DEFAULT_CONFIG_PATH};
+use crate::identity::oidc::OidcSection;
 use crate::identity::Workload;
 
 #[derive(clap::Args)]

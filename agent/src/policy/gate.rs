@@ -6,9 +6,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use http::HeaderMap;
 
+use super::config::PolicySection;
 use super::normalize::{normalize_path, parse_query};
 use super::{AccessRequest, Clock, Decision, Passage, PolicySet};
-use crate::config::{OidcSection, PolicySection};
+use crate::identity::oidc::OidcSection;
 use crate::identity::oidc::TokenValidator;
 use crate::identity::token::{TokenError, TokenIdentity};
 use crate::identity::Workload;
