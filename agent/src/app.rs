@@ -13,7 +13,6 @@ use tracing::{error, info, warn};
 
 use crate::approval::notify::Notifier;
 use crate::approval::Approvals;
-use crate::config::Config;
 use crate::identity::IdentityResolver;
 use crate::outbound::Outbound;
 use crate::preflight;
@@ -21,6 +20,7 @@ use crate::proxy::Proxy;
 use crate::record::store::{RecordStore, StoreConfig};
 use crate::record::{EventRecord, Origin, RecordSink};
 use crate::redirect::Redirector;
+use crate::settings::Config;
 use crate::sockets::SocketFactory;
 use crate::state::{build_pipeline, dest_entries, redirect_settings, InForce, Trigger};
 use crate::tls::{CertAuthority, LeafMinter, UpstreamTls};

@@ -6,7 +6,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Config, LogFormat, DEFAULT_CONFIG_PATH};
+use crate::config::{LogFormat, DEFAULT_CONFIG_PATH};
+use crate::settings::Config;
 
 #[derive(Parser)]
 #[command(
@@ -232,7 +233,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => policy_check(dir, &config),
         Command::Policy {
             command: PolicyCommand::Explain(args),
-        } => crate::policy::explain::run(*args),
+        } => {
+            let c = Config::load(&args.config)?;
+            let parts = crate::policy::explain::ConfigParts {
+                agent: c.agent,
+                destinations: c.destinations,
+                policy: c.policy,
+                oidc: c.oidc,
+            };
+            crate::policy::explain::run(*args, parts)
+        }
         Command::Mask {
             profile,
             policies_dir,
@@ -242,10 +252,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             stats,
             file,
         } => {
+            let agent = Config::load(&config).ok().map(|c| c.agent);
             crate::mask::tool::run(crate::mask::tool::Args {
                 profile,
                 policies_dir,
                 config,
+                agent,
                 ndjson,
                 engine,
                 stats,

@@ -48,6 +48,7 @@ pub(crate) mod preflight;
 pub(crate) mod proxy;
 pub mod record;
 pub(crate) mod redirect;
+pub mod settings;
 pub(crate) mod sockets;
 pub(crate) mod state;
 pub(crate) mod tls;

@@ -14,7 +14,7 @@ use arc_swap::ArcSwap;
 use tracing::{error, info, warn};
 
 use crate::approval::{Approvals, RuleSet};
-use crate::config::{Config, FailMode};
+use crate::config::FailMode;
 use crate::http::forward::Forwarder;
 use crate::pipeline::Pipeline;
 use crate::proxy::live::RevokedConnection;
@@ -23,6 +23,7 @@ use crate::record::pseudonym::Pseudonymizer;
 use crate::record::store::RecordStore;
 use crate::record::{EventRecord, RecordSink};
 use crate::redirect::{DestEntry, RedirectSettings, Redirector};
+use crate::settings::Config;
 use crate::sockets::SocketFactory;
 use crate::tls::UpstreamTls;
 
@@ -243,7 +244,12 @@ pub fn build_pipeline(
     .with_query_params(config.records.patient_query_params.clone());
     let pseudonyms = Arc::new(pseudonyms);
     let masking = build_masking(config, pseudonyms.clone())?;
-    let gate = crate::policy::gate::Gatekeeper::from_config(config, sockets)?;
+    let gate = crate::policy::gate::Gatekeeper::from_config(
+        &config.agent.policies_dir,
+        &config.policy,
+        &config.oidc,
+        sockets,
+    )?;
     check_obligations(&gate.policies, &masking.set, &approval_rules)?;
     Ok(Pipeline {
         masking: Arc::new(masking),

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = std::fs::create_dir_all(&dir);
     let path = dir.join("phigate.toml");
     std::fs::write(&path, text).expect("write");
-    if let Err(e) = phigate::config::Config::load(&path) {
+    if let Err(e) = phigate::settings::Config::load(&path) {
         assert!(
             e.to_string().contains("phigate.toml"),
             "error without the file: {e}"

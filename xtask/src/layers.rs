@@ -23,6 +23,8 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("request stages", &["mask", "approval"]),
     ("policy", &["policy"]),
     ("the request pipeline", &["pipeline"]),
+    // Composes every module's phigate.toml section, so it sits above their owners.
+    ("the whole config", &["settings"]),
     (
         "connections and operators",
         &["proxy", "console", "admin", "preflight", "fuzzing"],

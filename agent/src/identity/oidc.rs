@@ -20,8 +20,10 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::Value;
 use tracing::{debug, warn};
 
+pub(crate) mod config;
+
+pub use self::config::{OidcIssuer, OidcSection};
 use super::token::{TokenError, TokenIdentity};
-use crate::config::{OidcIssuer, OidcSection};
 use crate::outbound::Outbound;
 use crate::sockets::SocketFactory;
 use crate::tls::UpstreamTls;

@@ -4,6 +4,7 @@
 //! ([`body`]), the `masking` stage's timing, and the `phigate mask` command ([`tool`]).
 
 pub mod body;
+pub(crate) mod config;
 pub mod tool;
 
 pub use phigate_mask::*;

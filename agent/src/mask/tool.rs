@@ -11,13 +11,15 @@ use std::time::Instant;
 use anyhow::{bail, Context as _};
 
 use super::{BodyKind, BodyMasker, MaskContext, ProfileSet};
-use crate::config::Config;
+use crate::config::AgentSection;
 use crate::record::pseudonym::{Pseudonymizer, KEY_FILE};
 
 pub struct Args {
     pub profile: String,
     pub policies_dir: Option<PathBuf>,
     pub config: PathBuf,
+    /// `config`'s `[agent]` section, when it loads (the command line reads it).
+    pub agent: Option<AgentSection>,
     pub ndjson: bool,
     pub engine: String,
     pub stats: bool,
@@ -25,10 +27,9 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> anyhow::Result<()> {
-    let config = Config::load(&a.config).ok();
-    let policies = match (&a.policies_dir, &config) {
+    let policies = match (&a.policies_dir, &a.agent) {
         (Some(d), _) => d.clone(),
-        (None, Some(c)) => c.agent.policies_dir.clone(),
+        (None, Some(agent)) => agent.policies_dir.clone(),
         (None, None) => bail!(
             "cannot read {}: give --policies-dir (the directory holding profiles/)",
             a.config.display()
@@ -45,9 +46,10 @@ pub fn run(a: Args) -> anyhow::Result<()> {
     })?;
     // The agent's key when this host has one (pseudonyms then match the records'),
     // else a key for this run only.
-    let key_file = config
+    let key_file = a
+        .agent
         .as_ref()
-        .map(|c| c.agent.state_dir.join(KEY_FILE))
+        .map(|agent| agent.state_dir.join(KEY_FILE))
         .filter(|p| p.exists());
     let pseudonyms = match key_file {
         Some(f) => {

@@ -23,7 +23,6 @@ mod refusal;
 pub use conn::{ClientTls, ConnContext, TunnelBounds};
 pub use refusal::{Code, Refusal};
 
-use crate::config::MaskingSection;
 use crate::config::{Limits, Protocol};
 use crate::http::body::{
     boxed, find_in_chain, json_error, BodyEnd, BodyTooLarge, Limited, Observed, PhiBody,
@@ -33,6 +32,7 @@ use crate::http::forward::{
     strip_hop_by_hop, upstream_uri, ConnectError, Forwarder, UpstreamInfo, UpstreamKey,
 };
 use crate::mask::body::{MaskReport, MaskedBody, SharedReport};
+use crate::mask::config::MaskingSection;
 use crate::mask::{BodyMasker, Counts, MaskContext, Profile, ProfileSet};
 use crate::policy::gate::{Gatekeeper, Subject};
 use crate::policy::{status_for, Reason};

@@ -8,9 +8,11 @@ use std::process::ExitCode;
 use anyhow::{bail, Context as _};
 use http::{header, HeaderMap, HeaderName, HeaderValue, Uri};
 
+use super::config::PolicySection;
 use super::gate::{Gatekeeper, Subject, Verdict};
 use super::Clock;
-use crate::config::{Config, DEFAULT_CONFIG_PATH};
+use crate::config::{AgentSection, Destination, DEFAULT_CONFIG_PATH};
+use crate::identity::oidc::OidcSection;
 use crate::identity::Workload;
 
 #[derive(clap::Args)]
@@ -52,8 +54,16 @@ pub struct ExplainArgs {
     pub at: Option<String>,
 }
 
-pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
-    let config = Config::load(&args.config)?;
+/// What explain reads of the config at `--config`; the command line loads it (the
+/// whole config is composed in a layer above policy).
+pub struct ConfigParts {
+    pub agent: AgentSection,
+    pub destinations: Vec<Destination>,
+    pub policy: PolicySection,
+    pub oidc: OidcSection,
+}
+
+pub fn run(args: ExplainArgs, config: ConfigParts) -> anyhow::Result<ExitCode> {
     let (method, url) = args
         .request
         .trim()
@@ -81,7 +91,12 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
     // No redirect is attached here: plain sockets (explain runs outside the
     // protected cgroup, as an operator's command).
     let sockets = crate::sockets::SocketFactory::new(config.agent.mark, None);
-    let gate = Gatekeeper::from_config(&config, &sockets)?;
+    let gate = Gatekeeper::from_config(
+        &config.agent.policies_dir,
+        &config.policy,
+        &config.oidc,
+        &sockets,
+    )?;
     let rules = crate::approval::RuleSet::load(&config.agent.policies_dir)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -117,7 +132,7 @@ pub fn run(args: ExplainArgs) -> anyhow::Result<ExitCode> {
 
 /// The destination named by `--destination`, else the one the URL's address and
 /// port are protected as.
-fn destination_of(args: &ExplainArgs, config: &Config, uri: &Uri) -> anyhow::Result<String> {
+fn destination_of(args: &ExplainArgs, config: &ConfigParts, uri: &Uri) -> anyhow::Result<String> {
     if let Some(d) = &args.destination {
         if !config.destinations.iter().any(|x| &x.name == d) {
             bail!("no destination named `{d}` in {}", args.config.display());
@@ -137,8 +152,7 @@ fn destination_of(args: &ExplainArgs, config: &Config, uri: &Uri) -> anyhow::Res
         } else {
             443
         });
-    let (_, d) = config
-        .destination_for(SocketAddr::new(ip, port))
+    let (_, d) = crate::config::destination_for(&config.destinations, SocketAddr::new(ip, port))
         .with_context(|| {
             format!(
                 "{ip}:{port} is not a protected destination in {}",

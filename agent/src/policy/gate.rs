@@ -6,9 +6,10 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use http::HeaderMap;
 
+use super::config::PolicySection;
 use super::normalize::{normalize_path, parse_query};
 use super::{AccessRequest, Clock, Decision, Passage, PolicySet};
-use crate::config::Config;
+use crate::identity::oidc::OidcSection;
 use crate::identity::oidc::TokenValidator;
 use crate::identity::token::{TokenError, TokenIdentity};
 use crate::identity::Workload;
@@ -72,18 +73,20 @@ impl Gatekeeper {
     /// Loads `policies_dir` and sets up the configured issuers. A policy error is
     /// reported with every file:line.
     pub fn from_config(
-        config: &Config,
+        policies_dir: &std::path::Path,
+        policy: &PolicySection,
+        oidc: &OidcSection,
         sockets: &crate::sockets::SocketFactory,
     ) -> anyhow::Result<Gatekeeper> {
-        let policies = PolicySet::load(&config.agent.policies_dir)
+        let policies = PolicySet::load(policies_dir)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .context("policies rejected")?;
-        let tokens = TokenValidator::new(&config.oidc, sockets)?;
+        let tokens = TokenValidator::new(oidc, sockets)?;
         Ok(Gatekeeper {
             policies: Arc::new(policies),
             tokens: Arc::new(tokens),
-            headers: config.policy.headers.clone(),
-            tz: config.policy.tz(),
+            headers: policy.headers.clone(),
+            tz: policy.tz(),
         })
     }
 

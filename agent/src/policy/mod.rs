@@ -13,6 +13,7 @@
 //! policies/README.md documents the model for policy authors.
 #![forbid(unsafe_code)]
 
+pub(crate) mod config;
 pub mod explain;
 pub mod gate;
 mod index;

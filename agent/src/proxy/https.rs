@@ -7,10 +7,11 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{tcp, Proxy, Redirected};
-use crate::config::{Config, Destination};
+use crate::config::Destination;
 use crate::io::Meter;
 use crate::pipeline::ClientTls;
 use crate::record::{ConnectionRecord, Outcome};
+use crate::settings::Config;
 use crate::tls::{self, LeafName, Sniffed};
 
 #[allow(clippy::too_many_arguments)]

@@ -19,13 +19,14 @@ use tracing::{debug, info, warn};
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::config::{Config, Destination, Protocol};
+use crate::config::{Destination, Protocol};
 use crate::identity::{IdentityResolver, Workload};
 use crate::io::{Meter, Metered};
 use crate::pipeline::{ClientTls, ConnContext, Pipeline};
 use crate::policy::gate::Gatekeeper;
 use crate::record::{new_id, ConnectionRecord, EventRecord, Outcome, Record, RecordSink};
 use crate::redirect::{Attested, OrigDstLookup};
+use crate::settings::Config;
 
 /// Everything the data plane shares across connections.
 pub struct Proxy {

@@ -7,9 +7,9 @@ use std::net::SocketAddr;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
 use crate::io::Meter;
 use crate::record::Outcome;
+use crate::settings::Config;
 use crate::sockets::SocketFactory;
 
 /// Relays `client` to `upstream_addr`. `prefix`: bytes already read from the client

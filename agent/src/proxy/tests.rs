@@ -6,11 +6,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 
-use crate::config::Config;
 use crate::identity::IdentityResolver;
 use crate::proxy::Proxy;
 use crate::record::{RecordSink, Table};
 use crate::redirect::{Attested, StaticOrigDst};
+use crate::settings::Config;
 
 /// A one-shot HTTP/1.1 upstream that answers every request with a fixed body.
 fn upstream() -> SocketAddr {

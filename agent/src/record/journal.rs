@@ -160,7 +160,7 @@ pub fn read_all(dir: &Path) -> std::io::Result<(Vec<Entry>, Vec<TornSegment>)> {
     Ok((all, tails))
 }
 
-pub use crate::config::Durability;
+pub use super::config::Durability;
 
 /// A record on its way into the journal.
 pub struct Submission {

@@ -23,6 +23,7 @@ use serde::Serialize;
 
 use crate::identity::Workload;
 
+pub(crate) mod config;
 pub mod journal;
 pub mod pseudonym;
 pub mod store;

@@ -5,6 +5,7 @@
 
 mod accept;
 mod ca;
+pub(crate) mod config;
 mod mint;
 mod upstream;
 

@@ -1,0 +1,172 @@
+//! `[records]` of phigate.toml: durability, files, retention and what records
+//! hold, parsed with the shared [`TomlSource`].
+#![forbid(unsafe_code)]
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::config::{ConfigError, TomlSource};
+
+/// How records are kept: durability, files, retention, and what they hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordsSection {
+    /// `strict`, or `batched` with its window (`batch_window_ms`).
+    pub durability: Durability,
+    /// A Parquet file is closed at this many rows, megabytes of records, or age.
+    pub rotate_rows: usize,
+    pub rotate_bytes: usize,
+    pub rotate_age: Duration,
+    pub row_group_rows: usize,
+    /// Files older than this are deleted (each deletion recorded); 0 keeps everything.
+    pub retention_days: u32,
+    /// The agent verifies its records this often (an `events` row each time); None: never.
+    pub verify_every: Option<Duration>,
+    /// Path segments after which the next segment is a patient id, recorded only as a
+    /// keyed pseudonym (FHIR: `Patient/{id}`).
+    pub patient_path_segments: Vec<String>,
+    /// Query parameters whose values are patient ids (`patient`, `subject`).
+    pub patient_query_params: Vec<String>,
+    /// Request and response headers copied into records (lower case). Credentials
+    /// (`authorization`, `cookie`, ...) are recorded as their scheme only.
+    pub headers: Vec<String>,
+}
+
+/// When a record counts as durable (the journal's rule, set by `[records]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Acknowledged after fsync: a response is released only once its record is on disk.
+    Strict,
+    /// Acknowledged when queued; fsync at least every `window`.
+    Batched { window: Duration },
+}
+
+/// The fsync window of `batched` durability unless `batch_window_ms` says otherwise.
+const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(200);
+
+impl Default for RecordsSection {
+    fn default() -> Self {
+        RecordsSection {
+            durability: Durability::Strict,
+            rotate_rows: 100_000,
+            rotate_bytes: 64 << 20,
+            rotate_age: Duration::from_secs(60),
+            row_group_rows: 10_000,
+            retention_days: 2190,
+            verify_every: Some(Duration::from_secs(86_400)),
+            patient_path_segments: vec!["Patient".into()],
+            patient_query_params: vec!["patient".into(), "subject".into()],
+            headers: [
+                "content-type",
+                "content-length",
+                "accept",
+                "user-agent",
+                "x-request-id",
+                "authorization",
+                "location",
+            ]
+            .map(String::from)
+            .to_vec(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRecords {
+    durability: Option<Spanned<String>>,
+    batch_window_ms: Option<Spanned<u64>>,
+    rotate_rows: Option<Spanned<u64>>,
+    rotate_mb: Option<Spanned<u64>>,
+    rotate_secs: Option<Spanned<f64>>,
+    row_group_rows: Option<Spanned<u64>>,
+    retention_days: Option<u32>,
+    verify_secs: Option<Spanned<f64>>,
+    patient_path_segments: Option<Vec<String>>,
+    patient_query_params: Option<Vec<String>>,
+    headers: Option<Vec<String>>,
+}
+
+/// `[records]`, validated.
+pub(crate) fn records_section(
+    src: &TomlSource<'_>,
+    raw: Option<RawRecords>,
+) -> Result<RecordsSection, ConfigError> {
+    Ok(match raw {
+        None => RecordsSection::default(),
+        Some(r) => {
+            let d = RecordsSection::default();
+            let positive = |v: Option<Spanned<u64>>, key: &str, default: u64| match v {
+                None => Ok(default),
+                Some(v) if *v.get_ref() == 0 => Err(src.err(
+                    Some(v.span()),
+                    Some(format!("records.{key}")),
+                    "must be greater than 0".into(),
+                )),
+                Some(v) => Ok(v.into_inner()),
+            };
+            // Checked whatever the durability, so a bad value never waits for a switch.
+            let window = Duration::from_millis(positive(
+                r.batch_window_ms,
+                "batch_window_ms",
+                DEFAULT_BATCH_WINDOW.as_millis() as u64,
+            )?);
+            let durability = match r.durability {
+                None => d.durability,
+                Some(v) => match v.get_ref().as_str() {
+                    "strict" => Durability::Strict,
+                    "batched" => Durability::Batched { window },
+                    other => {
+                        return Err(src.err(
+                            Some(v.span()),
+                            Some("records.durability".into()),
+                            format!("`{other}`: expected \"strict\" or \"batched\""),
+                        ))
+                    }
+                },
+            };
+            let rotate_age = match r.rotate_secs {
+                None => d.rotate_age,
+                Some(v) if !(*v.get_ref() > 0.0 && *v.get_ref() <= 86400.0) => {
+                    return Err(src.err(
+                        Some(v.span()),
+                        Some("records.rotate_secs".into()),
+                        "must be greater than 0 and at most 86400".into(),
+                    ))
+                }
+                Some(v) => Duration::from_secs_f64(v.into_inner()),
+            };
+            let verify_every = match r.verify_secs {
+                None => d.verify_every,
+                Some(v) if *v.get_ref() == 0.0 => None,
+                Some(v) if !(*v.get_ref() > 0.0 && v.get_ref().is_finite()) => {
+                    return Err(src.err(
+                        Some(v.span()),
+                        Some("records.verify_secs".into()),
+                        "must be 0 (never) or a positive number of seconds".into(),
+                    ))
+                }
+                Some(v) => Some(Duration::from_secs_f64(v.into_inner())),
+            };
+            let lower = |v: Vec<String>| v.into_iter().map(|h| h.to_ascii_lowercase()).collect();
+            RecordsSection {
+                durability,
+                rotate_rows: positive(r.rotate_rows, "rotate_rows", d.rotate_rows as u64)? as usize,
+                rotate_bytes: (positive(r.rotate_mb, "rotate_mb", (d.rotate_bytes >> 20) as u64)?
+                    << 20) as usize,
+                rotate_age,
+                row_group_rows: positive(
+                    r.row_group_rows,
+                    "row_group_rows",
+                    d.row_group_rows as u64,
+                )? as usize,
+                retention_days: r.retention_days.unwrap_or(d.retention_days),
+                verify_every,
+                patient_path_segments: r.patient_path_segments.unwrap_or(d.patient_path_segments),
+                patient_query_params: r.patient_query_params.unwrap_or(d.patient_query_params),
+                headers: r.headers.map(lower).unwrap_or(d.headers),
+            }
+        }
+    })
+}
