@@ -202,6 +202,9 @@ impl JsonStream {
                                 r?;
                             }
                             i = e + 1;
+                            if self.lex == Lex::Colon {
+                                i = self.after_key(b, i, out)?;
+                            }
                         }
                     }
                 }
@@ -231,11 +234,36 @@ impl JsonStream {
                     }
                     self.structural(c, out, i)?;
                     i += 1;
+                    // Compact JSON: `,"` in an object starts the next member name.
+                    if self.lex == Lex::ObjKey && b.get(i) == Some(&b'"') {
+                        self.key.clear();
+                        self.lex = Lex::Str(Str::Key, false);
+                        i += 1;
+                    }
                 }
             }
         }
         self.offset += n as u64;
         Ok(())
+    }
+
+    /// Compact JSON: a member name is followed by its colon, and the colon by the
+    /// value; taken here without a turn of the main loop for each (the same steps
+    /// `structural` takes). Returns where the main loop resumes.
+    #[inline]
+    fn after_key(&mut self, b: &[u8], mut i: usize, out: &mut Vec<u8>) -> Result<usize, MaskError> {
+        if b.get(i) != Some(&b':') {
+            return Ok(i);
+        }
+        self.lex = Lex::Value;
+        i += 1;
+        match b.get(i) {
+            Some(&c) if !is_ws(c) => {
+                self.begin_value(c, out, i)?;
+                Ok(i + 1)
+            }
+            _ => Ok(i),
+        }
     }
 
     /// The input ended: anything unfinished is an error.
@@ -583,9 +611,11 @@ pub fn valid_number(t: &[u8]) -> bool {
 
 /// The text of a JSON string's raw content (between the quotes), validated.
 pub fn decode<'a>(raw: &'a [u8], buf: &'a mut String) -> Result<&'a str, &'static str> {
-    // Most strings are printable ASCII without escapes: one pass settles them.
-    if raw.iter().all(|b| (0x20..0x80).contains(b) && *b != b'\\') {
-        return Ok(std::str::from_utf8(raw).expect("ASCII"));
+    // Most strings are printable ASCII without escapes: one pass settles them (a
+    // fold without early exit, which the compiler vectorizes).
+    if is_plain(raw) {
+        // SAFETY: every byte is printable ASCII.
+        return Ok(unsafe { std::str::from_utf8_unchecked(raw) });
     }
     if raw.iter().any(|b| *b < 0x20) {
         return Err("control character in a string");
@@ -645,10 +675,28 @@ pub fn decode<'a>(raw: &'a [u8], buf: &'a mut String) -> Result<&'a str, &'stati
     Ok(buf.as_str())
 }
 
+/// Printable ASCII without a backslash: a JSON string's raw content that is its text.
+#[inline]
+pub fn is_plain(raw: &[u8]) -> bool {
+    raw.iter().fold(true, |ok, &b| {
+        ok & ((0x20..0x80).contains(&b) & (b != b'\\'))
+    })
+}
+
 /// Writes `s` as a JSON string.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
     let b = s.as_bytes();
+    // Masked values rarely need an escape: copied whole when none does.
+    if b.iter()
+        .fold(true, |ok, &c| ok & (c >= 0x20) & (c != b'"') & (c != b'\\'))
+    {
+        out.reserve(b.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(b);
+        out.push(b'"');
+        return;
+    }
+    out.push(b'"');
     let mut start = 0;
     for (i, &c) in b.iter().enumerate() {
         let esc: &[u8] = match c {

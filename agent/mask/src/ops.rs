@@ -3,7 +3,7 @@
 //! Every operator is idempotent (masking masked output changes nothing) and never
 //! returns the value it was given unless that value is already in masked form.
 
-use crate::pseudonym::Pseudonymizer;
+use crate::pseudonym::{Hex32, Pseudonymizer};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
@@ -61,31 +61,39 @@ pub struct OpEnv<'a> {
 }
 
 impl OpEnv<'_> {
-    fn pseudonym(&self, id: &str) -> String {
-        match self.cache {
-            Some(c) => c.get(self.pseudonyms, id),
-            None => self.pseudonyms.pseudonym(id),
-        }
+    /// Appends the pseudonym of `id` (`p:` and 32 hex digits) to `out`.
+    fn push_pseudonym(&self, id: &str, out: &mut String) {
+        let hex = match self.cache {
+            Some(c) => c.digest_hex(self.pseudonyms, id),
+            None => self.pseudonyms.digest_hex(id),
+        };
+        out.push_str("p:");
+        out.push_str(hex.as_str());
     }
 }
 
 /// A bounded memo of pseudonyms, per body.
 #[derive(Default)]
-pub struct PseudonymCache(std::sync::Mutex<rustc_hash::FxHashMap<Box<str>, Box<str>>>);
+pub struct PseudonymCache(std::sync::Mutex<rustc_hash::FxHashMap<Box<str>, Hex32>>);
 
 impl PseudonymCache {
     const MAX: usize = 16 * 1024;
 
     pub fn get(&self, p: &Pseudonymizer, id: &str) -> String {
+        format!("p:{}", self.digest_hex(p, id).as_str())
+    }
+
+    /// The pseudonym's 32 hex digits (without `p:`), memoized.
+    pub fn digest_hex(&self, p: &Pseudonymizer, id: &str) -> Hex32 {
         let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(v) = map.get(id) {
-            return v.to_string();
+            return *v;
         }
-        let v = p.pseudonym(id);
+        let v = p.digest_hex(id);
         if map.len() >= Self::MAX {
             map.clear();
         }
-        map.insert(id.into(), v.as_str().into());
+        map.insert(id.into(), v);
         v
     }
 }
@@ -126,20 +134,27 @@ impl Op {
             Op::Pseudonymize { split_last } => {
                 // A versioned FHIR reference (`Patient/1/_history/2`): the id is
                 // before the history part, which stays.
-                let (s, history) =
-                    match split_last.is_some().then(|| s.find("/_history/")).flatten() {
-                        Some(i) => s.split_at(i),
-                        None => (s, ""),
-                    };
+                let (s, history) = match split_last
+                    .is_some()
+                    .then(|| memchr::memmem::find(s.as_bytes(), b"/_history/"))
+                    .flatten()
+                {
+                    Some(i) => s.split_at(i),
+                    None => (s, ""),
+                };
                 let (head, id) = match split_last.and_then(|c| s.rfind(c)) {
                     Some(i) => s.split_at(i + 1),
                     None => ("", s),
                 };
+                let mut out = String::with_capacity(head.len() + 34 + history.len());
                 if is_pseudonym(id) {
-                    format!("{s}{history}")
+                    out.push_str(s);
                 } else {
-                    format!("{head}{}{history}", env.pseudonym(id))
+                    out.push_str(head);
+                    env.push_pseudonym(id, &mut out);
                 }
+                out.push_str(history);
+                out
             }
             Op::GeneralizeDate { max_age } => match year_of(s) {
                 Some(y) if max_age.is_some_and(|a| env.year - y > a as i32) => {

@@ -45,17 +45,24 @@ impl Pseudonymizer {
     }
 
     pub fn pseudonym(&self, id: &str) -> String {
+        let mut out = String::with_capacity(34);
+        out.push_str("p:");
+        out.push_str(self.digest_hex(id).as_str());
+        out
+    }
+
+    /// The pseudonym without its `p:` prefix: 32 hex digits.
+    pub fn digest_hex(&self, id: &str) -> Hex32 {
         let mut mac = self.mac.clone();
         mac.update(id.as_bytes());
         let digest = mac.finalize().into_bytes();
         const HEX: &[u8; 16] = b"0123456789abcdef";
-        let mut out = String::with_capacity(34);
-        out.push_str("p:");
-        for b in &digest[..16] {
-            out.push(char::from(HEX[usize::from(b >> 4)]));
-            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        let mut out = [0u8; 32];
+        for (i, b) in digest[..16].iter().enumerate() {
+            out[2 * i] = HEX[usize::from(b >> 4)];
+            out[2 * i + 1] = HEX[usize::from(b & 0xf)];
         }
-        out
+        Hex32(out)
     }
 
     /// The path with every patient id replaced by its pseudonym, and those pseudonyms.
@@ -119,6 +126,17 @@ impl Pseudonymizer {
             }
         }
         out
+    }
+}
+
+/// 32 lowercase hex digits (a pseudonym's digest part), held without an allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hex32([u8; 32]);
+
+impl Hex32 {
+    pub fn as_str(&self) -> &str {
+        // SAFETY: built from ASCII hex digits only.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
     }
 }
 
