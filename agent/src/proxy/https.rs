@@ -1,9 +1,6 @@
 //! `protocol = "https"`: read the ClientHello, then either pass a pinned host through
 //! uninspected or terminate TLS with a minted leaf and serve HTTP inside.
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{tcp, Proxy, Redirected};
@@ -122,25 +119,16 @@ where
     rec.tls_version = client_tls.version.clone();
     rec.alpn = client_tls.alpn.clone();
 
-    let ctx = Arc::new(proxy.conn_context(
-        rec,
-        dest_index,
-        dest,
-        conn,
-        Some(client_tls),
-        proxy.tunnel_bounds(meter, config),
-    ));
-    let _listed = proxy.live.list(&ctx);
-    let outcome = super::serve::serve(
-        stream,
-        Arc::clone(&ctx),
-        proxy.pipeline(),
-        meter,
-        t,
-        &config.limits,
-        &proxy.force_close,
-    )
-    .await;
-    rec.requests = ctx.requests.load(Ordering::Relaxed);
-    outcome
+    proxy
+        .serve_requests(
+            stream,
+            Some(client_tls),
+            meter,
+            conn,
+            dest_index,
+            dest,
+            config,
+            rec,
+        )
+        .await
 }

@@ -203,8 +203,10 @@ impl Proxy {
                 .await
             }
             Protocol::Http | Protocol::HttpToHttps => {
-                self.serve_http(client, &meter, &conn, dest_index, dest, &config, &mut rec)
-                    .await
+                self.serve_requests(
+                    client, None, &meter, &conn, dest_index, dest, &config, &mut rec,
+                )
+                .await
             }
         };
         self.write(ConnectionRecord {
@@ -326,28 +328,31 @@ impl Proxy {
         }
     }
 
-    /// An `http` destination: requests served through the pipeline, the connection
-    /// listed for policy re-checks while it is open.
+    /// The HTTP requests of a connection (`tls`: what the client negotiated on an
+    /// `https` destination), served through the pipeline; the connection is listed
+    /// for policy re-checks while it is open.
     #[allow(clippy::too_many_arguments)]
-    async fn serve_http(
+    pub(super) async fn serve_requests<IO>(
         &self,
-        client: Metered<TcpStream>,
+        client: IO,
+        tls: Option<ClientTls>,
         meter: &Meter,
         conn: &Redirected,
         dest_index: u32,
         dest: &Destination,
         config: &Config,
         rec: &mut ConnectionRecord,
-    ) -> (Outcome, Option<String>) {
+    ) -> (Outcome, Option<String>)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let bounds = self.tunnel_bounds(meter, config);
-        let ctx = self.conn_context(rec, dest_index, dest, conn, None, bounds);
-        let pipeline = self.pipeline();
-        let ctx = Arc::new(ctx);
+        let ctx = Arc::new(self.conn_context(rec, dest_index, dest, conn, tls, bounds));
         let _listed = self.live.list(&ctx);
         let outcome = serve::serve(
             client,
             Arc::clone(&ctx),
-            pipeline,
+            self.pipeline(),
             meter,
             &config.timeouts,
             &config.limits,
