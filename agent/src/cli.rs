@@ -278,6 +278,10 @@ fn run_agent(config: &std::path::Path) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("phigate")
+        // Blocking work is short (/proc reads for a caller's identity, a status
+        // snapshot): a few threads serve it, queued, where the default 512 each
+        // kept a stack and an allocator heap through a burst of connections.
+        .max_blocking_threads(16)
         .build()?;
     rt.block_on(crate::app::run(config))?;
     Ok(ExitCode::SUCCESS)

@@ -141,6 +141,37 @@ fn openssl_sees_a_leaf_for_the_sni_chained_to_phigates_ca() {
     assert_eq!(conns[0]["sni"], "patients.example.test");
 }
 
+/// A client that comes back resumes its TLS session (a ticket from phigate's shared
+/// ticketer) instead of paying for a full handshake: the intercepted side keeps one
+/// server configuration per leaf, not one per connection.
+#[test]
+fn a_returning_client_resumes_its_tls_session() {
+    let h = Https::trusted("resume");
+    let ca = h.ca();
+    let (host, port) = UP.split_once(':').unwrap();
+    let py = format!(
+        r#"
+import socket, ssl
+ctx = ssl.create_default_context(cafile='{ca}')
+def get(session=None):
+    s = ctx.wrap_socket(socket.create_connection(('{host}', {port})), server_hostname='patients.example.test', session=session)
+    s.sendall(b'GET /json HTTP/1.1\r\nHost: patients.example.test\r\nConnection: close\r\n\r\n')
+    while s.recv(65536):
+        pass
+    reused, session = s.session_reused, s.session
+    s.close()
+    return reused, session
+first, session = get()
+second, _ = get(session)
+print(first, second)
+"#
+    );
+    let out = output(h.w.inside(), &["python3", "-c", &py]);
+    assert_eq!(stdout(&out).trim(), "False True", "{}", stderr(&out));
+    let conns = h.w.wait_records("connections", 2);
+    assert!(conns.iter().all(|c| c["requests"] == 1), "{conns:?}");
+}
+
 #[test]
 fn python_requests_and_node_fetch_work_unchanged() {
     let h = Https::trusted("py-node");

@@ -29,8 +29,11 @@ pub fn run(name: &str, duration: u64) -> anyhow::Result<()> {
         ),
         "mask" => mask(),
         "guard" => guard(duration),
+        "rss" => rss(),
         other => {
-            bail!("no benchmark named `{other}`; available: proxy, records, policy, mask, guard")
+            bail!(
+                "no benchmark named `{other}`; available: proxy, records, policy, mask, rss, guard"
+            )
         }
     }
 }
@@ -228,6 +231,18 @@ struct Rig {
     _procs: Procs,
 }
 
+impl Drop for Rig {
+    /// A rig that ends early (a failed run) stops its agent too; its other
+    /// processes and the detach follow in [`Procs`]' drop.
+    fn drop(&mut self) {
+        if let Some(mut p) = self.phigate.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(p.id() as i32, libc::SIGTERM) };
+            let _ = p.wait();
+        }
+    }
+}
+
 impl Rig {
     /// `build`: build the agent first (the bench); the guard in `cargo xtask test`
     /// uses the build that step made.
@@ -315,7 +330,21 @@ upstream_ca = "{d}/upstream-ca.pem"
         )?;
         crate::util::allow_all_policies(&dir.join("policies"))?;
         let log = std::fs::File::create(dir.join("phigate.log"))?;
-        let phigate = Command::new(&bin)
+        // PHIGATE_BENCH_WRAP runs the agent under a profiler (e.g. "heaptrack -o
+        // /tmp/ht/phigate" with PHIGATE_BENCH_AGENT naming a build without
+        // mimalloc); its figures then describe the wrapper, not the agent.
+        let wrap = std::env::var("PHIGATE_BENCH_WRAP").unwrap_or_default();
+        let mut wrap = wrap.split_whitespace();
+        let agent = std::env::var_os("PHIGATE_BENCH_AGENT").map_or(bin.clone(), Into::into);
+        let mut cmd = match wrap.next() {
+            Some(w) => {
+                let mut c = Command::new(w);
+                c.args(wrap).arg(&agent);
+                c
+            }
+            None => Command::new(&agent),
+        };
+        let phigate = cmd
             .args(["run", "--config"])
             .arg(dir.join("phigate.toml"))
             .env(
@@ -423,6 +452,71 @@ upstream_ca = "{d}/upstream-ca.pem"
             (Some(Ok(all)), Some(Ok(ok))) => Ok((all, ok)),
             _ => bail!("unexpected DuckDB output: {text}"),
         }
+    }
+
+    /// Opens `conns` idle keep-alive connections through `path`
+    /// (tests/load/idle.py), runs `measure` while all are held, then closes them.
+    /// Returns the answers read (status 200) and what `measure` returned.
+    fn hold_idle<T>(
+        &self,
+        path: Path3,
+        conns: u32,
+        measure: &mut dyn FnMut() -> anyhow::Result<T>,
+    ) -> anyhow::Result<(u64, T)> {
+        use std::io::BufRead as _;
+        let (host, port) = match path {
+            Path3::Nginx => NGINX_PROXY,
+            _ => UPSTREAM,
+        }
+        .split_once(':')
+        .expect("host:port");
+        let script = root_dir().join("tests/load/idle.py");
+        let mut cmd = Command::new("sh");
+        let enter = match path {
+            Path3::Phigate => format!(
+                "echo $$ > {} && ",
+                self.cgroup.join("cgroup.procs").display()
+            ),
+            _ => String::new(),
+        };
+        cmd.arg("-c")
+            .arg(format!(
+                "{enter}ulimit -n $(ulimit -Hn) && exec python3 \"$@\""
+            ))
+            .arg("sh")
+            .arg(&script)
+            .args([
+                "--host",
+                host,
+                "--port",
+                port,
+                "--conns",
+                &conns.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        let mut child = cmd.spawn().context("running tests/load/idle.py")?;
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped")).read_line(&mut line)?;
+        let result = (|| {
+            let v: serde_json::Value =
+                serde_json::from_str(&line).with_context(|| format!("idle.py printed {line:?}"))?;
+            let ok = v["ok"].as_u64().unwrap_or(0);
+            if ok != u64::from(conns) {
+                bail!("only {ok} of {conns} idle connections were answered: {line}");
+            }
+            // Let whatever each connection's end allocates settle;
+            // PHIGATE_BENCH_HOLD_SECS holds them longer, to look at the processes.
+            let hold = std::env::var("PHIGATE_BENCH_HOLD_SECS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(2);
+            std::thread::sleep(Duration::from_secs(hold));
+            Ok((ok, measure()?))
+        })();
+        drop(child.stdin.take());
+        let _ = child.wait();
+        result
     }
 
     fn log_tails(&self) {
@@ -541,6 +635,102 @@ fn proxy(duration: u64) -> anyhow::Result<()> {
     let (p50, p99) = fdatasync_latency(&rig.dir, 300)?;
     println!("the disk alone (1 KiB write + fdatasync, where records live): p50 {p50:.0} µs, p99 {p99:.0} µs");
     check_rows(ok, wrk_ok, in_flight)
+}
+
+/// Idle keep-alive TLS client connections held open at once for `bench rss`.
+const IDLE_CONNS: [u32; 2] = [1_000, 10_000];
+
+/// `cargo xtask bench rss`: memory held by idle keep-alive TLS client connections
+/// (tests/load/idle.py: each connection's one request answered, then held idle),
+/// through phigate and through the nginx proxy in the same run. phigate's figure is
+/// its resident set (VmRSS) while they are held and its peak (VmHWM); nginx's is
+/// the sum of its processes' proportional sets (Pss: shared pages counted once),
+/// including the upstream server it also plays here.
+fn rss() -> anyhow::Result<()> {
+    require_root("the benchmark attaches phigate's eBPF programs")?;
+    ensure_bpffs()?;
+    if crate::util::reexec_in_netns("phigate-bench")? {
+        return Ok(());
+    }
+    let mut rig = Rig::start(true)?;
+    let phigate_pid = rig.phigate.as_ref().expect("started").id();
+    let nginx_pids = || -> Vec<u32> {
+        let pid = std::fs::read_to_string(rig.dir.join("nginx.pid")).unwrap_or_default();
+        let master: u32 = pid.trim().parse().unwrap_or(0);
+        let mut pids = vec![master];
+        pids.extend(children_of(master));
+        pids
+    };
+    let base_p = proc_kib(phigate_pid, "VmRSS:")?;
+    let base_anon = proc_kib(phigate_pid, "RssAnon:")?;
+    let base_n: u64 = nginx_pids().iter().filter_map(|p| pss_kib(*p).ok()).sum();
+    println!("\nidle keep-alive TLS client connections, one 1 KiB request answered on each, then held; all on this 2-core machine");
+    println!(
+        "at rest: phigate RSS {} MiB ({} MiB anonymous, the rest its mapped binary and libraries); nginx (proxy + upstream) Pss {} MiB",
+        base_p / 1024,
+        base_anon / 1024,
+        base_n / 1024
+    );
+    println!("\n| idle connections | phigate RSS held | phigate peak RSS | nginx proxy Pss held |");
+    println!("|---:|---:|---:|---:|");
+    let mut answered = 0u64;
+    for conns in IDLE_CONNS {
+        let held = rig.hold_idle(Path3::Phigate, conns, &mut || {
+            Ok((
+                proc_kib(phigate_pid, "VmRSS:")?,
+                proc_kib(phigate_pid, "VmHWM:")?,
+            ))
+        });
+        let (ok, (p_rss, p_peak)) = match held {
+            Ok(v) => v,
+            Err(e) => {
+                rig.log_tails();
+                return Err(e);
+            }
+        };
+        answered += ok;
+        let (_, n_pss) = rig.hold_idle(Path3::Nginx, conns, &mut || {
+            Ok(nginx_pids()
+                .iter()
+                .filter_map(|p| pss_kib(*p).ok())
+                .sum::<u64>())
+        })?;
+        println!(
+            "| {conns} | {:.0} MiB | {:.0} MiB | {:.0} MiB |",
+            p_rss as f64 / 1024.0,
+            p_peak as f64 / 1024.0,
+            n_pss as f64 / 1024.0
+        );
+    }
+    let (all, ok) = rig.stop_and_count_rows()?;
+    println!("\nphigate recorded {all} requests ({ok} answered 200); the clients read {answered} answers through it");
+    check_rows(ok, answered, 0)
+}
+
+/// A process's `/proc/PID/status` field in KiB (`VmRSS:`, `VmHWM:`).
+fn proc_kib(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
+/// A process's proportional set size in KiB.
+fn pss_kib(pid: u32) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no Pss in /proc/{pid}/smaps_rollup"))
+}
+
+fn children_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 /// p50 and p99 in µs of `n` 1 KiB writes each followed by `fdatasync`, in `dir`.
@@ -740,7 +930,8 @@ fn nginx_conf(dir: &Path) -> String {
 worker_processes 2;
 pid {d}/nginx.pid;
 error_log {d}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
+worker_rlimit_nofile 19000;
+events {{ worker_connections 16384; }}
 http {{
     access_log off;
     client_body_temp_path {d}/nginx-tmp;

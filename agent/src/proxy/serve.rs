@@ -44,7 +44,11 @@ where
         .max_header_list_size(limits.max_header_bytes as u32)
         .keep_alive_interval(Some(Duration::from_secs(30)));
     let ctx_idle = Arc::clone(&ctx);
-    let service = service_fn(move |req| Arc::clone(&pipeline).handle(Arc::clone(&ctx), req));
+    // Boxed: hyper keeps room for one service future in every connection, idle or
+    // not, and the pipeline's future is large; boxed, an idle connection holds a
+    // pointer and a request allocates it only while it runs.
+    let service =
+        service_fn(move |req| Box::pin(Arc::clone(&pipeline).handle(Arc::clone(&ctx), req)));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
 

@@ -4,6 +4,11 @@
 //! does): minting is then one signature, and the cache bounds how often even that
 //! happens. Leaves live 397 days at most (browser limit), never past the CA, and are
 //! backdated two days for clock skew.
+//!
+//! The TLS server configuration presenting a leaf is cached beside it: building one
+//! per connection cost a provider, a session cache and their allocations each time,
+//! and made resumption impossible. Every configuration shares one ticketer and one
+//! session store, so a client that comes back resumes instead of a full handshake.
 
 use std::net::IpAddr;
 use std::num::NonZeroUsize;
@@ -15,7 +20,9 @@ use rcgen::{
     CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, KeyPair,
     KeyUsagePurpose, SanType,
 };
+use rustls::server::{ProducesTickets, ServerSessionMemoryCache, StoresServerSessions};
 use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
 
@@ -38,11 +45,28 @@ impl std::fmt::Display for LeafName {
     }
 }
 
+/// TLS 1.2 session ids remembered for resumption (TLS 1.3 uses tickets, which
+/// the agent does not store).
+const SESSION_CACHE_ENTRIES: usize = 1024;
+
+/// A cached server configuration and the leaf it presents.
+struct ServedLeaf {
+    key: Arc<CertifiedKey>,
+    config: Arc<ServerConfig>,
+}
+
 pub struct LeafMinter {
     ca: Arc<CertAuthority>,
     leaf_key: KeyPair,
     signing_key: Arc<dyn rustls::sign::SigningKey>,
     cache: Mutex<LruCache<LeafName, Arc<CertifiedKey>>>,
+    /// Server configurations by leaf and ALPN list, each with the leaf it was built
+    /// for: reused only while that is still the leaf the cache gives.
+    configs: Mutex<LruCache<(LeafName, Vec<Vec<u8>>), ServedLeaf>>,
+    /// Resumption state shared by every configuration (TLS 1.3 tickets, TLS 1.2
+    /// session ids).
+    pub(crate) ticketer: Arc<dyn ProducesTickets>,
+    pub(crate) sessions: Arc<dyn StoresServerSessions>,
     pub hits: AtomicU64,
     pub misses: AtomicU64,
 }
@@ -61,6 +85,12 @@ impl LeafMinter {
             cache: Mutex::new(LruCache::new(
                 NonZeroUsize::new(cache_capacity.max(1)).expect("non-zero"),
             )),
+            configs: Mutex::new(LruCache::new(
+                NonZeroUsize::new(cache_capacity.max(1)).expect("non-zero"),
+            )),
+            ticketer: rustls::crypto::ring::Ticketer::new()
+                .map_err(|e| TlsError::Config(format!("session ticketer: {e}")))?,
+            sessions: ServerSessionMemoryCache::new(SESSION_CACHE_ENTRIES),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         })
@@ -85,6 +115,37 @@ impl LeafMinter {
             .unwrap_or_else(|p| p.into_inner())
             .put(name.clone(), key.clone());
         Ok(key)
+    }
+
+    /// The server configuration presenting `name`'s leaf and offering `alpn`,
+    /// cached; `build` makes one for a leaf when none is cached for it.
+    pub(crate) fn server_config(
+        &self,
+        name: &LeafName,
+        alpn: &[Vec<u8>],
+        build: impl FnOnce(Arc<CertifiedKey>) -> Result<ServerConfig, TlsError>,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
+        let key = self.certified_key(name)?;
+        let lookup = (name.clone(), alpn.to_vec());
+        if let Some(served) = self
+            .configs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&lookup)
+        {
+            if Arc::ptr_eq(&served.key, &key) {
+                return Ok(served.config.clone());
+            }
+        }
+        let config = Arc::new(build(key.clone())?);
+        self.configs.lock().unwrap_or_else(|p| p.into_inner()).put(
+            lookup,
+            ServedLeaf {
+                key,
+                config: config.clone(),
+            },
+        );
+        Ok(config)
     }
 
     fn mint(&self, name: &LeafName) -> Result<CertifiedKey, TlsError> {
