@@ -391,11 +391,100 @@ pub fn bundle(seed: u64, patients: u64) -> (Value, Vec<String>) {
     (b, ids)
 }
 
+/// Compact JSON as FHIR servers write it: `resourceType` first in a resource, `url`
+/// first in an extension (serde_json alone sorts members by name).
+pub fn to_vec(v: &Value) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_fhir(v, &mut out);
+    out
+}
+
+/// [`to_vec`], indented.
+pub fn to_vec_pretty(v: &Value) -> Vec<u8> {
+    // Re-indenting through serde_json would sort again: indent the ordered text.
+    let mut out = Vec::new();
+    let text = to_vec(v);
+    let mut depth = 0usize;
+    let mut in_str = false;
+    let mut esc = false;
+    for &b in &text {
+        if in_str {
+            out.push(b);
+            match (esc, b) {
+                (true, _) => esc = false,
+                (false, b'\\') => esc = true,
+                (false, b'"') => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => {
+                in_str = true;
+                out.push(b);
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                out.push(b);
+                out.push(b'\n');
+                out.extend(std::iter::repeat_n(b' ', depth * 2));
+            }
+            b'}' | b']' => {
+                depth -= 1;
+                out.push(b'\n');
+                out.extend(std::iter::repeat_n(b' ', depth * 2));
+                out.push(b);
+            }
+            b',' => {
+                out.push(b);
+                out.push(b'\n');
+                out.extend(std::iter::repeat_n(b' ', depth * 2));
+            }
+            b':' => out.extend_from_slice(b": "),
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+fn write_fhir(v: &Value, out: &mut Vec<u8>) {
+    match v {
+        Value::Object(map) => {
+            out.push(b'{');
+            let first = ["resourceType", "url"];
+            let ordered = first
+                .iter()
+                .filter_map(|k| map.get_key_value(*k))
+                .chain(map.iter().filter(|(k, _)| !first.contains(&k.as_str())));
+            for (i, (k, c)) in ordered.enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                serde_json::to_writer(&mut *out, k).unwrap();
+                out.push(b':');
+                write_fhir(c, out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, c) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_fhir(c, out);
+            }
+            out.push(b']');
+        }
+        other => serde_json::to_writer(&mut *out, other).unwrap(),
+    }
+}
+
 /// A Bundle of about `bytes` bytes (compact JSON).
 pub fn bundle_of_size(seed: u64, bytes: usize) -> Vec<u8> {
     let per = serde_json::to_vec(&bundle(seed, 4).0).unwrap().len() / 4;
     let (b, _) = bundle(seed, (bytes / per).max(1) as u64);
-    serde_json::to_vec(&b).unwrap()
+    to_vec(&b)
 }
 
 /// A bulk-export NDJSON stream of about `bytes` bytes, written to `w`.
@@ -404,7 +493,7 @@ pub fn ndjson_of_size(seed: u64, bytes: usize, w: &mut impl std::io::Write) -> s
     let mut i = 0;
     while written < bytes {
         for res in patient(seed, i).resources {
-            let line = serde_json::to_vec(&res).unwrap();
+            let line = to_vec(&res);
             w.write_all(&line)?;
             w.write_all(b"\n")?;
             written += line.len() + 1;

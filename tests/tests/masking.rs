@@ -31,27 +31,19 @@ fn start_with(tag: &str, masking_section: &str) -> Masked {
     let files = w.path("files");
     std::fs::create_dir_all(&files).unwrap();
     let (bundle, mut identifiers) = fhir::bundle(42, 12);
-    std::fs::write(
-        files.join("bundle.json"),
-        serde_json::to_vec_pretty(&bundle).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(files.join("bundle.json"), fhir::to_vec_pretty(&bundle)).unwrap();
     let mut ndjson = Vec::new();
     for i in 100..130 {
         let p = fhir::patient(42, i);
         for r in &p.resources {
-            ndjson.extend(serde_json::to_vec(r).unwrap());
+            ndjson.extend(fhir::to_vec(r));
             ndjson.push(b'\n');
         }
         identifiers.extend(p.identifiers);
     }
     std::fs::write(files.join("export.ndjson"), ndjson).unwrap();
     let one = fhir::patient(42, 200);
-    std::fs::write(
-        files.join("patient.json"),
-        serde_json::to_vec(&one.resources[0]).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(files.join("patient.json"), fhir::to_vec(&one.resources[0])).unwrap();
     identifiers.extend(one.identifiers);
     std::fs::write(files.join("note.txt"), "plain text").unwrap();
     let upstream = node_upstream(
