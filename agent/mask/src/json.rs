@@ -19,6 +19,7 @@ use super::path::PathDfa;
 use super::profile::Profile;
 use super::{Counts, MaskContext, MaskError, ScalarMasker};
 use crate::fhir::{Role, TypeCtx, UNKNOWN};
+use crate::lookahead::{Lookahead, Scan};
 use crate::ops::{Op, Scalar};
 
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +87,8 @@ pub struct JsonStream {
     values: u64,
     max_value_bytes: usize,
     scalar: ScalarMasker,
+    /// A resource or extension held until the member giving its type is read.
+    lookahead: Option<Box<Lookahead>>,
 }
 
 const DEFAULT_MAX_VALUE: usize = 16 << 20;
@@ -126,6 +129,7 @@ impl JsonStream {
             offset: 0,
             values: 0,
             max_value_bytes: DEFAULT_MAX_VALUE,
+            lookahead: None,
         }
     }
 
@@ -155,6 +159,10 @@ impl JsonStream {
         let mut i = 0;
         let n = b.len();
         while i < n {
+            if self.lookahead.is_some() {
+                i += self.look_ahead(&b[i..], out)?;
+                continue;
+            }
             match self.lex {
                 Lex::Str(kind, mut esc) => {
                     let start = i;
@@ -263,8 +271,64 @@ impl JsonStream {
         }
     }
 
+    /// Holds bytes of the object being read ahead; once its type member is read (or
+    /// the bound or its end is reached), sets what it gives and masks the held bytes.
+    /// Returns the bytes of `b` taken.
+    fn look_ahead(&mut self, b: &[u8], out: &mut Vec<u8>) -> Result<usize, MaskError> {
+        let la = self.lookahead.as_mut().expect("reading ahead");
+        let taken = match la.scan(b) {
+            Scan::More => return Ok(b.len()),
+            Scan::Done(n) => n,
+        };
+        self.replay(out)?;
+        Ok(taken)
+    }
+
+    /// Ends reading ahead: the type found goes to the object's frame, then its held
+    /// bytes are masked as if they had just arrived.
+    fn replay(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
+        let la = self.lookahead.take().expect("reading ahead");
+        if let (Some(f), Some(raw)) = (&self.profile.fhir, &la.found) {
+            let frame = self.stack.last_mut().expect("the object read ahead");
+            let mut buf = String::new();
+            if let Ok(text) = decode(raw, &mut buf) {
+                if la.key == b"url" {
+                    frame.url_safe = f.extension_allowed(text, frame.ctx.ty.trusted);
+                } else {
+                    frame.ctx.ty.ty = f.model().resource_type(text).unwrap_or(UNKNOWN);
+                }
+            }
+        }
+        let resume = self.offset;
+        self.offset = la.offset;
+        let r = self.push(&la.buf, out);
+        self.offset = resume;
+        r
+    }
+
+    /// Starts reading ahead in an object just opened (its `{` at `at`) whose type
+    /// member decides how it is masked: a resource of any type, an extension.
+    fn maybe_look_ahead(&mut self, ctx: Ctx, at: usize) {
+        let Some(f) = &self.profile.fhir else { return };
+        if ctx.suppressed || ctx.ty.sealed {
+            return;
+        }
+        let key: &'static [u8] = if ctx.ty.ty == f.model().any_resource {
+            b"resourceType"
+        } else if ctx.ty.ty == f.model().extension {
+            b"url"
+        } else {
+            return;
+        };
+        let offset = self.offset + at as u64 + 1;
+        self.lookahead = Some(Box::new(Lookahead::new(key, offset)));
+    }
+
     /// The input ended: anything unfinished is an error.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
+        if self.lookahead.is_some() {
+            self.replay(out)?;
+        }
         if self.lex == Lex::Scalar {
             let held = std::mem::take(&mut self.pending);
             self.scalar_done(&held, out, 0)?;
@@ -422,6 +486,7 @@ impl JsonStream {
                     url_safe: false,
                 });
                 self.lex = if c == b'{' {
+                    self.maybe_look_ahead(ctx, at);
                     Lex::ObjFirst
                 } else {
                     Lex::ArrFirst

@@ -25,6 +25,7 @@ pub mod dom;
 pub mod encoding;
 pub mod fhir;
 pub mod json;
+pub mod lookahead;
 pub mod ops;
 pub mod path;
 pub mod profile;

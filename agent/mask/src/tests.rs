@@ -851,27 +851,40 @@ fn safe_harbor_is_an_allow_list_over_r4_types() {
 }
 
 #[test]
-fn members_before_their_type_is_known_are_redacted() {
+fn members_in_any_order_are_typed_by_reading_ahead() {
     let p = shipped("safe_harbor");
-    // `name` and `gender` before `resourceType`; an extension's value before its url.
-    let input = br#"{"name":[{"family":"Oddorder","use":"official"}],"gender":"male","resourceType":"Patient","extension":[{"valueCode":"Secretcode","url":"http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"}],"birthDate":"1970-01-02"}"#;
+    // Sorted members (as bulk exporters write them): `resourceType` after the
+    // elements, an extension's value before its url.
+    let input = br#"{"birthDate":"1970-01-02","extension":[{"valueCode":"F","url":"http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"},{"valueString":"Ina Oddmaiden","url":"http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"}],"gender":"male","name":[{"family":"Oddorder","use":"official"}],"resourceType":"Patient"}"#;
     let (out, _) = mask_body(&p, &ctx(), BodyKind::Json, None, input).unwrap();
     let v: Value = serde_json::from_slice(&out).unwrap();
-    assert_eq!(v["gender"], "[REDACTED:UNLISTED]", "{v}");
     assert_eq!(
-        v["name"],
-        json!([{"family": "[REDACTED:UNLISTED]", "use": "[REDACTED:UNLISTED]"}])
+        v,
+        json!({"birthDate": "1970", "gender": "male", "resourceType": "Patient",
+               "extension": [
+                   {"valueCode": "F", "url": "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"},
+                   {"valueString": "[REDACTED:EXTENSION]", "url": "http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName"}],
+               "name": [{"family": "[REDACTED:NAME]", "use": "official"}]})
     );
-    assert_eq!(v["resourceType"], "Patient");
+    for cut in [1, 5, 17, 40, 100] {
+        let cuts: Vec<usize> = (cut..input.len()).step_by(cut).collect();
+        assert_eq!(
+            stream_chunked(&p, BodyKind::Json, input, &cuts).unwrap(),
+            out,
+            "cut {cut}"
+        );
+    }
+    let (dom, _) = dom::mask_document(&p, &ctx(), BodyKind::Json, input).unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&dom).unwrap(), v);
+    // Past the bound, the type is not known: everything before it is redacted.
+    let filler = "x".repeat(lookahead::MAX_LOOKAHEAD);
+    let long =
+        format!(r#"{{"gender":"male","name":[{{"family":"{filler}"}}],"resourceType":"Patient"}}"#);
+    let (out, _) = mask_body(&p, &ctx(), BodyKind::Json, None, long.as_bytes()).unwrap();
     assert_eq!(
-        v["extension"][0]["valueCode"], "[REDACTED:EXTENSION]",
-        "{v}"
+        out,
+        br#"{"gender":"[REDACTED:UNLISTED]","name":[{"family":"[REDACTED:UNLISTED]"}],"resourceType":"Patient"}"#
     );
-    assert_eq!(
-        v["extension"][0]["url"],
-        "http://hl7.org/fhir/us/core/StructureDefinition/us-core-birthsex"
-    );
-    assert_eq!(v["birthDate"], "1970", "{v}");
     // Not a resource type: masked like any unknown value.
     let (out, _) = mask_body(
         &p,
@@ -1049,7 +1062,8 @@ proptest! {
         let p = shipped("safe_harbor");
         let mut g = ResourceGen { model: fhir::r4(), state: seed, leaves: 0, markers: Vec::new() };
         let doc = g.resource(0);
-        let input = fhir_json(&doc);
+        // As servers write it, or with members sorted (read ahead for the type).
+        let input = if seed % 2 == 0 { fhir_json(&doc) } else { serde_json::to_vec(&doc).unwrap() };
         let (out, _) = mask_body(&p, &ctx(), BodyKind::Json, None, &input).unwrap();
         let text = String::from_utf8(out.clone()).unwrap();
         for (marker, allowed) in &g.markers {
