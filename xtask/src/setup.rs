@@ -40,6 +40,8 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("selenium", "selenium"),
     // A real WebSocket client for the upgrade tests.
     ("websocket", "websocket-client"),
+    // A third-party synthetic FHIR R4 generator: the masking corpus (tests/tests/masking.rs).
+    ("carebundle", "carebundle==0.5.0"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

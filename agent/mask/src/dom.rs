@@ -7,96 +7,180 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::fhir::{FhirRules, Role, TypeCtx};
 use super::ops::{Op, Scalar};
-use super::path::PathDfa;
+use super::path::{PathDfa, Trans};
 use super::{BodyKind, Counts, MaskContext, Profile, ScalarMasker};
 
 /// Masks a parsed value in place.
 pub fn mask_value(profile: &Profile, ctx: &MaskContext, v: &mut Value, counts: &mut Counts) {
-    let mut dfa = profile.dfa.clone();
-    let mut scalar = ScalarMasker::new(profile);
-    let root = dfa.root();
-    let rule = dfa.root_match();
-    walk(profile, ctx, &mut dfa, &mut scalar, v, root, rule, counts);
+    let dfa = profile.dfa.clone();
+    let root = Node {
+        state: dfa.root(),
+        rule: dfa
+            .root_match()
+            .or(profile.fhir.as_ref().map(|f| f.default_rule)),
+        ty: profile.fhir.as_ref().map(FhirRules::root),
+    };
+    let mut w = Walker {
+        profile,
+        ctx,
+        dfa,
+        scalar: ScalarMasker::new(profile),
+        counts,
+    };
+    w.walk(v, root);
 }
 
-#[allow(clippy::too_many_arguments)]
-fn walk(
-    profile: &Profile,
-    ctx: &MaskContext,
-    dfa: &mut PathDfa,
-    scalar: &mut ScalarMasker,
-    v: &mut Value,
+/// Where the walk is: path automaton state, rule in force, FHIR type.
+#[derive(Clone, Copy)]
+struct Node {
     state: u32,
     rule: Option<u32>,
-    counts: &mut Counts,
-) {
-    // Returns whether the child is dropped.
-    let child = |dfa: &mut PathDfa,
-                 scalar: &mut ScalarMasker,
-                 counts: &mut Counts,
-                 t: super::path::Trans,
-                 v: &mut Value|
-     -> bool {
-        if let Some(m) = t.matched {
-            let r = &profile.rules[m as usize];
+    ty: Option<TypeCtx>,
+}
+
+struct Walker<'a> {
+    profile: &'a Profile,
+    ctx: &'a MaskContext,
+    dfa: PathDfa,
+    scalar: ScalarMasker,
+    counts: &'a mut Counts,
+}
+
+impl Walker<'_> {
+    /// The child's node, or `None` when it is dropped (as the stream decides it).
+    fn child(
+        &mut self,
+        parent: Node,
+        t: Trans,
+        ty: Option<TypeCtx>,
+        typed: Option<u32>,
+    ) -> Option<Node> {
+        let own = if ty.is_some_and(|t| t.sealed) {
+            typed
+        } else {
+            t.matched.or(typed)
+        };
+        if let Some(m) = own {
+            let r = &self.profile.rules[m as usize];
             if r.op == Op::Drop {
-                counts.add(r.entity);
-                return true;
+                self.counts.add(r.entity);
+                return None;
             }
         }
-        walk(
-            profile,
-            ctx,
-            dfa,
-            scalar,
-            v,
-            t.state,
-            t.matched.or(rule),
-            counts,
-        );
-        false
-    };
-    match v {
-        Value::Object(map) => {
-            let mut dropped = Vec::new();
-            for (k, c) in map.iter_mut() {
-                let t = dfa.key(state, k);
-                if child(dfa, scalar, counts, t, c) {
-                    dropped.push(k.clone());
+        Some(Node {
+            state: t.state,
+            rule: own.or(parent.rule),
+            ty,
+        })
+    }
+
+    /// An object's type once its `resourceType` is read (the DOM can look ahead;
+    /// the stream needs it first).
+    fn object_type(&self, map: &serde_json::Map<String, Value>, node: Node) -> Node {
+        let (Some(f), Some(mut ty)) = (&self.profile.fhir, node.ty) else {
+            return node;
+        };
+        if f.model().is_resource(ty.ty) {
+            if let Some(Value::String(rt)) = map.get("resourceType") {
+                ty.ty = f.model().resource_type(rt).unwrap_or(crate::fhir::UNKNOWN);
+            }
+        }
+        Node {
+            ty: Some(ty),
+            ..node
+        }
+    }
+
+    fn walk(&mut self, v: &mut Value, node: Node) {
+        match v {
+            Value::Object(map) => {
+                let node = self.object_type(map, node);
+                let url_safe = match (&self.profile.fhir, node.ty, map.get("url")) {
+                    (Some(f), Some(t), Some(Value::String(u))) => f.extension_allowed(u, t.trusted),
+                    _ => false,
+                };
+                let mut dropped = Vec::new();
+                for (k, c) in map.iter_mut() {
+                    let t = self.dfa.key(node.state, k);
+                    let (ty, typed) = match (&self.profile.fhir, node.ty) {
+                        (Some(f), Some(pt)) => {
+                            let (ty, r) = f.key(pt, k, url_safe);
+                            (Some(ty), r)
+                        }
+                        _ => (None, None),
+                    };
+                    match self.child(node, t, ty, typed) {
+                        None => dropped.push(k.clone()),
+                        Some(n) => self.member(c, n),
+                    }
+                }
+                for k in dropped {
+                    map.remove(&k);
                 }
             }
-            for k in dropped {
-                map.remove(&k);
+            Value::Array(items) => {
+                let mut keep = Vec::with_capacity(items.len());
+                for (i, c) in items.iter_mut().enumerate() {
+                    let t = self.dfa.index(node.state, i);
+                    let ty = node.ty.map(|t| TypeCtx {
+                        role: Role::Plain,
+                        ..t
+                    });
+                    match self.child(node, t, ty, None) {
+                        None => keep.push(false),
+                        Some(n) => {
+                            self.walk(c, n);
+                            keep.push(true);
+                        }
+                    }
+                }
+                let mut it = keep.into_iter();
+                items.retain(|_| it.next().unwrap_or(true));
             }
-        }
-        Value::Array(items) => {
-            let mut keep = Vec::with_capacity(items.len());
-            for (i, c) in items.iter_mut().enumerate() {
-                let t = dfa.index(state, i);
-                keep.push(!child(dfa, scalar, counts, t, c));
+            Value::String(s) => {
+                let rule = node.rule.map(|r| r as usize);
+                if let Some(m) = self
+                    .scalar
+                    .text(self.profile, self.ctx, rule, s, self.counts)
+                {
+                    *s = m;
+                }
             }
-            let mut it = keep.into_iter();
-            items.retain(|_| it.next().unwrap_or(true));
-        }
-        Value::String(s) => {
-            if let Some(m) = scalar.text(profile, ctx, rule.map(|r| r as usize), s, counts) {
-                *s = m;
-            }
-        }
-        Value::Number(n) => {
-            let text = n.to_string();
-            match scalar.number(profile, ctx, rule.map(|r| r as usize), &text, counts) {
-                None => {}
-                Some(Scalar::Text(t)) => *v = Value::String(t),
-                Some(Scalar::Number(t)) => {
-                    if let Ok(n) = serde_json::from_str::<Value>(&t) {
-                        *v = n;
+            Value::Number(n) => {
+                let text = n.to_string();
+                let rule = node.rule.map(|r| r as usize);
+                match self
+                    .scalar
+                    .number(self.profile, self.ctx, rule, &text, self.counts)
+                {
+                    None => {}
+                    Some(Scalar::Text(t)) => *v = Value::String(t),
+                    Some(Scalar::Number(t)) => {
+                        if let Ok(n) = serde_json::from_str::<Value>(&t) {
+                            *v = n;
+                        }
                     }
                 }
             }
+            Value::Bool(_) | Value::Null => {}
         }
-        Value::Bool(_) | Value::Null => {}
+    }
+
+    /// A member's value: `resourceType` naming a resource stays as is.
+    fn member(&mut self, c: &mut Value, n: Node) {
+        if let (Some(f), Some(ty), Value::String(s)) = (&self.profile.fhir, n.ty, &*c) {
+            if ty.role == Role::ResourceType {
+                let known = f.model().resource_type(s).is_some();
+                let node = Node {
+                    rule: if known { None } else { Some(f.default_rule) },
+                    ..n
+                };
+                return self.walk(c, node);
+            }
+        }
+        self.walk(c, n)
     }
 }
 

@@ -18,6 +18,8 @@ use memchr::memchr2;
 use super::path::PathDfa;
 use super::profile::Profile;
 use super::{Counts, MaskContext, MaskError, ScalarMasker};
+use crate::fhir::{Role, TypeCtx, UNKNOWN};
+use crate::lookahead::{Lookahead, Scan};
 use crate::ops::{Op, Scalar};
 
 #[derive(Debug, Clone, Copy)]
@@ -27,6 +29,8 @@ struct Ctx {
     rule: Option<u32>,
     /// Inside a dropped member or element: parsed, not written.
     suppressed: bool,
+    /// The FHIR datatype here (profiles with `[fhir]`).
+    ty: TypeCtx,
 }
 
 #[derive(Debug)]
@@ -36,6 +40,8 @@ struct Frame {
     /// A member or element was written (the next needs a comma).
     emitted: bool,
     next_index: usize,
+    /// An extension whose `url` was read and is on the profile's allow-list.
+    url_safe: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +87,8 @@ pub struct JsonStream {
     values: u64,
     max_value_bytes: usize,
     scalar: ScalarMasker,
+    /// A resource or extension held until the member giving its type is read.
+    lookahead: Option<Box<Lookahead>>,
 }
 
 const DEFAULT_MAX_VALUE: usize = 16 << 20;
@@ -103,11 +111,7 @@ fn is_scalar_byte(b: u8) -> bool {
 impl JsonStream {
     pub fn new(profile: Arc<Profile>, ctx: Arc<MaskContext>, lines: bool) -> JsonStream {
         let dfa = profile.dfa.clone();
-        let root = Ctx {
-            state: dfa.root(),
-            rule: dfa.root_match(),
-            suppressed: false,
-        };
+        let root = root_ctx(&profile, &dfa);
         let counts = Counts::new(&profile);
         JsonStream {
             scalar: ScalarMasker::new(&profile),
@@ -125,6 +129,7 @@ impl JsonStream {
             offset: 0,
             values: 0,
             max_value_bytes: DEFAULT_MAX_VALUE,
+            lookahead: None,
         }
     }
 
@@ -146,11 +151,7 @@ impl JsonStream {
     }
 
     fn root_ctx(&self) -> Ctx {
-        Ctx {
-            state: self.dfa.root(),
-            rule: self.dfa.root_match(),
-            suppressed: false,
-        }
+        root_ctx(&self.profile, &self.dfa)
     }
 
     /// Masks a chunk, appending output to `out`.
@@ -158,6 +159,10 @@ impl JsonStream {
         let mut i = 0;
         let n = b.len();
         while i < n {
+            if self.lookahead.is_some() {
+                i += self.look_ahead(&b[i..], out)?;
+                continue;
+            }
             match self.lex {
                 Lex::Str(kind, mut esc) => {
                     let start = i;
@@ -266,8 +271,64 @@ impl JsonStream {
         }
     }
 
+    /// Holds bytes of the object being read ahead; once its type member is read (or
+    /// the bound or its end is reached), sets what it gives and masks the held bytes.
+    /// Returns the bytes of `b` taken.
+    fn look_ahead(&mut self, b: &[u8], out: &mut Vec<u8>) -> Result<usize, MaskError> {
+        let la = self.lookahead.as_mut().expect("reading ahead");
+        let taken = match la.scan(b) {
+            Scan::More => return Ok(b.len()),
+            Scan::Done(n) => n,
+        };
+        self.replay(out)?;
+        Ok(taken)
+    }
+
+    /// Ends reading ahead: the type found goes to the object's frame, then its held
+    /// bytes are masked as if they had just arrived.
+    fn replay(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
+        let la = self.lookahead.take().expect("reading ahead");
+        if let (Some(f), Some(raw)) = (&self.profile.fhir, &la.found) {
+            let frame = self.stack.last_mut().expect("the object read ahead");
+            let mut buf = String::new();
+            if let Ok(text) = decode(raw, &mut buf) {
+                if la.key == b"url" {
+                    frame.url_safe = f.extension_allowed(text, frame.ctx.ty.trusted);
+                } else {
+                    frame.ctx.ty.ty = f.model().resource_type(text).unwrap_or(UNKNOWN);
+                }
+            }
+        }
+        let resume = self.offset;
+        self.offset = la.offset;
+        let r = self.push(&la.buf, out);
+        self.offset = resume;
+        r
+    }
+
+    /// Starts reading ahead in an object just opened (its `{` at `at`) whose type
+    /// member decides how it is masked: a resource of any type, an extension.
+    fn maybe_look_ahead(&mut self, ctx: Ctx, at: usize) {
+        let Some(f) = &self.profile.fhir else { return };
+        if ctx.suppressed || ctx.ty.sealed {
+            return;
+        }
+        let key: &'static [u8] = if ctx.ty.ty == f.model().any_resource {
+            b"resourceType"
+        } else if ctx.ty.ty == f.model().extension {
+            b"url"
+        } else {
+            return;
+        };
+        let offset = self.offset + at as u64 + 1;
+        self.lookahead = Some(Box::new(Lookahead::new(key, offset)));
+    }
+
     /// The input ended: anything unfinished is an error.
     pub fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
+        if self.lookahead.is_some() {
+            self.replay(out)?;
+        }
         if self.lex == Lex::Scalar {
             let held = std::mem::take(&mut self.pending);
             self.scalar_done(&held, out, 0)?;
@@ -356,13 +417,27 @@ impl JsonStream {
             return parent;
         }
         let t = self.dfa.index(parent.state, index);
-        self.child(parent, t.state, t.matched)
+        let ty = TypeCtx {
+            role: Role::Plain,
+            ..parent.ty
+        };
+        self.child(parent, t.state, t.matched, ty, None)
     }
 
-    fn child(&mut self, parent: Ctx, state: u32, matched: Option<u32>) -> Ctx {
-        let rule = matched.or(parent.rule);
+    /// A child's context. `matched`: the path rule selecting it; `typed`: the rule
+    /// its FHIR type gives. Path rules win, except inside a sealed (not allowed)
+    /// extension value, where only the extension's rule counts.
+    fn child(
+        &mut self,
+        parent: Ctx,
+        state: u32,
+        matched: Option<u32>,
+        ty: TypeCtx,
+        typed: Option<u32>,
+    ) -> Ctx {
+        let own = if ty.sealed { typed } else { matched.or(typed) };
         let mut suppressed = false;
-        if let Some(m) = matched {
+        if let Some(m) = own {
             let r = &self.profile.rules[m as usize];
             if r.op == Op::Drop {
                 self.counts.add(r.entity);
@@ -371,8 +446,9 @@ impl JsonStream {
         }
         Ctx {
             state,
-            rule,
+            rule: own.or(parent.rule),
             suppressed,
+            ty,
         }
     }
 
@@ -407,8 +483,10 @@ impl JsonStream {
                     ctx,
                     emitted: false,
                     next_index: 0,
+                    url_safe: false,
                 });
                 self.lex = if c == b'{' {
+                    self.maybe_look_ahead(ctx, at);
                     Lex::ObjFirst
                 } else {
                     Lex::ArrFirst
@@ -416,9 +494,10 @@ impl JsonStream {
             }
             b'"' => {
                 let skip = ctx.suppressed
-                    || ctx
-                        .rule
-                        .is_some_and(|r| self.profile.rules[r as usize].op == Op::Redact);
+                    || (ctx.ty.role == Role::Plain
+                        && ctx
+                            .rule
+                            .is_some_and(|r| self.profile.rules[r as usize].op == Op::Redact));
                 self.lex = Lex::Str(if skip { Str::Skip } else { Str::Value }, false);
             }
             b'-' | b'0'..=b'9' | b't' | b'f' | b'n' => {
@@ -464,14 +543,19 @@ impl JsonStream {
             Str::Key => {
                 self.key.clear();
                 self.key.extend_from_slice(raw);
-                let parent = self.stack.last().expect("inside an object").ctx;
+                let frame = self.stack.last().expect("inside an object");
+                let (parent, url_safe) = (frame.ctx, frame.url_safe);
                 let off = self.offset + at as u64;
                 self.vctx = if parent.suppressed {
                     parent
                 } else {
                     let key = decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?;
                     let t = self.dfa.key(parent.state, key);
-                    self.child(parent, t.state, t.matched)
+                    let (ty, typed) = match &self.profile.fhir {
+                        Some(f) => f.key(parent.ty, key, url_safe),
+                        None => (parent.ty, None),
+                    };
+                    self.child(parent, t.state, t.matched, ty, typed)
                 };
                 self.lex = Lex::Colon;
                 return Ok(());
@@ -484,6 +568,9 @@ impl JsonStream {
                     self.prefix(out);
                     out.extend_from_slice(&self.profile.placeholders[entity]);
                 }
+            }
+            Str::Value if self.vctx.ty.role != Role::Plain && !self.vctx.suppressed => {
+                self.structure_value(raw, out, at)?;
             }
             Str::Value => {
                 let ctx = self.vctx;
@@ -528,6 +615,57 @@ impl JsonStream {
         Ok(())
     }
 
+    /// A `resourceType` or an extension's `url`: read for structure (the object's
+    /// type; whether the extension is allowed), then masked like any value unless
+    /// it names a resource type.
+    fn structure_value(
+        &mut self,
+        raw: &[u8],
+        out: &mut Vec<u8>,
+        at: usize,
+    ) -> Result<(), MaskError> {
+        let off = self.offset + at as u64;
+        let text = decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?;
+        let fhir = self.profile.fhir.as_ref().expect("roles come from [fhir]");
+        let ctx = self.vctx;
+        let mut rule = ctx.rule.map(|r| r as usize);
+        let frame = self.stack.last_mut().expect("inside an object");
+        match ctx.ty.role {
+            Role::ResourceType => {
+                if let Some(t) = fhir.model().resource_type(text) {
+                    frame.ctx.ty.ty = t;
+                    rule = None;
+                } else {
+                    frame.ctx.ty.ty = UNKNOWN;
+                    rule = Some(fhir.default_rule as usize);
+                }
+            }
+            Role::ExtensionUrl => {
+                frame.url_safe = fhir.extension_allowed(text, frame.ctx.ty.trusted)
+            }
+            Role::Plain => unreachable!("plain values are masked by string_done"),
+        }
+        let masked = match rule {
+            Some(r) if self.profile.rules[r].op == Op::Keep => None,
+            None => None,
+            Some(_) => {
+                let text = text.to_owned();
+                self.scalar
+                    .text(&self.profile, &self.ctx, rule, &text, &mut self.counts)
+            }
+        };
+        self.prefix(out);
+        match masked {
+            None => {
+                out.push(b'"');
+                out.extend_from_slice(raw);
+                out.push(b'"');
+            }
+            Some(m) => write_str(out, &m),
+        }
+        Ok(())
+    }
+
     fn scalar_done(&mut self, tok: &[u8], out: &mut Vec<u8>, at: usize) -> Result<(), MaskError> {
         let ctx = self.vctx;
         match tok {
@@ -561,6 +699,29 @@ impl JsonStream {
         }
         self.after_value(out, ctx.suppressed);
         Ok(())
+    }
+}
+
+/// The context at a document's root: the `$` rule, else the profile's default; an
+/// unknown resource until `resourceType` says which.
+fn root_ctx(profile: &Profile, dfa: &PathDfa) -> Ctx {
+    let (ty, default) = match &profile.fhir {
+        Some(f) => (f.root(), Some(f.default_rule)),
+        None => (
+            TypeCtx {
+                ty: UNKNOWN,
+                role: Role::Plain,
+                trusted: false,
+                sealed: false,
+            },
+            None,
+        ),
+    };
+    Ctx {
+        state: dfa.root(),
+        rule: dfa.root_match().or(default),
+        suppressed: false,
+        ty,
     }
 }
 

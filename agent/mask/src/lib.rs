@@ -4,6 +4,8 @@
 //!
 //! * [`profile`]: profiles (`<policies_dir>/profiles/*.toml`) and the set's hash.
 //! * [`path`]: the JSON path subset rules use, and its incremental matcher.
+//! * [`fhir`]: FHIR R4 datatypes (from the official definitions) for type rules and
+//!   the allow-list.
 //! * [`detect`]: detectors for identifiers inside text, with checksums.
 //! * [`ops`]: the operators (redact, partial, pseudonymize, generalize_date, zip3,
 //!   age_cap, drop, keep).
@@ -21,7 +23,9 @@
 pub mod detect;
 pub mod dom;
 pub mod encoding;
+pub mod fhir;
 pub mod json;
+pub mod lookahead;
 pub mod ops;
 pub mod path;
 pub mod profile;

@@ -98,6 +98,9 @@ impl PseudonymCache {
     }
 }
 
+/// URN forms whose prefix a `split_last` pseudonym keeps.
+const URN_PREFIXES: &[&str] = &["urn:uuid:", "urn:oid:"];
+
 pub fn placeholder(entity: &str) -> String {
     format!("[REDACTED:{entity}]")
 }
@@ -144,6 +147,15 @@ impl Op {
                 };
                 let (head, id) = match split_last.and_then(|c| s.rfind(c)) {
                     Some(i) => s.split_at(i + 1),
+                    // A Bundle's `urn:uuid:` full URL and the references to it: the
+                    // prefix stays, so they still resolve to each other.
+                    None if split_last.is_some() => match URN_PREFIXES
+                        .iter()
+                        .find(|p| s.len() > p.len() && s.starts_with(*p))
+                    {
+                        Some(p) => s.split_at(p.len()),
+                        None => ("", s),
+                    },
                     None => ("", s),
                 };
                 let mut out = String::with_capacity(head.len() + 34 + history.len());
@@ -328,6 +340,17 @@ mod tests {
             format!("https://x/fhir/Patient/{}/_history/3", p.pseudonym("12345"))
         );
         assert_eq!(r.apply_text(&v, "ID", &env).unwrap(), v);
+        let u = r
+            .apply_text("urn:uuid:6b1d0b4a-6e0e-4f5e-9d57-2b8f0c1e9a11", "ID", &env)
+            .unwrap();
+        assert_eq!(
+            u,
+            format!(
+                "urn:uuid:{}",
+                p.pseudonym("6b1d0b4a-6e0e-4f5e-9d57-2b8f0c1e9a11")
+            )
+        );
+        assert_eq!(r.apply_text(&u, "ID", &env).unwrap(), u);
     }
 
     #[test]

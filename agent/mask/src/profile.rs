@@ -37,6 +37,7 @@ use sha2::{Digest, Sha256};
 use toml::Spanned;
 
 use super::detect::{Detector, Detectors, BUILTIN};
+use super::fhir::{self, FhirRules, Target};
 use super::ops::{Op, OP_NAMES, RESTRICTED_ZIP3};
 use super::path::{JsonPath, PathDfa, Selector};
 
@@ -76,10 +77,11 @@ fn line_of(text: &str, offset: usize) -> usize {
         + 1
 }
 
-/// A path rule.
+/// A path rule, or a FHIR type rule (`path` is `None`; after every path rule, so a
+/// path rule's index is its path's index in the automaton).
 #[derive(Debug, Clone)]
 pub struct Rule {
-    pub path: JsonPath,
+    pub path: Option<JsonPath>,
     pub op: Op,
     pub entity: usize,
 }
@@ -111,6 +113,8 @@ pub struct Profile {
     pub rules: Vec<Rule>,
     /// The automaton of the rules' paths (a fresh copy per body warms its own cache).
     pub(crate) dfa: PathDfa,
+    /// FHIR type rules and the allow-list (`[fhir]`), when the profile has them.
+    pub(crate) fhir: Option<FhirRules>,
     pub detectors: Detectors,
     /// Parallel to `detectors`.
     pub detector_rules: Vec<DetectorRule>,
@@ -227,6 +231,20 @@ struct RawProfile {
     pattern: Vec<Spanned<RawPattern>>,
     #[serde(default)]
     header: Vec<Spanned<RawHeader>>,
+    fhir: Option<Spanned<RawFhir>>,
+}
+
+/// `[fhir]`: an allow-list over FHIR R4 datatypes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFhir {
+    /// What values no rule covers become (`redact` or `drop`).
+    default: Spanned<String>,
+    default_entity: Option<Spanned<String>>,
+    extension_entity: Option<Spanned<String>>,
+    /// Extension urls whose values are read by type like any element.
+    #[serde(default)]
+    safe_extensions: Vec<Spanned<String>>,
 }
 
 /// The operator fields rules and header rules share.
@@ -252,6 +270,7 @@ macro_rules! raw_op {
 #[serde(deny_unknown_fields)]
 struct RawRule {
     path: Option<Spanned<String>>,
+    fhir: Option<Spanned<String>>,
     detector: Option<Spanned<String>>,
     op: Spanned<String>,
     entity: Option<Spanned<String>>,
@@ -319,6 +338,8 @@ impl Entities {
 #[derive(Default)]
 struct Rules {
     paths: Vec<Rule>,
+    /// FHIR type rules: their target and rule (appended after `paths`).
+    types: Vec<(Target, Rule)>,
     /// Parallel to `detector_rules`.
     detectors: Vec<Detector>,
     detector_rules: Vec<DetectorRule>,
@@ -473,17 +494,28 @@ impl Source<'_> {
                 Some(e) => Some(self.entity(e, format!("{field}.entity"))?),
                 None => None,
             };
-            match (&r.path, &r.detector) {
-                (Some(p), None) => {
+            match (&r.path, &r.detector, &r.fhir) {
+                (Some(p), None, None) => {
                     let path = self.rule_path(p, &field)?;
                     let ent = explicit.unwrap_or_else(|| path_entity(&path));
                     rules.paths.push(Rule {
-                        path,
+                        path: Some(path),
                         op,
                         entity: entities.index(&ent),
                     });
                 }
-                (None, Some(d)) => {
+                (None, None, Some(t)) => {
+                    let target = Target::parse(fhir::r4(), t.get_ref())
+                        .map_err(|m| self.err(Some(t.span()), Some(format!("{field}.fhir")), m))?;
+                    let ent = explicit.unwrap_or_else(|| fhir_entity(t.get_ref()));
+                    let rule = Rule {
+                        path: None,
+                        op,
+                        entity: entities.index(&ent),
+                    };
+                    rules.types.push((target, rule));
+                }
+                (None, Some(d), None) => {
                     if matches!(op, Op::Keep | Op::Drop | Op::AgeCap) {
                         return Err(self.err(
                             Some(r.op.span()),
@@ -503,7 +535,7 @@ impl Source<'_> {
                     return Err(self.err(
                         Some(rspan),
                         Some(field),
-                        "a rule has either `path` or `detector`".into(),
+                        "a rule has either `path`, `fhir` or `detector`".into(),
                     ))
                 }
             }
@@ -625,6 +657,74 @@ impl Source<'_> {
         Ok(headers)
     }
 
+    /// `[fhir]`: resolves the type rules (appended to the rules after the path
+    /// rules), the default rule and the extension rule.
+    fn fhir(
+        &self,
+        raw: &Spanned<RawFhir>,
+        rules: &mut Rules,
+        entities: &mut Entities,
+    ) -> Result<FhirRules, ProfileError> {
+        let f = raw.get_ref();
+        let op = self.op(
+            RawOp {
+                op: &f.default,
+                keep_last: &None,
+                split_last: &None,
+                max_age: &None,
+            },
+            "fhir.default",
+        )?;
+        if !matches!(op, Op::Redact | Op::Drop) {
+            return Err(self.err(
+                Some(f.default.span()),
+                Some("fhir.default".into()),
+                "an allow-list removes what it does not know: `redact` or `drop`".into(),
+            ));
+        }
+        let entity = |e: &Option<Spanned<String>>, field: &str, dflt: &str| match e {
+            Some(e) => self.entity(e, format!("fhir.{field}")),
+            None => Ok(dflt.to_owned()),
+        };
+        let default_entity = entity(&f.default_entity, "default_entity", "UNLISTED")?;
+        let extension_entity = entity(&f.extension_entity, "extension_entity", "EXTENSION")?;
+        let mut urls = Vec::new();
+        for (i, u) in f.safe_extensions.iter().enumerate() {
+            if !u.get_ref().contains("://") {
+                return Err(self.err(
+                    Some(u.span()),
+                    Some(format!("fhir.safe_extensions[{i}]")),
+                    "an extension's absolute url (http://...)".into(),
+                ));
+            }
+            urls.push(u.get_ref().clone());
+        }
+        let base = rules.paths.len() as u32;
+        let mut targets = Vec::new();
+        for (i, (t, r)) in rules.types.drain(..).enumerate() {
+            targets.push((t, base + i as u32));
+            rules.paths.push(r);
+        }
+        let default_rule = rules.paths.len() as u32;
+        rules.paths.push(Rule {
+            path: None,
+            op,
+            entity: entities.index(&default_entity),
+        });
+        rules.paths.push(Rule {
+            path: None,
+            op: Op::Redact,
+            entity: entities.index(&extension_entity),
+        });
+        Ok(FhirRules::new(
+            fhir::r4(),
+            &targets,
+            default_rule,
+            default_rule + 1,
+            urls,
+        ))
+    }
+
     /// `pass_through`: media types sent unmasked (never JSON or NDJSON).
     fn pass_through(
         &self,
@@ -674,6 +774,18 @@ impl Source<'_> {
         }
         Ok(v)
     }
+}
+
+/// A type rule's default entity: the last name, upper case (`Address.state` -> `STATE`).
+fn fhir_entity(target: &str) -> String {
+    target
+        .rsplit('.')
+        .next()
+        .unwrap_or(target)
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric())
+        .collect::<String>()
+        .to_ascii_uppercase()
 }
 
 /// A path rule's default entity: its last field name, upper case (`FIELD` when it
@@ -737,12 +849,23 @@ impl Profile {
         let mut entities = Entities::default();
         // Configured patterns first: rules refer to them by name.
         let patterns = src.patterns(&raw.pattern)?;
-        let rules = src.rules(&raw.rule, &patterns, &mut entities)?;
+        let mut rules = src.rules(&raw.rule, &patterns, &mut entities)?;
         src.every_pattern_used(&raw.pattern, &patterns, &rules.detectors)?;
         let headers = src.headers(&raw.header, &mut entities)?;
         let pass_through = src.pass_through(&raw.pass_through)?;
         let restricted_zip3 = src.restricted_zip3(&raw.restricted_zip3)?;
-        let dfa = PathDfa::new(rules.paths.iter().map(|r| r.path.clone()).collect());
+        let dfa = PathDfa::new(rules.paths.iter().filter_map(|r| r.path.clone()).collect());
+        let fhir = match &raw.fhir {
+            Some(f) => Some(src.fhir(f, &mut rules, &mut entities)?),
+            None if !rules.types.is_empty() => {
+                return Err(src.err(
+                    None,
+                    Some("fhir".into()),
+                    "rules with `fhir` need a [fhir] table (its `default` op)".into(),
+                ))
+            }
+            None => None,
+        };
         let entities = entities.0;
         Ok(Profile {
             name: stem,
@@ -751,6 +874,7 @@ impl Profile {
             pass_unparsable: raw.pass_unparsable,
             rules: rules.paths,
             dfa,
+            fhir,
             detectors: Detectors::new(rules.detectors),
             detector_rules: rules.detector_rules,
             headers,
