@@ -25,9 +25,14 @@ pub const CONN_MAP_CAPACITY: u32 = 65_536;
 /// Capacity of the map of the agent's own sockets (cookies registered just before
 /// each upstream connect, removed right after).
 pub const OWN_SOCKETS_CAPACITY: u32 = 16_384;
-/// Slots of the agent's listening sockets in [`maps::LISTENERS`].
+/// Slots of the agent's listening sockets in [`maps::LISTENERS`] (one of each per
+/// served network namespace, see [`ListenerKey`]).
 pub const LISTENER_V4: u32 = 0;
 pub const LISTENER_V6: u32 = 1;
+/// Network namespaces the agent can serve at once (listeners: two per namespace).
+pub const NETNS_CAPACITY: u32 = 1_024;
+/// Size in bytes of the ring buffer of [`NetnsEvent`]s (a power of two, pages).
+pub const NETNS_EVENTS_BYTES: u32 = 64 * 1024;
 /// Capacity of each protected-destination LPM trie.
 pub const DEST_MAP_CAPACITY: u32 = 4_096;
 
@@ -39,11 +44,15 @@ pub mod maps {
     pub const BY_COOKIE: &str = "PHIGATE_BY_COOKIE";
     pub const BY_PEER: &str = "PHIGATE_BY_PEER";
     pub const COUNTERS: &str = "PHIGATE_COUNTERS";
-    /// SOCKMAP of the agent's listening sockets ([`super::LISTENER_V4`],
-    /// [`super::LISTENER_V6`]): a connect is redirected only when the socket the
-    /// kernel would deliver it to is one of these. The kernel drops a socket from the
-    /// map when it closes, so "agent down" needs no cooperation from a dead agent.
+    /// SOCKHASH of the agent's listening sockets, keyed by network namespace and
+    /// slot ([`super::ListenerKey`]): a connect is redirected only when the socket
+    /// the kernel would deliver it to is the one registered for the caller's own
+    /// namespace. The kernel drops a socket from the map when it closes, so "agent
+    /// down" needs no cooperation from a dead agent.
     pub const LISTENERS: &str = "PHIGATE_LISTENERS";
+    /// Ring buffer of [`super::NetnsEvent`]s: a protected connect came from a
+    /// network namespace the agent holds no listener in.
+    pub const NETNS_EVENTS: &str = "PHIGATE_NETNS_EVENTS";
     /// Socket cookies of the agent's own outbound sockets: never redirected.
     pub const OWN_SOCKETS: &str = "PHIGATE_OWN_SOCKETS";
 }
@@ -80,6 +89,11 @@ pub mod counters {
     pub const REFUSED_NOT_AGENT: u32 = 8;
     /// A redirected socket closed before the agent accepted it: its entry was removed.
     pub const CLOSED_UNACCEPTED: u32 = 9;
+    /// fail_mode = "closed", and the caller's network namespace has no agent listener
+    /// (and no other socket at the agent's address): refused, the agent told.
+    pub const REFUSED_UNSERVED_NETNS: u32 = 10;
+    /// fail_mode = "open", same case: passed untouched, the agent told.
+    pub const PASSED_UNSERVED_NETNS: u32 = 11;
     pub const COUNT: u32 = 16;
 }
 
@@ -124,6 +138,33 @@ pub struct Settings {
     pub fail_open: u32,
     /// 0 until the agent has written valid settings; programs do nothing before that.
     pub enabled: u32,
+    /// Cookie of the agent's own network namespace (0 until its listeners are
+    /// registered): there, a missing listener means the agent is down.
+    pub home_netns: u64,
+}
+
+/// Key of [`maps::LISTENERS`]: the agent's listener of one family in one namespace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ListenerKey {
+    /// bpf_get_netns_cookie() of the namespace (SO_NETNS_COOKIE of the socket).
+    pub netns_cookie: u64,
+    /// [`LISTENER_V4`] or [`LISTENER_V6`].
+    pub slot: u32,
+    /// Explicit padding (zero).
+    pub _pad: u32,
+}
+
+/// What the programs tell the agent through [`maps::NETNS_EVENTS`]: a process of the
+/// protected cgroup connected to a protected destination from a network namespace
+/// the agent does not serve yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NetnsEvent {
+    pub netns_cookie: u64,
+    /// Thread-group id of the connecting process (its /proc/PID/ns/net is the way in).
+    pub pid: u32,
+    pub _pad: u32,
 }
 
 /// What the kernel attested at connect time, plus the original destination.
@@ -184,4 +225,6 @@ mod pod {
     unsafe impl aya::Pod for super::ConnectInfo {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PeerKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::ListenerKey {}
 }

@@ -15,6 +15,13 @@
 //!   original destination as its peer.
 //! * `cgroup/sock_release`: forgets the socket's entry.
 //!
+//! Network namespaces: the agent holds a listener in every namespace protected
+//! processes live in (containers), registered under that namespace's cookie. A
+//! connect is redirected to the agent's listener in the caller's own namespace; from
+//! a namespace with no agent listener and nothing else at the agent's address, the
+//! agent is told (`PHIGATE_NETNS_EVENTS`) so it serves the namespace at once, and
+//! the connect follows the fail mode (refused when closed, passed when open).
+//!
 //! Failing closed means returning 0 from the connect hook (the caller's connect()
 //! fails with EPERM) when no agent listener is registered, when the listener found is
 //! not the agent's, or when the connect cannot be stored. Nothing is ever delivered to
@@ -50,12 +57,12 @@ mod programs {
     };
     use aya_ebpf::macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops};
     use aya_ebpf::maps::lpm_trie::Key;
-    use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap};
+    use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, RingBuf, SockHash};
     use aya_ebpf::programs::{SockAddrContext, SockContext, SockOpsContext};
     use phigate_common::{
-        counters, maps, ConnectInfo, DestKeyV4, DestKeyV6, DestValue, PeerKey, Settings, AF_INET,
-        AF_INET6, CONN_MAP_CAPACITY, DEST_MAP_CAPACITY, LISTENER_V4, LISTENER_V6,
-        OWN_SOCKETS_CAPACITY,
+        counters, maps, ConnectInfo, DestKeyV4, DestKeyV6, DestValue, ListenerKey, NetnsEvent,
+        PeerKey, Settings, AF_INET, AF_INET6, CONN_MAP_CAPACITY, DEST_MAP_CAPACITY, LISTENER_V4,
+        LISTENER_V6, NETNS_CAPACITY, NETNS_EVENTS_BYTES, OWN_SOCKETS_CAPACITY,
     };
 
     const SOCK_STREAM: u32 = 1;
@@ -92,6 +99,7 @@ mod programs {
     const _: () = assert!(same(maps::COUNTERS, "PHIGATE_COUNTERS"));
     const _: () = assert!(same(maps::LISTENERS, "PHIGATE_LISTENERS"));
     const _: () = assert!(same(maps::OWN_SOCKETS, "PHIGATE_OWN_SOCKETS"));
+    const _: () = assert!(same(maps::NETNS_EVENTS, "PHIGATE_NETNS_EVENTS"));
 
     #[map(name = "PHIGATE_DESTS_V4")]
     static DESTS_V4: LpmTrie<DestKeyV4, DestValue> =
@@ -114,7 +122,10 @@ mod programs {
     static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counters::COUNT, 0);
 
     #[map(name = "PHIGATE_LISTENERS")]
-    static LISTENERS: SockMap = SockMap::with_max_entries(2, 0);
+    static LISTENERS: SockHash<ListenerKey> = SockHash::with_max_entries(2 * NETNS_CAPACITY, 0);
+
+    #[map(name = "PHIGATE_NETNS_EVENTS")]
+    static NETNS_EVENTS: RingBuf = RingBuf::with_byte_size(NETNS_EVENTS_BYTES, 0);
 
     #[map(name = "PHIGATE_OWN_SOCKETS")]
     static OWN_SOCKETS: HashMap<u64, u8> = HashMap::with_max_entries(OWN_SOCKETS_CAPACITY, 0);
@@ -144,73 +155,103 @@ mod programs {
         Agent,
         /// No agent listener is registered (the agent is not running).
         AgentDown,
-        /// The agent is up, but in the caller's network namespace the address is held
-        /// by another socket, or by none.
+        /// In the caller's network namespace the agent's address is held by another
+        /// socket (or, in the agent's own namespace, by none while the agent is up).
         NotAgent,
+        /// The caller's network namespace (not the agent's) has no agent listener and
+        /// nothing at the agent's address: the agent has not served it yet.
+        Unserved,
     }
 
     #[inline(always)]
-    fn listener_v4(ctx: &SockAddrContext, addr: u32, port_be: u16) -> Listener {
+    fn listener_v4(ctx: &SockAddrContext, s: &Settings, port_be: u16) -> Listener {
         // SAFETY: an all-zero bpf_sock_tuple is valid.
         let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-        tuple.__bindgen_anon_1.ipv4.daddr = addr;
+        tuple.__bindgen_anon_1.ipv4.daddr = s.listen_v4_addr;
         tuple.__bindgen_anon_1.ipv4.dport = port_be;
         let size = size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>();
-        listener(ctx, &mut tuple, size as u32, LISTENER_V4)
+        listener(ctx, &mut tuple, size as u32, LISTENER_V4, s.home_netns)
     }
 
     #[inline(always)]
-    fn listener_v6(ctx: &SockAddrContext, addr: [u32; 4], port_be: u16) -> Listener {
+    fn listener_v6(ctx: &SockAddrContext, s: &Settings, port_be: u16) -> Listener {
         // SAFETY: an all-zero bpf_sock_tuple is valid.
         let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-        tuple.__bindgen_anon_1.ipv6.daddr = addr;
+        tuple.__bindgen_anon_1.ipv6.daddr = s.listen_v6_addr;
         tuple.__bindgen_anon_1.ipv6.dport = port_be;
         let size = size_of::<aya_ebpf::bindings::bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>();
-        listener(ctx, &mut tuple, size as u32, LISTENER_V6)
+        listener(ctx, &mut tuple, size as u32, LISTENER_V6, s.home_netns)
     }
 
     /// Compares the socket the kernel would deliver `tuple` to (in the caller's
-    /// namespace) with the agent's registered listener in `slot`. Both are the kernel's
-    /// own socket pointers: equal means the very same socket, which only the agent
-    /// could have put in the map.
+    /// namespace) with the agent's listener registered for that namespace in `slot`.
+    /// Both are the kernel's own socket pointers: equal means the very same socket,
+    /// which only the agent could have put in the map.
     #[inline(always)]
     fn listener(
         ctx: &SockAddrContext,
         tuple: &mut bpf_sock_tuple,
         size: u32,
         slot: u32,
+        home_netns: u64,
     ) -> Listener {
-        // SAFETY: map lookup on a SOCKMAP returns a referenced socket or NULL; every
-        // non-NULL socket is released before returning.
+        let p = ctx.sock_addr as *mut c_void;
+        // SAFETY: helper allowed for cgroup sock_addr programs, called with its ctx.
+        let netns_cookie = unsafe { bpf_get_netns_cookie(p) };
+        let key = ListenerKey {
+            netns_cookie,
+            slot,
+            _pad: 0,
+        };
+        // SAFETY: map lookup on a SOCKHASH returns a referenced socket or NULL; the
+        // socket sk_lookup returns likewise; every non-NULL socket is released before
+        // returning.
         unsafe {
             let agent = bpf_map_lookup_elem(
                 (&raw const LISTENERS) as *mut c_void,
-                (&raw const slot) as *const c_void,
+                (&raw const key) as *const c_void,
             ) as *mut bpf_sock;
-            if agent.is_null() {
-                return Listener::AgentDown;
-            }
             let found = bpf_sk_lookup_tcp(
-                ctx.sock_addr as *mut c_void,
+                p,
                 tuple as *mut bpf_sock_tuple,
                 size,
                 BPF_F_CURRENT_NETNS as u64,
                 0,
             );
-            let ours = if found.is_null() {
-                false
-            } else {
-                let same = found as u64 == agent as u64;
+            let same = !agent.is_null() && found as u64 == agent as u64;
+            let anybody = !found.is_null();
+            if anybody {
                 bpf_sk_release(found as *mut c_void);
-                same
-            };
-            bpf_sk_release(agent as *mut c_void);
-            if ours {
-                Listener::Agent
-            } else {
-                Listener::NotAgent
+            }
+            if !agent.is_null() {
+                bpf_sk_release(agent as *mut c_void);
+                return if same {
+                    Listener::Agent
+                } else {
+                    Listener::NotAgent
+                };
+            }
+            if home_netns == 0 || home_netns == netns_cookie {
+                return Listener::AgentDown;
+            }
+            if anybody {
+                return Listener::NotAgent;
             }
         }
+        notify_unserved(netns_cookie);
+        Listener::Unserved
+    }
+
+    /// Tells the agent a namespace needs a listener. A full ring buffer loses the
+    /// event; the agent's periodic scan finds the namespace anyway.
+    #[inline(always)]
+    fn notify_unserved(netns_cookie: u64) {
+        let event = NetnsEvent {
+            netns_cookie,
+            pid: (bpf_get_current_pid_tgid() >> 32) as u32,
+            _pad: 0,
+        };
+        let _ = NETNS_EVENTS.output::<NetnsEvent>(&event, 0);
     }
 
     /// What to do with a protected connect, given who listens: `None` to redirect it.
@@ -228,6 +269,14 @@ mod programs {
             }
             Listener::NotAgent => {
                 count(counters::REFUSED_NOT_AGENT);
+                Some(REFUSE)
+            }
+            Listener::Unserved if s.fail_open != 0 => {
+                count(counters::PASSED_UNSERVED_NETNS);
+                Some(ALLOW)
+            }
+            Listener::Unserved => {
+                count(counters::REFUSED_UNSERVED_NETNS);
                 Some(REFUSE)
             }
         }
@@ -320,7 +369,7 @@ mod programs {
             return ALLOW;
         }
         let listen_port_be = s.listen_v4_port.to_be();
-        if let Some(r) = refuse_or_pass(listener_v4(ctx, s.listen_v4_addr, listen_port_be), &s) {
+        if let Some(r) = refuse_or_pass(listener_v4(ctx, &s, listen_port_be), &s) {
             return r;
         }
         if !store(ctx, [ip, 0, 0, 0], u16::from_be(port_be), AF_INET, dest_id) {
@@ -380,8 +429,7 @@ mod programs {
                 return ALLOW;
             }
             let listen_port_be = s.listen_v4_port.to_be();
-            if let Some(r) = refuse_or_pass(listener_v4(ctx, s.listen_v4_addr, listen_port_be), &s)
-            {
+            if let Some(r) = refuse_or_pass(listener_v4(ctx, &s, listen_port_be), &s) {
                 return r;
             }
             if !store(ctx, [ip[3], 0, 0, 0], port, AF_INET, dest_id) {
@@ -417,7 +465,7 @@ mod programs {
             return REFUSE;
         }
         let listen_port_be = s.listen_v6_port.to_be();
-        if let Some(r) = refuse_or_pass(listener_v6(ctx, s.listen_v6_addr, listen_port_be), &s) {
+        if let Some(r) = refuse_or_pass(listener_v6(ctx, &s, listen_port_be), &s) {
             return r;
         }
         if !store(ctx, ip, port, AF_INET6, dest_id) {

@@ -16,6 +16,7 @@ use crate::approval::Approvals;
 use crate::identity::IdentityResolver;
 use crate::outbound::Outbound;
 use crate::preflight;
+use crate::proxy::namespaces::Namespaces;
 use crate::proxy::Proxy;
 use crate::record::store::{RecordStore, StoreConfig};
 use crate::record::{EventRecord, Origin, RecordSink};
@@ -58,9 +59,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         sockets,
         metrics.clone(),
     ));
+    let namespaces = Arc::new(Namespaces::new(proxy.clone(), redirector.clone())?);
     let agent = Agent {
         proxy,
         redirector,
+        namespaces,
         store,
         approvals,
         metrics,
@@ -69,6 +72,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     agent.serve_admin(admin)?;
     let in_force = InForce::new(agent.proxy.clone(), agent.redirector.clone(), config_path);
     let serving = agent.serve(listeners)?;
+    // Containers already running are served before "ready"; later ones as they come.
+    agent.namespaces.reconcile();
+    agent.namespaces.spawn();
     // Redirect attached, destinations loaded, listeners served: protected connects
     // from now on reach this agent.
     info!("ready");
@@ -84,6 +90,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 struct Agent {
     proxy: Arc<Proxy>,
     redirector: Arc<Redirector>,
+    /// The other network namespaces served (containers').
+    namespaces: Arc<Namespaces>,
     store: Arc<RecordStore>,
     approvals: Arc<Approvals>,
     metrics: Arc<crate::metrics::Metrics>,
@@ -187,13 +195,18 @@ impl Agent {
     fn serve_admin(&self, admin: tokio::net::UnixListener) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let status: crate::admin::StatusSource = {
-            let (proxy, redirector, store, approvals) = (
+            let (proxy, redirector, namespaces, store, approvals) = (
                 self.proxy.clone(),
                 self.redirector.clone(),
+                self.namespaces.clone(),
                 self.store.clone(),
                 self.approvals.clone(),
             );
-            Arc::new(move || status(&proxy, &redirector, &store, &approvals, started))
+            Arc::new(move || {
+                let mut s = status(&proxy, &redirector, &store, &approvals, started);
+                s.namespaces = served_namespaces(&namespaces);
+                s
+            })
         };
         tokio::spawn(crate::admin::serve(
             admin,
@@ -344,6 +357,19 @@ fn raise_open_files_limit() {
 }
 
 /// What `phigate status` shows, read from the running parts.
+fn served_namespaces(namespaces: &Namespaces) -> Vec<crate::admin::StatusNamespace> {
+    namespaces
+        .served()
+        .into_iter()
+        .map(|n| crate::admin::StatusNamespace {
+            inode: n.inode,
+            netns_cookie: n.cookie,
+            pid: n.pid,
+            listeners: n.listeners.iter().map(ToString::to_string).collect(),
+        })
+        .collect()
+}
+
 fn status(
     proxy: &Proxy,
     redirector: &Redirector,
@@ -385,6 +411,7 @@ fn status(
                 mask_profile: d.mask_profile.clone(),
             })
             .collect(),
+        namespaces: Vec::new(),
         policy_set_hash: gate.policies.hash().to_owned(),
         policies: gate.policies.len(),
         records: store.progress(),
@@ -538,14 +565,7 @@ fn watch_policies(dir: &Path) -> tokio::sync::mpsc::UnboundedReceiver<()> {
 }
 
 fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    let domain = socket2::Domain::for_address(addr);
-    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into()).map_err(|e| {
+    let socket = crate::sockets::listen_in(None, addr).map_err(|e| {
         if e.kind() == std::io::ErrorKind::AddrInUse {
             anyhow::anyhow!("cannot listen on {addr}: address already in use; another phigate or another service holds it (see `ss -ltnp 'sport = :{}'`); stop it or change [agent] listen", addr.port())
         } else if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
@@ -554,8 +574,7 @@ fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
             anyhow::anyhow!("cannot listen on {addr}: {e}")
         }
     })?;
-    socket.listen(4096)?;
-    Ok(TcpListener::from_std(socket.into())?)
+    Ok(TcpListener::from_std(socket)?)
 }
 
 fn make_private_dir(dir: &Path) -> anyhow::Result<()> {

@@ -507,6 +507,17 @@ fn status(
                 .unwrap_or_default()
         );
     }
+    if !s.namespaces.is_empty() {
+        println!("namespaces:");
+        for n in &s.namespaces {
+            println!(
+                "  net:[{}]  pid {}  {}",
+                n.inode,
+                n.pid,
+                n.listeners.join(", ")
+            );
+        }
+    }
     println!("policies:      {} in set {}", s.policies, s.policy_set_hash);
     println!(
         "records:       {} ({}), journal {} entries / {} bytes, parquet {} rows, lag {}{}{}",

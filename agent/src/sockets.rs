@@ -87,6 +87,46 @@ impl Drop for Exempt {
     }
 }
 
+/// A listening TCP socket on `addr` (non-blocking, SO_REUSEADDR, IPv6-only for an
+/// IPv6 address), made in the network namespace `netns` (a `/proc/PID/ns/net` file)
+/// or in the agent's own when `None`. A socket stays in the namespace it was created
+/// in: a short-lived thread enters the namespace, creates it and ends, so no other
+/// thread of the agent ever changes namespace.
+pub(crate) fn listen_in(
+    netns: Option<&std::fs::File>,
+    addr: SocketAddr,
+) -> io::Result<std::net::TcpListener> {
+    let Some(ns) = netns else {
+        return listen(addr);
+    };
+    let ns = ns.try_clone()?;
+    std::thread::Builder::new()
+        .name("phigate-setns".into())
+        .spawn(move || {
+            use std::os::fd::AsRawFd as _;
+            // SAFETY: setns on this thread only (it ends right after), valid fd.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            listen(addr)
+        })?
+        .join()
+        .map_err(|_| io::Error::other("the namespace thread panicked"))?
+}
+
+fn listen(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let domain = socket2::Domain::for_address(addr);
+    let socket = socket2::Socket::new(domain, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
 /// The kernel's cookie of a socket (SO_COOKIE): what `bpf_get_socket_cookie` returns.
 pub(crate) fn socket_cookie(s: &impl AsRawFd) -> io::Result<u64> {
     getsockopt_u64(s, libc::SO_COOKIE)

@@ -102,6 +102,50 @@ impl Netns {
         Netns { name, file }
     }
 
+    /// The namespace's inode (what `phigate status` lists for served namespaces).
+    pub fn inode(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().unwrap().ino()
+    }
+
+    /// Joins this namespace to `other` with a veth pair, as a container's bridge or
+    /// veth does: `here` and `there` are the two ends' addresses (`10.77.0.1/30`),
+    /// `tag` makes the interface names unique within both namespaces; `other`'s
+    /// default route goes through `here`.
+    pub fn veth_to(&self, other: &Netns, tag: &str, here: &str, there: &str) {
+        let (a, b) = (format!("pgh{tag}"), format!("pgc{tag}"));
+        run_ok(Command::new("ip").args([
+            "-n",
+            &self.name,
+            "link",
+            "add",
+            &a,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &b,
+            "netns",
+            &other.name,
+        ]));
+        for (ns, dev, addr) in [(&self.name, &a, here), (&other.name, &b, there)] {
+            run_ok(Command::new("ip").args(["-n", ns, "addr", "add", addr, "dev", dev]));
+            run_ok(Command::new("ip").args(["-n", ns, "link", "set", dev, "up"]));
+        }
+        // The other side reaches everything through this one, as a container does
+        // through its bridge.
+        let gateway = here.split('/').next().unwrap();
+        run_ok(Command::new("ip").args([
+            "-n",
+            &other.name,
+            "route",
+            "add",
+            "default",
+            "via",
+            gateway,
+        ]));
+    }
+
     /// Runs `f` on a thread that has entered this namespace.
     pub fn run<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
         let fd = self.file.try_clone().unwrap();

@@ -159,6 +159,9 @@ fn workload() -> Vec<Field> {
         u64_("cgroup_id"),
         text("cgroup_path"),
         text("systemd_unit"),
+        text("container_id"),
+        text("container_runtime"),
+        text("pod_uid"),
         text("exe_path"),
         text("exe_sha256"),
         list("identity_unknown", DataType::Utf8),
@@ -315,11 +318,13 @@ mod tests {
             .collect();
         let expected = [
             // + oidc_expiry, path_as_sent, identity_unknown (nullable, added: older
-            // files read them as null through union_by_name).
-            ("requests", "ab5b1af40b15e48f"),
+            // files read them as null through union_by_name);
+            // + container_id, container_runtime, pod_uid (nullable, added).
+            ("requests", "5c88726309960a95"),
             // + decision, policy_ids, policy_set_hash (nullable, added: a TCP or
-            // TUNNEL passage is decided per connection).
-            ("connections", "32e1d78c9a3bbc69"),
+            // TUNNEL passage is decided per connection); + container_id,
+            // container_runtime, pod_uid (nullable, added).
+            ("connections", "238e4da3aa745a45"),
             // + requester_person, reviewer_person (nullable, added: self-approval
             // and quorum are decided on persons).
             ("approvals", "3b94fb8d057f8dd9"),

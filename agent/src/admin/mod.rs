@@ -69,6 +69,9 @@ pub struct Status {
     pub ebpf_counters: std::collections::BTreeMap<String, u64>,
     pub ebpf_maps: std::collections::BTreeMap<String, u64>,
     pub destinations: Vec<StatusDestination>,
+    /// Network namespaces served besides the agent's own (containers).
+    #[serde(default)]
+    pub namespaces: Vec<StatusNamespace>,
     pub policy_set_hash: String,
     pub policies: usize,
     pub records: crate::record::store::Progress,
@@ -85,6 +88,17 @@ pub struct StatusDestination {
     pub protocol: String,
     pub addresses: Vec<String>,
     pub mask_profile: Option<String>,
+}
+
+/// A network namespace the agent holds listeners in (a container's).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusNamespace {
+    /// Inode of /proc/PID/ns/net (what `lsns` and `ip netns identify` show).
+    pub inode: u64,
+    pub netns_cookie: u64,
+    /// A protected process found in it.
+    pub pid: u32,
+    pub listeners: Vec<String>,
 }
 
 /// Builds the current status on request (the agent wires it to its parts).

@@ -15,6 +15,7 @@
 //! time (others wait for that result), and results are cached by (device, inode,
 //! ctime, size): ctime changes on every write and cannot be set back by the owner.
 
+pub mod container;
 pub mod oidc;
 pub mod token;
 
@@ -49,6 +50,12 @@ pub struct Workload {
     pub cgroup_path: Option<String>,
     /// The systemd unit owning the cgroup (`foo.service`, `session-3.scope`).
     pub systemd_unit: Option<String>,
+    /// The container the process runs in, from its cgroup path
+    /// ([`container::from_cgroup_path`]): the runtime's id, the runtime, and the
+    /// Kubernetes pod's UID.
+    pub container_id: Option<String>,
+    pub container_runtime: Option<String>,
+    pub pod_uid: Option<String>,
     pub exe_path: Option<String>,
     /// SHA-256 of the executable the process runs (read through /proc/PID/exe, so a
     /// replaced file on disk does not fool it).
@@ -107,6 +114,15 @@ impl IdentityResolver {
         };
         w.cgroup_path = self.cgroup_path(a.pid, a.cgroup_id);
         w.systemd_unit = w.cgroup_path.as_deref().and_then(systemd_unit);
+        if let Some(c) = w
+            .cgroup_path
+            .as_deref()
+            .and_then(container::from_cgroup_path)
+        {
+            w.container_id = Some(c.id);
+            w.container_runtime = Some(c.runtime.to_owned());
+            w.pod_uid = c.pod_uid;
+        }
         if w.cgroup_path.is_none() {
             w.unknown.push("cgroup");
         }

@@ -259,22 +259,28 @@ struct SchemaFeatures {
     workload_unknown: bool,
     /// `context.host` and `context.sni`.
     authority: bool,
+    /// `Workload.container`, `Workload.container_runtime`, `Workload.pod_uid`.
+    container: bool,
 }
 
 impl SchemaFeatures {
     const ALL: SchemaFeatures = SchemaFeatures {
         workload_unknown: true,
         authority: true,
+        container: true,
     };
 
     /// Every combination, the fullest first.
     fn fallbacks() -> impl Iterator<Item = SchemaFeatures> {
-        [(true, true), (true, false), (false, true), (false, false)]
-            .into_iter()
-            .map(|(workload_unknown, authority)| SchemaFeatures {
-                workload_unknown,
-                authority,
+        let mut all: Vec<SchemaFeatures> = (0..8u8)
+            .map(|i| SchemaFeatures {
+                workload_unknown: i & 1 == 0,
+                authority: i & 2 == 0,
+                container: i & 4 == 0,
             })
+            .collect();
+        all.sort_by_key(|f| f.missing().len());
+        all.into_iter()
     }
 
     fn missing(self) -> Vec<&'static str> {
@@ -284,6 +290,9 @@ impl SchemaFeatures {
         }
         if !self.authority {
             m.push("context.host and context.sni (policies cannot see the request's authority)");
+        }
+        if !self.container {
+            m.push("Workload.container, container_runtime and pod_uid (policies cannot tell containers apart)");
         }
         m
     }
@@ -813,6 +822,9 @@ impl PolicySet {
                 s(w.cgroup_path.as_ref().unwrap_or(&unknown)),
             ),
         ]);
+        if self.features.container {
+            attrs.extend(container_attrs(w));
+        }
         if self.features.workload_unknown {
             attrs.insert(
                 "unknown".into(),
@@ -1077,3 +1089,20 @@ fn locate(text: &str, needle: &str, from: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests;
+
+/// `principal.container`, `container_runtime`, `pod_uid` ("" when not in one).
+fn container_attrs(w: &Workload) -> Vec<(String, RestrictedExpression)> {
+    [
+        ("container", &w.container_id),
+        ("container_runtime", &w.container_runtime),
+        ("pod_uid", &w.pod_uid),
+    ]
+    .into_iter()
+    .map(|(name, value)| {
+        (
+            name.to_owned(),
+            RestrictedExpression::new_string(value.clone().unwrap_or_default()),
+        )
+    })
+    .collect()
+}

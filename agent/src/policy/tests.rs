@@ -783,3 +783,48 @@ when { context has sni && context.sni == "pinned.test" };
     assert!(!d.allowed);
     assert!(d.errors[0].contains("declares no action \"TCP\""), "{d:?}");
 }
+
+#[test]
+fn a_policy_can_permit_one_container_and_older_schemas_still_load() {
+    const POLICY: &str = r#"
+@id("only-billing-container")
+permit (principal, action == Phigate::Action::"GET", resource)
+when { principal.container == "4f1c8a0f6a2b" && principal.container_runtime == "podman" && principal.pod_uid == "" };
+"#;
+    let d = dir_with(&[("p.cedar", POLICY)]);
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    let in_container = |id: Option<&str>| Workload {
+        container_id: id.map(str::to_owned),
+        container_runtime: id.map(|_| "podman".to_owned()),
+        ..workload("svc", "")
+    };
+    let get = |set: &PolicySet, w: Workload| case(w, None, "GET", "/Patient/1").decide(set).allowed;
+    assert!(get(&set, in_container(Some("4f1c8a0f6a2b"))));
+    assert!(!get(&set, in_container(Some("0000000000aa"))));
+    assert!(!get(&set, in_container(None)), "outside any container");
+
+    // A schema from before container identity: it loads, policies decide, and one
+    // asking for the container does not load (the schema does not declare it).
+    let old = shipped_schema()
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            !(t.starts_with("container")
+                || t.starts_with("pod_uid")
+                || t.starts_with("// \"systemd-nspawn\""))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(old, shipped_schema());
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join(SCHEMA_FILE), &old).unwrap();
+    std::fs::write(
+        d.path().join("p.cedar"),
+        "@id(\"all-gets\")\npermit (principal, action == Phigate::Action::\"GET\", resource);\n",
+    )
+    .unwrap();
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(get(&set, in_container(Some("4f1c8a0f6a2b"))));
+    std::fs::write(d.path().join("p.cedar"), POLICY).unwrap();
+    assert!(PolicySet::load(d.path()).is_err());
+}

@@ -4,6 +4,7 @@
 
 pub mod https;
 pub mod live;
+pub mod namespaces;
 pub mod serve;
 pub mod tcp;
 
@@ -141,16 +142,31 @@ impl Proxy {
 
     /// Accepts connections until `stop_accepting` is cancelled.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        self.serve_until(listener, CancellationToken::new()).await
+    }
+
+    /// Accepts connections until `stop_accepting` or `stop` is cancelled (a served
+    /// network namespace went away), then closes the listener.
+    pub async fn serve_until(self: Arc<Self>, listener: TcpListener, stop: CancellationToken) {
+        // Accepted peers are looked up in the listener's network namespace.
+        let netns = match crate::sockets::netns_cookie(&listener) {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "cannot read the listener's network namespace; not serving it");
+                return;
+            }
+        };
         loop {
             let accepted = tokio::select! {
                 _ = self.stop_accepting.cancelled() => break,
+                _ = stop.cancelled() => break,
                 r = listener.accept() => r,
             };
             match accepted {
                 Ok((stream, peer)) => {
                     let this = Arc::clone(&self);
                     self.tasks
-                        .spawn(async move { this.handle(stream, peer).await });
+                        .spawn(async move { this.handle(stream, peer, netns).await });
                 }
                 Err(e) => {
                     // EMFILE/ENFILE and friends: back off instead of spinning.
@@ -162,8 +178,8 @@ impl Proxy {
         debug!(addr = ?listener.local_addr().ok(), "listener closed");
     }
 
-    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr) {
-        let Some(inbound) = self.attribute(client, peer).await else {
+    async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, netns: u64) {
+        let Some(inbound) = self.attribute(client, peer, netns).await else {
             return;
         };
         let config = self.config();
@@ -224,13 +240,18 @@ impl Proxy {
     /// Who sent an accepted connection and where it was going: its attested
     /// original destination and caller, and the workload that is. `None`: refused
     /// (not redirected, or not attested), and already counted or recorded.
-    async fn attribute(self: &Arc<Self>, client: TcpStream, peer: SocketAddr) -> Option<Inbound> {
+    async fn attribute(
+        self: &Arc<Self>,
+        client: TcpStream,
+        peer: SocketAddr,
+        netns: u64,
+    ) -> Option<Inbound> {
         let started = SystemTime::now();
         let t0 = Instant::now();
         let peer = normalize(peer);
         let id = new_id();
 
-        let attested = match self.lookup.take(peer) {
+        let attested = match self.lookup.take(peer, netns) {
             Ok(Some(a)) => a,
             Ok(None) => {
                 self.direct_connect(peer);

@@ -9,7 +9,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context as _};
 use aya::maps::{MapInfo, MapType};
-use phigate_common::{maps, ConnectInfo, PeerKey, CONN_MAP_CAPACITY, OWN_SOCKETS_CAPACITY};
+use phigate_common::{
+    maps, ConnectInfo, ListenerKey, PeerKey, CONN_MAP_CAPACITY, NETNS_CAPACITY,
+    OWN_SOCKETS_CAPACITY,
+};
 
 const BPFFS_DEFAULT: &str = "/sys/fs/bpf";
 
@@ -32,7 +35,12 @@ pub(super) fn drop_incompatible_pinned_map(path: &Path, name: &str) -> anyhow::R
             size_of::<ConnectInfo>(),
             CONN_MAP_CAPACITY,
         ),
-        n if n == maps::LISTENERS => (MapType::SockMap, size_of::<u32>(), size_of::<u32>(), 2),
+        n if n == maps::LISTENERS => (
+            MapType::SockHash,
+            size_of::<ListenerKey>(),
+            size_of::<u32>(),
+            2 * NETNS_CAPACITY,
+        ),
         _ => (
             MapType::Hash,
             size_of::<u64>(),

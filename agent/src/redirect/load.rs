@@ -8,7 +8,8 @@
 //! <pin_dir>/cg<cgroup inode>/...
 //! <pin_dir>/cg<cgroup inode>/maps/PHIGATE_BY_COOKIE  connection state, shared across restarts
 //! <pin_dir>/cg<cgroup inode>/maps/PHIGATE_BY_PEER
-//! <pin_dir>/cg<cgroup inode>/maps/PHIGATE_LISTENERS  the agent's listening sockets
+//! <pin_dir>/cg<cgroup inode>/maps/PHIGATE_LISTENERS  the agent's listening sockets,
+//!                                                    per network namespace
 //! <pin_dir>/cg<cgroup inode>/maps/PHIGATE_OWN_SOCKETS cookies of the agent's own sockets
 //! ```
 //!
@@ -35,11 +36,13 @@ use std::sync::Mutex;
 
 use anyhow::{anyhow, bail, Context as _};
 use aya::maps::lpm_trie::LpmTrie;
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, SockMap};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf, SockHash};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr, ProgramError, SockOps};
 use aya::{Ebpf, EbpfError, EbpfLoader};
-use phigate_common::{maps, programs, ConnectInfo, DestKeyV4, DestKeyV6, DestValue, Settings};
+use phigate_common::{
+    maps, programs, ConnectInfo, DestKeyV4, DestKeyV6, DestValue, ListenerKey, Settings,
+};
 
 use super::bpffs::{check_cgroup_dir, drop_incompatible_pinned_map, ensure_bpffs, make_dir};
 use super::detach::detach_and_remove;
@@ -100,8 +103,14 @@ pub(crate) struct Redirector {
     pub(super) lookup: PeerLookup,
     pub(super) by_cookie: Mutex<HashMap<MapData, u64, ConnectInfo>>,
     pub(super) counters: PerCpuArray<MapData, u64>,
-    pub(super) listeners: Mutex<SockMap<MapData>>,
+    pub(super) listeners: Mutex<SockHash<MapData, ListenerKey>>,
     pub(super) own_sockets: Mutex<HashMap<MapData, u64, u8>>,
+    /// The programs' reports of unserved namespaces, until the agent takes them
+    /// ([`Redirector::take_netns_events`]).
+    pub(super) netns_events: Mutex<Option<RingBuf<MapData>>>,
+    /// Cookie of the agent's own network namespace (0 until its listeners are
+    /// registered); written into the settings.
+    pub(super) home_netns: std::sync::atomic::AtomicU64,
 }
 
 pub(super) struct State {
@@ -155,7 +164,7 @@ impl Redirector {
 
         let mut settings_map: Array<MapData, Settings> = take_map(&mut ebpf, maps::SETTINGS)?;
         settings_map
-            .set(0, to_kernel_settings(settings), 0)
+            .set(0, to_kernel_settings(settings, 0), 0)
             .context("writing the redirect settings map failed")?;
         let dests_v4 = take_map(&mut ebpf, maps::DESTS_V4)?;
         let dests_v6 = take_map(&mut ebpf, maps::DESTS_V6)?;
@@ -164,6 +173,7 @@ impl Redirector {
         let counters = take_map(&mut ebpf, maps::COUNTERS)?;
         let listeners = take_map(&mut ebpf, maps::LISTENERS)?;
         let own_sockets = take_map(&mut ebpf, maps::OWN_SOCKETS)?;
+        let netns_events = take_map(&mut ebpf, maps::NETNS_EVENTS)?;
 
         let links = attach_programs(&mut ebpf, &cgroup)?;
         // The links are ours now; the programs stay loaded through them.
@@ -188,12 +198,13 @@ impl Redirector {
             state: Mutex::new(state),
             lookup: PeerLookup {
                 by_peer: Mutex::new(by_peer),
-                netns_cookie: Default::default(),
             },
             by_cookie: Mutex::new(by_cookie),
             counters,
             listeners: Mutex::new(listeners),
             own_sockets: Mutex::new(own_sockets),
+            netns_events: Mutex::new(Some(netns_events)),
+            home_netns: Default::default(),
         })
     }
 

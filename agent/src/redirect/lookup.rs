@@ -14,13 +14,10 @@ use super::{lock, Attested, LookupError, OrigDstLookup, Redirector};
 /// The by-peer map, usable from many tasks: see [`OrigDstLookup`].
 pub(super) struct PeerLookup {
     pub(super) by_peer: Mutex<HashMap<MapData, PeerKey, ConnectInfo>>,
-    /// The agent's network namespace (its listeners'), which accepted peers are in.
-    pub(super) netns_cookie: std::sync::atomic::AtomicU64,
 }
 
 impl PeerLookup {
-    fn take_info(&self, peer: SocketAddr) -> Result<Option<ConnectInfo>, MapError> {
-        let netns = self.netns_cookie.load(std::sync::atomic::Ordering::Relaxed);
+    fn take_info(&self, peer: SocketAddr, netns: u64) -> Result<Option<ConnectInfo>, MapError> {
         let key = peer_key(peer, netns);
         let mut map = lock(&self.by_peer);
         let info = match map.get(&key, 0) {
@@ -34,16 +31,16 @@ impl PeerLookup {
 }
 
 impl OrigDstLookup for PeerLookup {
-    fn take(&self, peer: SocketAddr) -> Result<Option<Attested>, LookupError> {
-        self.take_info(peer)
+    fn take(&self, peer: SocketAddr, netns: u64) -> Result<Option<Attested>, LookupError> {
+        self.take_info(peer, netns)
             .map(|o| o.map(|info| Attested::from(&info)))
             .map_err(|e| LookupError::Map(e.to_string()))
     }
 }
 
 impl OrigDstLookup for Redirector {
-    fn take(&self, peer: SocketAddr) -> Result<Option<Attested>, LookupError> {
-        self.lookup.take(peer)
+    fn take(&self, peer: SocketAddr, netns: u64) -> Result<Option<Attested>, LookupError> {
+        self.lookup.take(peer, netns)
     }
 }
 

@@ -7,20 +7,21 @@ use std::collections::HashMap as StdHashMap;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
 
 use anyhow::{bail, Context as _};
 use aya::maps::lpm_trie::Key;
 use aya::maps::MapError;
 use ipnet::IpNet;
 use phigate_common::{
-    counters, DestKeyV4, DestKeyV6, DestValue, Settings, DEST_MAP_CAPACITY, LISTENER_V4,
-    LISTENER_V6,
+    counters, DestKeyV4, DestKeyV6, DestValue, ListenerKey, Settings, DEST_MAP_CAPACITY,
+    LISTENER_V4, LISTENER_V6,
 };
 
 use super::{lock, RedirectSettings, Redirector};
 
 /// Counter names, by index in the per-CPU counters map.
-const COUNTER_NAMES: [(&str, u32); 10] = [
+const COUNTER_NAMES: [(&str, u32); 12] = [
     ("redirected", counters::REDIRECTED),
     ("exempt_own_socket", counters::EXEMPT_OWN),
     ("passed_agent_down", counters::PASSED_AGENT_DOWN),
@@ -31,6 +32,8 @@ const COUNTER_NAMES: [(&str, u32); 10] = [
     ("refused_agent_down", counters::REFUSED_AGENT_DOWN),
     ("refused_not_agent", counters::REFUSED_NOT_AGENT),
     ("closed_unaccepted", counters::CLOSED_UNACCEPTED),
+    ("refused_unserved_netns", counters::REFUSED_UNSERVED_NETNS),
+    ("passed_unserved_netns", counters::PASSED_UNSERVED_NETNS),
 ];
 
 /// One protected destination: connects to `port` on an address in `net`.
@@ -44,28 +47,71 @@ pub(crate) struct DestEntry {
 }
 
 impl Redirector {
-    /// Registers the agent's listening sockets: protected connects are redirected only
-    /// to these very sockets (the programs compare the socket the kernel would deliver
-    /// to with the registered one). Call before [`Self::set_destinations`]; the kernel
-    /// removes a socket from the map when it closes.
+    /// Registers the agent's listening sockets in its own network namespace:
+    /// protected connects are redirected only to these very sockets (the programs
+    /// compare the socket the kernel would deliver to with the registered one). Call
+    /// before [`Self::set_destinations`]; the kernel removes a socket from the map
+    /// when it closes.
     pub(crate) fn register_listeners(
         &self,
         v4: &impl AsRawFd,
         v6: Option<&impl AsRawFd>,
     ) -> anyhow::Result<()> {
+        let netns = self.register_netns_listeners(v4, v6)?;
+        self.home_netns.store(netns, Ordering::Relaxed);
+        let mut state = lock(&self.state);
+        let mut settings = state
+            .settings
+            .get(&0, 0)
+            .context("reading the redirect settings map failed")?;
+        settings.home_netns = netns;
+        state
+            .settings
+            .set(0, settings, 0)
+            .context("writing the redirect settings map failed")
+    }
+
+    /// Registers the agent's listeners of one network namespace (the one the
+    /// sockets were created in), replacing any before them; returns the namespace's
+    /// cookie.
+    pub(crate) fn register_netns_listeners(
+        &self,
+        v4: &impl AsRawFd,
+        v6: Option<&impl AsRawFd>,
+    ) -> anyhow::Result<u64> {
         let netns = crate::sockets::netns_cookie(v4)
             .context("reading the listener's network namespace cookie (Linux 5.14+)")?;
         let mut map = lock(&self.listeners);
-        map.set(LISTENER_V4, v4, 0)
+        map.insert(listener_key(netns, LISTENER_V4), v4.as_raw_fd(), 0)
             .context("registering the IPv4 listener in the listeners map failed")?;
         if let Some(v6) = v6 {
-            map.set(LISTENER_V6, v6, 0)
+            map.insert(listener_key(netns, LISTENER_V6), v6.as_raw_fd(), 0)
                 .context("registering the IPv6 listener in the listeners map failed")?;
         }
-        self.lookup
-            .netns_cookie
-            .store(netns, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
+        Ok(netns)
+    }
+
+    /// Removes a namespace's listeners from the map (closing them does too; this
+    /// makes it immediate and independent of who else holds the sockets).
+    pub(crate) fn forget_netns_listeners(&self, netns: u64) {
+        let mut map = lock(&self.listeners);
+        for slot in [LISTENER_V4, LISTENER_V6] {
+            if let Err(e) = remove_ok(map.remove(&listener_key(netns, slot))) {
+                tracing::warn!(error = %e, netns, "removing a namespace's listener failed");
+            }
+        }
+    }
+
+    /// The programs' reports of protected connects from namespaces with no agent
+    /// listener; `None` once taken.
+    pub(crate) fn take_netns_events(&self) -> Option<aya::maps::RingBuf<aya::maps::MapData>> {
+        lock(&self.netns_events).take()
+    }
+
+    /// The cookie of the agent's own network namespace (0 before
+    /// [`Self::register_listeners`]).
+    pub(crate) fn home_netns(&self) -> u64 {
+        self.home_netns.load(Ordering::Relaxed)
     }
 
     /// Makes the destination tries hold exactly `dests` (new ones inserted, stale ones
@@ -176,7 +222,7 @@ impl Redirector {
     pub(crate) fn update_settings(&self, settings: &RedirectSettings) -> anyhow::Result<()> {
         lock(&self.state)
             .settings
-            .set(0, to_kernel_settings(settings), 0)
+            .set(0, to_kernel_settings(settings, self.home_netns()), 0)
             .context("writing the redirect settings map failed")
     }
 
@@ -201,10 +247,12 @@ impl Redirector {
             .keys()
             .filter(Result::is_ok)
             .count();
+        let listeners = lock(&self.listeners).keys().filter(Result::is_ok).count();
         let state = lock(&self.state);
         vec![
             ("by_cookie", by_cookie),
             ("by_peer", by_peer),
+            ("listeners", listeners),
             (
                 "dests_v4",
                 state.dests_v4.keys().filter(Result::is_ok).count(),
@@ -251,7 +299,15 @@ pub(super) fn ipv6_words(ip: &Ipv6Addr) -> [u32; 4] {
     })
 }
 
-pub(super) fn to_kernel_settings(s: &RedirectSettings) -> Settings {
+fn listener_key(netns_cookie: u64, slot: u32) -> ListenerKey {
+    ListenerKey {
+        netns_cookie,
+        slot,
+        _pad: 0,
+    }
+}
+
+pub(super) fn to_kernel_settings(s: &RedirectSettings, home_netns: u64) -> Settings {
     let (v6_addr, v6_port) = match &s.listen_v6 {
         Some(a) => (ipv6_words(a.ip()), a.port()),
         None => ([0; 4], 0),
@@ -263,6 +319,7 @@ pub(super) fn to_kernel_settings(s: &RedirectSettings) -> Settings {
         listen_v6_addr: v6_addr,
         fail_open: u32::from(s.fail_open),
         enabled: 1,
+        home_netns,
     }
 }
 
@@ -325,17 +382,20 @@ mod tests {
 
     #[test]
     fn settings_layout() {
-        let s = to_kernel_settings(&RedirectSettings {
-            cgroup: PathBuf::new(),
-            pin_dir: PathBuf::new(),
-            listen_v4: "127.0.0.1:15001".parse().unwrap(),
-            listen_v6: Some("[::1]:15002".parse().unwrap()),
-            fail_open: true,
-        });
+        let s = to_kernel_settings(
+            &RedirectSettings {
+                cgroup: PathBuf::new(),
+                pin_dir: PathBuf::new(),
+                listen_v4: "127.0.0.1:15001".parse().unwrap(),
+                listen_v6: Some("[::1]:15002".parse().unwrap()),
+                fail_open: true,
+            },
+            7,
+        );
         assert_eq!(s.listen_v4_addr.to_ne_bytes(), [127, 0, 0, 1]);
         assert_eq!(s.listen_v4_port, 15001);
         assert_eq!(s.listen_v6_port, 15002);
         assert_eq!(s.listen_v6_addr[3].to_ne_bytes(), [0, 0, 0, 1]);
-        assert_eq!((s.fail_open, s.enabled), (1, 1));
+        assert_eq!((s.fail_open, s.enabled, s.home_netns), (1, 1, 7));
     }
 }

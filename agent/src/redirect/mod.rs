@@ -16,12 +16,15 @@
 //! * `bpffs`: the cgroup2 directory and the bpf filesystem the links are pinned in.
 //! * `detach`: removing pinned links: [`detach_pinned`] (`phigate detach`), and the
 //!   previous instance's on restart.
+//! * `netns`: the network namespaces protected processes live in (containers), and
+//!   the programs' reports of namespaces the agent does not serve yet.
 
 mod bpffs;
 mod detach;
 mod load;
 mod lookup;
 mod maps;
+mod netns;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Mutex, MutexGuard};
@@ -32,6 +35,7 @@ pub(crate) use bpffs::cgroup2_root;
 pub(crate) use detach::detach_pinned;
 pub(crate) use load::{RedirectSettings, Redirector};
 pub(crate) use maps::DestEntry;
+pub(crate) use netns::{open_netns, own_netns, protected_netns, NetnsEvents, NetnsId};
 
 /// What the kernel attested about a redirected connection at connect time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,9 +94,11 @@ pub enum LookupError {
 /// Answers, for an accepted connection, where the client meant to go and who it was.
 pub trait OrigDstLookup: Send + Sync + 'static {
     /// Looks up the connection whose client address (the accepted socket's peer) is
-    /// `peer`, removing the entry. `Ok(None)`: the connection was not redirected by us
-    /// (someone connected to the listener directly) and must be refused.
-    fn take(&self, peer: SocketAddr) -> Result<Option<Attested>, LookupError>;
+    /// `peer` in the network namespace `netns` (the cookie of the listener that
+    /// accepted it), removing the entry. `Ok(None)`: the connection was not
+    /// redirected by us (someone connected to the listener directly) and must be
+    /// refused.
+    fn take(&self, peer: SocketAddr, netns: u64) -> Result<Option<Attested>, LookupError>;
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -119,7 +125,7 @@ impl StaticOrigDst {
 
 #[cfg(test)]
 impl OrigDstLookup for StaticOrigDst {
-    fn take(&self, peer: SocketAddr) -> Result<Option<Attested>, LookupError> {
+    fn take(&self, peer: SocketAddr, _netns: u64) -> Result<Option<Attested>, LookupError> {
         Ok(self
             .entries
             .lock()
