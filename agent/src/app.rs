@@ -409,6 +409,7 @@ fn sample(m: &crate::metrics::Metrics, s: &crate::admin::Status) {
     m.journal_bytes.set(gauge(s.records.journal_bytes));
     m.parquet_rows.set(gauge(s.records.parquet_rows));
     m.journal_lag.set(gauge(s.records.lag_entries));
+    m.journal_held.set(gauge(s.records.held_entries));
     m.records_writable.set(i64::from(s.records_writable));
     for (name, v) in &s.ebpf_maps {
         m.ebpf_map_entries

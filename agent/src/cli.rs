@@ -527,6 +527,13 @@ fn status(
             ""
         },
     );
+    if r.held_entries > 0 {
+        println!(
+            "               {} journal entr{} would not decode: not in Parquet, kept in <records_dir>/_journal/held/",
+            r.held_entries,
+            if r.held_entries == 1 { "y" } else { "ies" }
+        );
+    }
     println!("connections:   {} open", s.open_connections);
     println!("approvals:     {} pending", s.approvals_pending);
     println!("counters:      {}", join(&s.counters));

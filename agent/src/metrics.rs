@@ -109,6 +109,7 @@ pub struct Metrics {
     pub journal_bytes: Gauge,
     pub parquet_rows: Gauge,
     pub journal_lag: Gauge,
+    pub journal_held: Gauge,
     pub records_writable: Gauge,
     pub ebpf_map_entries: Family<NameLabels, Gauge>,
     pub ebpf_counters: Family<NameLabels, Gauge>,
@@ -159,6 +160,7 @@ impl Metrics {
             journal_bytes: Gauge::default(),
             parquet_rows: Gauge::default(),
             journal_lag: Gauge::default(),
+            journal_held: Gauge::default(),
             records_writable: Gauge::default(),
             ebpf_map_entries: Family::default(),
             ebpf_counters: Family::default(),
@@ -237,6 +239,11 @@ impl Metrics {
             "journal_lag_entries",
             "Records durable in the journal but not yet in Parquet",
             m.journal_lag.clone(),
+        );
+        reg.register(
+            "journal_held_entries",
+            "Journal entries that would not decode: not in Parquet, kept for inspection",
+            m.journal_held.clone(),
         );
         reg.register(
             "records_writable",

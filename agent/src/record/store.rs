@@ -72,6 +72,9 @@ pub struct Progress {
     /// Durable in the journal, not yet in Parquet (replayed rows at start included
     /// in neither).
     pub lag_entries: u64,
+    /// Journal entries that would not decode: not in Parquet, kept in `_journal/held/`.
+    #[serde(default)]
+    pub held_entries: u64,
     pub durability: String,
     pub journal_failing: bool,
     pub parquet_failing: bool,
@@ -255,6 +258,7 @@ impl RecordStore {
             journal_bytes: j.committed_bytes.load(Ordering::Relaxed),
             parquet_rows: parquet,
             lag_entries: committed.saturating_sub(parquet),
+            held_entries: j.held_entries.load(Ordering::Relaxed),
             durability: match self.durability {
                 Durability::Strict => "strict",
                 Durability::Batched { .. } => "batched",
