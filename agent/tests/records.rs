@@ -41,6 +41,7 @@ fn store_config(root: &Path, rotate_rows: usize, rotate_age: Duration) -> StoreC
         row_group_rows: 4,
         retention_days: 0,
         metrics: Default::default(),
+        shipping: None,
     }
 }
 

@@ -17,7 +17,7 @@ use crate::schema::Table;
 pub const SIGNING_KEY_FILE: &str = "records-signing.key";
 pub const PUBLIC_KEY_FILE: &str = "records-signing.pub";
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
-pub(crate) const HEAD_FILE: &str = "_head.json";
+pub const HEAD_FILE: &str = "_head.json";
 
 const PUBLIC_KEY_PREFIX: &str = "phigate-ed25519 ";
 
