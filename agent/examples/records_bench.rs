@@ -110,6 +110,7 @@ fn open(dir: &Path, durability: Durability) -> anyhow::Result<Arc<RecordStore>> 
             row_group_rows: 10_000,
             retention_days: 0,
             metrics: Default::default(),
+            shipping: None,
         },
         Origin::this_host(),
     )?;

@@ -436,6 +436,13 @@ fn sample(m: &crate::metrics::Metrics, s: &crate::admin::Status) {
     m.journal_bytes.set(gauge(s.records.journal_bytes));
     m.parquet_rows.set(gauge(s.records.parquet_rows));
     m.journal_lag.set(gauge(s.records.lag_entries));
+    m.journal_held.set(gauge(s.records.held_entries));
+    if let Some(sh) = &s.records.shipping {
+        m.shipped_files.set(gauge(sh.shipped_files));
+        m.unshipped_files.set(gauge(sh.unshipped_files));
+        m.ship_failures.set(gauge(sh.failures));
+        m.ship_lag.set(gauge(sh.lag_secs));
+    }
     m.records_writable.set(i64::from(s.records_writable));
     for (name, v) in &s.ebpf_maps {
         m.ebpf_map_entries
@@ -520,6 +527,7 @@ pub fn open_store(
             row_group_rows: r.row_group_rows,
             retention_days: r.retention_days,
             metrics: metrics.clone(),
+            shipping: r.shipping.clone(),
         },
         Origin::this_host(),
     )

@@ -542,6 +542,32 @@ fn status(
             ""
         },
     );
+    if let Some(sh) = &r.shipping {
+        println!(
+            "shipping:      {} shipped, {} waiting (oldest {}s), {} failed passes to {}{}{}",
+            sh.shipped_files,
+            sh.unshipped_files,
+            sh.lag_secs,
+            sh.failures,
+            sh.destination,
+            if sh.failing_closed {
+                ", FAILING CLOSED: past max_unshipped_secs"
+            } else {
+                ""
+            },
+            sh.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
+    if r.held_entries > 0 {
+        println!(
+            "               {} journal entr{} would not decode: not in Parquet, kept in <records_dir>/_journal/held/",
+            r.held_entries,
+            if r.held_entries == 1 { "y" } else { "ies" }
+        );
+    }
     println!("connections:   {} open", s.open_connections);
     println!("approvals:     {} pending", s.approvals_pending);
     println!("counters:      {}", join(&s.counters));

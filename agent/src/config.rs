@@ -905,6 +905,30 @@ mod tests {
     }
 
     #[test]
+    fn records_shipping_is_checked_where_it_is_written() {
+        let ok = "[records.shipping]\nendpoint = \"https://s3.example.org/\"\nbucket = \"b\"\nprefix = \"/p/\"\naccess_key_file = \"id\"\nsecret_key_file = \"secret\"\nmax_unshipped_secs = 60\n";
+        let c = parse(ok).unwrap();
+        let sh = c.records.shipping.expect("shipping");
+        assert_eq!(sh.endpoint, "https://s3.example.org");
+        assert_eq!(sh.prefix, "p");
+        assert_eq!(sh.region, "us-east-1");
+        assert_eq!(sh.access_key_file, Some(PathBuf::from("/etc/phigate/id")));
+        assert_eq!(sh.max_unshipped, Some(std::time::Duration::from_secs(60)));
+        let e = parse("[records.shipping]\nendpoint = \"http://10.0.0.5:9000\"\nbucket = \"b\"\n")
+            .unwrap_err();
+        assert_eq!(e.line, Some(2), "{e}");
+        assert_eq!(e.key.as_deref(), Some("records.shipping.endpoint"));
+        assert!(e.message.contains("loopback"), "{e}");
+        assert!(parse(
+            "[records.shipping]\nendpoint = \"http://127.0.0.1:9000\"\nbucket = \"b\"\n"
+        )
+        .is_ok());
+        let e = parse("[records.shipping]\nendpoint = \"https://s3\"\nbucket = \"b\"\naccess_key_file = \"id\"\n")
+            .unwrap_err();
+        assert!(e.message.contains("go together"), "{e}");
+    }
+
+    #[test]
     fn bad_fail_mode_value() {
         let e = parse("[agent]\nfail_mode = \"sometimes\"\n").unwrap_err();
         assert_eq!(e.line, Some(2));

@@ -109,6 +109,11 @@ pub struct Metrics {
     pub journal_bytes: Gauge,
     pub parquet_rows: Gauge,
     pub journal_lag: Gauge,
+    pub journal_held: Gauge,
+    pub shipped_files: Gauge,
+    pub unshipped_files: Gauge,
+    pub ship_failures: Gauge,
+    pub ship_lag: Gauge,
     pub records_writable: Gauge,
     pub ebpf_map_entries: Family<NameLabels, Gauge>,
     pub ebpf_counters: Family<NameLabels, Gauge>,
@@ -159,6 +164,11 @@ impl Metrics {
             journal_bytes: Gauge::default(),
             parquet_rows: Gauge::default(),
             journal_lag: Gauge::default(),
+            journal_held: Gauge::default(),
+            shipped_files: Gauge::default(),
+            unshipped_files: Gauge::default(),
+            ship_failures: Gauge::default(),
+            ship_lag: Gauge::default(),
             records_writable: Gauge::default(),
             ebpf_map_entries: Family::default(),
             ebpf_counters: Family::default(),
@@ -218,31 +228,7 @@ impl Metrics {
             "Approvals by state (pending, and decided ones still held in memory)",
             m.approvals.clone(),
         );
-        reg.register(
-            "journal_entries",
-            "Records committed to the write-ahead journal since start",
-            m.journal_entries.clone(),
-        );
-        reg.register(
-            "journal_bytes",
-            "Bytes committed to the write-ahead journal since start",
-            m.journal_bytes.clone(),
-        );
-        reg.register(
-            "parquet_rows",
-            "Rows written to Parquet files since start",
-            m.parquet_rows.clone(),
-        );
-        reg.register(
-            "journal_lag_entries",
-            "Records durable in the journal but not yet in Parquet",
-            m.journal_lag.clone(),
-        );
-        reg.register(
-            "records_writable",
-            "1 while records can be written (else requests are refused)",
-            m.records_writable.clone(),
-        );
+        register_records(&mut reg, &m);
         reg.register(
             "ebpf_map_entries",
             "Entries in each eBPF map",
@@ -418,6 +404,60 @@ async fn answer(stream: &mut tokio::net::TcpStream, metrics: &Metrics) -> std::i
     );
     stream.write_all(resp.as_bytes()).await?;
     stream.shutdown().await
+}
+
+/// The records' gauges: journal, Parquet, shipping, writability.
+fn register_records(reg: &mut Registry, m: &Metrics) {
+    reg.register(
+        "journal_entries",
+        "Records committed to the write-ahead journal since start",
+        m.journal_entries.clone(),
+    );
+    reg.register(
+        "journal_bytes",
+        "Bytes committed to the write-ahead journal since start",
+        m.journal_bytes.clone(),
+    );
+    reg.register(
+        "parquet_rows",
+        "Rows written to Parquet files since start",
+        m.parquet_rows.clone(),
+    );
+    reg.register(
+        "journal_lag_entries",
+        "Records durable in the journal but not yet in Parquet",
+        m.journal_lag.clone(),
+    );
+    reg.register(
+        "journal_held_entries",
+        "Journal entries that would not decode: not in Parquet, kept for inspection",
+        m.journal_held.clone(),
+    );
+    reg.register(
+        "records_shipped_files",
+        "Sealed Parquet files shipped to object storage since start (with manifests)",
+        m.shipped_files.clone(),
+    );
+    reg.register(
+        "records_unshipped_files",
+        "Sealed Parquet files waiting to be shipped",
+        m.unshipped_files.clone(),
+    );
+    reg.register(
+        "records_ship_failures",
+        "Shipping passes that failed since start (the files wait and are retried)",
+        m.ship_failures.clone(),
+    );
+    reg.register(
+        "records_ship_lag_seconds",
+        "How long the oldest sealed, unshipped file has waited",
+        m.ship_lag.clone(),
+    );
+    reg.register(
+        "records_writable",
+        "1 while records can be written (else requests are refused)",
+        m.records_writable.clone(),
+    );
 }
 
 #[cfg(test)]

@@ -41,6 +41,7 @@ fn store_config(root: &Path, rotate_rows: usize, rotate_age: Duration) -> StoreC
         row_group_rows: 4,
         retention_days: 0,
         metrics: Default::default(),
+        shipping: None,
     }
 }
 
@@ -324,6 +325,68 @@ fn deleting_the_newest_file_is_caught_by_the_signed_head() {
     assert_caught(&fx, &["files deleted from the end"]);
 }
 
+/// Found in review: `rm -rf records/<table>` verified as OK.
+#[test]
+fn a_deleted_or_emptied_table_directory_is_caught_and_the_agent_will_not_start_over_it() {
+    let fx = produce(12);
+    // A table that never had a file, and one that had three.
+    fs::remove_dir_all(fx.records().join("connections")).unwrap();
+    fs::remove_dir_all(fx.records().join("events")).unwrap();
+    assert_caught(
+        &fx,
+        &[
+            "connections: table directory connections/ is missing",
+            "events: table directory events/ is missing (deleted); the signed list of tables names 3 file(s)",
+        ],
+    );
+    // Recreated empty, as an agent start would: the signed list still remembers.
+    fs::create_dir(fx.records().join("events")).unwrap();
+    fs::create_dir(fx.records().join("connections")).unwrap();
+    assert_caught(
+        &fx,
+        &["the table's head names 0 file(s), the signed list of tables 3 ending in events/"],
+    );
+    let started = RecordStore::open(
+        store_config(fx.tmp.path(), 5, Duration::from_secs(3600)),
+        origin(),
+    );
+    let err = format!("{:#}", started.err().expect("refused"));
+    assert!(
+        err.contains("table events has 0 file(s) where the signed list of tables names 3"),
+        "{err}"
+    );
+    // Without the list, deleted tables could not be told: its absence is a problem.
+    fs::remove_file(seal::heads_path(&fx.records())).unwrap();
+    assert_caught(&fx, &["the signed list of tables is missing"]);
+}
+
+/// Found in review: deleting the newest files and restoring an older signed head
+/// verified as OK.
+#[test]
+fn an_older_head_restored_after_deleting_the_newest_file_is_caught() {
+    let fx = produce(12);
+    let mut fs_ = files(&fx.records(), Table::Events);
+    let last = fs_.pop().unwrap();
+    let before: Manifest = seal::read_json(&manifest_of(fs_.last().unwrap())).unwrap();
+    fs::remove_file(&last).unwrap();
+    fs::remove_file(manifest_of(&last)).unwrap();
+    // The head as it was after the second file: genuine, signed with the host's key.
+    let hpath = seal::head_path(&fx.records(), "events");
+    let mut head: seal::Head = seal::read_json(&hpath).unwrap();
+    head.next_file_seq = before.file_seq + 1;
+    head.next_chain_seq = before.last_chain_seq + 1;
+    head.last_hash = before.last_hash.clone();
+    head.last_file = Some(before.file.clone());
+    seal::Signer::load_or_create(&fx.state())
+        .unwrap()
+        .sign(&mut head);
+    fs::write(&hpath, serde_json::to_vec_pretty(&head).unwrap()).unwrap();
+    assert_caught(
+        &fx,
+        &["the table's head names 2 file(s), the signed list of tables 3"],
+    );
+}
+
 #[test]
 fn deleting_the_oldest_file_without_a_retention_record_is_caught() {
     let fx = produce(17);
@@ -492,6 +555,75 @@ fn a_crash_between_rename_and_head_rolls_forward_without_duplicates() {
     let rows = read::rows(&records, Table::Events).unwrap();
     assert_eq!(rows.len(), 10, "{rows:#?}");
     let key = PublicKey::read(&crashed.path().join("state").join(seal::PUBLIC_KEY_FILE)).unwrap();
+    let r = verify(&records, &key).unwrap();
+    assert!(r.ok(), "{:?}", r.problems);
+}
+
+/// Found in review: an entry that would not decode was logged as "kept in the
+/// journal", then trimmed away, and counted as a Parquet row.
+#[test]
+fn a_journal_entry_that_will_not_decode_is_held_reported_and_not_counted() {
+    use phigate::record::journal::{self, Entry};
+    let tmp = tempfile::tempdir().unwrap();
+    let journal_dir = tmp.path().join("records/_journal");
+    fs::create_dir_all(&journal_dir).unwrap();
+    // What a crash would leave: three entries not yet in Parquet, the middle one
+    // from a writer whose columns this one does not know.
+    let mut seg = journal::MAGIC.to_vec();
+    for seq in 1..=3u64 {
+        let json = if seq == 2 {
+            br#"{"event_id":"x","time":"not a time"}"#.to_vec()
+        } else {
+            event(seq as usize).to_json().unwrap()
+        };
+        let time_us = 1_800_000_000_000_000 + seq as i64;
+        let table = Table::Events;
+        Entry {
+            seq,
+            time_us,
+            table,
+            json,
+        }
+        .encode(&mut seg);
+    }
+    fs::write(journal_dir.join(format!("{:020}.wal", 1)), seg).unwrap();
+    let rt = runtime();
+    let (store, replay) = RecordStore::open(
+        store_config(tmp.path(), 1, Duration::from_secs(3600)),
+        origin(),
+    )
+    .unwrap();
+    assert_eq!(replay.replayed, 3);
+    let held = journal_dir
+        .join("held")
+        .join(format!("{:020}-events.json", 2));
+    for _ in 0..200 {
+        if held.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    submit(&store, &rt, 10, 3);
+    store.close();
+    let p = store.progress();
+    assert_eq!(p.held_entries, 1, "{p:?}");
+    assert!(held.exists(), "kept for inspection");
+    // Two replayed, three submitted, and the writer's own event about the entry.
+    assert_eq!(p.parquet_rows, 6, "only rows really written: {p:?}");
+    let records = tmp.path().join("records");
+    let rows = read::rows(&records, Table::Events).unwrap();
+    let held_events: Vec<_> = rows
+        .iter()
+        .filter(|r| r["kind"] == "journal_entry_held")
+        .collect();
+    assert_eq!(held_events.len(), 1, "{rows:#?}");
+    assert!(held_events[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("journal entry 2 "));
+    // Its segment was not trimmed, though every table's head is past it.
+    assert!(journal_dir.join(format!("{:020}.wal", 1)).exists());
+    let key = PublicKey::read(&tmp.path().join("state").join(seal::PUBLIC_KEY_FILE)).unwrap();
     let r = verify(&records, &key).unwrap();
     assert!(r.ok(), "{:?}", r.problems);
 }

@@ -46,6 +46,7 @@ fn write_seed() -> Seed {
             row_group_rows: 2,
             retention_days: 0,
             metrics: Default::default(),
+            shipping: None,
         },
         origin.clone(),
     )

@@ -453,6 +453,36 @@ fn audit_verify_passes_on_real_records_and_names_a_deleted_row() {
     let out = verify_copy();
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
 
+    // Found in review: a table directory deleted as a whole verified as OK.
+    let gutted = elsewhere.path().join("gutted");
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(&copy)
+        .arg(&gutted)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for t in ["requests", "connections"] {
+        std::fs::remove_dir_all(gutted.join(t)).unwrap();
+    }
+    let out = phigate(&[
+        "audit",
+        "verify",
+        gutted.to_str().unwrap(),
+        "--pubkey",
+        key.to_str().unwrap(),
+    ]);
+    let report = format!("{}{}", stdout(&out), stderr(&out));
+    assert_eq!(out.status.code(), Some(1), "{report}");
+    assert!(
+        report.contains("FAIL requests: table directory requests/ is missing (deleted); the signed list of tables names"),
+        "{report}"
+    );
+    assert!(
+        report.contains("FAIL connections: table directory connections/ is missing"),
+        "{report}"
+    );
+
     // An auditor-side edit with DuckDB itself: rewrite a requests file without one row.
     let file = first_parquet(&copy.join("requests"));
     let script = "import duckdb, sys; f = sys.argv[1]; c = duckdb.connect(); \

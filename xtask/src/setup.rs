@@ -237,13 +237,26 @@ fn python_packages() -> anyhow::Result<()> {
     )
 }
 
-/// npm packages of the end-to-end tests (tests/node), when that package exists.
+/// npm packages of the end-to-end tests (tests/node: an OIDC provider, the s3rver
+/// S3-compatible object store), when that package exists.
 fn node_packages() -> anyhow::Result<()> {
     let dir = root_dir().join("tests/node");
     if !dir.join("package.json").exists() {
         return Ok(());
     }
-    if dir.join("node_modules/.package-lock.json").exists() {
+    // Every dependency present, not just some: a package added later installs too.
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("package.json"))?)?;
+    let deps = manifest["dependencies"]
+        .as_object()
+        .cloned()
+        .unwrap_or_default();
+    if deps.keys().all(|name| {
+        dir.join("node_modules")
+            .join(name)
+            .join("package.json")
+            .exists()
+    }) {
         say("npm packages (tests/node)", "already installed");
         return Ok(());
     }

@@ -17,7 +17,7 @@ use crate::schema::Table;
 pub const SIGNING_KEY_FILE: &str = "records-signing.key";
 pub const PUBLIC_KEY_FILE: &str = "records-signing.pub";
 pub const MANIFEST_SUFFIX: &str = ".manifest.json";
-pub(crate) const HEAD_FILE: &str = "_head.json";
+pub const HEAD_FILE: &str = "_head.json";
 
 const PUBLIC_KEY_PREFIX: &str = "phigate-ed25519 ";
 
@@ -200,6 +200,43 @@ impl Head {
             signature: String::new(),
         }
     }
+}
+
+pub const HEADS_FILE: &str = "_heads.json";
+pub(crate) const HEADS_FORMAT: &str = "phigate-heads-v1";
+
+/// Every table's head in one signed document at the top of the records directory:
+/// which tables exist and how far each had got. A table directory deleted (or
+/// emptied, or its head rolled back) no longer matches it. Written after each table
+/// head, so a table's own head may be one step ahead of it after a crash, never behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Heads {
+    pub format: String,
+    /// The host the records are from (file names carry it too).
+    pub host: String,
+    pub tables: std::collections::BTreeMap<String, Head>,
+    pub updated: String,
+    pub key_id: String,
+    pub signature: String,
+}
+signed!(Heads);
+
+impl Heads {
+    pub fn new(host: &str, tables: impl IntoIterator<Item = Head>) -> Heads {
+        Heads {
+            format: HEADS_FORMAT.into(),
+            host: host.into(),
+            tables: tables.into_iter().map(|h| (h.table.clone(), h)).collect(),
+            updated: now_rfc3339(),
+            key_id: String::new(),
+            signature: String::new(),
+        }
+    }
+}
+
+pub fn heads_path(records_dir: &Path) -> PathBuf {
+    records_dir.join(HEADS_FILE)
 }
 
 pub fn manifest_path(data_file: &Path) -> PathBuf {

@@ -13,7 +13,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use crate::chain::{self, Hash, GENESIS};
 use crate::schema::{Table, CHAIN_HASH, CHAIN_SEQ};
-use crate::seal::{self, file_sha256, walk, Head, Manifest, PublicKey};
+use crate::seal::{self, file_sha256, walk, Head, Heads, Manifest, PublicKey};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -87,10 +87,38 @@ pub fn verify(dir: &Path, key: &PublicKey) -> anyhow::Result<Report> {
             collect_retired(&b, &mut retired);
         }
     }
+    let listed = read_heads(dir, key, &mut report);
     for t in Table::ALL {
-        verify_table(dir, t, key, &retired, &mut report)?;
+        verify_table(dir, t, key, &retired, listed.as_ref(), &mut report)?;
     }
     Ok(report)
+}
+
+/// The signed list of tables (`_heads.json`), if it is there and genuine; a problem
+/// otherwise, since then a table deleted as a whole cannot be told.
+fn read_heads(dir: &Path, key: &PublicKey, report: &mut Report) -> Option<Heads> {
+    let mut problem = |what: String| {
+        report.problems.push(Problem {
+            table: "records".into(),
+            file: Some(seal::HEADS_FILE.into()),
+            what,
+        })
+    };
+    match seal::read_json::<Heads>(&seal::heads_path(dir)) {
+        Ok(h) => match key.check(&h) {
+            Ok(()) => Some(h),
+            Err(e) => {
+                problem(format!("signature of the list of tables invalid: {e}"));
+                None
+            }
+        },
+        Err(e) => {
+            problem(format!(
+                "the signed list of tables is missing or unreadable ({e:#}): a deleted table could not be told"
+            ));
+            None
+        }
+    }
 }
 
 fn collect_retired(b: &RecordBatch, out: &mut HashMap<String, Vec<Retired>>) {
@@ -145,24 +173,66 @@ fn verify_table(
     t: Table,
     key: &PublicKey,
     retired: &HashMap<String, Vec<Retired>>,
+    listed: Option<&Heads>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let table_dir = dir.join(t.name());
     let summary = report.tables.entry(t.name().into()).or_default();
-    if !table_dir.exists() {
-        return Ok(());
-    }
     let mut found = Findings {
         table: t,
         problems: Vec::new(),
     };
+    if !table_dir.is_dir() {
+        let names = listed
+            .and_then(|l| l.tables.get(t.name()))
+            .map(|h| {
+                format!(
+                    "; the signed list of tables names {} file(s)",
+                    h.next_file_seq
+                )
+            })
+            .unwrap_or_default();
+        found.add(
+            None,
+            format!("table directory {}/ is missing (deleted){names}", t.name()),
+        );
+        report.problems.append(&mut found.problems);
+        return Ok(());
+    }
     let head_path = seal::head_path(dir, t.name());
     let manifests = inventory(dir, &table_dir, &head_path, key, &mut found)?;
     check_files(dir, &manifests, summary, &mut found);
     check_links(&manifests, retired, summary, &mut found);
-    check_head(&head_path, key, &manifests, &mut found);
+    let head = check_head(&head_path, key, &manifests, &mut found);
+    if let Some(l) = listed {
+        check_listed(l.tables.get(t.name()), head.as_ref(), &mut found);
+    }
     report.problems.append(&mut found.problems);
     Ok(())
+}
+
+/// The table's head against the signed list of tables: never behind it.
+fn check_listed(listed: Option<&Head>, head: Option<&Head>, found: &mut Findings) {
+    let Some(l) = listed else {
+        found.add(None, "not in the signed list of tables".into());
+        return;
+    };
+    let ending = l.last_file.as_deref().unwrap_or("-");
+    let have = head.map_or(0, |h| h.next_file_seq);
+    if have < l.next_file_seq {
+        found.add(
+            head.and_then(|h| h.last_file.as_deref()),
+            format!(
+                "the table's head names {have} file(s), the signed list of tables {} ending in {ending} (table emptied, or newest files deleted and an older head restored)",
+                l.next_file_seq
+            ),
+        );
+    } else if have == l.next_file_seq && head.is_some_and(|h| h.last_hash != l.last_hash) {
+        found.add(
+            None,
+            "the table's head differs from the signed list of tables (replaced)".into(),
+        );
+    }
 }
 
 /// Everything in the table directory must be accounted for: the signed manifests
@@ -337,7 +407,7 @@ fn check_head(
     key: &PublicKey,
     manifests: &[(Manifest, String)],
     found: &mut Findings,
-) {
+) -> Option<Head> {
     match seal::read_json::<Head>(head_path) {
         Ok(h) => {
             if let Err(e) = key.check(&h) {
@@ -362,9 +432,13 @@ fn check_head(
                     ),
                 );
             }
+            Some(h)
         }
-        Err(_) if manifests.is_empty() => {}
-        Err(e) => found.add(None, format!("head missing or unreadable: {e:#}")),
+        Err(_) if manifests.is_empty() => None,
+        Err(e) => {
+            found.add(None, format!("head missing or unreadable: {e:#}"));
+            None
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! hold, parsed with the shared [`TomlSource`].
 #![forbid(unsafe_code)]
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -31,6 +32,95 @@ pub struct RecordsSection {
     /// Request and response headers copied into records (lower case). Credentials
     /// (`authorization`, `cookie`, ...) are recorded as their scheme only.
     pub headers: Vec<String>,
+    /// `[records.shipping]`: sealed files, manifests and heads copied off the host.
+    pub shipping: Option<ShippingSection>,
+}
+
+/// Where and how sealed records are shipped: S3-compatible object storage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShippingSection {
+    /// `https://...`; plain `http://` only to a loopback address (a local gateway).
+    pub endpoint: String,
+    pub bucket: String,
+    /// Objects go under `<prefix>/<host>/<table>/date=YYYY-MM-DD/`.
+    pub prefix: String,
+    pub region: String,
+    /// Files (0600) holding the access key id and the secret; without them the
+    /// environment's `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` (or the instance's).
+    pub access_key_file: Option<PathBuf>,
+    pub secret_key_file: Option<PathBuf>,
+    /// Past this long with a sealed file not shipped, new exchanges are refused as
+    /// when records cannot be written; None: never.
+    pub max_unshipped: Option<Duration>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawShipping {
+    endpoint: Spanned<String>,
+    bucket: String,
+    prefix: Option<String>,
+    region: Option<String>,
+    access_key_file: Option<PathBuf>,
+    secret_key_file: Option<PathBuf>,
+    max_unshipped_secs: Option<Spanned<u64>>,
+}
+
+fn shipping_section(
+    src: &TomlSource<'_>,
+    raw: RawShipping,
+) -> Result<ShippingSection, ConfigError> {
+    let endpoint = raw.endpoint.get_ref().trim_end_matches('/').to_owned();
+    let bad = |what: &str| {
+        src.err(
+            Some(raw.endpoint.span()),
+            Some("records.shipping.endpoint".into()),
+            what.into(),
+        )
+    };
+    match endpoint.split_once("://") {
+        Some(("https", rest)) if !rest.is_empty() => {}
+        Some(("http", rest)) => {
+            let host = rest.split('/').next().unwrap_or("");
+            let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_loopback());
+            if !loopback {
+                return Err(bad("plain http only to a loopback address; use https"));
+            }
+        }
+        _ => return Err(bad("expected an https:// URL")),
+    }
+    if raw.access_key_file.is_some() != raw.secret_key_file.is_some() {
+        return Err(src.err(
+            None,
+            Some("records.shipping".into()),
+            "access_key_file and secret_key_file go together".into(),
+        ));
+    }
+    let max_unshipped = match raw.max_unshipped_secs {
+        None => None,
+        Some(v) if *v.get_ref() == 0 => {
+            return Err(src.err(
+                Some(v.span()),
+                Some("records.shipping.max_unshipped_secs".into()),
+                "must be greater than 0 (leave it out for never)".into(),
+            ))
+        }
+        Some(v) => Some(Duration::from_secs(v.into_inner())),
+    };
+    Ok(ShippingSection {
+        endpoint,
+        bucket: raw.bucket,
+        prefix: raw.prefix.unwrap_or_default().trim_matches('/').to_owned(),
+        region: raw.region.unwrap_or_else(|| "us-east-1".into()),
+        access_key_file: raw.access_key_file.map(|p| src.resolve(p)),
+        secret_key_file: raw.secret_key_file.map(|p| src.resolve(p)),
+        max_unshipped,
+    })
 }
 
 /// When a record counts as durable (the journal's rule, set by `[records]`).
@@ -68,6 +158,7 @@ impl Default for RecordsSection {
             ]
             .map(String::from)
             .to_vec(),
+            shipping: None,
         }
     }
 }
@@ -86,6 +177,7 @@ pub(crate) struct RawRecords {
     patient_path_segments: Option<Vec<String>>,
     patient_query_params: Option<Vec<String>>,
     headers: Option<Vec<String>>,
+    shipping: Option<RawShipping>,
 }
 
 /// `[records]`, validated.
@@ -166,6 +258,7 @@ pub(crate) fn records_section(
                 patient_path_segments: r.patient_path_segments.unwrap_or(d.patient_path_segments),
                 patient_query_params: r.patient_query_params.unwrap_or(d.patient_query_params),
                 headers: r.headers.map(lower).unwrap_or(d.headers),
+                shipping: r.shipping.map(|s| shipping_section(src, s)).transpose()?,
             }
         }
     })

@@ -182,6 +182,8 @@ pub struct JournalState {
     pub committed_entries: AtomicU64,
     pub committed_bytes: AtomicU64,
     pub parquet_rows: AtomicU64,
+    /// Entries that would not decode, kept in the journal's `held/` for inspection.
+    pub held_entries: AtomicU64,
 }
 
 pub struct JournalThread {

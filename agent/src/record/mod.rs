@@ -26,6 +26,7 @@ use crate::identity::Workload;
 pub(crate) mod config;
 pub mod journal;
 pub mod pseudonym;
+pub mod ship;
 pub mod store;
 pub mod writer;
 

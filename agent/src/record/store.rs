@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 use super::journal::{self, Durability, JournalState, JournalThread, Submission};
 use super::seal::Signer;
+use super::ship::{self, ShipDeps, ShipProgress, ShipState, Shipper};
 use super::writer::{self, Writer, WriterConfig};
 use super::{micros, Durable, EventRecord, Origin, Record, RecordError, RecordSink};
 
@@ -32,6 +33,8 @@ pub struct StoreConfig {
     pub retention_days: u32,
     /// Where the time until a record is durable is counted.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Sealed files, manifests and heads copied to object storage.
+    pub shipping: Option<super::config::ShippingSection>,
 }
 
 pub const JOURNAL_DIR: &str = "_journal";
@@ -59,6 +62,11 @@ pub struct RecordStore {
     space_checked_ms: AtomicU64,
     space_ok: AtomicBool,
     t0: Instant,
+    /// Shipping's progress and where it ships, when configured.
+    ship: Option<(Arc<ShipState>, String)>,
+    /// Stops the shipper once the writer has sealed its last file.
+    ship_stop: Arc<AtomicBool>,
+    ship_thread: Mutex<Option<JoinHandle<()>>>,
     /// Held for the store's life: one agent per records_dir.
     _lock: File,
 }
@@ -72,9 +80,15 @@ pub struct Progress {
     /// Durable in the journal, not yet in Parquet (replayed rows at start included
     /// in neither).
     pub lag_entries: u64,
+    /// Journal entries that would not decode: not in Parquet, kept in `_journal/held/`.
+    #[serde(default)]
+    pub held_entries: u64,
     pub durability: String,
     pub journal_failing: bool,
     pub parquet_failing: bool,
+    /// Off-host shipping, when configured.
+    #[serde(default)]
+    pub shipping: Option<ShipProgress>,
 }
 
 /// What opening found in the journal.
@@ -150,6 +164,29 @@ impl RecordStore {
             cfg.metrics.clone(),
         )
         .with_context(|| format!("cannot open a journal segment in {}", journal_dir.display()))?;
+        let ship_stop = Arc::new(AtomicBool::new(false));
+        let (ship, ship_thread) = match &cfg.shipping {
+            None => (None, None),
+            Some(sc) => {
+                let state = Arc::new(ShipState::default());
+                let shipper = Shipper::new(
+                    sc,
+                    ShipDeps {
+                        records_dir: cfg.records_dir.clone(),
+                        state_dir: cfg.state_dir.clone(),
+                        host: writer::file_host(&origin.host),
+                        state: state.clone(),
+                        shutdown: ship_stop.clone(),
+                        events: tx.clone(),
+                        origin: origin.clone(),
+                    },
+                )?;
+                let t = std::thread::Builder::new()
+                    .name("phigate-ship".into())
+                    .spawn(move || shipper.run())?;
+                (Some((state, ship::destination(sc))), Some(t))
+            }
+        };
         let j = std::thread::Builder::new()
             .name("phigate-journal".into())
             .spawn(move || jt.run(rx))?;
@@ -171,6 +208,9 @@ impl RecordStore {
             space_checked_ms: AtomicU64::new(0),
             space_ok: AtomicBool::new(true),
             t0: Instant::now(),
+            ship,
+            ship_stop,
+            ship_thread: Mutex::new(ship_thread),
             _lock: lock,
         };
         Ok((
@@ -194,6 +234,16 @@ impl RecordStore {
         let threads: Vec<_> =
             std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
         for t in threads {
+            let _ = t.join();
+        }
+        // After the writer's last file: the shipper's last pass ships it too.
+        self.ship_stop.store(true, Ordering::Relaxed);
+        let shipper = self
+            .ship_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = shipper {
             let _ = t.join();
         }
     }
@@ -255,6 +305,7 @@ impl RecordStore {
             journal_bytes: j.committed_bytes.load(Ordering::Relaxed),
             parquet_rows: parquet,
             lag_entries: committed.saturating_sub(parquet),
+            held_entries: j.held_entries.load(Ordering::Relaxed),
             durability: match self.durability {
                 Durability::Strict => "strict",
                 Durability::Batched { .. } => "batched",
@@ -262,6 +313,7 @@ impl RecordStore {
             .to_owned(),
             journal_failing: j.failing.load(Ordering::Relaxed),
             parquet_failing: self.parquet_failing(),
+            shipping: self.ship.as_ref().map(|(s, dest)| s.progress(dest)),
         }
     }
 
@@ -322,6 +374,14 @@ impl RecordSink for RecordStore {
 
     fn writable(&self) -> bool {
         if self.shutdown.load(Ordering::Relaxed) {
+            return false;
+        }
+        // Sealed records waiting too long to leave the host count as unwritable.
+        if self
+            .ship
+            .as_ref()
+            .is_some_and(|(s, _)| s.too_far_behind.load(Ordering::Relaxed))
+        {
             return false;
         }
         // The Parquet writer failing alone does not stop requests: rows are durable in

@@ -86,6 +86,14 @@ impl Writer {
         events: Sender<Submission>,
         origin: Origin,
     ) -> anyhow::Result<Writer> {
+        let held = held_seqs(&cfg.journal_dir)
+            .with_context(|| format!("{}/{HELD_DIR}", cfg.journal_dir.display()))?;
+        if !held.is_empty() {
+            warn!(entries = held.len(), dir = %cfg.journal_dir.join(HELD_DIR).display(), "records: journal entries that would not decode are kept for inspection; their segments stay until the copies are removed");
+        }
+        journal
+            .held_entries
+            .store(held.len() as u64, Ordering::Relaxed);
         let mut tables = BTreeMap::new();
         for t in Table::ALL {
             let head = recover(&cfg.records_dir, t, &signer)?;
@@ -100,6 +108,8 @@ impl Writer {
                 },
             );
         }
+        check_against_list(&cfg.records_dir, &signer, &tables)?;
+        publish_heads(&cfg, &signer, &tables)?;
         Ok(Writer {
             cfg,
             signer,
@@ -236,8 +246,10 @@ impl Writer {
         }
         let date = p.date.unwrap_or_else(|| OffsetDateTime::now_utc().date());
         let (batch, bad) = decode(t, &p.buf)?;
-        for e in bad {
-            error!(table = %t, journal_seq = e, "records: a journal entry does not match the table schema; kept in the journal");
+        // Kept before the head moves past them: once it has, replay skips them.
+        let held: Vec<&Entry> = p.buf.iter().filter(|e| bad.contains(&e.seq)).collect();
+        for e in &held {
+            hold(&self.cfg.journal_dir, e)?;
         }
         let journal_seq_last = p.buf.iter().map(|e| e.seq).max().unwrap_or(0);
         let written = write_file(
@@ -252,20 +264,56 @@ impl Writer {
         p.head = written;
         self.journal
             .parquet_rows
-            .fetch_add(p.buf.len() as u64, Ordering::Relaxed);
+            .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
         p.buf.clear();
         p.bytes = 0;
         p.date = None;
         p.since = None;
-        Ok(())
+        for seq in bad {
+            self.report_held(t, seq);
+        }
+        // After the table's head: the list may lag it by a crash, never lead it.
+        publish_heads(&self.cfg, &self.signer, &self.tables)
     }
 
-    /// Removes journal segments whose every entry is behind all heads.
+    /// An entry that will not decode: said loudly (log, event, `held_entries`), never
+    /// silently dropped. Its row is not in Parquet; the entry waits in `held/`.
+    fn report_held(&self, t: Table, seq: u64) {
+        let file = held_name(t, seq);
+        // The entry's content may hold PHI: neither the log nor the event repeats it.
+        error!(table = %t, journal_seq = seq, file = %file, "records: a journal entry does not match the table schema; its row is not in Parquet; kept in the journal's held/ directory for inspection");
+        if let Ok(n) = held_seqs(&self.cfg.journal_dir).map(|h| h.len() as u64) {
+            self.journal.held_entries.store(n, Ordering::Relaxed);
+        }
+        let mut ev = EventRecord::new(&self.origin, "journal_entry_held", "failed");
+        ev.table_name = Some(t.name().into());
+        ev.message = Some(format!(
+            "journal entry {seq} does not match the {t} schema: kept as {}/{HELD_DIR}/{file}, not written to Parquet",
+            super::store::JOURNAL_DIR
+        ));
+        if let Ok(json) = Record::Event(ev).to_json() {
+            let _ = self.events.send(Submission {
+                table: Table::Events,
+                time_us: micros::of(SystemTime::now()),
+                json,
+                done: None,
+            });
+        }
+    }
+
+    /// Removes journal segments whose every entry is behind all heads. A held entry
+    /// (undecodable, see `hold`) keeps its segment and every later one until an
+    /// operator has inspected it and removed its copy in `held/`.
     fn trim_journal(&self) -> std::io::Result<()> {
+        let held = held_seqs(&self.cfg.journal_dir)?;
+        self.journal
+            .held_entries
+            .store(held.len() as u64, Ordering::Relaxed);
         let low = self
             .tables
             .values()
             .filter_map(|p| p.buf.iter().map(|e| e.seq).min())
+            .chain(held.first().copied())
             .min()
             .unwrap_or(u64::MAX);
         let segs = super::journal::segments(&self.cfg.journal_dir)?;
@@ -354,6 +402,41 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Where undecodable journal entries are kept, under the journal directory.
+pub const HELD_DIR: &str = "held";
+
+fn held_name(t: Table, seq: u64) -> String {
+    format!("{seq:020}-{t}.json")
+}
+
+/// Copies an undecodable entry's JSON to `held/<seq>-<table>.json` (0600, synced).
+fn hold(journal_dir: &Path, e: &Entry) -> anyhow::Result<()> {
+    let dir = journal_dir.join(HELD_DIR);
+    create_private_dir(&dir).with_context(|| dir.display().to_string())?;
+    write_atomically(&dir.join(held_name(e.table, e.seq)), &e.json)
+}
+
+/// Journal seqs of the entries kept in `held/`, lowest first.
+pub fn held_seqs(journal_dir: &Path) -> std::io::Result<Vec<u64>> {
+    let mut seqs = Vec::new();
+    let rd = match fs::read_dir(journal_dir.join(HELD_DIR)) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(seqs),
+        Err(e) => return Err(e),
+    };
+    for e in rd {
+        let name = e?.file_name();
+        let seq = name
+            .to_str()
+            .filter(|n| n.ends_with(".json"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|s| s.parse::<u64>().ok());
+        seqs.extend(seq);
+    }
+    seqs.sort_unstable();
+    Ok(seqs)
 }
 
 /// Decodes journal entries into one batch of the table's record schema. Entries that
@@ -490,6 +573,52 @@ fn write_file(
         &serde_json::to_vec_pretty(&next)?,
     )?;
     Ok(next)
+}
+
+/// Writes the signed list of every table's head (`_heads.json`).
+fn publish_heads(
+    cfg: &WriterConfig,
+    signer: &Signer,
+    tables: &BTreeMap<Table, Pending>,
+) -> anyhow::Result<()> {
+    let mut heads = seal::Heads::new(&cfg.host, tables.values().map(|p| p.head.clone()));
+    signer.sign(&mut heads);
+    write_atomically(
+        &seal::heads_path(&cfg.records_dir),
+        &serde_json::to_vec_pretty(&heads)?,
+    )
+}
+
+/// Refuses to start over records whose table was deleted or rolled back since the
+/// signed list of tables was written: starting would overwrite the evidence.
+fn check_against_list(
+    records_dir: &Path,
+    signer: &Signer,
+    tables: &BTreeMap<Table, Pending>,
+) -> anyhow::Result<()> {
+    let path = seal::heads_path(records_dir);
+    if !path.exists() {
+        return Ok(()); // the first start
+    }
+    let listed: seal::Heads = seal::read_json(&path)?;
+    let tampered = |what: String| {
+        anyhow::anyhow!(
+            "{}: {what}; the records may have been tampered with: run `phigate audit verify`",
+            path.display()
+        )
+    };
+    signer.public.check(&listed).map_err(tampered)?;
+    for (t, p) in tables {
+        if let Some(l) = listed.tables.get(t.name()) {
+            if l.next_file_seq > p.head.next_file_seq {
+                return Err(tampered(format!(
+                    "table {t} has {} file(s) where the signed list of tables names {}",
+                    p.head.next_file_seq, l.next_file_seq
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// tmp, fsync, rename, fsync the directory.
@@ -734,6 +863,80 @@ mod tests {
         assert!(report.ok(), "{:?}", report.problems);
         assert_eq!(report.tables["events"].retired_rows, 4);
         assert_eq!(report.tables["events"].rows, 4);
+    }
+
+    /// Found in review: an undecodable entry was left out of Parquet, counted as
+    /// written, and its journal segment trimmed later: the row was gone silently.
+    #[test]
+    fn an_undecodable_entry_is_held_reported_and_keeps_its_journal_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = dir.path().join("records");
+        let journal_dir = records.join("_journal");
+        fs::create_dir_all(&journal_dir).unwrap();
+        // Three segments: entries 1..=3, 4..=6, and the one being written.
+        for first in [1u64, 4, 7] {
+            fs::write(journal_dir.join(format!("{first:020}.wal")), b"").unwrap();
+        }
+        let signer = Arc::new(Signer::load_or_create(&dir.path().join("state")).unwrap());
+        let (tx, events) = std::sync::mpsc::channel::<Submission>();
+        let cfg = WriterConfig {
+            records_dir: records.clone(),
+            journal_dir: journal_dir.clone(),
+            host: "test-host".into(),
+            rotate_rows: 1000,
+            rotate_bytes: 1 << 30,
+            rotate_age: Duration::from_secs(3600),
+            row_group_rows: 100,
+            retention_days: 0,
+        };
+        let state = Arc::new(JournalState::default());
+        let mut w = Writer::open(cfg.clone(), signer.clone(), state.clone(), tx, origin()).unwrap();
+        let bad = br#"{"event_id":"e","time":"yesterday"}"#.to_vec();
+        let mut entries: Vec<Entry> = (1..=6).map(|s| event_entry(s, s as usize)).collect();
+        entries[1].json = bad.clone();
+        w.accept(entries);
+        w.flush(Table::Events).unwrap();
+
+        assert_eq!(
+            state.parquet_rows.load(Ordering::Relaxed),
+            5,
+            "rows really written"
+        );
+        let kept = journal_dir.join(HELD_DIR).join(held_name(Table::Events, 2));
+        assert_eq!(fs::read(&kept).unwrap(), bad, "kept for inspection");
+        assert_eq!(state.held_entries.load(Ordering::Relaxed), 1);
+        let ev: Vec<Submission> = events.try_iter().collect();
+        assert_eq!(ev.len(), 1);
+        let ev: serde_json::Value = serde_json::from_slice(&ev[0].json).unwrap();
+        assert_eq!(ev["kind"], "journal_entry_held");
+        assert!(
+            ev["message"].as_str().unwrap().contains("journal entry 2 "),
+            "{ev}"
+        );
+        assert!(
+            !ev["message"].as_str().unwrap().contains("yesterday"),
+            "no content: {ev}"
+        );
+
+        // The segment holding it stays, though the head is past it, and across a restart.
+        w.trim_journal().unwrap();
+        let segs = || super::super::journal::segments(&journal_dir).unwrap().len();
+        assert_eq!(segs(), 3);
+        drop(w);
+        let state = Arc::new(JournalState::default());
+        let (tx, _events) = std::sync::mpsc::channel::<Submission>();
+        let w = Writer::open(cfg, signer.clone(), state.clone(), tx, origin()).unwrap();
+        assert_eq!(state.held_entries.load(Ordering::Relaxed), 1);
+        w.trim_journal().unwrap();
+        assert_eq!(segs(), 3);
+        // Inspected and removed by an operator: trimming goes on.
+        fs::remove_file(&kept).unwrap();
+        w.trim_journal().unwrap();
+        assert_eq!(segs(), 1);
+        assert_eq!(state.held_entries.load(Ordering::Relaxed), 0);
+        let report = verify(&records, &signer.public).unwrap();
+        assert!(report.ok(), "{:?}", report.problems);
+        assert_eq!(report.tables["events"].rows, 5);
     }
 
     /// Found by the `verify` fuzz target: a byte inserted into an events file made

@@ -1,0 +1,385 @@
+//! Shipping: sealed Parquet files, their signed manifests and the signed heads go to
+//! S3-compatible object storage, under `<prefix>/<host>/<table>/date=YYYY-MM-DD/`,
+//! so something off the host remembers what existed.
+//!
+//! One thread owns it. Each pass takes a snapshot of the signed list of heads
+//! (`_heads.json`), uploads every file that list covers and the remote has not got
+//! (in file order, table by table), and only then the snapshot itself and each
+//! table's head: remote heads never name a file the remote lacks. What has shipped
+//! is a cursor per table in `state_dir/shipped.json`; while the store is unreachable
+//! files simply wait in records_dir and ship, in order, when it is back. How long the
+//! oldest sealed file has waited is the lag; past `max_unshipped` the store stops
+//! accepting exchanges (fail closed).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectStore, PutPayload};
+use tracing::{info, warn};
+
+use super::config::ShippingSection;
+use super::journal::Submission;
+use super::seal::{self, Heads, Manifest};
+use super::{micros, EventRecord, Origin, Record, Table};
+
+const CURSOR_FILE: &str = "shipped.json";
+const POLL: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Shipping's progress, shared with the store (`status`, metrics, fail closed).
+#[derive(Default)]
+pub struct ShipState {
+    pub shipped_files: AtomicU64,
+    pub unshipped_files: AtomicU64,
+    pub failures: AtomicU64,
+    /// Seconds the oldest sealed, unshipped file has waited.
+    pub lag_secs: AtomicU64,
+    /// Set while the lag is past `max_unshipped`.
+    pub too_far_behind: AtomicBool,
+    pub last_error: Mutex<Option<String>>,
+}
+
+/// `phigate status` view of shipping.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct ShipProgress {
+    pub destination: String,
+    pub shipped_files: u64,
+    pub unshipped_files: u64,
+    pub failures: u64,
+    pub lag_secs: u64,
+    pub failing_closed: bool,
+    pub last_error: Option<String>,
+}
+
+impl ShipState {
+    pub fn progress(&self, destination: &str) -> ShipProgress {
+        ShipProgress {
+            destination: destination.to_owned(),
+            shipped_files: self.shipped_files.load(Ordering::Relaxed),
+            unshipped_files: self.unshipped_files.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            lag_secs: self.lag_secs.load(Ordering::Relaxed),
+            failing_closed: self.too_far_behind.load(Ordering::Relaxed),
+            last_error: self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        }
+    }
+}
+
+/// Where shipping writes, as `status` shows it (no credentials).
+pub fn destination(cfg: &ShippingSection) -> String {
+    format!("{}/{}/{}", cfg.endpoint, cfg.bucket, cfg.prefix)
+}
+
+pub struct Shipper {
+    store: Arc<dyn ObjectStore>,
+    records_dir: PathBuf,
+    cursor_path: PathBuf,
+    /// `<prefix>/<host>`: every object of this host lies under it.
+    root: String,
+    /// Per table: the next file number to ship.
+    cursor: BTreeMap<String, u64>,
+    /// The heads snapshot last shipped, so an idle pass uploads nothing.
+    shipped_heads: Option<Vec<u8>>,
+    max_unshipped: Option<Duration>,
+    state: Arc<ShipState>,
+    shutdown: Arc<AtomicBool>,
+    events: std::sync::mpsc::Sender<Submission>,
+    origin: Origin,
+}
+
+/// Shared parts the store hands the shipper.
+pub struct ShipDeps {
+    pub records_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub host: String,
+    pub state: Arc<ShipState>,
+    pub shutdown: Arc<AtomicBool>,
+    pub events: std::sync::mpsc::Sender<Submission>,
+    pub origin: Origin,
+}
+
+impl Shipper {
+    pub fn new(cfg: &ShippingSection, deps: ShipDeps) -> anyhow::Result<Shipper> {
+        let cursor_path = deps.state_dir.join(CURSOR_FILE);
+        let cursor = match std::fs::read(&cursor_path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .with_context(|| format!("{}: not a shipping cursor", cursor_path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(e).with_context(|| cursor_path.display().to_string()),
+        };
+        let root = [cfg.prefix.as_str(), deps.host.as_str()]
+            .iter()
+            .filter(|s| !s.is_empty())
+            .copied()
+            .collect::<Vec<_>>()
+            .join("/");
+        Ok(Shipper {
+            store: Arc::new(object_store(cfg)?),
+            records_dir: deps.records_dir,
+            cursor_path,
+            root,
+            cursor,
+            shipped_heads: None,
+            max_unshipped: cfg.max_unshipped,
+            state: deps.state,
+            shutdown: deps.shutdown,
+            events: deps.events,
+            origin: deps.origin,
+        })
+    }
+
+    /// Runs until the store closes; one last pass ships what the close sealed.
+    pub fn run(mut self) {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                warn!(error = %e, "records shipping: cannot start its runtime");
+                return;
+            }
+        };
+        let mut backoff = POLL;
+        let mut failing = false;
+        loop {
+            let last = self.shutdown.load(Ordering::Relaxed);
+            match rt.block_on(self.pass()) {
+                Ok(_) => {
+                    backoff = POLL;
+                    *self
+                        .state
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = None;
+                    if std::mem::take(&mut failing) {
+                        info!("records shipping: the object store accepts files again");
+                        self.event("ok", "shipping resumed".into());
+                    }
+                }
+                Err(e) => {
+                    let text = format!("{e:#}");
+                    self.state.failures.fetch_add(1, Ordering::Relaxed);
+                    if !std::mem::replace(&mut failing, true) {
+                        warn!(error = %text, "records shipping: cannot reach the object store; sealed files wait locally and ship in order when it is back");
+                        self.event("failed", format!("shipping failed: {text}"));
+                    }
+                    *self
+                        .state
+                        .last_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner()) = Some(text);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+            self.update_lag();
+            if last {
+                break;
+            }
+            let until = Instant::now() + backoff;
+            while Instant::now() < until && !self.shutdown.load(Ordering::Relaxed) {
+                std::thread::sleep(POLL.min(until - Instant::now()));
+            }
+        }
+    }
+
+    /// Ships everything the current signed list of heads covers, then the list.
+    async fn pass(&mut self) -> anyhow::Result<usize> {
+        let heads_path = seal::heads_path(&self.records_dir);
+        let heads_bytes =
+            std::fs::read(&heads_path).with_context(|| heads_path.display().to_string())?;
+        if self.shipped_heads.as_ref() == Some(&heads_bytes) {
+            self.state.unshipped_files.store(0, Ordering::Relaxed);
+            return Ok(0);
+        }
+        let heads: Heads = serde_json::from_slice(&heads_bytes)
+            .with_context(|| heads_path.display().to_string())?;
+        let pending = self.pending(&heads)?;
+        self.state
+            .unshipped_files
+            .store(pending.len() as u64, Ordering::Relaxed);
+        let mut shipped = 0;
+        for (m, mpath) in &pending {
+            self.put(&m.file, self.records_dir.join(&m.file)).await?;
+            let rel = format!("{}{}", m.file, seal::MANIFEST_SUFFIX);
+            self.put(&rel, mpath.clone()).await?;
+            self.cursor.insert(m.table.clone(), m.file_seq + 1);
+            super::writer::write_atomically(&self.cursor_path, &serde_json::to_vec(&self.cursor)?)?;
+            shipped += 1;
+            self.state.shipped_files.fetch_add(1, Ordering::Relaxed);
+            self.state.unshipped_files.fetch_sub(1, Ordering::Relaxed);
+        }
+        for t in Table::ALL {
+            let head = seal::head_path(&self.records_dir, t.name());
+            if head.exists() {
+                let rel = format!("{}/{}", t.name(), seal::HEAD_FILE);
+                self.put(&rel, head).await?;
+            }
+        }
+        self.put_bytes(seal::HEADS_FILE, heads_bytes.clone())
+            .await?;
+        self.shipped_heads = Some(heads_bytes);
+        Ok(shipped)
+    }
+
+    /// Sealed files the list covers and the remote lacks, table by table in file order.
+    fn pending(&self, heads: &Heads) -> anyhow::Result<Vec<(Manifest, PathBuf)>> {
+        let mut out = Vec::new();
+        for t in Table::ALL {
+            let Some(listed) = heads.tables.get(t.name()) else {
+                continue;
+            };
+            let from = self.cursor.get(t.name()).copied().unwrap_or(0);
+            let mut ms = Vec::new();
+            for mpath in seal::list_manifests(&self.records_dir, t)? {
+                let m: Manifest = seal::read_json(&mpath)?;
+                if m.file_seq >= from && m.file_seq < listed.next_file_seq {
+                    ms.push((m, mpath));
+                }
+            }
+            ms.sort_by_key(|(m, _)| m.file_seq);
+            out.extend(ms);
+        }
+        Ok(out)
+    }
+
+    async fn put(&self, rel: &str, local: PathBuf) -> anyhow::Result<()> {
+        let bytes = std::fs::read(&local).with_context(|| local.display().to_string())?;
+        self.put_bytes(rel, bytes).await
+    }
+
+    async fn put_bytes(&self, rel: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
+        let key = ObjectPath::from(format!("{}/{rel}", self.root));
+        self.store
+            .put(&key, PutPayload::from(bytes))
+            .await
+            .with_context(|| format!("uploading {key}"))?;
+        Ok(())
+    }
+
+    /// The lag: how long the oldest sealed, unshipped file has waited.
+    fn update_lag(&self) {
+        let unshipped =
+            self.state.unshipped_files.load(Ordering::Relaxed) > 0 || self.shipped_heads.is_none();
+        let lag = if unshipped {
+            self.oldest_unshipped_age().unwrap_or_default()
+        } else {
+            Duration::ZERO
+        };
+        self.state.lag_secs.store(lag.as_secs(), Ordering::Relaxed);
+        let behind = self.max_unshipped.is_some_and(|max| lag > max);
+        if self.state.too_far_behind.swap(behind, Ordering::Relaxed) != behind {
+            if behind {
+                warn!(lag_secs = lag.as_secs(), "records shipping: sealed records wait longer than max_unshipped_secs; refusing new requests until they ship");
+            } else {
+                info!("records shipping: caught up; accepting requests again");
+            }
+        }
+    }
+
+    fn oldest_unshipped_age(&self) -> Option<Duration> {
+        let mut oldest: Option<SystemTime> = None;
+        for t in Table::ALL {
+            let from = self.cursor.get(t.name()).copied().unwrap_or(0);
+            for mpath in seal::list_manifests(&self.records_dir, t).ok()? {
+                let Ok(m) = seal::read_json::<Manifest>(&mpath) else {
+                    continue;
+                };
+                if m.file_seq < from {
+                    continue;
+                }
+                if let Ok(at) = std::fs::metadata(&mpath).and_then(|md| md.modified()) {
+                    oldest = Some(oldest.map_or(at, |o| o.min(at)));
+                }
+            }
+        }
+        oldest.and_then(|o| o.elapsed().ok())
+    }
+
+    /// A `shipping` row in `events` (not awaited: it ships with the rest).
+    fn event(&self, outcome: &'static str, message: String) {
+        let mut ev = EventRecord::new(&self.origin, "shipping", outcome);
+        ev.message = Some(message);
+        if let Ok(json) = Record::Event(ev).to_json() {
+            let _ = self.events.send(Submission {
+                table: Table::Events,
+                time_us: micros::of(SystemTime::now()),
+                json,
+                done: None,
+            });
+        }
+    }
+}
+
+/// The S3 client: path-style requests, credentials from 0600 files or the environment.
+fn object_store(cfg: &ShippingSection) -> anyhow::Result<object_store::aws::AmazonS3> {
+    let mut b = AmazonS3Builder::from_env()
+        .with_endpoint(&cfg.endpoint)
+        .with_bucket_name(&cfg.bucket)
+        .with_region(&cfg.region)
+        .with_virtual_hosted_style_request(false)
+        // A pass that fails returns soon: the files wait locally and the next pass
+        // retries, so the client's own long retries would only delay the report.
+        .with_retry(object_store::RetryConfig {
+            max_retries: 1,
+            retry_timeout: Duration::from_secs(5),
+            ..Default::default()
+        })
+        .with_client_options(
+            object_store::ClientOptions::new()
+                .with_connect_timeout(Duration::from_secs(2))
+                .with_timeout(Duration::from_secs(20))
+                // Config allows plain http only to loopback.
+                .with_allow_http(cfg.endpoint.starts_with("http://")),
+        );
+    if let (Some(id), Some(secret)) = (&cfg.access_key_file, &cfg.secret_key_file) {
+        b = b
+            .with_access_key_id(secret_file(id)?)
+            .with_secret_access_key(secret_file(secret)?);
+    }
+    b.build()
+        .context("records shipping: the object store client")
+}
+
+/// A credential file: 0600 (refused otherwise), its content trimmed.
+fn secret_file(path: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).with_context(|| path.display().to_string())?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        anyhow::bail!(
+            "{}: a shipping credential readable by group or others; run `chmod 600 {}`",
+            path.display(),
+            path.display()
+        );
+    }
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    Ok(text.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_credential_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("secret");
+        std::fs::write(&p, "S3CRET\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = secret_file(&p).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(secret_file(&p).unwrap(), "S3CRET");
+    }
+}

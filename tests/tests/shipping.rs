@@ -1,0 +1,247 @@
+//! Records shipped off the host to a real S3-compatible object store (s3rver, from
+//! npm, which keeps objects as files in its directory), through phigate's real
+//! client: every sealed file arrives with its signed manifest and the signed heads;
+//! while the store is down files wait and requests are refused past
+//! `max_unshipped_secs`; when it is back they ship and nothing is missing.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use phigate_e2e::*;
+use serde_json::Value;
+
+const UP: &str = "127.0.0.2:9443";
+const S3: &str = "127.0.0.1:9568";
+const BUCKET: &str = "phigate-records";
+
+/// s3rver in the world's netns, storing under `dir` (kept across restarts).
+fn s3rver(w: &World, dir: &Path) -> Background {
+    let bin = Path::new(env!("CARGO_MANIFEST_DIR")).join("node/node_modules/.bin/s3rver");
+    let (host, port) = S3.split_once(':').unwrap();
+    let bg = Background::spawn(
+        w.outside(),
+        &[
+            bin.to_str().unwrap(),
+            "-d",
+            dir.to_str().unwrap(),
+            "-a",
+            host,
+            "-p",
+            port,
+            "--configure-bucket",
+            BUCKET,
+        ],
+        w.path(&unique("s3rver.log")),
+    );
+    assert!(
+        w.netns
+            .wait_port(S3.parse().unwrap(), Duration::from_secs(20)),
+        "s3rver did not start: {}",
+        bg.log_text()
+    );
+    bg
+}
+
+/// What s3rver holds for a key: it keeps each object's bytes in
+/// `<dir>/<bucket>/<key>._S3rver_object`.
+fn remote(dir: &Path, key: &str) -> Option<Vec<u8>> {
+    std::fs::read(dir.join(BUCKET).join(format!("{key}._S3rver_object"))).ok()
+}
+
+fn curl_status(w: &World, ca: &Path, path: &str) -> String {
+    let out = output(
+        w.inside(),
+        &[
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "20",
+            "--cacert",
+            ca.to_str().unwrap(),
+            &format!("https://{UP}{path}"),
+        ],
+    );
+    stdout(&out)
+}
+
+/// Every sealed file and manifest under records_dir, relative.
+fn sealed(records: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for t in ["connections", "requests", "approvals", "events"] {
+        let mut stack = vec![records.join(t)];
+        while let Some(d) = stack.pop() {
+            for e in std::fs::read_dir(&d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let rel = p
+                        .strip_prefix(records)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned();
+                    if rel.ends_with(".parquet") || rel.ends_with(".manifest.json") {
+                        out.push(rel);
+                    }
+                }
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The records files (and the signed heads) not yet in the store, or different there.
+fn missing(records: &Path, store: &Path, root: &str) -> Vec<String> {
+    let mut files = sealed(records);
+    files.push("_heads.json".into());
+    files
+        .into_iter()
+        .filter(|rel| {
+            remote(store, &format!("{root}/{rel}")) != std::fs::read(records.join(rel)).ok()
+        })
+        .collect()
+}
+
+fn secret(w: &World, name: &str, text: &str) -> PathBuf {
+    let p = w.path(name);
+    std::fs::write(&p, text).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+#[test]
+fn sealed_records_ship_in_order_wait_while_the_store_is_down_and_fail_closed_past_the_limit() {
+    let mut w = World::new("ship");
+    let store_dir = w.path("s3");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let mut s3 = Some(s3rver(&w, &store_dir));
+    let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
+    let _up = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &[]);
+    // s3rver's fixed credentials, kept as an operator would: 0600 files.
+    let id = secret(&w, "s3-id", "S3RVER\n");
+    let key = secret(&w, "s3-secret", "S3RVER\n");
+    let shipping = format!(
+        "[records.shipping]\nendpoint = \"http://{S3}\"\nbucket = \"{BUCKET}\"\nprefix = \"fleet\"\naccess_key_file = \"{}\"\nsecret_key_file = \"{}\"\nmax_unshipped_secs = 3\n",
+        id.display(),
+        key.display()
+    );
+    w.write_config(&format!(
+        "{}\n{shipping}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
+        w.agent_and_records("", ""),
+        pki.ca.display()
+    ));
+    w.start_agent(false);
+    let ca = w.public_copy(&w.path("state/ca.pem"));
+    let host = w.status()["records"]["shipping"].clone();
+    assert!(host.is_object(), "status has shipping: {}", w.status());
+    let records = w.records_dir();
+    let heads: Value =
+        serde_json::from_slice(&std::fs::read(records.join("_heads.json")).unwrap()).unwrap();
+    let root = format!("fleet/{}", heads["host"].as_str().unwrap());
+
+    for i in 0..3 {
+        assert_eq!(curl_status(&w, &ca, &format!("/fhir/Patient/{i}")), "404");
+    }
+    w.wait_records("requests", 3);
+    wait_until("every sealed file shipped", Duration::from_secs(20), || {
+        missing(&records, &store_dir, &root).is_empty()
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: {:?}\n{}",
+            missing(&records, &store_dir, &root),
+            w.agent_log()
+        )
+    });
+    let requests: Vec<_> = sealed(&records)
+        .into_iter()
+        .filter(|f| f.starts_with("requests/date="))
+        .collect();
+    assert!(requests.len() >= 2, "a file and its manifest: {requests:?}");
+    assert!(remote(&store_dir, &format!("{root}/requests/_head.json")).is_some());
+
+    // The store goes away: exchanges still pass (records are durable locally) and
+    // their files wait; past max_unshipped_secs new requests are refused.
+    drop(s3.take());
+    let shipped_before = sealed(&records).len();
+    for i in 3..5 {
+        assert_eq!(curl_status(&w, &ca, &format!("/fhir/Patient/{i}")), "404");
+    }
+    w.wait_records("requests", 5);
+    wait_until("shipping to fail closed", Duration::from_secs(30), || {
+        w.status()["records"]["shipping"]["failing_closed"] == true
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", w.status()));
+    let st = w.status();
+    let sh = &st["records"]["shipping"];
+    assert!(sh["unshipped_files"].as_u64().unwrap() >= 1, "{st}");
+    assert!(sh["failures"].as_u64().unwrap() >= 1, "{st}");
+    assert!(sh["last_error"].is_string(), "{st}");
+    assert_eq!(st["records_writable"], false, "{st}");
+    assert_eq!(curl_status(&w, &ca, "/fhir/Patient/9"), "503");
+    assert!(sealed(&records).len() > shipped_before);
+    assert!(!missing(&records, &store_dir, &root).is_empty());
+
+    // Back: everything waiting ships, and requests pass again.
+    let _s3 = s3rver(&w, &store_dir);
+    wait_until("the backlog shipped", Duration::from_secs(30), || {
+        w.status()["records"]["shipping"]["failing_closed"] == false
+            && missing(&records, &store_dir, &root).is_empty()
+    })
+    .unwrap_or_else(|e| {
+        panic!(
+            "{e:#}: {:?} {}",
+            missing(&records, &store_dir, &root),
+            w.status()
+        )
+    });
+    assert_eq!(curl_status(&w, &ca, "/fhir/Patient/10"), "404");
+    assert!(w.sigterm(Duration::from_secs(30)).success());
+    // The copy in the store verifies on its own, with only the public key: nothing
+    // lost, nothing out of order.
+    let mirror = w.path("mirror");
+    for rel in sealed(&records).into_iter().chain(
+        ["connections", "requests", "approvals", "events"]
+            .iter()
+            .map(|t| format!("{t}/_head.json"))
+            .filter(|rel| records.join(rel).exists()),
+    ) {
+        let p = mirror.join(&rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        let bytes = remote(&store_dir, &format!("{root}/{rel}"))
+            .unwrap_or_else(|| panic!("{rel} not shipped by the last pass at stop"));
+        std::fs::write(&p, bytes).unwrap();
+    }
+    // Object storage has no empty directories: a table without files is a directory
+    // the mirror makes itself.
+    for t in ["connections", "requests", "approvals", "events"] {
+        std::fs::create_dir_all(mirror.join(t)).unwrap();
+    }
+    std::fs::write(
+        mirror.join("_heads.json"),
+        remote(&store_dir, &format!("{root}/_heads.json")).unwrap(),
+    )
+    .unwrap();
+    let out = Command::new(phigate_bin())
+        .args(["audit", "verify"])
+        .arg(&mirror)
+        .arg("--pubkey")
+        .arg(w.path("state/records-signing.pub"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let events = w.all_records("events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["kind"] == "shipping" && e["outcome"] == "failed"),
+        "a shipping failure event"
+    );
+}
