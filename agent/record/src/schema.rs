@@ -195,6 +195,8 @@ fn requests() -> Vec<Field> {
         text("upstream_http_version"),
         text("upstream_tls_version"),
         text("upstream_cert_subject"),
+        text("upstream_credential"),
+        text("upstream_credential_source"),
         text_req("method"),
         text("authority"),
         text_req("path"),
@@ -314,9 +316,10 @@ mod tests {
             .map(|t| (t.name().to_owned(), digest(*t)))
             .collect();
         let expected = [
-            // + oidc_expiry, path_as_sent, identity_unknown (nullable, added: older
-            // files read them as null through union_by_name).
-            ("requests", "ab5b1af40b15e48f"),
+            // + oidc_expiry, path_as_sent, identity_unknown, upstream_credential,
+            // upstream_credential_source (nullable, added: older files read them as
+            // null through union_by_name).
+            ("requests", "4114fd625a12feb8"),
             // + decision, policy_ids, policy_set_hash (nullable, added: a TCP or
             // TUNNEL passage is decided per connection).
             ("connections", "32e1d78c9a3bbc69"),

@@ -69,6 +69,10 @@ pub struct Status {
     pub ebpf_counters: std::collections::BTreeMap<String, u64>,
     pub ebpf_maps: std::collections::BTreeMap<String, u64>,
     pub destinations: Vec<StatusDestination>,
+    /// Each destination's upstream credential: kind, validity, refreshes, failures;
+    /// never the secret.
+    #[serde(default)]
+    pub credentials: Vec<crate::credential::CredentialState>,
     pub policy_set_hash: String,
     pub policies: usize,
     pub records: crate::record::store::Progress,
