@@ -280,6 +280,8 @@ fn sample_request(store: &RecordStore, workload: &Arc<Workload>) -> RequestRecor
         upstream_http_version: Some("HTTP/2.0".into()),
         upstream_tls_version: Some("TLSv1_3".into()),
         upstream_cert_subject: Some("CN=fhir.hospital.example".into()),
+        upstream_credential: None,
+        upstream_credential_source: None,
         method: "GET".into(),
         authority: Some("fhir.hospital.example".into()),
         path: "/fhir/Patient/p:4f1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e".into(),

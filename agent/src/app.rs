@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -69,6 +69,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
     };
 
+    let credential_changes = watch_credential_files(agent.proxy.clone());
     agent.serve_admin(admin)?;
     let in_force = InForce::new(agent.proxy.clone(), agent.redirector.clone(), config_path);
     let serving = agent.serve(listeners)?;
@@ -81,7 +82,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     systemd::ready();
     systemd::spawn_watchdog();
 
-    agent.run_until_stopped(&in_force, policy_changes).await?;
+    agent
+        .run_until_stopped(&in_force, policy_changes, credential_changes)
+        .await?;
     agent.stop(serving, drain).await;
     Ok(())
 }
@@ -152,7 +155,7 @@ async fn open_records(
             Notifier {
                 client: Some(Outbound {
                     sockets: sockets.clone(),
-                    tls: Arc::new(UpstreamTls::new(None).context("webhook trust roots")?),
+                    tls: Arc::new(UpstreamTls::new(None, None).context("webhook trust roots")?),
                     timeout: std::time::Duration::from_secs(10),
                 }),
                 console_url: config.admin.console_url.clone(),
@@ -239,6 +242,7 @@ impl Agent {
         &self,
         in_force: &InForce,
         mut policy_changes: tokio::sync::mpsc::UnboundedReceiver<()>,
+        mut credential_changes: tokio::sync::mpsc::UnboundedReceiver<()>,
     ) -> anyhow::Result<()> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
@@ -255,6 +259,11 @@ impl Agent {
                             tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                             while policy_changes.try_recv().is_ok() {}
                             Trigger::PolicyFiles
+                        }
+                        Some(()) = credential_changes.recv() => {
+                            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                            while credential_changes.try_recv().is_ok() {}
+                            Trigger::CredentialFiles
                         }
                     }
                 } => {
@@ -412,6 +421,7 @@ fn status(
             })
             .collect(),
         namespaces: Vec::new(),
+        credentials: proxy.pipeline().credentials.states(),
         policy_set_hash: gate.policies.hash().to_owned(),
         policies: gate.policies.len(),
         records: store.progress(),
@@ -550,25 +560,71 @@ pub fn load_ca(config: &Config) -> anyhow::Result<CertAuthority> {
 /// Reports changes in the policy directory (inotify); each triggers a reload. The
 /// watcher lives as long as the agent.
 fn watch_policies(dir: &Path) -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    watch(&[dir.to_owned()], |_| true, "the policy directory")
+}
+
+/// The files of every destination's `upstream_auth` (secrets, keys, certificates).
+fn credential_files(config: &Config) -> Vec<PathBuf> {
+    config
+        .destinations
+        .iter()
+        .filter_map(|d| d.upstream_auth.as_ref())
+        .flat_map(|a| a.files())
+        .collect()
+}
+
+/// Reports changes of the upstream credentials' files in force, each watched through
+/// its directory so that a file replaced by a rename is seen too; each triggers a
+/// reload. The directories are those at start (a file a reload puts in another
+/// directory is watched from the next start; SIGHUP reloads it meanwhile).
+fn watch_credential_files(proxy: Arc<Proxy>) -> tokio::sync::mpsc::UnboundedReceiver<()> {
+    let mut dirs: Vec<PathBuf> = credential_files(&proxy.config())
+        .iter()
+        .filter_map(|f| f.parent().map(Path::to_owned))
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    watch(
+        &dirs,
+        move |changed| {
+            let files = credential_files(&proxy.config());
+            changed.iter().any(|p| files.contains(p))
+        },
+        "the upstream credential files",
+    )
+}
+
+/// One message per change `relevant` accepts in `dirs`; the watcher lives as long as
+/// the agent.
+fn watch(
+    dirs: &[PathBuf],
+    relevant: impl Fn(&[PathBuf]) -> bool + Send + 'static,
+    what: &str,
+) -> tokio::sync::mpsc::UnboundedReceiver<()> {
     use notify::Watcher as _;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    if dirs.is_empty() {
+        return rx;
+    }
     let watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
-        if ev.is_ok_and(|e| !e.kind.is_access()) {
+        if ev.is_ok_and(|e| !e.kind.is_access() && relevant(&e.paths)) {
             let _ = tx.send(());
         }
     });
-    match watcher {
-        Ok(mut w) => match w.watch(dir, notify::RecursiveMode::NonRecursive) {
-            Ok(()) => {
-                // Kept for the life of the process; dropping it stops the watch.
-                std::mem::forget(w);
-            }
-            Err(e) => {
-                warn!(dir = %dir.display(), error = %e, "cannot watch the policy directory; reload with SIGHUP")
-            }
-        },
-        Err(e) => warn!(error = %e, "cannot watch the policy directory; reload with SIGHUP"),
+    let mut w = match watcher {
+        Ok(w) => w,
+        Err(e) => {
+            warn!(error = %e, "cannot watch {what}; reload with SIGHUP");
+            return rx;
+        }
+    };
+    for dir in dirs {
+        if let Err(e) = w.watch(dir, notify::RecursiveMode::NonRecursive) {
+            warn!(dir = %dir.display(), error = %e, "cannot watch {what}; reload with SIGHUP");
+        }
     }
+    // Kept for the life of the process; dropping it stops the watch.
+    std::mem::forget(w);
     rx
 }
 

@@ -393,6 +393,9 @@ fn policy_check(dir: Option<PathBuf>, config: &std::path::Path) -> anyhow::Resul
 
 fn config_check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let c = Config::load(file)?;
+    // The credentials' files are read as the agent would: a key that cannot sign or
+    // a certificate that does not parse is found now.
+    check_credentials(&c)?;
     println!(
         "{}: ok ({} destination{})",
         file.display(),
@@ -400,6 +403,24 @@ fn config_check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
         if c.destinations.len() == 1 { "" } else { "s" }
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Loads every destination's upstream credential and client certificate without
+/// using them (no token is fetched).
+fn check_credentials(c: &Config) -> anyhow::Result<()> {
+    let sockets = crate::sockets::SocketFactory::new(c.agent.mark, None);
+    crate::credential::Credentials::load(&c.destinations, &sockets)?;
+    for d in &c.destinations {
+        if let Some(cert) = d
+            .upstream_auth
+            .as_ref()
+            .and_then(|a| a.client_cert.as_ref())
+        {
+            crate::tls::UpstreamTls::new(d.upstream_ca.as_deref(), Some(cert))
+                .map_err(|e| anyhow::anyhow!("destination `{}`: {e}", d.name))?;
+        }
+    }
+    Ok(())
 }
 
 fn audit_verify(
@@ -447,6 +468,29 @@ fn audit_verify(
             dir.display()
         );
         Ok(ExitCode::from(1))
+    }
+}
+
+/// `phigate status`'s upstream credentials: state, never the secret.
+fn print_credentials(credentials: &[crate::credential::CredentialState]) {
+    if credentials.is_empty() {
+        return;
+    }
+    println!("upstream credentials:");
+    for c in credentials {
+        println!(
+            "  {:<20} {:<18} for {}: valid until {}, last refresh {}, {} failure(s){}",
+            c.id,
+            c.kind,
+            c.destination,
+            c.valid_until.as_deref().unwrap_or("-"),
+            c.last_refresh.as_deref().unwrap_or("-"),
+            c.failures,
+            c.last_error
+                .as_deref()
+                .map(|e| format!(" (last: {e})"))
+                .unwrap_or_default()
+        );
     }
 }
 
@@ -518,6 +562,7 @@ fn status(
             );
         }
     }
+    print_credentials(&s.credentials);
     println!("policies:      {} in set {}", s.policies, s.policy_set_hash);
     println!(
         "records:       {} ({}), journal {} entries / {} bytes, parquet {} rows, lag {}{}{}",

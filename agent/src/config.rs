@@ -7,6 +7,8 @@
 //! `policy`); [`crate::settings`] composes them into the whole config.
 #![forbid(unsafe_code)]
 
+pub mod upstream_auth;
+
 /// The default `[agent] mark` (for host firewall rules; not trusted by the redirect).
 pub use phigate_common::DEFAULT_AGENT_MARK;
 use std::fmt;
@@ -220,6 +222,8 @@ pub struct Destination {
     /// destination's bodies; checked against the loaded profiles when the pipeline
     /// is built.
     pub mask_profile: Option<String>,
+    /// The credential phigate presents to this upstream, in the apps' stead.
+    pub upstream_auth: Option<upstream_auth::UpstreamAuth>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -322,6 +326,7 @@ pub(crate) struct RawDestination {
     hosts: Option<Spanned<Vec<String>>>,
     alpn: Option<Spanned<Vec<String>>>,
     mask_profile: Option<Spanned<String>>,
+    upstream_auth: Option<Spanned<upstream_auth::RawUpstreamAuth>>,
 }
 
 /// The destination protecting `addr`, with its index (the id the eBPF maps carry).
@@ -738,7 +743,12 @@ pub(crate) fn destinations_section(
         }
         let hosts = hosts_of(src, i, d.protocol, d.hosts)?;
         let upstream_ca = d.upstream_ca.map(|p| src.resolve(p));
+        let upstream_auth = d
+            .upstream_auth
+            .map(|a| upstream_auth::upstream_auth_section(src, i, d.protocol, a))
+            .transpose()?;
         destinations.push(Destination {
+            upstream_auth,
             name,
             addresses,
             protocol: d.protocol,

@@ -34,6 +34,7 @@ pub mod approval;
 pub mod cli;
 pub mod config;
 pub(crate) mod console;
+pub(crate) mod credential;
 #[doc(hidden)]
 pub mod fuzzing;
 pub(crate) mod http;

@@ -28,8 +28,25 @@ pub struct Outbound {
 impl Outbound {
     /// POSTs a JSON body; returns the response status, or why it failed.
     pub async fn post_json(&self, url: &str, body: Vec<u8>) -> Result<u16, String> {
-        let (status, _) = self.call(Method::POST, url, Some(body), 0).await?;
+        let (status, _) = self
+            .call(Method::POST, url, Some((body, "application/json")), 0)
+            .await?;
         Ok(status)
+    }
+
+    /// POSTs a form (`application/x-www-form-urlencoded`, as OAuth 2.0 token requests
+    /// are) over HTTPS only; returns the status and up to `limit` bytes of the answer.
+    pub async fn post_form(
+        &self,
+        url: &str,
+        form: String,
+        limit: usize,
+    ) -> Result<(u16, Bytes), String> {
+        if !url.starts_with("https://") {
+            return Err(format!("{url}: only https is used"));
+        }
+        let body = Some((form.into_bytes(), "application/x-www-form-urlencoded"));
+        self.call(Method::POST, url, body, limit).await
     }
 
     /// GETs a JSON document of at most `limit` bytes over HTTPS (only: what it
@@ -50,7 +67,7 @@ impl Outbound {
         &self,
         method: Method,
         url: &str,
-        body: Option<Vec<u8>>,
+        body: Option<(Vec<u8>, &'static str)>,
         limit: usize,
     ) -> Result<(u16, Bytes), String> {
         tokio::time::timeout(self.timeout, self.exchange(method, url, body, limit))
@@ -62,7 +79,7 @@ impl Outbound {
         &self,
         method: Method,
         url: &str,
-        body: Option<Vec<u8>>,
+        body: Option<(Vec<u8>, &'static str)>,
         limit: usize,
     ) -> Result<(u16, Bytes), String> {
         let uri: Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
@@ -99,12 +116,16 @@ impl Outbound {
                 header::USER_AGENT,
                 concat!("phigate/", env!("CARGO_PKG_VERSION")),
             );
-        req = match &body {
-            Some(_) => req.header(header::CONTENT_TYPE, "application/json"),
-            None => req.header(header::ACCEPT, "application/json"),
+        req = req.header(header::ACCEPT, "application/json");
+        let body = match body {
+            Some((bytes, content_type)) => {
+                req = req.header(header::CONTENT_TYPE, content_type);
+                bytes
+            }
+            None => Vec::new(),
         };
         let req = req
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
         if https {
             let name = ServerName::try_from(bare).map_err(|e| format!("bad server name: {e}"))?;

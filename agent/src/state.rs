@@ -34,6 +34,8 @@ pub enum Trigger {
     Signal,
     /// A file of the policy directory changed.
     PolicyFiles,
+    /// A secret, key or client certificate of an `upstream_auth` changed.
+    CredentialFiles,
 }
 
 impl Trigger {
@@ -41,6 +43,7 @@ impl Trigger {
         match self {
             Trigger::Signal => "sighup",
             Trigger::PolicyFiles => "policy_files_changed",
+            Trigger::CredentialFiles => "credential_files_changed",
         }
     }
 }
@@ -219,7 +222,8 @@ impl ReloadReport {
 }
 
 /// The HTTP pipeline for a config: upstream trust per destination (system roots plus
-/// its `upstream_ca`), pools, limits.
+/// its `upstream_ca`, its client certificate), the upstream credentials, pools,
+/// limits.
 pub fn build_pipeline(
     config: &Config,
     records: Arc<dyn RecordSink>,
@@ -232,9 +236,13 @@ pub fn build_pipeline(
         .destinations
         .iter()
         .map(|d| {
-            UpstreamTls::new(d.upstream_ca.as_deref())
+            let client_cert = d
+                .upstream_auth
+                .as_ref()
+                .and_then(|a| a.client_cert.as_ref());
+            UpstreamTls::new(d.upstream_ca.as_deref(), client_cert)
                 .map(Arc::new)
-                .with_context(|| format!("destination `{}`: upstream trust roots", d.name))
+                .with_context(|| format!("destination `{}`: upstream TLS", d.name))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let pseudonyms = crate::record::pseudonym::load_or_create(
@@ -251,7 +259,10 @@ pub fn build_pipeline(
         sockets,
     )?;
     check_obligations(&gate.policies, &masking.set, &approval_rules)?;
+    let credentials = crate::credential::Credentials::load(&config.destinations, sockets)
+        .context("upstream credentials")?;
     Ok(Pipeline {
+        credentials: Arc::new(credentials),
         masking: Arc::new(masking),
         pseudonyms,
         forwarder: Forwarder::new(

@@ -8,7 +8,11 @@
 // Clients (secret = "secret"): clinician-app (groups ["fhir-clinicians"]),
 // billing-app (groups ["billing"]), plain-app (no groups), and 0oa7x1q9dana, whose
 // subject is opaque as many providers' are, with an `email` claim naming its person.
-// Resources: https://patients-api (aud patients-api, 300 s), https://other-api
+// fhir-backend (secret "secret") and, with --smart-key PUB.pem, smart-backend, which
+// authenticates with a signed JWT assertion (private_key_jwt, RFC 7523; SMART Backend
+// Services) made with that key's private half: phigate's own upstream credentials.
+// Resources: https://fhir-backend (aud fhir-backend, --backend-ttl seconds, default
+// 4), https://patients-api (aud patients-api, 300 s), https://other-api
 // (aud other-api), https://short-lived (aud patients-api, 1 s).
 import https from 'node:https';
 import fs from 'node:fs';
@@ -32,16 +36,32 @@ const GROUPS = {
   'billing-app': ['billing'],
   'plain-app': [],
   '0oa7x1q9dana': ['fhir-clinicians'],
+  'fhir-backend': ['backend'],
 };
 const EMAIL = { '0oa7x1q9dana': 'dana@hospital.test' };
 const RESOURCES = {
+  'https://fhir-backend': { audience: 'fhir-backend', ttl: Number(args['backend-ttl'] || 4) },
   'https://patients-api': { audience: 'patients-api', ttl: 300 },
   'https://other-api': { audience: 'other-api', ttl: 300 },
   'https://short-lived': { audience: 'patients-api', ttl: 1 },
 };
 
+const smart = args['smart-key']
+  ? [{
+    client_id: 'smart-backend',
+    grant_types: ['client_credentials'],
+    redirect_uris: [],
+    response_types: [],
+    token_endpoint_auth_method: 'private_key_jwt',
+    token_endpoint_auth_signing_alg: 'ES384',
+    id_token_signed_response_alg: 'ES256',
+    jwks: { keys: [{ ...crypto.createPublicKey(fs.readFileSync(args['smart-key'])).export({ format: 'jwk' }), kid: 'smart-1', use: 'sig', alg: 'ES384' }] },
+  }]
+  : [];
+GROUPS['smart-backend'] = ['backend'];
+
 const provider = new Provider(issuer, {
-  clients: Object.keys(GROUPS).map((id) => ({
+  clients: smart.concat(Object.keys(GROUPS).filter((id) => id !== 'smart-backend').map((id) => ({
     client_id: id,
     client_secret: 'secret',
     grant_types: ['client_credentials'],
@@ -49,8 +69,10 @@ const provider = new Provider(issuer, {
     response_types: [],
     token_endpoint_auth_method: 'client_secret_post',
     id_token_signed_response_alg: 'ES256',
-  })),
+  }))),
   jwks,
+  // SMART Backend Services asks for ES384 or RS384 assertions.
+  enabledJWA: { clientAuthSigningAlgValues: ['RS256', 'RS384', 'PS256', 'ES256', 'ES384', 'Ed25519', 'EdDSA'] },
   features: {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },

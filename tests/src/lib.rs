@@ -1044,6 +1044,18 @@ pub fn node_script(name: &str) -> PathBuf {
 /// in the world's netns on 127.0.0.1:`port`, serving HTTPS with `pki`; its signing
 /// keys in `keys` (created with `kid` when missing).
 pub fn start_idp(w: &World, pki: &TestPki, port: u16, keys: &Path, kid: &str) -> Background {
+    start_idp_with(w, pki, port, keys, kid, &[])
+}
+
+/// [`start_idp`] with more of the provider's options (`--smart-key`, `--backend-ttl`).
+pub fn start_idp_with(
+    w: &World,
+    pki: &TestPki,
+    port: u16,
+    keys: &Path,
+    kid: &str,
+    extra: &[&str],
+) -> Background {
     let script = node_script("oidc-provider.mjs");
     assert!(
         script.with_file_name("node_modules/oidc-provider").exists(),
@@ -1065,7 +1077,10 @@ pub fn start_idp(w: &World, pki: &TestPki, port: u16, keys: &Path, kid: &str) ->
             keys.to_str().unwrap(),
             "--kid",
             kid,
-        ],
+        ]
+        .into_iter()
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>(),
         w.path(&unique("idp.log")),
     );
     assert!(

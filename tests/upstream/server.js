@@ -20,6 +20,10 @@
 //                          and ?partial=A-B answers 206 whatever the request says;
 //                          ?chunked=1&pause_after=N&pause_ms=M pauses after N bytes
 //   Upgrade: websocket-ish  101, then echoes bytes back
+//   --record FILE          appends every request it receives as a JSON line
+//                          {"method", "path", "headers"}, so a test sees what reached
+//                          the upstream (not what the client was shown)
+//   --client-ca FILE       TLS: refuses a client without a certificate this CA issued
 // Every response carries x-upstream-proto (h2 | http/1.1) and x-upstream-conn (a
 // per-connection id, to check keep-alive reuse).
 'use strict';
@@ -68,6 +72,9 @@ function jsonDoc(bytes) {
 
 function handler(req, res) {
   requests++;
+  if (args.record) {
+    fs.appendFileSync(args.record, JSON.stringify({ method: req.method, path: req.url, headers: req.headers }) + '\n');
+  }
   const proto = req.httpVersionMajor === 2 ? 'h2' : 'http/1.1';
   // The client port identifies the connection: same port, same (reused) connection.
   const connId = `${req.socket.remoteAddress}:${req.socket.remotePort}`;
@@ -214,12 +221,16 @@ function onUpgrade(req, socket, head) {
   socket.pipe(socket);
 }
 
+// --client-ca: mutual TLS, a handshake without a certificate of that CA fails.
+const clientAuth = args['client-ca']
+  ? { ca: fs.readFileSync(args['client-ca']), requestCert: true, rejectUnauthorized: true }
+  : {};
 let server;
 if (args.plain) {
   server = http.createServer(handler);
 } else if (args.h1only) {
   // HTTP/1.1 only: Node's http2 server does not emit 'upgrade' for HTTP/1 clients.
-  server = https.createServer({ cert: fs.readFileSync(args.cert), key: fs.readFileSync(args.key) }, handler);
+  server = https.createServer({ cert: fs.readFileSync(args.cert), key: fs.readFileSync(args.key), ...clientAuth }, handler);
   server.on('secureConnection', () => { connections++; });
 } else {
   server = http2.createSecureServer({
@@ -227,6 +238,7 @@ if (args.plain) {
     key: fs.readFileSync(args.key),
     allowHTTP1: true,
     ALPNProtocols: ['h2', 'http/1.1'],
+    ...clientAuth,
   }, handler);
   server.on('secureConnection', () => { connections++; });
 }

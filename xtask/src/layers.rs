@@ -17,6 +17,8 @@ pub const LAYERS: &[(&str, &[&str])] = &[
     ("foundations", &["config", "metrics", "sockets", "io"]),
     ("kernel and TLS", &["redirect", "tls"]),
     ("the agent's own client", &["outbound"]),
+    // What phigate presents upstream in the apps' stead (tokens by the agent's client).
+    ("upstream credentials", &["credential"]),
     ("who is calling", &["identity"]),
     ("records", &["record"]),
     ("HTTP parts", &["http"]),

@@ -198,6 +198,8 @@ fn requests() -> Vec<Field> {
         text("upstream_http_version"),
         text("upstream_tls_version"),
         text("upstream_cert_subject"),
+        text("upstream_credential"),
+        text("upstream_credential_source"),
         text_req("method"),
         text("authority"),
         text_req("path"),
@@ -318,9 +320,10 @@ mod tests {
             .collect();
         let expected = [
             // + oidc_expiry, path_as_sent, identity_unknown (nullable, added: older
-            // files read them as null through union_by_name);
-            // + container_id, container_runtime, pod_uid (nullable, added).
-            ("requests", "5c88726309960a95"),
+            // files read them as null through union_by_name); + container_id,
+            // container_runtime, pod_uid, upstream_credential,
+            // upstream_credential_source (nullable, added).
+            ("requests", "3d8745554c4d8aa4"),
             // + decision, policy_ids, policy_set_hash (nullable, added: a TCP or
             // TUNNEL passage is decided per connection); + container_id,
             // container_runtime, pod_uid (nullable, added).

@@ -72,6 +72,10 @@ pub struct Status {
     /// Network namespaces served besides the agent's own (containers).
     #[serde(default)]
     pub namespaces: Vec<StatusNamespace>,
+    /// Each destination's upstream credential: kind, validity, refreshes, failures;
+    /// never the secret.
+    #[serde(default)]
+    pub credentials: Vec<crate::credential::CredentialState>,
     pub policy_set_hash: String,
     pub policies: usize,
     pub records: crate::record::store::Progress,

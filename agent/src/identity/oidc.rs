@@ -107,7 +107,8 @@ impl TokenValidator {
                         .map_err(|e| fail(format!("{a}: {e}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let tls = UpstreamTls::new(c.ca_file.as_deref()).map_err(|e| fail(e.to_string()))?;
+            let tls =
+                UpstreamTls::new(c.ca_file.as_deref(), None).map_err(|e| fail(e.to_string()))?;
             let issuer = Issuer {
                 cfg: c.clone(),
                 algorithms,

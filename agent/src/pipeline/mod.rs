@@ -52,6 +52,8 @@ pub struct Masking {
 
 pub struct Pipeline {
     pub forwarder: Forwarder,
+    /// What phigate presents upstream, by destination (after the policies permit).
+    pub credentials: Arc<crate::credential::Credentials>,
     pub masking: Arc<Masking>,
     pub records: Arc<dyn RecordSink>,
     /// Held and granted approvals, and the rules a policy obligation may name.
@@ -146,7 +148,10 @@ impl Pipeline {
         }
         // 5. forward (unless a new policy set revoked this connection meanwhile, e.g.
         //    while the request was held for approval)
-        let prepared = self.prepare(ex, conn, &verdict, req)?;
+        let mut prepared = self.prepare(ex, conn, &verdict, req)?;
+        // 6. the destination's own credential, in the app's stead
+        self.present_credential(ex, conn, &mut prepared.request)
+            .await?;
         self.forward(ex, prepared).await
     }
 
@@ -368,6 +373,27 @@ impl Pipeline {
             client_upgrade,
             profile,
         })
+    }
+
+    /// Puts the destination's credential (`upstream_auth`) into the permitted
+    /// request, replacing the client's; the record names it and how it was obtained.
+    /// No credential, no request: it never goes out with the client's instead.
+    async fn present_credential(
+        &self,
+        ex: &mut Exchange,
+        conn: &ConnContext,
+        req: &mut Request<PhiBody>,
+    ) -> Result<(), Stop> {
+        let Some(cred) = self.credentials.for_destination(conn.dest_index) else {
+            return Ok(());
+        };
+        ex.record.upstream_credential = Some(cred.id.clone());
+        let how = cred.present(req.headers_mut()).await.map_err(|reason| {
+            warn!(request = %ex.record.request_id, credential = %cred.id, reason = %reason, "upstream credential unavailable");
+            Refusal::new(Code::UpstreamCredentialUnavailable, reason)
+        })?;
+        ex.record.upstream_credential_source = Some(how.as_str().to_owned());
+        Ok(())
     }
 
     /// Sends the request upstream within the request timeout.
@@ -674,6 +700,8 @@ impl Exchange {
                 upstream_http_version: None,
                 upstream_tls_version: None,
                 upstream_cert_subject: None,
+                upstream_credential: None,
+                upstream_credential_source: None,
                 method: req.method().to_string(),
                 authority,
                 path,

@@ -29,6 +29,9 @@ pub enum Code {
     MaskingFailed,
     UpstreamTimeout,
     UpstreamUnavailable,
+    /// The destination's upstream credential could not be obtained (a failed token
+    /// fetch): the request does not go out, with no credential or the client's.
+    UpstreamCredentialUnavailable,
     /// A policy names an approval rule that does not exist.
     ApprovalUnavailable,
     ApprovalPending,
@@ -52,6 +55,7 @@ impl Code {
             Code::MaskingFailed => "masking_failed",
             Code::UpstreamTimeout => "upstream_timeout",
             Code::UpstreamUnavailable => "upstream_unavailable",
+            Code::UpstreamCredentialUnavailable => "upstream_credential_unavailable",
             Code::ApprovalUnavailable => "approval_unavailable",
             Code::ApprovalPending => "approval_pending",
             Code::ApprovalDenied => "approval_denied",
@@ -73,7 +77,9 @@ impl Code {
             | Code::ApprovalDenied
             | Code::ApprovalExpired => StatusCode::FORBIDDEN,
             Code::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Code::MaskingFailed | Code::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            Code::MaskingFailed
+            | Code::UpstreamUnavailable
+            | Code::UpstreamCredentialUnavailable => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Code::TooManyPendingApprovals => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -84,7 +90,9 @@ impl Code {
         match self {
             Code::MaskingFailed => RequestOutcome::MaskingFailed,
             Code::UpstreamTimeout => RequestOutcome::UpstreamTimeout,
-            Code::UpstreamUnavailable => RequestOutcome::UpstreamError,
+            Code::UpstreamUnavailable | Code::UpstreamCredentialUnavailable => {
+                RequestOutcome::UpstreamError
+            }
             _ => RequestOutcome::Refused,
         }
     }

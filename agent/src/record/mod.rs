@@ -121,6 +121,10 @@ pub struct RequestRecord {
     pub upstream_http_version: Option<String>,
     pub upstream_tls_version: Option<String>,
     pub upstream_cert_subject: Option<String>,
+    /// The `upstream_auth` id phigate presented for this request (never its value),
+    /// and how it was obtained: static, token_endpoint, cached, client_certificate.
+    pub upstream_credential: Option<String>,
+    pub upstream_credential_source: Option<String>,
     pub method: String,
     pub authority: Option<String>,
     /// The request path with patient ids replaced by their pseudonyms: once the

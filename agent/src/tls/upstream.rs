@@ -6,12 +6,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{CertificateError, ClientConfig, RootCertStore};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use super::TlsError;
+use crate::config::upstream_auth::{agent_uid, secret_file_problem, ClientCert};
 
 /// Why the upstream TLS session failed, in words fit for a 502 body (no secrets).
 #[derive(Debug, thiserror::Error)]
@@ -40,8 +41,13 @@ pub struct UpstreamTlsStream {
 }
 
 impl UpstreamTls {
-    /// System roots (/etc/ssl/certs via rustls-native-certs) plus `extra_ca` (PEM).
-    pub fn new(extra_ca: Option<&Path>) -> Result<Self, TlsError> {
+    /// System roots (/etc/ssl/certs via rustls-native-certs) plus `extra_ca` (PEM);
+    /// with `client_cert`, the certificate chain and key (PEM, the key 0600) phigate
+    /// presents when the upstream asks for one (mutual TLS).
+    pub fn new(
+        extra_ca: Option<&Path>,
+        client_cert: Option<&ClientCert>,
+    ) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
         let native = rustls_native_certs::load_native_certs();
         roots.add_parsable_certificates(native.certs);
@@ -74,12 +80,23 @@ impl UpstreamTls {
                 "no trusted roots: the system store is empty and no upstream_ca is set".into(),
             ));
         }
-        let mut config =
+        let builder =
             ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
                 .with_safe_default_protocol_versions()
                 .map_err(|e| TlsError::Config(e.to_string()))?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+                .with_root_certificates(roots);
+        let mut config = match client_cert {
+            None => builder.with_no_client_auth(),
+            Some(c) => {
+                let (chain, key) = client_identity(c)?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| TlsError::File {
+                        path: c.key.clone(),
+                        message: format!("client key does not fit client_cert_file: {e}"),
+                    })?
+            }
+        };
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         Ok(UpstreamTls {
             connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
@@ -117,6 +134,40 @@ impl UpstreamTls {
             version,
         })
     }
+}
+
+/// The client certificate chain and its key, the key checked like every secret.
+fn client_identity(
+    c: &ClientCert,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+    let fail = |path: &Path, message: String| TlsError::File {
+        path: path.to_owned(),
+        message,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&c.cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| {
+            fail(
+                &c.cert,
+                format!("client_cert_file is not a PEM certificate chain: {e}"),
+            )
+        })?;
+    if chain.is_empty() {
+        return Err(fail(
+            &c.cert,
+            "client_cert_file holds no certificate".into(),
+        ));
+    }
+    if let Some(problem) = secret_file_problem(&c.key, agent_uid()) {
+        return Err(TlsError::Config(problem));
+    }
+    let key = PrivateKeyDer::from_pem_file(&c.key).map_err(|e| {
+        fail(
+            &c.key,
+            format!("client_key_file is not a PEM private key: {e}"),
+        )
+    })?;
+    Ok((chain, key))
 }
 
 fn classify(e: io::Error, name: &str) -> UpstreamTlsError {
