@@ -119,15 +119,18 @@ pub fn server_config(
     name: &LeafName,
     alpn: &[Vec<u8>],
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let key = minter.certified_key(name)?;
-    let mut config =
-        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::Config(e.to_string()))?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(Fixed(key)));
-    config.alpn_protocols = alpn.to_vec();
-    Ok(Arc::new(config))
+    minter.server_config(name, alpn, |key| {
+        let mut config =
+            ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+                .with_safe_default_protocol_versions()
+                .map_err(|e| TlsError::Config(e.to_string()))?
+                .with_no_client_auth()
+                .with_cert_resolver(Arc::new(Fixed(key)));
+        config.alpn_protocols = alpn.to_vec();
+        config.ticketer = minter.ticketer.clone();
+        config.session_storage = minter.sessions.clone();
+        Ok(config)
+    })
 }
 
 #[derive(Debug)]
