@@ -49,6 +49,9 @@ impl std::fmt::Display for LeafName {
 /// the agent does not store).
 const SESSION_CACHE_ENTRIES: usize = 1024;
 
+/// A server configuration's cache key: the leaf's name and the ALPN list offered.
+type ConfigKey = (LeafName, Vec<Vec<u8>>);
+
 /// A cached server configuration and the leaf it presents.
 struct ServedLeaf {
     key: Arc<CertifiedKey>,
@@ -62,7 +65,7 @@ pub struct LeafMinter {
     cache: Mutex<LruCache<LeafName, Arc<CertifiedKey>>>,
     /// Server configurations by leaf and ALPN list, each with the leaf it was built
     /// for: reused only while that is still the leaf the cache gives.
-    configs: Mutex<LruCache<(LeafName, Vec<Vec<u8>>), ServedLeaf>>,
+    configs: Mutex<LruCache<ConfigKey, ServedLeaf>>,
     /// Resumption state shared by every configuration (TLS 1.3 tickets, TLS 1.2
     /// session ids).
     pub(crate) ticketer: Arc<dyn ProducesTickets>,
