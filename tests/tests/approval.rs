@@ -1154,6 +1154,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.support.ui import WebDriverWait
 from selenium.webdriver.support import expected_conditions as EC
+from selenium.common.exceptions import StaleElementReferenceException
 base, approval_id, user = sys.argv[1], sys.argv[2], sys.argv[3]
 o = webdriver.ChromeOptions()
 o.binary_location = "/usr/bin/chromium"
@@ -1161,7 +1162,9 @@ for a in ["--headless=new", "--no-sandbox", "--disable-dev-shm-usage"]:
     o.add_argument(a)
 o.set_capability("acceptInsecureCerts", True)
 d = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=o)
-wait = WebDriverWait(d, 20)
+# The console re-renders while a decision lands: an element read mid-render is
+# stale, and the wait reads it again.
+wait = WebDriverWait(d, 20, ignored_exceptions=[StaleElementReferenceException])
 try:
     d.get(base + "/login")
     wait.until(EC.presence_of_element_located((By.ID, "username")))
