@@ -34,7 +34,7 @@ use sha2::{Digest, Sha256};
 use crate::redirect::Attested;
 
 /// The calling workload, as recorded and as policies see it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize)]
 pub struct Workload {
     pub pid: u32,
     pub tid: u32,

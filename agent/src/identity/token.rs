@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 /// What a valid bearer token says about its holder.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct TokenIdentity {
     /// The issuer (`iss`) as configured.
     pub issuer: String,

@@ -248,6 +248,9 @@ pub struct PolicySet {
     index: index::Index,
     /// What of the request model the schema declares beyond the oldest shipped one.
     features: SchemaFeatures,
+    /// Workload and token entities, built once per caller (see `entities`).
+    principals: entities::EntityCache<Workload>,
+    tokens: entities::EntityCache<TokenIdentity>,
 }
 
 /// Parts of the request model added after schemas were first shipped. A schema
@@ -657,8 +660,13 @@ impl PolicySet {
             dir: dir.to_owned(),
             authorizer: Authorizer::new(),
             features: SchemaFeatures::ALL,
+            principals: entities::EntityCache::new(),
+            tokens: entities::EntityCache::new(),
         };
         ps.fit_request_model(schema_path)?;
+        // Fitting tried request models the set may not keep: start from nothing.
+        ps.principals.clear();
+        ps.tokens.clear();
         Ok(ps)
     }
 
@@ -785,14 +793,8 @@ impl PolicySet {
         }
     }
 
-    /// The Cedar request and entities for `req` (validated against `schema` if given).
-    fn cedar_request(
-        &self,
-        req: &AccessRequest<'_>,
-        action: &str,
-        schema: Option<&Schema>,
-    ) -> Result<(Request, Entities), String> {
-        let w = req.workload;
+    /// The principal: the workload with the attributes the schema declares.
+    fn workload_entity(&self, w: &Workload) -> Result<Entity, String> {
         let principal = uid("Workload", &w.pid.to_string());
         let unknown = String::new();
         let mut attrs: HashMap<String, RestrictedExpression> = HashMap::from([
@@ -835,8 +837,20 @@ impl PolicySet {
                 ),
             );
         }
-        let workload =
-            Entity::new(principal.clone(), attrs, HashSet::new()).map_err(|e| e.to_string())?;
+        Entity::new(principal, attrs, HashSet::new()).map_err(|e| e.to_string())
+    }
+
+    /// The Cedar request and entities for `req` (validated against `schema` if given).
+    fn cedar_request(
+        &self,
+        req: &AccessRequest<'_>,
+        action: &str,
+        schema: Option<&Schema>,
+    ) -> Result<(Request, Entities), String> {
+        let workload = self
+            .principals
+            .get_or_build(req.workload, || self.workload_entity(req.workload))?;
+        let principal = workload.uid();
         let multi = |kind: &str, pairs: &[(String, String)]| {
             let mut tags: BTreeMap<&str, Vec<RestrictedExpression>> = BTreeMap::new();
             for (k, v) in pairs {
@@ -888,24 +902,7 @@ impl PolicySet {
         }
         let mut entities = vec![workload, query, headers];
         if let Some(t) = req.token {
-            let token = Entity::new_with_tags(
-                uid("Token", &format!("{}#{}", t.issuer, t.subject)),
-                [
-                    ("issuer".to_owned(), s(&t.issuer)),
-                    ("subject".to_owned(), s(&t.subject)),
-                    (
-                        "groups".to_owned(),
-                        RestrictedExpression::new_set(t.groups.iter().map(|g| s(g))),
-                    ),
-                    (
-                        "expires_at".to_owned(),
-                        RestrictedExpression::new_long(t.expires_at),
-                    ),
-                ],
-                [],
-                t.claims.iter().map(|(k, v)| (k.clone(), s(v))),
-            )
-            .map_err(|e| e.to_string())?;
+            let token = self.tokens.get_or_build(t, || token_entity(t))?;
             ctx.push((
                 "token".into(),
                 RestrictedExpression::new_entity_uid(token.uid()),
@@ -1087,6 +1084,7 @@ fn locate(text: &str, needle: &str, from: usize) -> Option<usize> {
     text.get(from..)?.find(needle).map(|o| o + from)
 }
 
+mod entities;
 #[cfg(test)]
 mod tests;
 
@@ -1105,4 +1103,26 @@ fn container_attrs(w: &Workload) -> Vec<(String, RestrictedExpression)> {
         )
     })
     .collect()
+}
+
+/// A token's entity: issuer, subject, groups, expiry, and its configured claims as tags.
+fn token_entity(t: &TokenIdentity) -> Result<Entity, String> {
+    Entity::new_with_tags(
+        uid("Token", &format!("{}#{}", t.issuer, t.subject)),
+        [
+            ("issuer".to_owned(), s(&t.issuer)),
+            ("subject".to_owned(), s(&t.subject)),
+            (
+                "groups".to_owned(),
+                RestrictedExpression::new_set(t.groups.iter().map(|g| s(g))),
+            ),
+            (
+                "expires_at".to_owned(),
+                RestrictedExpression::new_long(t.expires_at),
+            ),
+        ],
+        [],
+        t.claims.iter().map(|(k, v)| (k.clone(), s(v))),
+    )
+    .map_err(|e| e.to_string())
 }

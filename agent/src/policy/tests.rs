@@ -828,3 +828,30 @@ when { principal.container == "4f1c8a0f6a2b" && principal.container_runtime == "
     std::fs::write(d.path().join("p.cedar"), POLICY).unwrap();
     assert!(PolicySet::load(d.path()).is_err());
 }
+
+/// The entity caches key on the whole workload and token: two callers with the same
+/// pid (a recycled pid, or a setuid exec) and tokens with the same subject but
+/// different groups are decided each on their own facts, however often they repeat.
+#[test]
+fn cached_entities_never_stand_in_for_another_caller() {
+    let d = dir_with(&[(
+        "p.cedar",
+        "@id(\"ehr-clinicians\")\npermit (principal, action, resource) when { principal.user == \"ehr\" && context has token && context.token.groups.contains(\"clinicians\") };\n",
+    )]);
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    let ehr = workload("ehr", "ehr.service");
+    let other = workload("billing", "ehr.service");
+    assert_eq!(ehr.pid, other.pid);
+    for _ in 0..3 {
+        let allowed = |w: &Workload, groups: &[&str]| {
+            case(w.clone(), Some(token(groups)), "GET", "/fhir/Patient/1")
+                .decide(&set)
+                .allowed
+        };
+        assert!(allowed(&ehr, &["clinicians"]));
+        assert!(!allowed(&other, &["clinicians"]));
+        assert!(!allowed(&ehr, &["billing"]));
+    }
+    assert_eq!(set.principals.len(), 2, "one entity per workload");
+    assert_eq!(set.tokens.len(), 2, "one entity per token");
+}
