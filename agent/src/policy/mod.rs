@@ -664,7 +664,7 @@ impl PolicySet {
             tokens: entities::EntityCache::new(),
         };
         ps.fit_request_model(schema_path)?;
-        // Fitting tried request models the set may not keep: start from nothing.
+        // The shape checks' made-up caller is no caller: start from nothing.
         ps.principals.clear();
         ps.tokens.clear();
         Ok(ps)
@@ -736,6 +736,9 @@ impl PolicySet {
     }
 
     fn check_request_shape(&self) -> Result<(), String> {
+        // Each try may declare other attributes: no entity built for another stays.
+        self.principals.clear();
+        self.tokens.clear();
         let w = Workload::default();
         let token = TokenIdentity {
             claims: [("client_id".to_owned(), "x".to_owned())].into(),

@@ -836,11 +836,19 @@ when { principal.container == "4f1c8a0f6a2b" && principal.container_runtime == "
 fn cached_entities_never_stand_in_for_another_caller() {
     let d = dir_with(&[(
         "p.cedar",
-        "@id(\"ehr-clinicians\")\npermit (principal, action, resource) when { principal.user == \"ehr\" && context has token && context.token.groups.contains(\"clinicians\") };\n",
+        "@id(\"ehr-clinicians\")\npermit (principal, action, resource) when { principal.groups.contains(7) && context has token && context.token.groups.contains(\"clinicians\") };\n",
     )]);
     let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
-    let ehr = workload("ehr", "ehr.service");
-    let other = workload("billing", "ehr.service");
+    // Supplementary groups: a condition the prefilter does not index, so Cedar
+    // itself decides, on the cached entity.
+    let ehr = Workload {
+        groups: vec![7],
+        ..workload("ehr", "ehr.service")
+    };
+    let other = Workload {
+        groups: vec![8],
+        ..workload("ehr", "ehr.service")
+    };
     assert_eq!(ehr.pid, other.pid);
     for _ in 0..3 {
         let allowed = |w: &Workload, groups: &[&str]| {
