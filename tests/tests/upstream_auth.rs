@@ -492,3 +492,107 @@ fn mutual_tls_to_an_upstream_that_refuses_clients_without_a_certificate() {
         "{err}"
     );
 }
+
+/// The attacker is an unprivileged app in the protected cgroup (`nobody`) that wants
+/// the backend credential phigate keeps from it. It cannot read the secret file or
+/// the agent's memory, environment or records; and an upstream endpoint that echoes
+/// its request (here `/headers`, as httpbin and many debug endpoints do; `TRACE`
+/// does the same) would hand it the credential, so phigate refuses any answer that
+/// repeats the credential it presented: a clean, recorded 502, over HTTP/1.1 and
+/// HTTP/2, and the secret reaches the app in no byte.
+#[test]
+fn an_unprivileged_app_cannot_obtain_the_credential_even_from_an_echoing_upstream() {
+    let mut e = Env::new("ua-echo", &[]);
+    let bearer = e.secret("fhir.token", &format!("{STATIC_SECRET}\n"), 0o600);
+    e.w.write_config(&e.config(&format!(
+        "[destinations.upstream_auth]\nid = \"fhir-static\"\nbearer_file = \"{}\"\n",
+        bearer.display()
+    )));
+    e.w.start_agent(false);
+    let ca = e.w.public_copy(&e.w.path("state/ca.pem"));
+    let nobody = e.w.unprivileged();
+
+    // Asked as the app would: an ordinary answer passes (the guard is no outage).
+    let curl = |extra: &[&str], path: &str| {
+        let mut argv = vec![
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "--cacert",
+            ca.to_str().unwrap(),
+            "-w",
+            "\n%{http_code}",
+        ];
+        argv.extend_from_slice(extra);
+        let url = format!("https://{UP}{path}");
+        argv.push(&url);
+        let out = output(nobody, &argv);
+        (stdout(&out), stderr(&out))
+    };
+    let (body, _) = curl(&[], "/json?bytes=200");
+    assert!(body.ends_with("\n200"), "{body}");
+
+    // The echo, over HTTP/1.1 and HTTP/2, with and without a credential of its own.
+    for (extra, tag) in [
+        (&["--http1.1"][..], "h1"),
+        (&["--http2"][..], "h2"),
+        (
+            &["--http1.1", "-H", "authorization: Bearer mine"][..],
+            "h1-own",
+        ),
+    ] {
+        let (body, err) = curl(extra, &format!("/headers?{tag}"));
+        assert!(
+            !body.contains(STATIC_SECRET) && !err.contains(STATIC_SECRET),
+            "{tag}: the app got the credential: {body}{err}"
+        );
+        assert!(body.ends_with("\n502"), "{tag}: {body}{err}");
+        assert!(body.contains("credential_reflected"), "{tag}: {body}");
+    }
+    // The upstream did get the credential each time: the refusal is of the answer.
+    let echoed = e
+        .seen()
+        .iter()
+        .filter(|s| s["path"].as_str().unwrap_or("").starts_with("/headers"))
+        .count();
+    assert_eq!(echoed, 3);
+    let refused = e.records_of("/headers", 3);
+    for r in &refused {
+        assert_eq!(r["status"], 502, "{r}");
+        assert_eq!(r["outcome"], "upstream_error", "{r}");
+        assert_eq!(r["uid"], 65534, "{r}");
+        let error = r["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("repeats the credential `fhir-static`"),
+            "{r}"
+        );
+    }
+
+    // Nor can it read the credential where it lives: the secret file, the agent's
+    // environment, memory and open files, the records, the state directory.
+    let agent = e.w.agent_pid();
+    let script = format!(
+        r#"
+import os
+for p in [{secret:?}, "/proc/{agent}/environ", "/proc/{agent}/mem", "/proc/{agent}/fd/0", {records:?}, {state:?}]:
+    try:
+        if os.path.isdir(p):
+            print("READ", p, os.listdir(p))
+        else:
+            with open(p, "rb") as f:
+                print("READ", p, f.read(64))
+    except PermissionError as e:
+        print("DENIED", p)
+"#,
+        secret = bearer.to_str().unwrap(),
+        records = e.w.path("records").to_str().unwrap(),
+        state = e.w.path("state").to_str().unwrap(),
+    );
+    let out = output(nobody, &["/usr/bin/python3", "-c", &script]);
+    let text = stdout(&out);
+    assert_eq!(text.matches("DENIED").count(), 6, "{text}{}", stderr(&out));
+    assert!(!text.contains("READ"), "{text}");
+
+    e.assert_never_written(STATIC_SECRET);
+}

@@ -17,12 +17,14 @@ use http::{header, HeaderMap, HeaderName, HeaderValue};
 use serde::{Deserialize, Serialize};
 
 mod oauth;
+pub mod reflection;
 pub mod token;
 
 use crate::config::upstream_auth::{agent_uid, secret_file_problem, AuthMethod, UpstreamAuth};
 use crate::config::Destination;
 use crate::outbound::Outbound;
 use crate::sockets::SocketFactory;
+use reflection::Reflection;
 use token::TokenCache;
 
 /// How long a token request may take.
@@ -72,7 +74,7 @@ impl Obtained {
 
 enum Source {
     CertificateOnly,
-    Static(HeaderValue),
+    Static(HeaderValue, Option<Reflection>),
     Token(TokenCache),
 }
 
@@ -134,7 +136,8 @@ impl Credential {
                         message: format!("`{header}` is not a header name"),
                     }
                 })?;
-                (name, Source::Static(value))
+                let reflection = Reflection::of(&value, &auth.id);
+                (name, Source::Static(value, reflection))
             }
             AuthMethod::ClientCredentials(c) => {
                 let tls =
@@ -170,14 +173,21 @@ impl Credential {
     /// Puts the credential into `headers`, replacing what the client sent in that
     /// header (and the client's `Authorization` when it is not to be forwarded). A
     /// token that cannot be obtained is an error: the request must not go out, and
-    /// certainly not with the client's own credential.
-    pub async fn present(&self, headers: &mut HeaderMap) -> Result<Obtained, String> {
+    /// certainly not with the client's own credential. Says how it was obtained and
+    /// what it would look like if the upstream's response repeated it.
+    pub async fn present(
+        &self,
+        headers: &mut HeaderMap,
+    ) -> Result<(Obtained, Option<Reflection>), String> {
         if !self.forward_client_token {
             headers.remove(header::AUTHORIZATION);
         }
         let (value, how) = match &self.source {
-            Source::CertificateOnly => return Ok(Obtained::ClientCertificate),
-            Source::Static(v) => (v.clone(), Obtained::Static),
+            Source::CertificateOnly => return Ok((Obtained::ClientCertificate, None)),
+            Source::Static(v, reflection) => {
+                headers.insert(self.header.clone(), v.clone());
+                return Ok((Obtained::Static, reflection.clone()));
+            }
             Source::Token(cache) => match cache.token().await {
                 Ok((v, token::Source::Cached)) => (v, Obtained::Cached),
                 Ok((v, token::Source::TokenEndpoint)) => (v, Obtained::TokenEndpoint),
@@ -191,8 +201,9 @@ impl Credential {
                 }
             },
         };
+        let reflection = Reflection::of(&value, &self.id);
         headers.insert(self.header.clone(), value);
-        Ok(how)
+        Ok((how, reflection))
     }
 
     pub fn state(&self) -> CredentialState {
@@ -206,7 +217,7 @@ impl Credential {
             destination: self.destination.clone(),
             kind: match &self.source {
                 Source::CertificateOnly => "client_certificate",
-                Source::Static(_) => "static",
+                Source::Static(..) => "static",
                 Source::Token(_) => "client_credentials",
             }
             .into(),

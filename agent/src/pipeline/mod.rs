@@ -24,6 +24,7 @@ pub use conn::{ClientTls, ConnContext, TunnelBounds};
 pub use refusal::{Code, Refusal};
 
 use crate::config::{Limits, Protocol};
+use crate::credential::reflection::{Reflected, Reflection, Unreflected};
 use crate::http::body::{
     boxed, find_in_chain, json_error, BodyEnd, BodyTooLarge, Limited, Observed, PhiBody,
     REQUEST_ID_HEADER,
@@ -150,9 +151,12 @@ impl Pipeline {
         //    while the request was held for approval)
         let mut prepared = self.prepare(ex, conn, &verdict, req)?;
         // 6. the destination's own credential, in the app's stead
-        self.present_credential(ex, conn, &mut prepared.request)
+        let reflection = self
+            .present_credential(ex, conn, &mut prepared.request)
             .await?;
-        self.forward(ex, prepared).await
+        let mut answered = self.forward(ex, prepared).await?;
+        answered.reflection = reflection;
+        Ok(answered)
     }
 
     /// Decides the request with the policy set in force, and holds the grant (so a
@@ -378,22 +382,23 @@ impl Pipeline {
     /// Puts the destination's credential (`upstream_auth`) into the permitted
     /// request, replacing the client's; the record names it and how it was obtained.
     /// No credential, no request: it never goes out with the client's instead.
+    /// Returns what the credential looks like, so that the answer never repeats it.
     async fn present_credential(
         &self,
         ex: &mut Exchange,
         conn: &ConnContext,
         req: &mut Request<PhiBody>,
-    ) -> Result<(), Stop> {
+    ) -> Result<Option<Reflection>, Stop> {
         let Some(cred) = self.credentials.for_destination(conn.dest_index) else {
-            return Ok(());
+            return Ok(None);
         };
         ex.record.upstream_credential = Some(cred.id.clone());
-        let how = cred.present(req.headers_mut()).await.map_err(|reason| {
+        let (how, reflection) = cred.present(req.headers_mut()).await.map_err(|reason| {
             warn!(request = %ex.record.request_id, credential = %cred.id, reason = %reason, "upstream credential unavailable");
             Refusal::new(Code::UpstreamCredentialUnavailable, reason)
         })?;
         ex.record.upstream_credential_source = Some(how.as_str().to_owned());
-        Ok(())
+        Ok(reflection)
     }
 
     /// Sends the request upstream within the request timeout.
@@ -428,6 +433,7 @@ impl Pipeline {
             response,
             client_upgrade: p.client_upgrade,
             profile: p.profile,
+            reflection: None,
         })
     }
 
@@ -449,6 +455,26 @@ impl Pipeline {
         }
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers, false);
+        // An upstream that echoes its request would hand the app phigate's
+        // credential: a header repeating it is refused, a body cut off before it.
+        if let Some(r) = &a.reflection {
+            if let Some(name) = r.in_headers(&parts.headers) {
+                let reason = format!(
+                    "the upstream's response header `{name}` repeats the credential `{}` phigate presented",
+                    r.id()
+                );
+                warn!(request = %ex.record.request_id, credential = %r.id(), header = %name, "upstream response repeats the presented credential; refused");
+                return ex
+                    .refuse(Refusal::new(Code::CredentialReflected, reason))
+                    .await;
+            }
+        }
+        let mut body = Unreflected::new(body, a.reflection);
+        if let Err(e) = body.first_frame(REFLECTION_FIRST_FRAME_WAIT).await {
+            return ex
+                .refuse(Refusal::new(Code::CredentialReflected, e.to_string()))
+                .await;
+        }
         match a.profile {
             Some(profile) => {
                 ex.masked_response(parts, body, profile, &self.masking)
@@ -609,6 +635,8 @@ struct Answered {
     response: Response<Incoming>,
     client_upgrade: Option<hyper::upgrade::OnUpgrade>,
     profile: Option<Arc<Profile>>,
+    /// The credential phigate presented, which the answer must not repeat.
+    reflection: Option<Reflection>,
 }
 
 /// What the connection fixes about its requests: the TLS name and the hosts served.
@@ -648,6 +676,11 @@ impl Drop for Exchange {
         }
     }
 }
+
+/// How long the head of a response from a destination with `upstream_auth` waits
+/// for the body's first frame, so that an echo of the request is a clean 502 rather
+/// than a response cut off (a body that comes later is still searched as it flows).
+const REFLECTION_FIRST_FRAME_WAIT: Duration = Duration::from_millis(500);
 
 /// How much of a streamed response body is masked before its headers go out.
 const STREAM_HEAD_BYTES: usize = 64 << 10;
@@ -992,7 +1025,7 @@ impl Exchange {
     async fn masked_response(
         mut self,
         mut parts: http::response::Parts,
-        mut body: Incoming,
+        mut body: Unreflected<Incoming>,
         profile: Arc<Profile>,
         masking: &Masking,
     ) -> Response<PhiBody> {
@@ -1032,10 +1065,12 @@ impl Exchange {
                     crate::mask::finish_body(&mut masker, &mut out, &self.metrics).map(|()| true)
                 }
                 Some(Err(e)) => {
+                    let code = match e.downcast_ref::<Reflected>() {
+                        Some(_) => Code::CredentialReflected,
+                        None => Code::UpstreamUnavailable,
+                    };
                     let reason = format!("the upstream response body failed: {e}");
-                    return self
-                        .refuse(Refusal::new(Code::UpstreamUnavailable, &reason))
-                        .await;
+                    return self.refuse(Refusal::new(code, &reason)).await;
                 }
                 // Trailers of a buffered body are dropped: the body is whole.
                 Some(Ok(frame)) => match frame.into_data() {

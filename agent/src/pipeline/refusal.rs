@@ -32,6 +32,9 @@ pub enum Code {
     /// The destination's upstream credential could not be obtained (a failed token
     /// fetch): the request does not go out, with no credential or the client's.
     UpstreamCredentialUnavailable,
+    /// The upstream's response repeated the credential phigate presented (an echo
+    /// of the request): not passed to the app.
+    CredentialReflected,
     /// A policy names an approval rule that does not exist.
     ApprovalUnavailable,
     ApprovalPending,
@@ -56,6 +59,7 @@ impl Code {
             Code::UpstreamTimeout => "upstream_timeout",
             Code::UpstreamUnavailable => "upstream_unavailable",
             Code::UpstreamCredentialUnavailable => "upstream_credential_unavailable",
+            Code::CredentialReflected => "credential_reflected",
             Code::ApprovalUnavailable => "approval_unavailable",
             Code::ApprovalPending => "approval_pending",
             Code::ApprovalDenied => "approval_denied",
@@ -79,7 +83,8 @@ impl Code {
             Code::RequestTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Code::MaskingFailed
             | Code::UpstreamUnavailable
-            | Code::UpstreamCredentialUnavailable => StatusCode::BAD_GATEWAY,
+            | Code::UpstreamCredentialUnavailable
+            | Code::CredentialReflected => StatusCode::BAD_GATEWAY,
             Code::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             Code::TooManyPendingApprovals => StatusCode::TOO_MANY_REQUESTS,
         }
@@ -90,9 +95,9 @@ impl Code {
         match self {
             Code::MaskingFailed => RequestOutcome::MaskingFailed,
             Code::UpstreamTimeout => RequestOutcome::UpstreamTimeout,
-            Code::UpstreamUnavailable | Code::UpstreamCredentialUnavailable => {
-                RequestOutcome::UpstreamError
-            }
+            Code::UpstreamUnavailable
+            | Code::UpstreamCredentialUnavailable
+            | Code::CredentialReflected => RequestOutcome::UpstreamError,
             _ => RequestOutcome::Refused,
         }
     }
