@@ -29,6 +29,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // Test clients that play the unprivileged attacker run as `nobody` under the
     // system Python (root's own Python is not theirs to read): its WebSocket client.
     "python3-websocket",
+    // A real container runtime for tests/tests/podman.rs: Podman with runc (crun
+    // fails on a hybrid cgroup layout), its monitor and network backend.
+    "podman",
+    "runc",
+    "conmon",
+    "netavark",
 ];
 
 /// Python modules (import name, pip name).
