@@ -331,3 +331,147 @@ fn podman_containers_are_decided_masked_and_recorded_with_their_id() {
     let (code, body) = curl(&billing, None);
     assert_masked(&e, "the remaining container", code, &body);
 }
+
+/// What an attacker in a container tries, one JSON line of outcomes: the
+/// capabilities it would need, the agent's listener in its own namespace (connect
+/// to it directly, squat its port), and the protected API's address in its IPv4 and
+/// IPv4-mapped IPv6 forms (who answers: phigate's CA verifies phigate).
+const PROBE: &str = r#"import errno, json, socket, ssl
+MARK = int(__import__('sys').argv[1], 0)
+out = {}
+def err(e):
+    return errno.errorcode.get(e.errno, str(e.errno))
+s = socket.socket()
+try:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+    out['mark'] = 'set'
+except OSError as e:
+    out['mark'] = err(e)
+try:
+    socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_TCP)
+    out['raw'] = 'opened'
+except OSError as e:
+    out['raw'] = err(e)
+def squat(addr, family=socket.AF_INET):
+    s = socket.socket(family)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        s.bind(addr)
+        s.listen()
+        return 'bound'
+    except OSError as e:
+        return err(e)
+out['squat_lo'] = squat(('127.0.0.1', 15001))
+out['squat_any'] = squat(('0.0.0.0', 15001))
+out['squat_v6_any'] = squat(('::', 15001), socket.AF_INET6)
+try:
+    d = socket.create_connection(('127.0.0.1', 15001), timeout=5)
+    d.sendall(b'GET /files/patient.json HTTP/1.1\r\nHost: 10.77.1.1\r\n\r\n')
+    out['direct'] = d.recv(4096).decode(errors='replace')
+except OSError as e:
+    out['direct'] = err(e)
+def who(addr, family):
+    ctx = ssl.create_default_context(cafile='/ca.pem')
+    ctx.check_hostname = False
+    try:
+        s = socket.socket(family)
+        s.settimeout(5)
+        s.connect(addr)
+        ctx.wrap_socket(s).close()
+        return 'phigate'
+    except ssl.SSLError as e:
+        return 'not phigate: ' + str(e)
+    except OSError as e:
+        return err(e)
+out['api'] = who(('10.77.1.1', 9443), socket.AF_INET)
+out['api_mapped'] = who(('::ffff:10.77.1.1', 9443), socket.AF_INET6)
+print(json.dumps(out))
+"#;
+
+/// An attacker in a Podman container with Podman's default capabilities, as root
+/// inside (the host's uid 0: no user namespace) and as a non-root user, tries to go
+/// around phigate: it cannot hold a mark or a raw socket, cannot take the agent's
+/// port in its namespace (the agent holds it without SO_REUSEPORT), gets nothing
+/// from the agent's listener directly, cannot make a network namespace of its own,
+/// and whatever form of the API's address it dials, phigate answers and records it.
+#[test]
+fn an_attacker_in_a_container_cannot_go_around_phigate() {
+    let e = env(
+        "podman-attack",
+        "@id(\"all\")\npermit (principal, action, resource);\n",
+        1,
+    );
+    let c = Ctr::start(&e.w, &e.nets[0], &[]);
+    wait_served(&e.w, &e.nets[0], true);
+    let mark = format!("{:#x}", phigate::config::DEFAULT_AGENT_MARK);
+    for user in [None, Some("65534")] {
+        let who = user.unwrap_or("root inside");
+        let out = c.exec(user, &["python3", "-c", PROBE, &mark]);
+        let v: Value = serde_json::from_str(stdout(&out).trim())
+            .unwrap_or_else(|err| panic!("{who}: {err}: {}{}", stdout(&out), stderr(&out)));
+        assert_eq!(v["mark"], "EPERM", "{who}: {v}");
+        assert_eq!(v["raw"], "EPERM", "{who}: {v}");
+        for k in ["squat_lo", "squat_any", "squat_v6_any"] {
+            assert_eq!(v[k], "EADDRINUSE", "{who}: {k}: {v}");
+        }
+        // The agent's listener accepts (it cannot refuse in the kernel) and closes a
+        // connection with no redirect entry behind it: no byte of the API.
+        assert!(
+            v["direct"] == "" || v["direct"] == "ECONNRESET",
+            "{who}: direct to the listener: {v}"
+        );
+        assert_eq!(v["api"], "phigate", "{who}: {v}");
+        assert_eq!(v["api_mapped"], "phigate", "{who}: {v}");
+        let out = c.exec(user, &["unshare", "-n", "true"]);
+        assert!(
+            !out.status.success(),
+            "{who}: a network namespace of its own: {}",
+            stderr(&out)
+        );
+        // The two TLS connections of this user, recorded as the container's.
+        let uid = if user.is_some() { NOBODY } else { 0 };
+        e.w.wait_rows("connections", 2, &format!("of {who}"), |r| {
+            r["uid"] == uid && r["container_id"] == c.id.as_str()
+        });
+    }
+    assert!(
+        e.w.all_records("requests").is_empty(),
+        "the direct connects reached nothing"
+    );
+}
+
+/// A process outside the protected cgroup shares a container's namespace (a
+/// sidecar) and holds the agent's address there before the agent serves it. The
+/// container's protected connects are refused, never delivered to it nor passed,
+/// and the agent warns once that it cannot serve the namespace, not at every scan
+/// or connect.
+#[test]
+fn a_squatted_container_namespace_is_refused_and_warned_about_once() {
+    let e = env(
+        "podman-squat",
+        "@id(\"all\")\npermit (principal, action, resource);\n",
+        1,
+    );
+    let squatter = e.nets[0].run(|| std::net::TcpListener::bind("127.0.0.1:15001").unwrap());
+    squatter.set_nonblocking(true).unwrap();
+    let c = Ctr::start(&e.w, &e.nets[0], &[]);
+    // Scans every 2 s and every refused connect try the namespace again.
+    for _ in 0..3 {
+        let (code, body) = curl(&c, None);
+        assert_eq!(code, 0, "refused: {body}");
+        std::thread::sleep(Duration::from_millis(1500));
+    }
+    assert!(
+        squatter.accept().is_err(),
+        "the squatter received a connect"
+    );
+    let log = e.w.agent_log();
+    assert_eq!(
+        log.matches("cannot serve network namespace").count(),
+        1,
+        "{log}"
+    );
+    assert!(!served(&e.w).contains(&e.nets[0].inode()));
+    assert!(e.w.all_records("connections").is_empty());
+}
