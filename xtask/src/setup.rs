@@ -48,6 +48,8 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("websocket", "websocket-client"),
     // A third-party synthetic FHIR R4 generator: the masking corpus (tests/tests/masking.rs).
     ("carebundle", "carebundle==0.5.0"),
+    // The Kubernetes manifests' schema check (`cargo xtask check` and `test`).
+    ("kubernetes_validate", "kubernetes-validate==1.37.0"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
