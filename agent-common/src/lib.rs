@@ -89,10 +89,12 @@ pub mod counters {
     pub const REFUSED_NOT_AGENT: u32 = 8;
     /// A redirected socket closed before the agent accepted it: its entry was removed.
     pub const CLOSED_UNACCEPTED: u32 = 9;
-    /// fail_mode = "closed", and the caller's network namespace has no agent listener
-    /// (and no other socket at the agent's address): refused, the agent told.
+    /// The agent is up but the caller's network namespace has no agent listener yet
+    /// (and no other socket at the agent's address): refused with ECONNREFUSED in
+    /// both fail modes, the agent told.
     pub const REFUSED_UNSERVED_NETNS: u32 = 10;
-    /// fail_mode = "open", same case: passed untouched, the agent told.
+    /// No longer counted (an unserved namespace is refused in both fail modes since
+    /// the agent checks its own listener); kept so `phigate status` keeps its key.
     pub const PASSED_UNSERVED_NETNS: u32 = 11;
     pub const COUNT: u32 = 16;
 }

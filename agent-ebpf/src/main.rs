@@ -18,9 +18,11 @@
 //! Network namespaces: the agent holds a listener in every namespace protected
 //! processes live in (containers), registered under that namespace's cookie. A
 //! connect is redirected to the agent's listener in the caller's own namespace; from
-//! a namespace with no agent listener and nothing else at the agent's address, the
-//! agent is told (`PHIGATE_NETNS_EVENTS`) so it serves the namespace at once, and
-//! the connect follows the fail mode (refused when closed, passed when open).
+//! a namespace with no agent listener and nothing else at the agent's address while
+//! the agent is up (its own namespace's listener is registered), the agent is told
+//! (`PHIGATE_NETNS_EVENTS`) so it serves the namespace at once, and the connect is
+//! refused with ECONNREFUSED in both fail modes. Only when the agent is really down
+//! (no listener registered in its own namespace either) does the fail mode decide.
 //!
 //! Failing closed means returning 0 from the connect hook (the caller's connect()
 //! fails with EPERM) when no agent listener is registered, when the listener found is
@@ -50,7 +52,8 @@ mod programs {
     };
     use aya_ebpf::helpers::generated::{
         bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-        bpf_ktime_get_boot_ns, bpf_map_lookup_elem, bpf_sk_lookup_tcp, bpf_sk_release,
+        bpf_ktime_get_boot_ns, bpf_map_lookup_elem, bpf_set_retval, bpf_sk_lookup_tcp,
+        bpf_sk_release,
     };
     use aya_ebpf::helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
@@ -73,8 +76,10 @@ mod programs {
 
     /// Return values of a connect hook.
     const ALLOW: i32 = 1;
-    /// The connect() fails with EPERM.
+    /// The connect() fails with EPERM (or the errno set by bpf_set_retval).
     const REFUSE: i32 = 0;
+    /// Linux's ECONNREFUSED.
+    const ECONNREFUSED: i32 = 111;
 
     // The #[map] names must be literals; make sure they are the shared ones.
     const fn same(a: &str, b: &str) -> bool {
@@ -159,7 +164,7 @@ mod programs {
         /// socket (or, in the agent's own namespace, by none while the agent is up).
         NotAgent,
         /// The caller's network namespace (not the agent's) has no agent listener and
-        /// nothing at the agent's address: the agent has not served it yet.
+        /// nothing at the agent's address while the agent is up: not served yet.
         Unserved,
     }
 
@@ -237,6 +242,22 @@ mod programs {
             if anybody {
                 return Listener::NotAgent;
             }
+            // Another namespace with no agent listener: the agent is up (its own
+            // namespace's listener is registered) and has not served this one yet,
+            // or the agent is down. Only the latter is the fail mode's to decide.
+            let home_key = ListenerKey {
+                netns_cookie: home_netns,
+                slot,
+                _pad: 0,
+            };
+            let home = bpf_map_lookup_elem(
+                (&raw const LISTENERS) as *mut c_void,
+                (&raw const home_key) as *const c_void,
+            ) as *mut bpf_sock;
+            if home.is_null() {
+                return Listener::AgentDown;
+            }
+            bpf_sk_release(home as *mut c_void);
         }
         notify_unserved(netns_cookie);
         Listener::Unserved
@@ -271,12 +292,14 @@ mod programs {
                 count(counters::REFUSED_NOT_AGENT);
                 Some(REFUSE)
             }
-            Listener::Unserved if s.fail_open != 0 => {
-                count(counters::PASSED_UNSERVED_NETNS);
-                Some(ALLOW)
-            }
+            // In both fail modes: the agent is up and serves the namespace at once
+            // on the report; the client sees ECONNREFUSED (as from a server not
+            // listening yet) and may retry, rather than EPERM.
             Listener::Unserved => {
                 count(counters::REFUSED_UNSERVED_NETNS);
+                // SAFETY: helper allowed for cgroup sock_addr programs (Linux 5.18+);
+                // it only sets the errno the refused connect() returns.
+                unsafe { bpf_set_retval(-ECONNREFUSED) };
                 Some(REFUSE)
             }
         }

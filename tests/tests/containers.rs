@@ -196,3 +196,72 @@ fn fail_open_with_a_container_namespace() {
     let rows: Vec<Value> = w.all_records("connections");
     assert_eq!(rows.len(), 1, "the passed connection is not recorded");
 }
+
+/// The fail-open first-connect gap, closed: a namespace created right before its
+/// first protected connect (no agent listener in it yet, the agent up) is refused
+/// with ECONNREFUSED in fail-open mode too, never passed; the agent, told through
+/// the ring buffer, serves it at once and the client's retry goes through phigate.
+#[test]
+fn a_namespace_connecting_before_it_is_served_is_refused_in_fail_open_mode() {
+    let mut w = world("ctr-gap", "fail_mode = \"open\"");
+    // The API's address lives on the first veth pair, unused otherwise.
+    let _api_side = container(&w, 1);
+    let up = CountingServer::start(&w.netns, UP, "served");
+    w.start_agent(false);
+    let c = container(&w, 2);
+    // Joins the protected cgroup and connects at once (no scan can come between),
+    // then retries as a client would.
+    let script = format!(
+        r#"import json, socket, time
+open('{}/cgroup.procs', 'w').write('0')
+def get():
+    s = socket.create_connection(('10.77.1.1', 9443), timeout=5)
+    s.sendall(b'GET / HTTP/1.0\r\nHost: x\r\n\r\n')
+    data = b''
+    while True:
+        d = s.recv(4096)
+        if not d:
+            return data.decode(errors='replace')
+        data += d
+try:
+    first = get()
+except OSError as e:
+    first = e.errno
+t = time.monotonic()
+body = None
+while body is None and time.monotonic() - t < 5:
+    try:
+        body = get()
+    except OSError:
+        time.sleep(0.05)
+print(json.dumps({{'first': first, 'retry': body, 'ms': int((time.monotonic() - t) * 1000)}}))
+"#,
+        w.cgroup.path.display()
+    );
+    let out = output(
+        Place {
+            netns: Some(&c),
+            cgroup: None,
+            uid: None,
+        },
+        &["python3", "-c", &script],
+    );
+    let v: Value = serde_json::from_str(stdout(&out).trim())
+        .unwrap_or_else(|e| panic!("{e}: {}{}", stdout(&out), stderr(&out)));
+    assert_eq!(
+        v["first"],
+        libc::ECONNREFUSED,
+        "the first connect from an unserved namespace is refused, not passed: {v}"
+    );
+    assert!(
+        v["retry"].as_str().is_some_and(|b| b.ends_with("served")),
+        "the retry is served once the agent serves the namespace: {v}\n{}",
+        w.agent_log()
+    );
+    assert_eq!(up.connections(), 1, "only the served retry reached the API");
+    assert!(counter(&w, "refused_unserved_netns") >= 1, "{}", w.status());
+    assert_eq!(counter(&w, "passed_unserved_netns"), 0);
+    let rows = w.wait_records("connections", 1);
+    assert_eq!(rows[0]["comm"], "python3", "{rows:?}");
+    assert!(w.agent_log().contains("serving network namespace"));
+}

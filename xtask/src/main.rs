@@ -168,11 +168,34 @@ fn static_checks(run: &mut StepRunner<'_>) -> anyhow::Result<()> {
             &[],
         )
     })?;
+    run(
+        "Kubernetes manifests (kubernetes-validate --strict)",
+        &mut || kubernetes_manifests(&util::root_dir()),
+    )?;
     // Licenses, banned crates, sources (deny.toml). Advisories need the RustSec
     // database, which these machines cannot fetch: see deny.toml.
     run("cargo deny check", &mut || {
         cargo(&["deny", "check", "bans", "licenses", "sources"], &[])
     })
+}
+
+/// packaging/kubernetes/*.yaml against the Kubernetes API schemas (kubernetes-validate,
+/// from PyPI, installed by `cargo xtask setup`): strict, so a misspelt or misplaced
+/// field is an error rather than silently dropped by the API server.
+fn kubernetes_manifests(root: &std::path::Path) -> anyhow::Result<()> {
+    let dir = root.join("packaging/kubernetes");
+    let mut files: Vec<std::path::PathBuf> = std::fs::read_dir(&dir)?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    anyhow::ensure!(!files.is_empty(), "no manifests in {}", dir.display());
+    util::exec(
+        std::process::Command::new("python3")
+            .args(["-m", "kubernetes_validate", "--strict", "--no-warn"])
+            .args(&files),
+    )
 }
 
 /// The crates whose unit tests need no root.

@@ -29,6 +29,12 @@ const DEBIAN_PACKAGES: &[&str] = &[
     // Test clients that play the unprivileged attacker run as `nobody` under the
     // system Python (root's own Python is not theirs to read): its WebSocket client.
     "python3-websocket",
+    // A real container runtime for tests/tests/podman.rs: Podman with runc (crun
+    // fails on a hybrid cgroup layout), its monitor and network backend.
+    "podman",
+    "runc",
+    "conmon",
+    "netavark",
 ];
 
 /// Python modules (import name, pip name).
@@ -42,6 +48,8 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("websocket", "websocket-client"),
     // A third-party synthetic FHIR R4 generator: the masking corpus (tests/tests/masking.rs).
     ("carebundle", "carebundle==0.5.0"),
+    // The Kubernetes manifests' schema check (`cargo xtask check` and `test`).
+    ("kubernetes_validate", "kubernetes-validate==1.37.0"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -10,7 +10,7 @@
 //! same verified TLS and exemptions as for host processes: the container's namespace
 //! is only where its connection is accepted.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -54,6 +54,9 @@ pub struct Namespaces {
     cgroup: PathBuf,
     home: NetnsId,
     served: Mutex<BTreeMap<NetnsId, Served>>,
+    /// (namespace, reason) pairs already warned about: a namespace that cannot be
+    /// served is reported by every protected connect from it, warned about once.
+    warned: Mutex<BTreeSet<(NetnsId, String)>>,
 }
 
 impl Namespaces {
@@ -65,6 +68,7 @@ impl Namespaces {
             redirector,
             home,
             served: Mutex::new(BTreeMap::new()),
+            warned: Mutex::new(BTreeSet::new()),
         })
     }
 
@@ -111,6 +115,8 @@ impl Namespaces {
             }
             keep
         });
+        // A namespace that went may come back under its inode: warn about it again.
+        lock(&self.warned).retain(|(id, _)| found.contains_key(id));
         for (id, pid) in found {
             if !served.contains_key(&id) {
                 self.try_serve(&mut served, pid);
@@ -144,14 +150,20 @@ impl Namespaces {
                     listeners = ?s.listeners,
                     "serving network namespace"
                 );
+                lock(&self.warned).retain(|(w, _)| *w != id);
                 served.insert(id, s);
             }
-            Err(e) => warn!(
-                netns_inode = id.ino,
-                pid,
-                error = format!("{e:#}"),
-                "cannot serve network namespace; its protected connects follow the fail mode"
-            ),
+            Err(e) => {
+                let reason = format!("{e:#}");
+                if lock(&self.warned).insert((id, reason.clone())) {
+                    warn!(
+                        netns_inode = id.ino,
+                        pid,
+                        error = reason,
+                        "cannot serve network namespace; its protected connects are refused while the agent runs"
+                    );
+                }
+            }
         }
     }
 
