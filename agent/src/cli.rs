@@ -93,7 +93,7 @@ enum Command {
         policies_dir: Option<PathBuf>,
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
-        /// The file is NDJSON (default: by its extension, .ndjson or .jsonl).
+        /// The file is NDJSON (default: by its extension, .ndjson or .jsonl; .xml is FHIR XML).
         #[arg(long)]
         ndjson: bool,
         /// `stream` (the agent's single-pass transform) or `dom` (serde_json

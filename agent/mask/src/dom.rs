@@ -210,6 +210,11 @@ pub fn mask_document(
                 out.push(b'\n');
             }
         }
+        BodyKind::Xml => {
+            return Err(<serde_json::Error as serde::de::Error>::custom(
+                "XML has no document-tree peer",
+            ))
+        }
     }
     Ok((out, counts))
 }

@@ -23,14 +23,14 @@ use crate::lookahead::{Lookahead, Scan};
 use crate::ops::{Op, Scalar};
 
 #[derive(Debug, Clone, Copy)]
-struct Ctx {
-    state: u32,
+pub(crate) struct Ctx {
+    pub(crate) state: u32,
     /// The rule in force at this node: its own match, else the nearest ancestor's.
-    rule: Option<u32>,
+    pub(crate) rule: Option<u32>,
     /// Inside a dropped member or element: parsed, not written.
-    suppressed: bool,
+    pub(crate) suppressed: bool,
     /// The FHIR datatype here (profiles with `[fhir]`).
-    ty: TypeCtx,
+    pub(crate) ty: TypeCtx,
 }
 
 #[derive(Debug)]
@@ -435,21 +435,15 @@ impl JsonStream {
         ty: TypeCtx,
         typed: Option<u32>,
     ) -> Ctx {
-        let own = if ty.sealed { typed } else { matched.or(typed) };
-        let mut suppressed = false;
-        if let Some(m) = own {
-            let r = &self.profile.rules[m as usize];
-            if r.op == Op::Drop {
-                self.counts.add(r.entity);
-                suppressed = true;
-            }
-        }
-        Ctx {
+        child_ctx(
+            &self.profile,
+            &mut self.counts,
+            parent,
             state,
-            rule: own.or(parent.rule),
-            suppressed,
+            matched,
             ty,
-        }
+            typed,
+        )
     }
 
     /// Writes what precedes a value: the comma, and for a member its name.
@@ -702,9 +696,38 @@ impl JsonStream {
     }
 }
 
+/// A child's context. `matched`: the path rule selecting it; `typed`: the rule
+/// its FHIR type gives. Path rules win, except inside a sealed (not allowed)
+/// extension value, where only the extension's rule counts.
+pub(crate) fn child_ctx(
+    profile: &Profile,
+    counts: &mut Counts,
+    parent: Ctx,
+    state: u32,
+    matched: Option<u32>,
+    ty: TypeCtx,
+    typed: Option<u32>,
+) -> Ctx {
+    let own = if ty.sealed { typed } else { matched.or(typed) };
+    let mut suppressed = false;
+    if let Some(m) = own {
+        let r = &profile.rules[m as usize];
+        if r.op == Op::Drop {
+            counts.add(r.entity);
+            suppressed = true;
+        }
+    }
+    Ctx {
+        state,
+        rule: own.or(parent.rule),
+        suppressed,
+        ty,
+    }
+}
+
 /// The context at a document's root: the `$` rule, else the profile's default; an
 /// unknown resource until `resourceType` says which.
-fn root_ctx(profile: &Profile, dfa: &PathDfa) -> Ctx {
+pub(crate) fn root_ctx(profile: &Profile, dfa: &PathDfa) -> Ctx {
     let (ty, default) = match &profile.fhir {
         Some(f) => (f.root(), Some(f.default_rule)),
         None => (

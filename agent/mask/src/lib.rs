@@ -30,6 +30,7 @@ pub mod ops;
 pub mod path;
 pub mod profile;
 pub mod pseudonym;
+pub mod xml;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -53,6 +54,8 @@ pub enum BodyKind {
     /// `application/fhir+ndjson`, `application/x-ndjson`, `application/ndjson`,
     /// `application/jsonl`: one JSON value per line (FHIR bulk export).
     Ndjson,
+    /// `application/fhir+xml` (and the older `application/xml+fhir`): FHIR's XML form.
+    Xml,
 }
 
 /// The kind a content type is masked as; `None` for anything else.
@@ -68,6 +71,8 @@ pub fn body_kind(content_type: Option<&str>) -> Option<BodyKind> {
         || sub.ends_with("+ndjson")
     {
         Some(BodyKind::Ndjson)
+    } else if matches!(sub, "fhir+xml" | "xml+fhir") {
+        Some(BodyKind::Xml)
     } else {
         None
     }
@@ -91,7 +96,7 @@ impl MaskContext {
 /// Why a body could not be masked. Messages never quote the body.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MaskError {
-    #[error("the body is not valid JSON at byte {offset}: {message}")]
+    #[error("the body is not valid JSON or XML at byte {offset}: {message}")]
     Syntax { offset: u64, message: String },
     #[error("{0}")]
     Encoding(String),
@@ -270,10 +275,39 @@ impl ScalarMasker {
     }
 }
 
+/// The streaming transform of a body's kind.
+enum Stream {
+    Json(json::JsonStream),
+    Xml(xml::XmlStream),
+}
+
+impl Stream {
+    fn push(&mut self, b: &[u8], out: &mut Vec<u8>) -> Result<(), MaskError> {
+        match self {
+            Stream::Json(s) => s.push(b, out),
+            Stream::Xml(s) => s.push(b, out),
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
+        match self {
+            Stream::Json(s) => s.finish(out),
+            Stream::Xml(s) => s.finish(out),
+        }
+    }
+
+    fn counts(&self) -> &Counts {
+        match self {
+            Stream::Json(s) => s.counts(),
+            Stream::Xml(s) => s.counts(),
+        }
+    }
+}
+
 /// A body being masked chunk by chunk: decode, then the streaming transform.
 pub struct BodyMasker {
     decoder: encoding::Decoder,
-    stream: json::JsonStream,
+    stream: Stream,
     profile: Arc<Profile>,
     /// Time spent masking this body (the `masking` stage's duration).
     busy: std::time::Duration,
@@ -290,7 +324,14 @@ impl BodyMasker {
         let decoder = encoding::Decoder::for_encoding(encoding).map_err(MaskError::Encoding)?;
         Ok(BodyMasker {
             decoder,
-            stream: json::JsonStream::new(profile.clone(), ctx, kind == BodyKind::Ndjson),
+            stream: match kind {
+                BodyKind::Xml => Stream::Xml(xml::XmlStream::new(profile.clone(), ctx)),
+                _ => Stream::Json(json::JsonStream::new(
+                    profile.clone(),
+                    ctx,
+                    kind == BodyKind::Ndjson,
+                )),
+            },
             profile,
             busy: std::time::Duration::ZERO,
         })
@@ -298,7 +339,10 @@ impl BodyMasker {
 
     /// Longest single value held while a chunk boundary cuts it.
     pub fn max_value_bytes(mut self, n: usize) -> Self {
-        self.stream = self.stream.max_value_bytes(n);
+        self.stream = match self.stream {
+            Stream::Json(s) => Stream::Json(s.max_value_bytes(n)),
+            Stream::Xml(s) => Stream::Xml(s.max_value_bytes(n)),
+        };
         self
     }
 

@@ -302,6 +302,8 @@ pub struct PathDfa {
     ids: FxHashMap<Box<[u64]>, u32>,
     /// sets.len() * nsym transitions, (state, matched + 1), UNKNOWN until computed.
     table: Vec<(u32, u32)>,
+    /// Cached [`Self::union`]s.
+    unions: FxHashMap<(u32, u32), u32>,
 }
 
 impl PathDfa {
@@ -343,6 +345,7 @@ impl PathDfa {
             sets: Vec::new(),
             ids: FxHashMap::default(),
             table: Vec::new(),
+            unions: FxHashMap::default(),
         };
         let mut init = vec![0u64; words];
         for (p, path) in dfa.paths.iter().enumerate() {
@@ -443,6 +446,25 @@ impl PathDfa {
         }
         let state = self.intern(next.into_boxed_slice());
         Trans { state, matched }
+    }
+
+    /// The state holding the positions of both `a` and `b` (XML, where an element
+    /// may be a JSON member or an element of its array: both are followed).
+    pub fn union(&mut self, a: u32, b: u32) -> u32 {
+        if a == b {
+            return a;
+        }
+        if let Some(u) = self.unions.get(&(a, b)) {
+            return *u;
+        }
+        let set: Box<[u64]> = self.sets[a as usize]
+            .iter()
+            .zip(self.sets[b as usize].iter())
+            .map(|(x, y)| x | y)
+            .collect();
+        let u = self.intern(set);
+        self.unions.insert((a, b), u);
+        u
     }
 
     /// Whether no path can match at or below nodes in `state`.

@@ -1074,3 +1074,215 @@ proptest! {
         prop_assert_eq!(stream(&p, BodyKind::Json, &out).unwrap(), out);
     }
 }
+
+/// FHIR's XML form of a JSON resource (as the specification maps them): members
+/// become elements, primitives `value` attributes, `_x` an element's id and
+/// extensions, an extension's `url` and an element's `id` attributes, a resource
+/// sits inside its holder, `div` is XHTML.
+fn fhir_xml(v: &Value) -> Vec<u8> {
+    fn esc(s: &str) -> String {
+        let mut out = Vec::new();
+        crate::xml::escape_into(&mut out, s);
+        String::from_utf8(out).unwrap()
+    }
+    fn prim(v: &Value) -> String {
+        match v {
+            Value::String(s) => esc(s),
+            other => other.to_string(),
+        }
+    }
+    fn resource(map: &serde_json::Map<String, Value>, out: &mut String, ns: bool) {
+        let t = map["resourceType"].as_str().unwrap();
+        out.push_str(&format!("<{t}"));
+        if ns {
+            out.push_str(" xmlns=\"http://hl7.org/fhir\"");
+        }
+        out.push('>');
+        members(map, out, true);
+        out.push_str(&format!("</{t}>"));
+    }
+    fn members(map: &serde_json::Map<String, Value>, out: &mut String, is_resource: bool) {
+        for (k, v) in map {
+            if k == "resourceType"
+                || k.starts_with('_')
+                || (k == "url" && !is_resource && is_ext(map))
+            {
+                continue;
+            }
+            if k == "id" && !is_resource {
+                continue;
+            }
+            let under = map.get(&format!("_{k}"));
+            match v {
+                Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let u = under.and_then(|u| u.get(i));
+                        element(k, item, u, out);
+                    }
+                }
+                _ => element(k, v, under, out),
+            }
+        }
+    }
+    fn is_ext(map: &serde_json::Map<String, Value>) -> bool {
+        map.keys()
+            .any(|k| k.starts_with("value") || k == "extension")
+            && map.get("url").is_some_and(Value::is_string)
+    }
+    fn element(k: &str, v: &Value, under: Option<&Value>, out: &mut String) {
+        match v {
+            Value::Object(m) if m.contains_key("resourceType") => {
+                out.push_str(&format!("<{k}>"));
+                resource(m, out, false);
+                out.push_str(&format!("</{k}>"));
+            }
+            Value::Object(m) => {
+                out.push_str(&format!("<{k}"));
+                if let Some(id) = m.get("id") {
+                    // The generator may give an array: XML has one attribute.
+                    let id = id.get(0).unwrap_or(id);
+                    out.push_str(&format!(" id=\"{}\"", prim(id)));
+                }
+                if is_ext(m) {
+                    let url = &m["url"];
+                    out.push_str(&format!(" url=\"{}\"", prim(url.get(0).unwrap_or(url))));
+                }
+                out.push('>');
+                members(m, out, false);
+                out.push_str(&format!("</{k}>"));
+            }
+            Value::String(s) if k == "div" => {
+                if s.starts_with('<') {
+                    out.push_str(s);
+                } else {
+                    out.push_str(&format!(
+                        "<div xmlns=\"http://www.w3.org/1999/xhtml\">{}</div>",
+                        esc(s)
+                    ));
+                }
+            }
+            Value::Null => {}
+            _ => {
+                out.push_str(&format!("<{k} value=\"{}\"", prim(v)));
+                match under.and_then(Value::as_object) {
+                    Some(u) => {
+                        out.push('>');
+                        members(u, out, false);
+                        out.push_str(&format!("</{k}>"));
+                    }
+                    None => out.push_str("/>"),
+                }
+            }
+        }
+    }
+    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    resource(v.as_object().unwrap(), &mut out, true);
+    out.into_bytes()
+}
+
+#[test]
+fn fhir_xml_is_masked_by_the_same_allow_list() {
+    let p = shipped("safe_harbor");
+    let input = fhir_xml(&real_world_bundle());
+    let input_text = String::from_utf8(input.clone()).unwrap();
+    for secret in REAL_WORLD_SECRETS {
+        assert!(input_text.contains(secret), "the XML holds {secret}");
+    }
+    let (out, counts) = mask_body(&p, &ctx(), BodyKind::Xml, None, &input).unwrap();
+    let text = String::from_utf8(out.clone()).unwrap();
+    for secret in REAL_WORLD_SECRETS {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+    // What the allow-list keeps stays, in place.
+    for kept in [
+        r#"<code value="2106-3"/>"#,
+        r#"<gender value="male"/>"#,
+        r#"<birthDate value="1961">"#,
+        r#"<state value="MA"/>"#,
+        r#"<postalCode value="014"/>"#,
+        r#"<valueString value="[REDACTED:EXTENSION]"/>"#,
+        r#"url="http://hl7.org/fhir/StructureDefinition/patient-mothersMaidenName""#,
+        r#"<div xmlns="http://www.w3.org/1999/xhtml">[REDACTED:NARRATIVE]</div>"#,
+        r#"<value value="129.16"/>"#,
+        r#"<sequence value="1"/>"#,
+    ] {
+        assert!(text.contains(kept), "{kept} missing: {text}");
+    }
+    let pid = Pseudonymizer::with_key([9; 32]).pseudonym("8c7a4b1e-2f3d-4e5a-9b6c-7d8e9f0a1b2c");
+    assert!(
+        text.contains(&format!("<reference value=\"urn:uuid:{pid}\"/>")),
+        "{text}"
+    );
+    assert!(counts.by_entity(&p).get("EXTENSION").copied().unwrap_or(0) > 0);
+    // Idempotent, and chunking changes nothing.
+    assert_eq!(stream(&p, BodyKind::Xml, &out).unwrap(), out);
+    for cut in [1, 7, 64, 1000] {
+        let cuts: Vec<usize> = (cut..input.len()).step_by(cut * 3 + 1).collect();
+        assert_eq!(
+            stream_chunked(&p, BodyKind::Xml, &input, &cuts).unwrap(),
+            out,
+            "cut every {cut}"
+        );
+    }
+}
+
+#[test]
+fn fhir_xml_fails_closed() {
+    let p = shipped("safe_harbor");
+    for bad in [
+        &br#"<!DOCTYPE Patient [<!ENTITY n "John Doe">]><Patient xmlns="http://hl7.org/fhir"><name><family value="&n;"/></name></Patient>"#[..],
+        br#"<Patient xmlns="http://hl7.org/fhir"><name><family value="&n;"/></name></Patient>"#,
+        br#"<Patient xmlns="http://hl7.org/fhir"><text><div xmlns="http://www.w3.org/1999/xhtml">&ext;</div></text></Patient>"#,
+        br#"<Patient xmlns="http://hl7.org/fhir"><name><family value="Doe"/></name>"#,
+        br#"<Patient xmlns="http://hl7.org/fhir"><name></Patient></name>"#,
+        br#"<Patient xmlns="http://hl7.org/fhir"/><Patient/>"#,
+        br#"<?xml version="1.0" encoding="ISO-8859-1"?><Patient/>"#,
+        br#"<Patient xmlns="http://hl7.org/fhir"><name value="a" value="b"/></Patient>"#,
+        b"",
+        b"John Doe",
+    ] {
+        let r = stream(&p, BodyKind::Xml, bad);
+        assert!(matches!(r, Err(MaskError::Syntax { .. })), "{}: {r:?}", String::from_utf8_lossy(bad));
+    }
+    // Predefined and character references are text like any other: masked.
+    let ok = br#"<Patient xmlns="http://hl7.org/fhir"><!-- Jane Roe --><name><family value="O&apos;Br&#105;en"/></name><gender value="f&#101;male"/></Patient>"#;
+    let out = String::from_utf8(stream(&p, BodyKind::Xml, ok).unwrap()).unwrap();
+    assert!(!out.contains("Brien") && !out.contains("Jane"), "{out}");
+    assert!(out.contains(r#"<gender value="female"/>"#), "{out}");
+    // A markup longer than the bound, cut by chunks, is refused.
+    let long = format!(
+        r#"<Patient xmlns="http://hl7.org/fhir"><name><family value="{}"/></name></Patient>"#,
+        "x".repeat(5000)
+    );
+    let mut m = BodyMasker::new(p.clone(), ctx(), BodyKind::Xml, None)
+        .unwrap()
+        .max_value_bytes(1024);
+    let mut out = Vec::new();
+    let r = long
+        .as_bytes()
+        .chunks(100)
+        .try_for_each(|c| m.push(c, &mut out));
+    assert!(r.is_err(), "held {} bytes", long.len());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    /// Random resources of every R4 type, in FHIR XML: no string the allow-list does
+    /// not name survives, and chunking changes nothing.
+    #[test]
+    fn safe_harbor_lets_through_only_what_it_allows_in_xml(seed in any::<u64>(), cut in 1usize..300) {
+        let p = shipped("safe_harbor");
+        let mut g = ResourceGen { model: fhir::r4(), state: seed, leaves: 0, markers: Vec::new() };
+        let doc = g.resource(0);
+        let input = fhir_xml(&doc);
+        let (out, _) = mask_body(&p, &ctx(), BodyKind::Xml, None, &input)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&input)));
+        let text = String::from_utf8(out.clone()).unwrap();
+        for (marker, allowed) in &g.markers {
+            prop_assert!(*allowed || !text.contains(marker.as_str()), "{marker} survived: {text}");
+        }
+        let cuts: Vec<usize> = (cut..input.len()).step_by(cut).collect();
+        prop_assert_eq!(stream_chunked(&p, BodyKind::Xml, &input, &cuts).unwrap(), out);
+    }
+}

@@ -66,7 +66,9 @@ pub fn run(a: Args) -> anyhow::Result<()> {
         }
     };
     let ctx = Arc::new(MaskContext::new(Arc::new(pseudonyms)));
-    let kind = if a.ndjson
+    let kind = if a.file.extension().is_some_and(|e| e == "xml") {
+        BodyKind::Xml
+    } else if a.ndjson
         || a.file
             .extension()
             .is_some_and(|e| e == "ndjson" || e == "jsonl")
