@@ -16,7 +16,8 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use http_body::{Body, Frame, SizeHint};
 use memchr::memmem::Finder;
 
-use crate::http::body::BoxError;
+/// The same type as `http::body::BoxError` (named here: `http` is a layer above).
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Values shorter than this are not searched for: a short value would match
 /// ordinary text, and is no secret worth the name.
