@@ -375,6 +375,14 @@ fn served_namespaces(namespaces: &Namespaces) -> Vec<crate::admin::StatusNamespa
             netns_cookie: n.cookie,
             pid: n.pid,
             listeners: n.listeners.iter().map(ToString::to_string).collect(),
+            container: n.container.map(|(c, f)| crate::admin::StatusContainer {
+                id: c.id,
+                runtime: c.runtime.to_owned(),
+                pod_uid: c.pod_uid,
+                pod_namespace: f.pod_namespace,
+                pod_name: f.pod_name,
+                image: f.image,
+            }),
         })
         .collect()
 }

@@ -472,6 +472,23 @@ fn audit_verify(
 }
 
 /// `phigate status`'s upstream credentials: state, never the secret.
+/// `  pod billing/export-7d9f (uid …)  image registry.local/export:1.4`, as far as known.
+fn container_detail(c: &crate::admin::StatusContainer) -> String {
+    let mut out = String::new();
+    match (&c.pod_namespace, &c.pod_name) {
+        (Some(ns), Some(name)) => out.push_str(&format!("  pod {ns}/{name}")),
+        (None, Some(name)) => out.push_str(&format!("  pod {name}")),
+        _ => {}
+    }
+    if let Some(uid) = &c.pod_uid {
+        out.push_str(&format!("  pod uid {uid}"));
+    }
+    if let Some(image) = &c.image {
+        out.push_str(&format!("  image {image}"));
+    }
+    out
+}
+
 fn print_credentials(credentials: &[crate::credential::CredentialState]) {
     if credentials.is_empty() {
         return;
@@ -560,6 +577,14 @@ fn status(
                 n.pid,
                 n.listeners.join(", ")
             );
+            if let Some(c) = &n.container {
+                println!(
+                    "    container {} ({}){}",
+                    c.id,
+                    c.runtime,
+                    container_detail(c)
+                );
+            }
         }
     }
     print_credentials(&s.credentials);

@@ -2,7 +2,8 @@
 //! whose rootfs is made from the host's own /usr (no image, no registry), in network
 //! namespaces joined to the world's by veth pairs, under the protected cgroup. Their
 //! curl and Python clients reach the protected API through phigate; the records
-//! (DuckDB over Parquet) carry the container id Podman gave them. docs/threat-model.md
+//! (DuckDB over Parquet) carry the container id Podman gave them, and the pod and
+//! image Podman recorded for it. docs/threat-model.md
 //! points at these tests.
 
 use std::path::PathBuf;
@@ -46,6 +47,9 @@ pub fn podman(args: &[&str]) -> Output {
         .expect("podman (cargo xtask setup installs it)")
 }
 
+/// The local image [`Ctr::from_image`] runs.
+pub const IMAGE: &str = "localhost/phigate-e2e:rootfs";
+
 /// A running container, removed on drop.
 pub struct Ctr {
     pub id: String,
@@ -56,7 +60,30 @@ impl Ctr {
     /// protected cgroup, the agent's CA mounted at /ca.pem. `extra`: more `podman
     /// run` options (e.g. `--user`, an annotation).
     pub fn start(w: &World, netns: &Netns, extra: &[&str]) -> Ctr {
-        let rootfs = rootfs(w);
+        let root = rootfs(w).display().to_string();
+        Ctr::run(w, netns, extra, &["--rootfs", &root])
+    }
+
+    /// As [`Ctr::start`], from a local image made of the same rootfs (`podman
+    /// import`: an image in Podman's own store, no registry), [`IMAGE`].
+    pub fn from_image(w: &World, netns: &Netns, extra: &[&str]) -> Ctr {
+        // Imported every time (a few files): an image an older run left is replaced.
+        let tar = w.path("rootfs.tar");
+        let out = Command::new("tar")
+            .arg("-C")
+            .arg(rootfs(w))
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "tar: {}", stderr(&out));
+        let out = podman(&["import", tar.to_str().unwrap(), IMAGE]);
+        assert!(out.status.success(), "podman import: {}", stderr(&out));
+        Ctr::run(w, netns, extra, &[IMAGE])
+    }
+
+    fn run(w: &World, netns: &Netns, extra: &[&str], source: &[&str]) -> Ctr {
         let cg = w.cgroup.relative();
         let net = format!("ns:/run/netns/{}", netns.name);
         let ca = format!("{}:/ca.pem:ro", w.path("state/ca.pem").display());
@@ -78,8 +105,8 @@ impl Ctr {
             &ca,
         ];
         args.extend_from_slice(extra);
-        let root = rootfs.display().to_string();
-        args.extend(["--rootfs", &root, "sleep", "600"]);
+        args.extend_from_slice(source);
+        args.extend(["sleep", "600"]);
         let out = podman(&args);
         assert!(out.status.success(), "podman run: {}", stderr(&out));
         let id = stdout(&out).trim().to_owned();
@@ -270,7 +297,18 @@ fn podman_containers_are_decided_masked_and_recorded_with_their_id() {
         2,
     );
     let home = listeners(&e.w);
-    let billing = Ctr::start(&e.w, &e.nets[0], &[]);
+    // The permitted one runs a local image in a pod's namespace and name (as a
+    // Kubernetes runtime annotates its containers); the other a bare rootfs.
+    let billing = Ctr::from_image(
+        &e.w,
+        &e.nets[0],
+        &[
+            "--annotation",
+            "io.kubernetes.pod.namespace=billing",
+            "--annotation",
+            "io.kubernetes.pod.name=export-0",
+        ],
+    );
     let mut other = Ctr::start(&e.w, &e.nets[1], &[]);
     wait_served(&e.w, &e.nets[0], true);
     wait_served(&e.w, &e.nets[1], true);
@@ -279,7 +317,7 @@ fn podman_containers_are_decided_masked_and_recorded_with_their_id() {
     e.w.write_policies(&[(
         "only.cedar",
         &format!(
-            "@id(\"only-billing\")\npermit (principal, action, resource)\nwhen {{ principal.container == \"{}\" && principal.container_runtime == \"podman\" }};\n",
+            "@id(\"only-billing\")\npermit (principal, action, resource)\nwhen {{ principal.container == \"{}\" && principal.container_runtime == \"podman\" && principal.pod_namespace == \"billing\" && principal.pod_name == \"export-0\" && principal.image == \"{IMAGE}\" }};\n",
             billing.id
         ),
     )]);
@@ -304,6 +342,9 @@ fn podman_containers_are_decided_masked_and_recorded_with_their_id() {
     });
     for r in &allowed {
         assert_eq!(r["container_runtime"], "podman", "{r}");
+        assert_eq!(r["pod_namespace"], "billing", "{r}");
+        assert_eq!(r["pod_name"], "export-0", "{r}");
+        assert_eq!(r["container_image"], IMAGE, "{r}");
         assert_eq!(r["policy_ids"], serde_json::json!(["only-billing"]), "{r}");
         assert_eq!(r["masking_profile"], "safe_harbor", "{r}");
     }
@@ -312,11 +353,28 @@ fn podman_containers_are_decided_masked_and_recorded_with_their_id() {
     });
     assert_eq!(denied["decision"], "deny", "{denied}");
     assert_eq!(denied["container_runtime"], "podman", "{denied}");
+    assert!(denied["pod_namespace"].is_null(), "no pod: {denied}");
+    assert!(
+        denied["container_image"].is_null(),
+        "a bare rootfs has no image: {denied}"
+    );
     let conns =
         e.w.wait_row("connections", "a container's connection", |r| {
             r["container_id"] == billing.id.as_str()
         });
     assert_eq!(conns["container_runtime"], "podman", "{conns}");
+    assert_eq!(conns["pod_namespace"], "billing", "{conns}");
+    assert_eq!(conns["container_image"], IMAGE, "{conns}");
+    // `phigate status` names each served namespace's container, pod and image.
+    let status = e.w.status();
+    let shown = status["namespaces"]
+        .as_array()
+        .and_then(|a| a.iter().find(|n| n["inode"] == e.nets[0].inode()))
+        .unwrap_or_else(|| panic!("the billing namespace in {status}"));
+    assert_eq!(shown["container"]["id"], billing.id.as_str(), "{shown}");
+    assert_eq!(shown["container"]["pod_namespace"], "billing", "{shown}");
+    assert_eq!(shown["container"]["pod_name"], "export-0", "{shown}");
+    assert_eq!(shown["container"]["image"], IMAGE, "{shown}");
     let all = serde_json::to_string(&e.w.all_records("requests")).unwrap();
     for id in &e.identifiers {
         assert!(!all.contains(id.as_str()), "{id:?} in the records");

@@ -103,6 +103,24 @@ pub struct StatusNamespace {
     /// A protected process found in it.
     pub pid: u32,
     pub listeners: Vec<String>,
+    /// The container that process runs in, when it runs in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<StatusContainer>,
+}
+
+/// A served namespace's container: from its cgroup path and its runtime's state.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusContainer {
+    pub id: String,
+    pub runtime: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// Builds the current status on request (the agent wires it to its parts).

@@ -17,6 +17,7 @@
 
 pub mod container;
 pub mod oidc;
+pub mod runtime;
 pub mod token;
 
 use std::collections::{HashMap, HashSet};
@@ -56,6 +57,11 @@ pub struct Workload {
     pub container_id: Option<String>,
     pub container_runtime: Option<String>,
     pub pod_uid: Option<String>,
+    /// From the runtime's own state on the host ([`runtime::RuntimeState`]): the
+    /// Kubernetes pod's namespace and name, and the container's image.
+    pub pod_namespace: Option<String>,
+    pub pod_name: Option<String>,
+    pub container_image: Option<String>,
     pub exe_path: Option<String>,
     /// SHA-256 of the executable the process runs (read through /proc/PID/exe, so a
     /// replaced file on disk does not fool it).
@@ -87,10 +93,18 @@ pub struct IdentityResolver {
     hashing: (Mutex<HashSet<ExeKey>>, Condvar),
     cgroup_paths: Mutex<LruCache<u64, String>>,
     users: Mutex<HashMap<u32, Option<String>>>,
+    runtimes: runtime::RuntimeState,
 }
 
 impl IdentityResolver {
+    /// `cgroup_root`: the cgroup2 mount; the runtimes' state is read under `/`.
     pub fn new(cgroup_root: PathBuf) -> Self {
+        Self::with_runtime_root(cgroup_root, PathBuf::from("/"))
+    }
+
+    /// As [`IdentityResolver::new`], reading the container runtimes' state under
+    /// `runtime_root` (a directory laid out like `/`, in tests).
+    pub fn with_runtime_root(cgroup_root: PathBuf, runtime_root: PathBuf) -> Self {
         let cap = std::num::NonZeroUsize::new(1024).expect("non-zero");
         IdentityResolver {
             cgroup_root,
@@ -98,6 +112,7 @@ impl IdentityResolver {
             hashing: (Mutex::new(HashSet::new()), Condvar::new()),
             cgroup_paths: Mutex::new(LruCache::new(cap)),
             users: Mutex::new(HashMap::new()),
+            runtimes: runtime::RuntimeState::new(runtime_root),
         }
     }
 
@@ -119,6 +134,10 @@ impl IdentityResolver {
             .as_deref()
             .and_then(container::from_cgroup_path)
         {
+            let facts = self.runtimes.facts(&c);
+            w.pod_namespace = facts.pod_namespace;
+            w.pod_name = facts.pod_name;
+            w.container_image = facts.image;
             w.container_id = Some(c.id);
             w.container_runtime = Some(c.runtime.to_owned());
             w.pod_uid = c.pod_uid;
@@ -149,6 +168,16 @@ impl IdentityResolver {
             w.unknown.push("exe_sha256");
         }
         w
+    }
+
+    /// The container `pid` runs in and what its runtime says of it (for `status`:
+    /// the process named is one the agent found in a served namespace).
+    pub fn container_of(&self, pid: u32) -> Option<(container::Container, runtime::RuntimeFacts)> {
+        let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+        let path = cgroup.lines().find_map(|l| l.strip_prefix("0::"))?;
+        let c = container::from_cgroup_path(path)?;
+        let facts = self.runtimes.facts(&c);
+        Some((c, facts))
     }
 
     fn user_name(&self, uid: u32) -> Option<String> {

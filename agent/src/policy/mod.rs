@@ -264,6 +264,9 @@ struct SchemaFeatures {
     authority: bool,
     /// `Workload.container`, `Workload.container_runtime`, `Workload.pod_uid`.
     container: bool,
+    /// `Workload.pod_namespace`, `Workload.pod_name`, `Workload.image` (the
+    /// container runtime's own state).
+    runtime: bool,
 }
 
 impl SchemaFeatures {
@@ -271,15 +274,17 @@ impl SchemaFeatures {
         workload_unknown: true,
         authority: true,
         container: true,
+        runtime: true,
     };
 
     /// Every combination, the fullest first.
     fn fallbacks() -> impl Iterator<Item = SchemaFeatures> {
-        let mut all: Vec<SchemaFeatures> = (0..8u8)
+        let mut all: Vec<SchemaFeatures> = (0..16u8)
             .map(|i| SchemaFeatures {
                 workload_unknown: i & 1 == 0,
                 authority: i & 2 == 0,
                 container: i & 4 == 0,
+                runtime: i & 8 == 0,
             })
             .collect();
         all.sort_by_key(|f| f.missing().len());
@@ -296,6 +301,11 @@ impl SchemaFeatures {
         }
         if !self.container {
             m.push("Workload.container, container_runtime and pod_uid (policies cannot tell containers apart)");
+        }
+        if !self.runtime {
+            m.push(
+                "Workload.pod_namespace, pod_name and image (policies cannot name pods or images)",
+            );
         }
         m
     }
@@ -830,6 +840,9 @@ impl PolicySet {
         if self.features.container {
             attrs.extend(container_attrs(w));
         }
+        if self.features.runtime {
+            attrs.extend(runtime_attrs(w));
+        }
         if self.features.workload_unknown {
             attrs.insert(
                 "unknown".into(),
@@ -1097,6 +1110,24 @@ fn container_attrs(w: &Workload) -> Vec<(String, RestrictedExpression)> {
         ("container", &w.container_id),
         ("container_runtime", &w.container_runtime),
         ("pod_uid", &w.pod_uid),
+    ]
+    .into_iter()
+    .map(|(name, value)| {
+        (
+            name.to_owned(),
+            RestrictedExpression::new_string(value.clone().unwrap_or_default()),
+        )
+    })
+    .collect()
+}
+
+/// `principal.pod_namespace`, `pod_name`, `image` ("" when the runtime's state does
+/// not say).
+fn runtime_attrs(w: &Workload) -> Vec<(String, RestrictedExpression)> {
+    [
+        ("pod_namespace", &w.pod_namespace),
+        ("pod_name", &w.pod_name),
+        ("image", &w.container_image),
     ]
     .into_iter()
     .map(|(name, value)| {

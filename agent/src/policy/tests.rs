@@ -829,6 +829,61 @@ when { principal.container == "4f1c8a0f6a2b" && principal.container_runtime == "
     assert!(PolicySet::load(d.path()).is_err());
 }
 
+#[test]
+fn a_policy_can_name_a_pod_and_an_image_and_older_schemas_still_load() {
+    const POLICY: &str = r#"
+@id("billing-exporter")
+permit (principal, action == Phigate::Action::"GET", resource)
+when { principal.pod_namespace == "billing" && principal.pod_name like "export-*" && principal.image == "registry.local/export:1.4" };
+"#;
+    let d = dir_with(&[("p.cedar", POLICY)]);
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    let pod = |ns: &str, image: Option<&str>| Workload {
+        container_id: Some("4f1c8a0f6a2b".into()),
+        container_runtime: Some("containerd".into()),
+        pod_namespace: Some(ns.into()),
+        pod_name: Some("export-7d9f".into()),
+        container_image: image.map(str::to_owned),
+        ..workload("svc", "")
+    };
+    let get = |set: &PolicySet, w: Workload| case(w, None, "GET", "/Patient/1").decide(set).allowed;
+    assert!(get(&set, pod("billing", Some("registry.local/export:1.4"))));
+    assert!(!get(&set, pod("lab", Some("registry.local/export:1.4"))));
+    assert!(!get(
+        &set,
+        pod("billing", Some("registry.local/export:1.5"))
+    ));
+    assert!(
+        !get(&set, pod("billing", None)),
+        "an image the runtime does not name"
+    );
+
+    // A schema from before the runtime's facts: it loads, and a policy naming them
+    // does not.
+    let old = shipped_schema()
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            !(t.starts_with("pod_namespace")
+                || t.starts_with("pod_name")
+                || t.starts_with("image:"))
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert_ne!(old, shipped_schema());
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join(SCHEMA_FILE), &old).unwrap();
+    std::fs::write(
+        d.path().join("p.cedar"),
+        "@id(\"all-gets\")\npermit (principal, action == Phigate::Action::\"GET\", resource);\n",
+    )
+    .unwrap();
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert!(get(&set, pod("billing", None)));
+    std::fs::write(d.path().join("p.cedar"), POLICY).unwrap();
+    assert!(PolicySet::load(d.path()).is_err());
+}
+
 /// The entity caches key on the whole workload and token: two callers with the same
 /// pid (a recycled pid, or a setuid exec) and tokens with the same subject but
 /// different groups are decided each on their own facts, however often they repeat.

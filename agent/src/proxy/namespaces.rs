@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use super::Proxy;
+use crate::identity::{container::Container, runtime::RuntimeFacts};
 use crate::redirect::{open_netns, protected_netns, NetnsEvents, NetnsId, Redirector};
 
 /// How often the protected cgroup is walked for namespaces that came or went.
@@ -34,6 +35,8 @@ struct Served {
     /// A protected process found in it.
     pid: u32,
     listeners: Vec<SocketAddr>,
+    /// The container that process runs in, and what its runtime says of it.
+    container: Option<(Container, RuntimeFacts)>,
     /// Cancelled when the namespace goes: its listeners close.
     stop: CancellationToken,
 }
@@ -45,6 +48,7 @@ pub struct ServedNamespace {
     pub cookie: u64,
     pub pid: u32,
     pub listeners: Vec<SocketAddr>,
+    pub container: Option<(Container, RuntimeFacts)>,
 }
 
 /// The namespaces the agent serves besides its own.
@@ -148,6 +152,7 @@ impl Namespaces {
                     netns_cookie = s.cookie,
                     pid,
                     listeners = ?s.listeners,
+                    container = s.container.as_ref().map(|(c, _)| c.id.as_str()),
                     "serving network namespace"
                 );
                 lock(&self.warned).retain(|(w, _)| *w != id);
@@ -192,6 +197,7 @@ impl Namespaces {
             cookie,
             pid,
             listeners,
+            container: self.proxy.identity.container_of(pid),
             stop,
         })
     }
@@ -215,6 +221,7 @@ impl Namespaces {
                 cookie: s.cookie,
                 pid: s.pid,
                 listeners: s.listeners.clone(),
+                container: s.container.clone(),
             })
             .collect()
     }
