@@ -325,12 +325,14 @@ mod tests {
             // + oidc_expiry, path_as_sent, identity_unknown (nullable, added: older
             // files read them as null through union_by_name); + container_id,
             // container_runtime, pod_uid, upstream_credential,
-            // upstream_credential_source (nullable, added).
-            ("requests", "3d8745554c4d8aa4"),
+            // upstream_credential_source (nullable, added); + pod_namespace, pod_name,
+            // container_image (nullable, added).
+            ("requests", "2b0213f1f7e808be"),
             // + decision, policy_ids, policy_set_hash (nullable, added: a TCP or
             // TUNNEL passage is decided per connection); + container_id,
-            // container_runtime, pod_uid (nullable, added).
-            ("connections", "238e4da3aa745a45"),
+            // container_runtime, pod_uid (nullable, added); + pod_namespace, pod_name,
+            // container_image (nullable, added).
+            ("connections", "acf5b80ed7db583b"),
             // + requester_person, reviewer_person (nullable, added: self-approval
             // and quorum are decided on persons).
             ("approvals", "3b94fb8d057f8dd9"),
