@@ -526,6 +526,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_store_named_on_the_command_line_is_parsed_and_plain_http_kept_to_loopback() {
+        let c = remote_section("s3://records/prod/", "http://127.0.0.1:9000/", "eu").unwrap();
+        assert_eq!((c.bucket.as_str(), c.prefix.as_str()), ("records", "prod"));
+        assert_eq!(location(&c, "ward-a"), "s3://records/prod/ward-a");
+        let e = remote_section("s3://records", "http://10.0.0.5:9000", "eu")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plain http only to a loopback address"), "{e}");
+        let e = remote_section("records/prod", "https://s3.example", "eu")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected s3://bucket/prefix"), "{e}");
+    }
+
+    #[test]
     fn a_credential_file_others_can_read_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
