@@ -142,22 +142,48 @@ enum AuditCommand {
         /// The patient id as it appears in request paths (e.g. the FHIR Patient id).
         value: String,
     },
-    /// Check the records against their signed manifests and hash chains. Exits 1 with
-    /// a report of every altered, deleted, inserted or reordered row or file.
-    Verify {
-        /// The records directory (a copy works too); default: the config's records_dir.
-        dir: Option<PathBuf>,
-        /// The records public key (`phigate audit pubkey`); default: from the config's state_dir.
-        #[arg(long)]
-        pubkey: Option<PathBuf>,
-        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
-        config: PathBuf,
-    },
+    /// Check the records against their signed manifests and hash chains, and against
+    /// the signed heads shipped off the host. Exits 1 with a report of every altered,
+    /// deleted, inserted, reordered, truncated or rolled-back row, file or table.
+    Verify(Box<VerifyArgs>),
     /// Print the public key that verifies this host's records (give it to auditors).
     Pubkey {
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+}
+
+#[derive(clap::Args)]
+struct VerifyArgs {
+    /// The records directory (a copy works too), or `s3://bucket/prefix` to verify every
+    /// host shipped there (with --endpoint and --keys); default: the config's records_dir.
+    dir: Option<PathBuf>,
+    /// The records public key (`phigate audit pubkey`); default: from the config's state_dir.
+    #[arg(long)]
+    pubkey: Option<PathBuf>,
+    #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+    config: PathBuf,
+    /// Compare with the heads shipped to this store (`s3://bucket/prefix`) instead of
+    /// the config's [records.shipping]; credentials from AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY.
+    #[arg(long, conflicts_with = "local_only")]
+    remote: Option<String>,
+    /// The object store's URL (https://, or http:// to loopback), for --remote or s3://.
+    #[arg(long)]
+    endpoint: Option<String>,
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    /// Whose records these are in the store; default: the host the signed list of
+    /// tables (_heads.json) names.
+    #[arg(long)]
+    host: Option<String>,
+    /// Check only the records here, without the off-host anchor.
+    #[arg(long)]
+    local_only: bool,
+    /// For `s3://bucket/prefix`: a directory of `<host>.pub` public keys, one for
+    /// every host that must be in the store.
+    #[arg(long)]
+    keys: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -322,11 +348,7 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             println!("{}", p.pseudonym(&value));
             Ok(ExitCode::SUCCESS)
         }
-        AuditCommand::Verify {
-            dir,
-            pubkey,
-            config,
-        } => audit_verify(dir, pubkey, &config),
+        AuditCommand::Verify(args) => audit_verify(*args),
         AuditCommand::Pubkey { config } => {
             let config = Config::load(&config)?;
             let signer = crate::record::seal::Signer::load_or_create(&config.agent.state_dir)?;
@@ -423,24 +445,74 @@ fn check_credentials(c: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn audit_verify(
-    dir: Option<PathBuf>,
-    pubkey: Option<PathBuf>,
-    config: &std::path::Path,
-) -> anyhow::Result<ExitCode> {
+fn audit_verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     use crate::record::seal::PublicKey;
-    // A copy elsewhere needs only the directory and the public key: no config.
-    let loaded = if dir.is_none() || pubkey.is_none() {
-        Some(Config::load(config)?)
-    } else {
-        None
+    if let Some(url) = args
+        .dir
+        .as_deref()
+        .and_then(|d| d.to_str())
+        .filter(|d| d.starts_with("s3://"))
+    {
+        return audit_verify_fleet(url, &args);
+    }
+    // A copy elsewhere needs only the directory and the public key: no config. The
+    // config is still read, when it is there, for where records are shipped.
+    let needed = args.dir.is_none() || args.pubkey.is_none();
+    let (loaded, unread) = match Config::load(&args.config) {
+        Ok(c) => (Some(c), None),
+        Err(e) if needed => return Err(e.into()),
+        Err(e) => (None, Some(format!("{e:#}"))),
     };
-    let dir = dir.unwrap_or_else(|| loaded.as_ref().expect("loaded").agent.records_dir.clone());
-    let pubkey = pubkey.unwrap_or_else(|| {
+    let dir = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| loaded.as_ref().expect("loaded").agent.records_dir.clone());
+    let pubkey = args.pubkey.clone().unwrap_or_else(|| {
         crate::record::verify::default_public_key(&loaded.as_ref().expect("loaded").agent.state_dir)
     });
     let key = PublicKey::read(&pubkey)?;
     let report = crate::record::verify::verify(&dir, &key)?;
+    print_tables(&report);
+    let mut problems = report.problems;
+    let remote = match (&args.remote, args.local_only) {
+        (_, true) => None,
+        (Some(url), false) => {
+            let endpoint = args
+                .endpoint
+                .as_deref()
+                .ok_or_else(|| anyhow::anyhow!("--remote needs --endpoint URL"))?;
+            Some(crate::record::ship::remote_section(
+                url,
+                endpoint,
+                &args.region,
+            )?)
+        }
+        (None, false) => loaded.as_ref().and_then(|c| c.records.shipping.clone()),
+    };
+    match remote {
+        Some(cfg) => problems.extend(remote_anchor(&cfg, &dir, &key, args.host.as_deref())?),
+        None if args.local_only => println!("remote anchor: not checked (--local-only)"),
+        None => println!(
+            "remote anchor: none ({}, no --remote): only the records here were checked",
+            unread.unwrap_or_else(|| format!("no [records.shipping] in {}", args.config.display()))
+        ),
+    }
+    if problems.is_empty() {
+        println!(
+            "OK: every file, row and chain link verified with key {}",
+            key.key_id()
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for p in &problems {
+            println!("FAIL {p}");
+        }
+        println!("{} problem(s) found in {}", problems.len(), dir.display());
+        Ok(ExitCode::from(1))
+    }
+}
+
+fn print_tables(report: &crate::record::verify::Report) {
     for (table, t) in &report.tables {
         let retired = if t.retired_rows > 0 {
             format!(
@@ -452,21 +524,126 @@ fn audit_verify(
         };
         println!("{table}: {} files, {} rows{retired}", t.files, t.rows);
     }
-    if report.ok() {
+}
+
+/// The records in `dir` against what was shipped for them. An unreachable store is
+/// an error (the anchor could not be checked), never a pass.
+fn remote_anchor(
+    cfg: &crate::record::config::ShippingSection,
+    dir: &std::path::Path,
+    key: &crate::record::seal::PublicKey,
+    host: Option<&str>,
+) -> anyhow::Result<Vec<crate::record::verify::Problem>> {
+    use crate::record::seal;
+    let host = match host {
+        Some(h) => h.to_owned(),
+        None => seal::read_json::<seal::Heads>(&seal::heads_path(dir))
+            .map(|h| h.host)
+            .map_err(|e| {
+                anyhow::anyhow!("cannot tell whose records these are for the remote anchor ({e:#}); give --host")
+            })?,
+    };
+    let remote = crate::record::ship::Remote::new(cfg)?;
+    let shipped = remote.shipped(&host).map_err(|e| {
+        e.context(
+            "the off-host anchor could not be read (--local-only checks only the records here)",
+        )
+    })?;
+    let anchor = crate::record::anchor::compare(dir, key, &shipped);
+    for (table, a) in &anchor.tables {
         println!(
-            "OK: every file, row and chain link verified with key {}",
-            key.key_id()
+            "{table}: {} file(s) anchored at {}{}",
+            a.shipped_files,
+            shipped.location,
+            if a.unshipped_files > 0 {
+                format!(", {} here not shipped yet", a.unshipped_files)
+            } else {
+                String::new()
+            }
+        );
+    }
+    if let Some(at) = &anchor.anchored_at {
+        println!("remote anchor: heads shipped {at} to {}", shipped.location);
+    }
+    Ok(anchor.problems)
+}
+
+/// `audit verify s3://bucket/prefix`: every host in the store, each with its own key,
+/// and every key's host present.
+fn audit_verify_fleet(url: &str, args: &VerifyArgs) -> anyhow::Result<ExitCode> {
+    use crate::record::seal::PublicKey;
+    let endpoint = args
+        .endpoint
+        .as_deref()
+        .ok_or_else(|| anyhow::anyhow!("{url} needs --endpoint URL"))?;
+    let keys_dir = args.keys.as_deref().ok_or_else(|| {
+        anyhow::anyhow!(
+            "{url} needs --keys DIR (one <host>.pub per host, from `phigate audit pubkey`)"
+        )
+    })?;
+    let cfg = crate::record::ship::remote_section(url, endpoint, &args.region)?;
+    let remote = crate::record::ship::Remote::new(&cfg)?;
+    let mut keys = std::collections::BTreeMap::new();
+    for e in
+        std::fs::read_dir(keys_dir).map_err(|e| anyhow::anyhow!("{}: {e}", keys_dir.display()))?
+    {
+        let p = e?.path();
+        if let Some(host) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".pub"))
+        {
+            keys.insert(host.to_owned(), PublicKey::read(&p)?);
+        }
+    }
+    let hosts = remote.hosts()?;
+    let mut failed = Vec::new();
+    for host in keys.keys().filter(|h| !hosts.contains(h)) {
+        failed.push(format!(
+            "FAIL {host}: missing host: a key in {} but nothing under {}",
+            keys_dir.display(),
+            crate::record::ship::location(&cfg, host)
+        ));
+    }
+    let scratch = std::env::temp_dir().join(format!("phigate-fleet-{}", std::process::id()));
+    let result = (|| -> anyhow::Result<()> {
+        for host in &hosts {
+            let Some(key) = keys.get(host) else {
+                failed.push(format!(
+                    "FAIL {host}: in the store but no {host}.pub in {}: its records cannot be verified",
+                    keys_dir.display()
+                ));
+                continue;
+            };
+            let dir = scratch.join(host);
+            let n = remote.pull(host, &dir)?;
+            // Object storage has no empty directories: a table without files.
+            for t in crate::record::Table::ALL {
+                std::fs::create_dir_all(dir.join(t.name()))?;
+            }
+            let report = crate::record::verify::verify(&dir, key)?;
+            let anchor = crate::record::anchor::compare(&dir, key, &remote.shipped(host)?);
+            let rows: u64 = report.tables.values().map(|t| t.rows).sum();
+            println!("{host}: {n} object(s), {rows} rows");
+            for p in report.problems.iter().chain(&anchor.problems) {
+                failed.push(format!("FAIL {host}: {p}"));
+            }
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&scratch);
+    result?;
+    if failed.is_empty() {
+        println!(
+            "OK: {} host(s) in {url}: every file, row and chain link verified with each host's key",
+            hosts.len()
         );
         Ok(ExitCode::SUCCESS)
     } else {
-        for p in &report.problems {
-            println!("FAIL {p}");
+        for f in &failed {
+            println!("{f}");
         }
-        println!(
-            "{} problem(s) found in {}",
-            report.problems.len(),
-            dir.display()
-        );
+        println!("{} problem(s) found in {url}", failed.len());
         Ok(ExitCode::from(1))
     }
 }

@@ -343,6 +343,8 @@ pub struct World {
     pub agent: Option<Background>,
     /// Extra environment for the agent (`KEY=VALUE`).
     pub agent_env: Vec<String>,
+    /// A host name of its own for the agent (a UTS namespace), as a second machine.
+    pub agent_hostname: Option<String>,
 }
 
 impl World {
@@ -367,6 +369,7 @@ impl World {
             pin_dir,
             agent: None,
             agent_env: Vec::new(),
+            agent_hostname: None,
         };
         // Deny by default: tests that are not about policy get one permit for all.
         w.write_policies(&[(
@@ -460,6 +463,14 @@ impl World {
         };
         let log = self.path(&format!("agent-{}.log", unique("run")));
         let mut argv: Vec<&str> = Vec::new();
+        // unshare and sh exec in place: the agent keeps the pid SIGTERM goes to.
+        let set_hostname = self
+            .agent_hostname
+            .as_ref()
+            .map(|h| format!("hostname {h} && exec \"$@\""));
+        if let Some(script) = &set_hostname {
+            argv.extend(["unshare", "--uts", "sh", "-c", script, "sh"]);
+        }
         if !self.agent_env.is_empty() {
             // As systemd does: WATCHDOG_PID names the agent's own pid.
             argv.extend(["sh", "-c", "export WATCHDOG_PID=$$; exec env \"$@\"", "sh"]);

@@ -245,3 +245,306 @@ fn sealed_records_ship_in_order_wait_while_the_store_is_down_and_fail_closed_pas
         "a shipping failure event"
     );
 }
+
+/// `phigate audit verify` against the off-host anchor, run where the store is (the
+/// world's netns), credentials from the environment.
+fn verify_remote(w: &World, dir: &Path, pubkey: &Path, extra: &[&str]) -> (bool, String) {
+    let endpoint = format!("http://{S3}");
+    let remote = format!("s3://{BUCKET}/fleet");
+    let bin = phigate_bin();
+    let mut argv = vec![
+        "env",
+        "AWS_ACCESS_KEY_ID=S3RVER",
+        "AWS_SECRET_ACCESS_KEY=S3RVER",
+        bin.to_str().unwrap(),
+        "audit",
+        "verify",
+        dir.to_str().unwrap(),
+        "--pubkey",
+        pubkey.to_str().unwrap(),
+        "--config",
+        "/nonexistent/phigate.toml",
+    ];
+    if !extra.contains(&"--local-only") {
+        argv.extend(["--remote", &remote, "--endpoint", &endpoint]);
+    }
+    argv.extend(extra);
+    let out = output(w.outside(), &argv);
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+/// The requests table's manifests in `records`: (file_seq, data file relative).
+fn request_files(records: &Path) -> Vec<(u64, String)> {
+    let mut out: Vec<(u64, String)> = sealed(records)
+        .into_iter()
+        .filter(|f| f.starts_with("requests/") && f.ends_with(".manifest.json"))
+        .map(|f| {
+            let m: Value =
+                serde_json::from_slice(&std::fs::read(records.join(&f)).unwrap()).unwrap();
+            (
+                m["file_seq"].as_u64().unwrap(),
+                m["file"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A scratch copy of the records to tamper with, as root on the host could.
+fn tamper_copy(w: &World, records: &Path, name: &str) -> PathBuf {
+    let to = w.path(name);
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(records)
+        .arg(&to)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    to
+}
+
+fn remove_file_and_manifest(dir: &Path, rel: &str) {
+    std::fs::remove_file(dir.join(rel)).unwrap();
+    std::fs::remove_file(dir.join(format!("{rel}.manifest.json"))).unwrap();
+}
+
+#[test]
+fn audit_verify_names_each_undoing_of_records_against_the_shipped_anchor() {
+    let mut w = World::new("anchor");
+    let store_dir = w.path("s3");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let _s3 = s3rver(&w, &store_dir);
+    let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
+    let _up = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &[]);
+    let id = secret(&w, "s3-id", "S3RVER\n");
+    let key = secret(&w, "s3-secret", "S3RVER\n");
+    w.write_config(&format!(
+        "{}\n[records.shipping]\nendpoint = \"http://{S3}\"\nbucket = \"{BUCKET}\"\nprefix = \"fleet\"\naccess_key_file = \"{}\"\nsecret_key_file = \"{}\"\n\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
+        w.agent_and_records("", ""),
+        id.display(),
+        key.display(),
+        pki.ca.display()
+    ));
+    w.start_agent(false);
+    let ca = w.public_copy(&w.path("state/ca.pem"));
+    let records = w.records_dir();
+    let heads: Value =
+        serde_json::from_slice(&std::fs::read(records.join("_heads.json")).unwrap()).unwrap();
+    let root = format!("fleet/{}", heads["host"].as_str().unwrap());
+
+    // One request per file: each is sealed before the next is sent.
+    let request = |i: usize| {
+        assert_eq!(curl_status(&w, &ca, &format!("/fhir/Patient/{i}")), "404");
+        w.wait_records("requests", i + 1);
+    };
+    for i in 0..2 {
+        request(i);
+    }
+    // An older state of the head and the list of heads: what a rollback restores.
+    let old = w.path("old");
+    std::fs::create_dir_all(&old).unwrap();
+    std::fs::copy(records.join("requests/_head.json"), old.join("_head.json")).unwrap();
+    std::fs::copy(records.join("_heads.json"), old.join("_heads.json")).unwrap();
+    let old_head: Value =
+        serde_json::from_slice(&std::fs::read(old.join("_head.json")).unwrap()).unwrap();
+    let old_next = old_head["next_file_seq"].as_u64().unwrap();
+    for i in 2..4 {
+        request(i);
+    }
+    assert!(w.sigterm(Duration::from_secs(30)).success());
+    assert!(
+        missing(&records, &store_dir, &root).is_empty(),
+        "the last pass ships everything: {:?}",
+        missing(&records, &store_dir, &root)
+    );
+    let files = request_files(&records);
+    assert!(
+        files.len() as u64 > old_next,
+        "newer files than the old head: {files:?} {old_next}"
+    );
+    let pubkey = w.path("state/records-signing.pub");
+
+    // Untampered: the config's [records.shipping] is the anchor by default.
+    let out = output(
+        w.outside(),
+        &[
+            phigate_bin().to_str().unwrap(),
+            "audit",
+            "verify",
+            "--config",
+            w.config_path().to_str().unwrap(),
+        ],
+    );
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("remote anchor: heads shipped"), "{text}");
+    let (ok, text) = verify_remote(&w, &records, &pubkey, &[]);
+    assert!(ok, "{text}");
+
+    // A table directory deleted.
+    let d = tamper_copy(&w, &records, "deleted-table");
+    std::fs::remove_dir_all(d.join("requests")).unwrap();
+    let (ok, text) = verify_remote(&w, &d, &pubkey, &[]);
+    assert!(
+        !ok && text.contains("table deleted: the directory requests/ is gone"),
+        "{text}"
+    );
+
+    // The newest file deleted (truncation), the head left as it was.
+    let d = tamper_copy(&w, &records, "truncated");
+    remove_file_and_manifest(&d, &files.last().unwrap().1);
+    let (ok, text) = verify_remote(&w, &d, &pubkey, &[]);
+    assert!(!ok && text.contains("truncated: files"), "{text}");
+
+    // Rolled back: the newer files deleted and the older signed head and list of
+    // heads restored. That verifies on the host alone; the anchor names it.
+    let d = tamper_copy(&w, &records, "rolled-back");
+    for (seq, rel) in &files {
+        if *seq >= old_next {
+            remove_file_and_manifest(&d, rel);
+        }
+    }
+    std::fs::copy(old.join("_head.json"), d.join("requests/_head.json")).unwrap();
+    std::fs::copy(old.join("_heads.json"), d.join("_heads.json")).unwrap();
+    let (ok, text) = verify_remote(&w, &d, &pubkey, &["--local-only"]);
+    assert!(ok, "a rollback verifies on the host alone: {text}");
+    let (ok, text) = verify_remote(&w, &d, &pubkey, &[]);
+    assert!(
+        !ok && text.contains("rolled back: the head here names"),
+        "{text}"
+    );
+
+    // A file replaced by other bytes.
+    let d = tamper_copy(&w, &records, "replaced");
+    let (first, newest) = (&files[0].1, &files.last().unwrap().1);
+    std::fs::copy(d.join(first), d.join(newest)).unwrap();
+    let (ok, text) = verify_remote(&w, &d, &pubkey, &[]);
+    assert!(
+        !ok && text.contains(&format!(
+            "requests: {newest}: replaced: differs from the copy shipped"
+        )),
+        "{text}"
+    );
+
+    // A host the store has never heard of.
+    let (ok, text) = verify_remote(&w, &records, &pubkey, &["--host", "no-such-host"]);
+    assert!(!ok && text.contains("missing host"), "{text}");
+
+    // The store unreachable: an error, never a pass.
+    let out = output(
+        w.outside(),
+        &[
+            "env",
+            "AWS_ACCESS_KEY_ID=S3RVER",
+            "AWS_SECRET_ACCESS_KEY=S3RVER",
+            phigate_bin().to_str().unwrap(),
+            "audit",
+            "verify",
+            records.to_str().unwrap(),
+            "--pubkey",
+            pubkey.to_str().unwrap(),
+            "--remote",
+            &format!("s3://{BUCKET}/fleet"),
+            "--endpoint",
+            "http://127.0.0.1:1",
+        ],
+    );
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(
+        !out.status.success() && text.contains("off-host anchor could not be read"),
+        "{text}"
+    );
+}
+
+/// One host of a fleet: its own netns, host name and agent, shipping to the one
+/// store (an s3rver in each netns, over one shared directory). Returns the world
+/// (its s3rver still up), after one served request and a clean stop.
+fn fleet_host(tag: &str, host: &str, store_dir: &Path, keys: &Path) -> (World, Background) {
+    let mut w = World::new(tag);
+    let s3 = s3rver(&w, store_dir);
+    let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
+    let _up = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &[]);
+    let id = secret(&w, "s3-id", "S3RVER\n");
+    let key = secret(&w, "s3-secret", "S3RVER\n");
+    w.write_config(&format!(
+        "{}\n[records.shipping]\nendpoint = \"http://{S3}\"\nbucket = \"{BUCKET}\"\nprefix = \"fleet\"\naccess_key_file = \"{}\"\nsecret_key_file = \"{}\"\n\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
+        w.agent_and_records("", ""),
+        id.display(),
+        key.display(),
+        pki.ca.display()
+    ));
+    w.agent_hostname = Some(host.into());
+    w.start_agent(false);
+    let ca = w.public_copy(&w.path("state/ca.pem"));
+    assert_eq!(curl_status(&w, &ca, "/fhir/Patient/1"), "404");
+    w.wait_records("requests", 1);
+    assert!(w.sigterm(Duration::from_secs(30)).success());
+    let heads: Value =
+        serde_json::from_slice(&std::fs::read(w.records_dir().join("_heads.json")).unwrap())
+            .unwrap();
+    assert_eq!(heads["host"], host, "the agent's own host name");
+    std::fs::copy(
+        w.path("state/records-signing.pub"),
+        keys.join(format!("{host}.pub")),
+    )
+    .unwrap();
+    (w, s3)
+}
+
+fn fleet_verify(w: &World, keys: &Path) -> (bool, String) {
+    let out = output(
+        w.outside(),
+        &[
+            "env",
+            "AWS_ACCESS_KEY_ID=S3RVER",
+            "AWS_SECRET_ACCESS_KEY=S3RVER",
+            phigate_bin().to_str().unwrap(),
+            "audit",
+            "verify",
+            &format!("s3://{BUCKET}/fleet"),
+            "--endpoint",
+            &format!("http://{S3}"),
+            "--keys",
+            keys.to_str().unwrap(),
+        ],
+    );
+    (
+        out.status.success(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+#[test]
+fn a_two_host_fleet_is_verified_from_the_store_with_each_hosts_key() {
+    let shared = tempfile::tempdir().unwrap();
+    let store_dir = shared.path().join("s3");
+    let keys = shared.path().join("keys");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    std::fs::create_dir_all(&keys).unwrap();
+    let (a, _s3a) = fleet_host("fleet-a", "ward-a", &store_dir, &keys);
+    let (_b, _s3b) = fleet_host("fleet-b", "ward-b", &store_dir, &keys);
+
+    let (ok, text) = fleet_verify(&a, &keys);
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("ward-a: ") && text.contains("ward-b: "),
+        "{text}"
+    );
+    assert!(text.contains("OK: 2 host(s)"), "{text}");
+
+    // A key for a host the store does not hold: the host is missing.
+    std::fs::copy(keys.join("ward-a.pub"), keys.join("ward-c.pub")).unwrap();
+    let (ok, text) = fleet_verify(&a, &keys);
+    assert!(!ok && text.contains("FAIL ward-c: missing host"), "{text}");
+    std::fs::remove_file(keys.join("ward-c.pub")).unwrap();
+
+    // Another host's key for ward-b: its records do not verify.
+    std::fs::copy(keys.join("ward-a.pub"), keys.join("ward-b.pub")).unwrap();
+    let (ok, text) = fleet_verify(&a, &keys);
+    assert!(!ok && text.contains("FAIL ward-b: "), "{text}");
+    assert!(!text.contains("FAIL ward-a"), "{text}");
+}

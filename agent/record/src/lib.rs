@@ -8,6 +8,7 @@
 //!   signing key and the public key, and where they lie in a records directory.
 //! * [`read`]: every row of a table, in chain order, as JSON objects.
 //! * [`verify`]: `phigate audit verify`, needing only the public key.
+//! * [`anchor`]: the records here against the copy shipped off the host.
 //! * [`keyfile`]: secret key files (0600, created once).
 //!
 //! The agent writes records (journal, Parquet writer: `phigate::record`); this crate
@@ -18,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod anchor;
 pub mod chain;
 pub mod keyfile;
 pub mod read;

@@ -66,6 +66,26 @@ pub(crate) struct RawShipping {
     max_unshipped_secs: Option<Spanned<u64>>,
 }
 
+/// What is wrong with an object store endpoint, if anything: https, or plain http
+/// to a loopback address only (a local gateway); records never cross a network in
+/// the clear.
+pub(crate) fn endpoint_problem(endpoint: &str) -> Option<&'static str> {
+    match endpoint.split_once("://") {
+        Some(("https", rest)) if !rest.is_empty() => None,
+        Some(("http", rest)) => {
+            let host = rest.split('/').next().unwrap_or("");
+            let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let loopback = host == "localhost"
+                || host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_loopback());
+            (!loopback).then_some("plain http only to a loopback address; use https")
+        }
+        _ => Some("expected an https:// URL"),
+    }
+}
+
 fn shipping_section(
     src: &TomlSource<'_>,
     raw: RawShipping,
@@ -78,21 +98,8 @@ fn shipping_section(
             what.into(),
         )
     };
-    match endpoint.split_once("://") {
-        Some(("https", rest)) if !rest.is_empty() => {}
-        Some(("http", rest)) => {
-            let host = rest.split('/').next().unwrap_or("");
-            let host = host.rsplit_once(':').map_or(host, |(h, _)| h);
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let loopback = host == "localhost"
-                || host
-                    .parse::<std::net::IpAddr>()
-                    .is_ok_and(|a| a.is_loopback());
-            if !loopback {
-                return Err(bad("plain http only to a loopback address; use https"));
-            }
-        }
-        _ => return Err(bad("expected an https:// URL")),
+    if let Some(what) = endpoint_problem(&endpoint) {
+        return Err(bad(what));
     }
     if raw.access_key_file.is_some() != raw.secret_key_file.is_some() {
         return Err(src.err(

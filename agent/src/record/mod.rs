@@ -30,7 +30,7 @@ pub mod ship;
 pub mod store;
 pub mod writer;
 
-pub use phigate_record::{chain, keyfile, read, schema, seal, verify};
+pub use phigate_record::{anchor, chain, keyfile, read, schema, seal, verify};
 pub use phigate_record::{Outcome, RequestDecision, RequestOutcome, Table};
 
 /// Facts every row carries about the agent that wrote it.

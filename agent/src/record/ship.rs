@@ -117,12 +117,7 @@ impl Shipper {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(e).with_context(|| cursor_path.display().to_string()),
         };
-        let root = [cfg.prefix.as_str(), deps.host.as_str()]
-            .iter()
-            .filter(|s| !s.is_empty())
-            .copied()
-            .collect::<Vec<_>>()
-            .join("/");
+        let root = host_root(&cfg.prefix, &deps.host);
         Ok(Shipper {
             store: Arc::new(object_store(cfg)?),
             records_dir: deps.records_dir,
@@ -219,12 +214,13 @@ impl Shipper {
             self.state.shipped_files.fetch_add(1, Ordering::Relaxed);
             self.state.unshipped_files.fetch_sub(1, Ordering::Relaxed);
         }
-        for t in Table::ALL {
-            let head = seal::head_path(&self.records_dir, t.name());
-            if head.exists() {
-                let rel = format!("{}/{}", t.name(), seal::HEAD_FILE);
-                self.put(&rel, head).await?;
-            }
+        // Each table's head as the snapshot holds it (signed), not the file as it is
+        // now: that may already name a file this pass did not ship. A table without
+        // files has no head of its own yet.
+        for (name, head) in heads.tables.iter().filter(|(_, h)| h.next_file_seq > 0) {
+            let rel = format!("{name}/{}", seal::HEAD_FILE);
+            self.put_bytes(&rel, serde_json::to_vec_pretty(head)?)
+                .await?;
         }
         self.put_bytes(seal::HEADS_FILE, heads_bytes.clone())
             .await?;
@@ -321,6 +317,165 @@ impl Shipper {
     }
 }
 
+/// `<prefix>/<host>`: every object of one host lies under it.
+pub(crate) fn host_root(prefix: &str, host: &str) -> String {
+    [prefix, host]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// A store named on the command line, `s3://bucket/prefix` at `endpoint`
+/// (credentials from the environment, as `AmazonS3Builder::from_env` reads them).
+pub(crate) fn remote_section(
+    url: &str,
+    endpoint: &str,
+    region: &str,
+) -> anyhow::Result<ShippingSection> {
+    let Some(rest) = url.strip_prefix("s3://") else {
+        anyhow::bail!("{url}: expected s3://bucket/prefix");
+    };
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    anyhow::ensure!(!bucket.is_empty(), "{url}: no bucket in s3://bucket/prefix");
+    let endpoint = endpoint.trim_end_matches('/');
+    if let Some(what) = super::config::endpoint_problem(endpoint) {
+        anyhow::bail!("--endpoint {endpoint}: {what}");
+    }
+    Ok(ShippingSection {
+        endpoint: endpoint.to_owned(),
+        bucket: bucket.to_owned(),
+        prefix: prefix.trim_matches('/').to_owned(),
+        region: region.to_owned(),
+        access_key_file: None,
+        secret_key_file: None,
+        max_unshipped: None,
+    })
+}
+
+/// `s3://bucket/prefix/host`, as messages name a host's place in the store.
+pub(crate) fn location(cfg: &ShippingSection, host: &str) -> String {
+    format!("s3://{}/{}", cfg.bucket, host_root(&cfg.prefix, host))
+}
+
+/// Reads from the store for `audit verify`: one host's anchor, or a whole fleet.
+pub(crate) struct Remote {
+    cfg: ShippingSection,
+    store: object_store::aws::AmazonS3,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Remote {
+    pub(crate) fn new(cfg: &ShippingSection) -> anyhow::Result<Remote> {
+        Ok(Remote {
+            cfg: cfg.clone(),
+            store: object_store(cfg)?,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        })
+    }
+
+    /// What the store holds for `host`: its signed heads and every manifest.
+    pub(crate) fn shipped(&self, host: &str) -> anyhow::Result<super::anchor::Shipped> {
+        let root = host_root(&self.cfg.prefix, host);
+        let location = location(&self.cfg, host);
+        self.rt.block_on(async {
+            let heads = self.get(&format!("{root}/{}", seal::HEADS_FILE)).await?;
+            let mut manifests = Vec::new();
+            for key in self.keys(&root).await? {
+                if key.ends_with(seal::MANIFEST_SUFFIX) {
+                    let bytes = self
+                        .get(&key)
+                        .await?
+                        .with_context(|| format!("{key}: listed but gone"))?;
+                    let rel = key[root.len() + 1..].to_owned();
+                    manifests.push((rel, bytes));
+                }
+            }
+            Ok(super::anchor::Shipped {
+                location,
+                heads,
+                manifests,
+            })
+        })
+    }
+
+    /// The hosts with anything under the prefix.
+    pub(crate) fn hosts(&self) -> anyhow::Result<Vec<String>> {
+        let prefix =
+            (!self.cfg.prefix.is_empty()).then(|| ObjectPath::from(self.cfg.prefix.as_str()));
+        let listed = self
+            .rt
+            .block_on(self.store.list_with_delimiter(prefix.as_ref()))
+            .with_context(|| format!("listing s3://{}/{}", self.cfg.bucket, self.cfg.prefix))?;
+        Ok(listed
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_owned))
+            .collect())
+    }
+
+    /// Copies every object of `host` into `dir` (as a records directory); returns
+    /// how many.
+    pub(crate) fn pull(&self, host: &str, dir: &Path) -> anyhow::Result<usize> {
+        let root = host_root(&self.cfg.prefix, host);
+        self.rt.block_on(async {
+            let keys = self.keys(&root).await?;
+            for key in &keys {
+                let rel = &key[root.len() + 1..];
+                anyhow::ensure!(
+                    !rel.split('/').any(|c| c == ".." || c.is_empty()),
+                    "{key}: not a records path"
+                );
+                let bytes = self
+                    .get(key)
+                    .await?
+                    .with_context(|| format!("{key}: listed but gone"))?;
+                let p = dir.join(rel);
+                if let Some(parent) = p.parent() {
+                    std::fs::create_dir_all(parent)
+                        .with_context(|| parent.display().to_string())?;
+                }
+                std::fs::write(&p, bytes).with_context(|| p.display().to_string())?;
+            }
+            Ok(keys.len())
+        })
+    }
+
+    async fn keys(&self, root: &str) -> anyhow::Result<Vec<String>> {
+        use futures_util::TryStreamExt as _;
+        let prefix = ObjectPath::from(root);
+        let metas: Vec<object_store::ObjectMeta> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .with_context(|| format!("listing s3://{}/{root}", self.cfg.bucket))?;
+        let mut keys: Vec<String> = metas.into_iter().map(|m| m.location.to_string()).collect();
+        keys.sort();
+        Ok(keys)
+    }
+
+    async fn get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let path = ObjectPath::from(key);
+        match self.store.get(&path).await {
+            Ok(r) => Ok(Some(
+                r.bytes()
+                    .await
+                    .with_context(|| format!("reading s3://{}/{key}", self.cfg.bucket))?
+                    .to_vec(),
+            )),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => {
+                Err(anyhow::Error::new(e)
+                    .context(format!("reading s3://{}/{key}", self.cfg.bucket)))
+            }
+        }
+    }
+}
+
 /// The S3 client: path-style requests, credentials from 0600 files or the environment.
 fn object_store(cfg: &ShippingSection) -> anyhow::Result<object_store::aws::AmazonS3> {
     let mut b = AmazonS3Builder::from_env()
@@ -369,6 +524,21 @@ fn secret_file(path: &Path) -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_store_named_on_the_command_line_is_parsed_and_plain_http_kept_to_loopback() {
+        let c = remote_section("s3://records/prod/", "http://127.0.0.1:9000/", "eu").unwrap();
+        assert_eq!((c.bucket.as_str(), c.prefix.as_str()), ("records", "prod"));
+        assert_eq!(location(&c, "ward-a"), "s3://records/prod/ward-a");
+        let e = remote_section("s3://records", "http://10.0.0.5:9000", "eu")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("plain http only to a loopback address"), "{e}");
+        let e = remote_section("records/prod", "https://s3.example", "eu")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("expected s3://bucket/prefix"), "{e}");
+    }
 
     #[test]
     fn a_credential_file_others_can_read_is_refused() {
