@@ -83,7 +83,8 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Mask a JSON or NDJSON file with a masking profile; the result goes to stdout.
+    /// Mask a JSON, NDJSON or FHIR XML (.xml) file with a masking profile; the result
+    /// goes to stdout.
     Mask {
         /// The profile (a file name in <policies_dir>/profiles, without .toml).
         #[arg(long, short)]

@@ -287,16 +287,13 @@ fn holds(text: &str, id: &str) -> bool {
     })
 }
 
-/// A real-world-shaped corpus through the real redirect under `safe_harbor`:
-/// carebundle's generated histories (third party) and complete Synthea-style
-/// histories with extensions (mothersMaidenName, birthPlace, birth time,
-/// geolocation), narratives and attachments (a base64 note, a PDF, a photo), as
-/// Bundles and NDJSON. The scanner knows every raw identifier of the input and
-/// finds none in the client's bytes nor in any column of the records.
-#[test]
-fn a_real_world_corpus_leaks_nothing() {
-    require_root();
-    let m = start("mask-corpus");
+/// Writes the real-world-shaped corpus into `files/`: carebundle's generated
+/// histories (third party) and complete Synthea-style histories with extensions
+/// (mothersMaidenName, birthPlace, birth time, geolocation), narratives and
+/// attachments (a base64 note, a PDF, a photo), as Bundles and as NDJSON
+/// (`cb-export.ndjson`, `history-export.ndjson`). Returns every raw identifier of
+/// the input and the Bundles' file names.
+fn real_world_corpus(m: &Masked) -> (Vec<String>, Vec<String>) {
     let files = m.w.path("files");
     let out = Command::new("python3")
         .args(["-c", CAREBUNDLE])
@@ -305,27 +302,24 @@ fn a_real_world_corpus_leaks_nothing() {
         .unwrap();
     assert!(out.status.success(), "carebundle: {}", stderr(&out));
     let mut identifiers: Vec<String> = Vec::new();
-    let mut paths = Vec::new();
+    let mut bundles = Vec::new();
     for e in std::fs::read_dir(&files).unwrap() {
         let name = e.unwrap().file_name().into_string().unwrap();
         if name.starts_with("cb-") && name.ends_with(".json") {
             let v: Value =
                 serde_json::from_slice(&std::fs::read(files.join(&name)).unwrap()).unwrap();
             identifiers_in(&v, "", &mut identifiers);
-            paths.push(format!("/files/{name}"));
+            bundles.push(name);
         }
     }
-    assert!(paths.len() >= 10, "{paths:?}");
-    paths.push("/files/cb-export.ndjson?chunked=1".into());
+    assert!(bundles.len() >= 10, "{bundles:?}");
+    bundles.sort();
     let mut ndjson = Vec::new();
     for i in 0..6 {
         let (b, ids) = fhir::history_bundle(21, i);
-        std::fs::write(
-            files.join(format!("history-{i}.json")),
-            fhir::to_vec_pretty(&b),
-        )
-        .unwrap();
-        paths.push(format!("/files/history-{i}.json"));
+        let name = format!("history-{i}.json");
+        std::fs::write(files.join(&name), fhir::to_vec_pretty(&b)).unwrap();
+        bundles.push(name);
         for e in b["entry"].as_array().unwrap() {
             ndjson.extend(fhir::to_vec(&e["resource"]));
             ndjson.push(b'\n');
@@ -333,23 +327,38 @@ fn a_real_world_corpus_leaks_nothing() {
         identifiers.extend(ids);
     }
     std::fs::write(files.join("history-export.ndjson"), ndjson).unwrap();
-    paths.push("/files/history-export.ndjson?gzip=1&chunked=1".into());
     identifiers.sort();
     identifiers.dedup();
     identifiers.retain(|s| s.len() >= 3);
     assert!(identifiers.len() > 250, "{}", identifiers.len());
-    let scan = |what: &str, text: &str| {
-        let leaked: Vec<&String> = identifiers.iter().filter(|id| holds(text, id)).collect();
-        assert!(
-            leaked.is_empty(),
-            "{what}: {} identifiers leaked: {leaked:?}",
-            leaked.len()
-        );
-    };
+    (identifiers, bundles)
+}
+
+/// Fails naming every identifier of `identifiers` that `text` holds.
+fn scan(identifiers: &[String], what: &str, text: &str) {
+    let leaked: Vec<&String> = identifiers.iter().filter(|id| holds(text, id)).collect();
+    assert!(
+        leaked.is_empty(),
+        "{what}: {} identifiers leaked: {leaked:?}",
+        leaked.len()
+    );
+}
+
+/// A real-world-shaped corpus through the real redirect under `safe_harbor`, as
+/// Bundles and NDJSON. The scanner knows every raw identifier of the input and
+/// finds none in the client's bytes nor in any column of the records.
+#[test]
+fn a_real_world_corpus_leaks_nothing() {
+    require_root();
+    let m = start("mask-corpus");
+    let (identifiers, bundles) = real_world_corpus(&m);
+    let mut paths: Vec<String> = bundles.iter().map(|b| format!("/files/{b}")).collect();
+    paths.push("/files/cb-export.ndjson?chunked=1".into());
+    paths.push("/files/history-export.ndjson?gzip=1&chunked=1".into());
     for path in &paths {
         let (body, head) = curl(&m, &["--compressed", &format!("https://{UP}{path}")]);
         assert!(head.starts_with("HTTP/2 200"), "{path}: {head}\n{body}");
-        scan(path, &body);
+        scan(&identifiers, path, &body);
         assert!(body.contains("[REDACTED:NAME]"), "{path}: masked");
         assert!(body.contains("\"code\":"), "{path}: codes stay");
     }
@@ -378,5 +387,172 @@ fn a_real_world_corpus_leaks_nothing() {
         rows.contains("REDACTED:EXTENSION"),
         "the masked bodies are in the records"
     );
-    scan("records", &rows);
+    scan(&identifiers, "records", &rows);
+}
+
+/// Turns each JSON Bundle named on the command line into FHIR XML with
+/// fhir.resources (a third-party FHIR model library from PyPI, `cargo xtask setup`
+/// installs it with lxml): validated by its R4B models (R4's resources, the
+/// version it ships closest to R4), serialized by its own XML writer.
+const TO_XML: &str = r#"
+import sys, pathlib
+from fhir.resources.R4B.bundle import Bundle
+for p in map(pathlib.Path, sys.argv[1:]):
+    x = Bundle.model_validate_json(p.read_text()).model_dump_xml()
+    p.with_suffix(".xml").write_bytes(x.encode() if isinstance(x, str) else x)
+"#;
+
+/// Reads masked FHIR XML (the file in argv[1]) with lxml, so it must be well formed,
+/// and prints what the test checks: the first entry's fullUrl, the third's subject,
+/// the Patient's race code and mothersMaidenName value.
+const READ_XML: &str = r#"
+import sys, json
+from lxml import etree
+ns = {"f": "http://hl7.org/fhir"}
+doc = etree.parse(sys.argv[1])
+one = lambda xp: (doc.xpath(xp, namespaces=ns) or [None])[0]
+print(json.dumps({
+    "fullUrl": one("/f:Bundle/f:entry[1]/f:fullUrl/@value"),
+    "subject": one("/f:Bundle/f:entry[3]/f:resource/*/f:subject/f:reference/@value"),
+    "race": one("//f:Patient/f:extension[1]/f:extension[1]/f:valueCoding/f:code/@value"),
+    "maiden": one("//f:Patient/f:extension[3]/f:valueString/@value"),
+}))
+"#;
+
+/// XML's five predefined entities and character references, resolved: a leak
+/// escaped by the serializer is still a leak.
+fn xml_unescape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(i) = rest.find('&') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        let Some(end) = rest.find(';').filter(|&e| e <= 10) else {
+            out.push('&');
+            rest = &rest[1..];
+            continue;
+        };
+        let name = &rest[1..end];
+        let c = match name {
+            "lt" => Some('<'),
+            "gt" => Some('>'),
+            "amp" => Some('&'),
+            "quot" => Some('"'),
+            "apos" => Some('\''),
+            _ => name
+                .strip_prefix("#x")
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+                .or_else(|| name.strip_prefix('#').and_then(|d| d.parse().ok()))
+                .and_then(char::from_u32),
+        };
+        match c {
+            Some(c) => {
+                out.push(c);
+                rest = &rest[end + 1..];
+            }
+            None => {
+                out.push('&');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The same real-world corpus as FHIR XML (`application/fhir+xml`, written by a
+/// third-party library) through the real redirect under `safe_harbor`: no raw
+/// identifier in the client's bytes (escaped or not) nor in any column of the
+/// records; the masked XML is well formed, codes and safe extensions stay and
+/// references still join. `phigate mask` masks the same files the same way.
+#[test]
+fn a_real_world_corpus_as_fhir_xml_leaks_nothing() {
+    require_root();
+    let m = start("mask-corpus-xml");
+    let (identifiers, bundles) = real_world_corpus(&m);
+    let files = m.w.path("files");
+    let out = Command::new("python3")
+        .args(["-c", TO_XML])
+        .args(bundles.iter().map(|b| files.join(b)))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fhir.resources: {}", stderr(&out));
+    let xml: Vec<String> = bundles.iter().map(|b| b.replace(".json", ".xml")).collect();
+    // The input holds what the scanner looks for: the conversion kept the PHI.
+    let raw = std::fs::read_to_string(files.join("history-0.xml")).unwrap();
+    assert!(raw.starts_with("<?xml"), "{raw}");
+    let in_raw = identifiers.iter().filter(|id| holds(&raw, id)).count();
+    assert!(in_raw > 20, "history-0.xml holds {in_raw} identifiers");
+
+    let mut paths: Vec<String> = xml.iter().map(|x| format!("/files/{x}")).collect();
+    paths.push("/files/history-1.xml?gzip=1&chunked=1".into());
+    paths.push("/files/cb-healthy-F.xml?br=1".into());
+    let saved = m.w.path("masked.xml");
+    for path in &paths {
+        let (body, head) = curl(&m, &["--compressed", &format!("https://{UP}{path}")]);
+        assert!(head.starts_with("HTTP/2 200"), "{path}: {head}\n{body}");
+        assert!(
+            head.contains("content-type: application/fhir+xml"),
+            "{path}: {head}"
+        );
+        scan(&identifiers, path, &body);
+        scan(&identifiers, path, &xml_unescape(&body));
+        assert!(body.contains("[REDACTED:NAME]"), "{path}: masked");
+        assert!(body.contains("<code value=\""), "{path}: codes stay");
+        std::fs::write(&saved, &body).unwrap();
+        let out = Command::new("python3")
+            .args(["-c", READ_XML])
+            .arg(&saved)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{path}: not well formed: {}",
+            stderr(&out)
+        );
+        if path == "/files/history-0.xml" {
+            let v: Value = serde_json::from_str(&stdout(&out)).unwrap();
+            assert_eq!(v["maiden"], "[REDACTED:EXTENSION]", "{v}");
+            assert_eq!(v["race"], "2106-3", "{v}");
+            // References still join: the Patient's full URL is the documents' subject.
+            assert!(v["fullUrl"].is_string(), "{v}");
+            assert_eq!(v["fullUrl"], v["subject"], "{v}");
+        }
+    }
+
+    // The CLI on the same files: `phigate mask` takes .xml as FHIR XML.
+    for x in ["history-2.xml", "cb-anaemia-M.xml"] {
+        let out = Command::new(phigate_bin())
+            .args(["mask", "--profile", "safe_harbor", "--policies-dir"])
+            .arg(m.w.policies_dir())
+            .arg(files.join(x))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "phigate mask {x}: {}", stderr(&out));
+        let body = stdout(&out);
+        assert!(body.starts_with("<?xml"), "{x}: {body}");
+        assert!(body.contains("[REDACTED:NAME]"), "{x}: masked");
+        scan(&identifiers, &format!("phigate mask {x}"), &body);
+        scan(
+            &identifiers,
+            &format!("phigate mask {x}"),
+            &xml_unescape(&body),
+        );
+    }
+
+    let mut m = m;
+    let recs = m.w.wait_records("requests", paths.len());
+    let xml_rows = recs
+        .iter()
+        .filter(|r| {
+            r["response_body"]
+                .as_str()
+                .is_some_and(|b| b.contains("[REDACTED:EXTENSION]") && b.starts_with("<?xml"))
+        })
+        .count();
+    assert!(xml_rows >= 6, "the masked XML bodies are in the records");
+    assert!(m.w.sigterm(Duration::from_secs(20)).success());
+    let rows = all_record_rows(&m);
+    scan(&identifiers, "records", &rows);
+    scan(&identifiers, "records", &xml_unescape(&rows));
 }

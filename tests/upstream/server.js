@@ -14,7 +14,7 @@
 //   GET  /fhir/TYPE/ID     --files DIR's TYPE-ID.json (TYPE-export.ndjson for $export)
 //   GET  /files/NAME       a file of --files DIR; content type by extension (.json:
 //                          application/fhir+json, .ndjson: application/fhir+ndjson,
-//                          else text/plain); ?gzip=1 / ?br=1 encoded; ?chunked=1
+//                          .xml: application/fhir+xml, else text/plain); ?gzip=1 / ?br=1 encoded; ?chunked=1
 //                          without content-length; etag "v1"; `Range: bytes=A-B`
 //                          answered 206 with that slice (as static file servers do),
 //                          and ?partial=A-B answers 206 whatever the request says;
@@ -158,7 +158,8 @@ function handler(req, res) {
       res.statusCode = 404; res.end('no such file'); return;
     }
     const type = name.endsWith('.ndjson') ? 'application/fhir+ndjson'
-      : name.endsWith('.json') ? 'application/fhir+json' : 'text/plain';
+      : name.endsWith('.json') ? 'application/fhir+json'
+      : name.endsWith('.xml') ? 'application/fhir+xml' : 'text/plain';
     res.setHeader('content-type', type);
     res.setHeader('etag', '"v1"');
     if (url.searchParams.get('gzip')) {

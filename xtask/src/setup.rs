@@ -48,6 +48,10 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("websocket", "websocket-client"),
     // A third-party synthetic FHIR R4 generator: the masking corpus (tests/tests/masking.rs).
     ("carebundle", "carebundle==0.5.0"),
+    // A third-party FHIR model library that writes the corpus as FHIR XML (with lxml,
+    // which also reads the masked XML back): tests/tests/masking.rs.
+    ("fhir.resources", "fhir.resources==8.3.0"),
+    ("lxml", "lxml==6.2.0"),
     // The Kubernetes manifests' schema check (`cargo xtask check` and `test`).
     ("kubernetes_validate", "kubernetes-validate==1.37.0"),
 ];

@@ -76,6 +76,29 @@ impl Walker<'_> {
         })
     }
 
+    /// A container where the model expects a scalar (see
+    /// [`FhirRules::misplaced`]): its node sealed under the default rule, `None`
+    /// when that drops it (as the stream decides it).
+    fn misplaced(&mut self, v: &Value, n: Node, in_array: bool) -> Option<Node> {
+        let (Some(f), Some(ty)) = (&self.profile.fhir, n.ty) else {
+            return Some(n);
+        };
+        let object = match v {
+            Value::Object(_) => true,
+            Value::Array(_) => false,
+            _ => return Some(n),
+        };
+        if !f.misplaced(ty, object, in_array) {
+            return Some(n);
+        }
+        let (ty, rule) = f.misplaced_ctx();
+        let t = Trans {
+            state: n.state,
+            matched: None,
+        };
+        self.child(n, t, Some(ty), Some(rule))
+    }
+
     /// An object's type once its `resourceType` is read (the DOM can look ahead;
     /// the stream needs it first).
     fn object_type(&self, map: &serde_json::Map<String, Value>, node: Node) -> Node {
@@ -111,7 +134,10 @@ impl Walker<'_> {
                         }
                         _ => (None, None),
                     };
-                    match self.child(node, t, ty, typed) {
+                    match self
+                        .child(node, t, ty, typed)
+                        .and_then(|n| self.misplaced(c, n, false))
+                    {
                         None => dropped.push(k.clone()),
                         Some(n) => self.member(c, n),
                     }
@@ -128,7 +154,10 @@ impl Walker<'_> {
                         role: Role::Plain,
                         ..t
                     });
-                    match self.child(node, t, ty, None) {
+                    match self
+                        .child(node, t, ty, None)
+                        .and_then(|n| self.misplaced(c, n, true))
+                    {
                         None => keep.push(false),
                         Some(n) => {
                             self.walk(c, n);

@@ -462,11 +462,27 @@ impl JsonStream {
     }
 
     fn begin_value(&mut self, c: u8, out: &mut Vec<u8>, at: usize) -> Result<(), MaskError> {
-        let ctx = self.vctx;
+        let mut ctx = self.vctx;
         match c {
             b'{' | b'[' => {
                 if self.stack.len() >= MAX_DEPTH {
                     return Err(self.err(at, format!("nested deeper than {MAX_DEPTH} levels")));
+                }
+                if let Some(f) = &self.profile.fhir {
+                    let in_array = self.stack.last().is_some_and(|f| !f.obj);
+                    if !ctx.suppressed && f.misplaced(ctx.ty, c == b'{', in_array) {
+                        // Fail closed: the whole subtree under the default rule.
+                        let (ty, rule) = f.misplaced_ctx();
+                        ctx = child_ctx(
+                            &self.profile,
+                            &mut self.counts,
+                            ctx,
+                            ctx.state,
+                            None,
+                            ty,
+                            Some(rule),
+                        );
+                    }
                 }
                 if !ctx.suppressed {
                     self.prefix(out);

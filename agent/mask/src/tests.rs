@@ -280,6 +280,13 @@ fn content_types() {
         ("Application/JSON;charset=utf-8", Some(BodyKind::Json)),
         ("application/fhir+ndjson", Some(BodyKind::Ndjson)),
         ("application/x-ndjson", Some(BodyKind::Ndjson)),
+        ("application/fhir+xml", Some(BodyKind::Xml)),
+        ("application/fhir+xml; charset=UTF-8", Some(BodyKind::Xml)),
+        ("application/xml+fhir", Some(BodyKind::Xml)),
+        // Plain XML is not read as FHIR (docs/masking.md): refused unless passed.
+        ("application/xml", None),
+        ("text/xml", None),
+        ("application/soap+xml", None),
         ("text/json", None),
         ("text/plain", None),
         ("application/jsonx", None),
@@ -918,6 +925,17 @@ struct ResourceGen {
     state: u64,
     leaves: usize,
     markers: Vec<(String, bool)>,
+    hostile: Hostile,
+}
+
+/// Whether the generator writes malformed FHIR: containers where primitives belong.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hostile {
+    No,
+    /// Objects and nested arrays in place of primitives, objects as extension urls.
+    Json,
+    /// Only what FHIR XML can carry: objects (child elements) in place of primitives.
+    Xml,
 }
 
 const SAFE_URL: &str = "http://hl7.org/fhir/us/core/StructureDefinition/us-core-race";
@@ -933,6 +951,31 @@ impl ResourceGen {
 
     fn below(&mut self, n: u64) -> u64 {
         self.next() % n.max(1)
+    }
+
+    /// A new marker string; `ok`: the allow-list may let it through.
+    fn marker(&mut self, ok: bool) -> String {
+        let marker = format!("Zq{}x", self.markers.len());
+        self.markers.push((marker.clone(), ok));
+        marker
+    }
+
+    /// A container where a primitive belongs (malformed or hostile FHIR): nothing in
+    /// it may pass, whatever the primitive's rule.
+    fn misplaced(&mut self) -> Value {
+        let kinds = if self.hostile == Hostile::Json { 4 } else { 1 };
+        match self.below(kinds) {
+            0 => json!({
+                "text": self.marker(false),
+                "id": self.marker(false),
+                "extension": [{"url": "http://example.org/ext/evil", "valueString": self.marker(false)}]
+            }),
+            1 => json!([[self.marker(false)]]),
+            2 => json!([{"value": self.marker(false)}]),
+            _ => {
+                json!({"value": [self.marker(false)], "extension": [{"url": SAFE_URL, "valueCode": self.marker(false)}]})
+            }
+        }
     }
 
     fn resource(&mut self, depth: usize) -> Value {
@@ -991,10 +1034,13 @@ impl ResourceGen {
     /// allowed extension) or an unknown one; its value or nested extension.
     fn extension(&mut self, depth: usize, sealed: bool, nested: bool) -> Value {
         let (url, allowed) = match self.below(3) {
-            0 => (SAFE_URL.to_owned(), true),
-            1 => ("text".to_owned(), nested),
+            _ if self.hostile == Hostile::Json && self.below(6) == 0 => {
+                (json!({"u": SAFE_URL, "v": self.marker(false)}), false)
+            }
+            0 => (json!(SAFE_URL), true),
+            1 => (json!("text"), nested),
             _ => (
-                format!("http://example.org/ext/{}", self.below(1000)),
+                json!(format!("http://example.org/ext/{}", self.below(1000))),
                 false,
             ),
         };
@@ -1008,7 +1054,7 @@ impl ResourceGen {
             .collect();
         let (name, ty) = choices[self.below(choices.len() as u64) as usize].clone();
         let mut obj = serde_json::Map::new();
-        obj.insert("url".into(), json!(url));
+        obj.insert("url".into(), url);
         if depth < 4 && self.below(3) == 0 {
             let inner = self.extension(depth + 1, sealed, true);
             obj.insert("extension".into(), json!([inner]));
@@ -1039,6 +1085,11 @@ impl ResourceGen {
             return self.object(ty, depth, sealed);
         }
         self.leaves += 1;
+        // (An element's `id` is an XML attribute: no container fits there.)
+        let xml_attr = self.hostile == Hostile::Xml && element == "id";
+        if self.hostile != Hostile::No && !xml_attr && self.below(4) == 0 {
+            return self.misplaced();
+        }
         match m.name(ty) {
             "boolean" => json!(self.below(2) == 0),
             "decimal" | "integer" | "positiveInt" | "unsignedInt" => json!(self.below(1000)),
@@ -1060,7 +1111,7 @@ proptest! {
     #[test]
     fn safe_harbor_lets_through_only_what_it_allows(seed in any::<u64>()) {
         let p = shipped("safe_harbor");
-        let mut g = ResourceGen { model: fhir::r4(), state: seed, leaves: 0, markers: Vec::new() };
+        let mut g = ResourceGen { model: fhir::r4(), state: seed, leaves: 0, markers: Vec::new(), hostile: Hostile::No };
         let doc = g.resource(0);
         // As servers write it, or with members sorted (read ahead for the type).
         let input = if seed % 2 == 0 { fhir_json(&doc) } else { serde_json::to_vec(&doc).unwrap() };
@@ -1273,7 +1324,7 @@ proptest! {
     #[test]
     fn safe_harbor_lets_through_only_what_it_allows_in_xml(seed in any::<u64>(), cut in 1usize..300) {
         let p = shipped("safe_harbor");
-        let mut g = ResourceGen { model: fhir::r4(), state: seed, leaves: 0, markers: Vec::new() };
+        let mut g = ResourceGen { model: fhir::r4(), state: seed, leaves: 0, markers: Vec::new(), hostile: Hostile::No };
         let doc = g.resource(0);
         let input = fhir_xml(&doc);
         let (out, _) = mask_body(&p, &ctx(), BodyKind::Xml, None, &input)
@@ -1284,5 +1335,96 @@ proptest! {
         }
         let cuts: Vec<usize> = (cut..input.len()).step_by(cut).collect();
         prop_assert_eq!(stream_chunked(&p, BodyKind::Xml, &input, &cuts).unwrap(), out);
+    }
+}
+
+/// A container where the model expects a primitive (malformed or hostile FHIR) is
+/// masked whole under the default rule: the primitive's own rule (`keep` for codes
+/// and systems) never lets a string nested in it through.
+#[test]
+fn a_container_where_a_primitive_belongs_is_masked_whole() {
+    let p = shipped("safe_harbor");
+    let input = br#"{"resourceType":"Patient","gender":{"text":"John Smith"},"name":[{"given":["Ann",["Jane"]]}],"active":[{"x":"Roe"}],"identifier":[{"system":{"s":"Acme"},"value":"M1"}],"extension":[{"url":{"u":"http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"},"valueCode":"Zed"},{"url":["http://hl7.org/fhir/us/core/StructureDefinition/us-core-race"],"valueCode":"Zod"}],"meta":{"profile":["http://x/p"]},"maritalStatus":{"coding":[{"system":"http://s","code":{"c":"Wu"}}]}}"#;
+    let (out, counts) = mask_body(&p, &ctx(), BodyKind::Json, None, input).unwrap();
+    let text = String::from_utf8(out.clone()).unwrap();
+    for secret in ["John", "Ann", "Jane", "Roe", "Acme", "Zed", "Zod", "Wu"] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(
+        v["gender"],
+        json!({"text": "[REDACTED:UNLISTED]"}),
+        "{text}"
+    );
+    assert_eq!(v["active"], json!([{"x": "[REDACTED:UNLISTED]"}]), "{text}");
+    assert_eq!(
+        v["name"][0]["given"],
+        json!(["[REDACTED:NAME]", ["[REDACTED:UNLISTED]"]]),
+        "{text}"
+    );
+    assert_eq!(
+        v["identifier"][0]["system"],
+        json!({"s": "[REDACTED:UNLISTED]"})
+    );
+    // What is well formed is read as before: an array of primitives, a code.
+    assert_eq!(v["meta"]["profile"], json!(["http://x/p"]), "{text}");
+    assert_eq!(
+        v["maritalStatus"]["coding"][0]["system"], "http://s",
+        "{text}"
+    );
+    assert!(counts.by_entity(&p)["UNLISTED"] >= 6, "{counts:?}");
+    let (dom, _) = dom::mask_document(&p, &ctx(), BodyKind::Json, input).unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&dom).unwrap(), v);
+    assert_eq!(stream(&p, BodyKind::Json, &out).unwrap(), out);
+    for cut in [1, 5, 33] {
+        let cuts: Vec<usize> = (cut..input.len()).step_by(cut).collect();
+        assert_eq!(
+            stream_chunked(&p, BodyKind::Json, input, &cuts).unwrap(),
+            out
+        );
+    }
+
+    // FHIR XML: a primitive element's children are its extensions (under the
+    // default rule, not the primitive's); any other child or attribute is not read
+    // by type.
+    let input = br#"<Patient xmlns="http://hl7.org/fhir"><gender value="male"><extension url="http://example.org/evil"><valueString value="Jane Roe"/></extension><text value="John"/></gender><active id="Smith" value="true"/><identifier><system value="urn:x"><s value="Acme"/></system></identifier></Patient>"#;
+    let (out, _) = mask_body(&p, &ctx(), BodyKind::Xml, None, input).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    for secret in ["Jane", "Roe", "John", "Smith", "Acme"] {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+    }
+    assert!(text.contains(r#"<gender value="male">"#), "{text}");
+    assert!(text.contains(r#"<system value="urn:x">"#), "{text}");
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Random resources of every R4 type with containers where primitives belong
+    /// (objects, nested arrays, object urls): nothing inside them survives, in JSON
+    /// (the stream agrees with the DOM) and in FHIR XML.
+    #[test]
+    fn misplaced_containers_never_pass_raw(seed in any::<u64>()) {
+        let p = shipped("safe_harbor");
+        let mut g = ResourceGen { model: fhir::r4(), state: seed, leaves: 0, markers: Vec::new(), hostile: Hostile::Json };
+        let doc = g.resource(0);
+        let input = if seed % 2 == 0 { fhir_json(&doc) } else { serde_json::to_vec(&doc).unwrap() };
+        let (out, _) = mask_body(&p, &ctx(), BodyKind::Json, None, &input).unwrap();
+        let text = String::from_utf8(out.clone()).unwrap();
+        for (marker, allowed) in &g.markers {
+            prop_assert!(*allowed || !text.contains(marker.as_str()), "{marker} survived: {text}");
+        }
+        let (dom, _) = dom::mask_document(&p, &ctx(), BodyKind::Json, &input).unwrap();
+        prop_assert_eq!(serde_json::from_slice::<Value>(&dom).unwrap(), serde_json::from_slice::<Value>(&out).unwrap());
+        prop_assert_eq!(stream(&p, BodyKind::Json, &out).unwrap(), out);
+
+        let mut g = ResourceGen { model: fhir::r4(), state: seed, leaves: 0, markers: Vec::new(), hostile: Hostile::Xml };
+        let input = fhir_xml(&g.resource(0));
+        let (out, _) = mask_body(&p, &ctx(), BodyKind::Xml, None, &input)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&input)));
+        let text = String::from_utf8(out).unwrap();
+        for (marker, allowed) in &g.markers {
+            prop_assert!(*allowed || !text.contains(marker.as_str()), "{marker} survived: {text}");
+        }
     }
 }

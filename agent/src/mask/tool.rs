@@ -1,5 +1,6 @@
-//! `phigate mask`: masks a JSON or NDJSON file with a profile and writes the result
-//! to stdout, to try a profile on real documents; `--engine dom` runs the serde_json
+//! `phigate mask`: masks a JSON, NDJSON or FHIR XML (`.xml`) file with a profile and
+//! writes the result to stdout, to try a profile on real documents (XML goes through
+//! the agent's streaming XML masker); `--engine dom` runs the serde_json
 //! parse-mask-serialize peer and `--stats` reports throughput and peak memory (what
 //! `cargo xtask bench mask` compares).
 
@@ -96,16 +97,22 @@ pub fn run(a: Args) -> anyhow::Result<()> {
                 }
                 n_in += n as u64;
                 masked.clear();
-                m.push(&buf[..n], &mut masked)?;
+                m.push(&buf[..n], &mut masked)
+                    .with_context(|| format!("cannot mask {}", a.file.display()))?;
                 n_out += masked.len() as u64;
                 out.write_all(&masked)?;
             }
             masked.clear();
-            m.finish(&mut masked)?;
+            m.finish(&mut masked)
+                .with_context(|| format!("cannot mask {}", a.file.display()))?;
             n_out += masked.len() as u64;
             out.write_all(&masked)?;
             (n_in, n_out, m.counts().clone())
         }
+        "dom" if kind == BodyKind::Xml => bail!(
+            "{}: --engine dom has no FHIR XML peer (it is serde_json); use --engine stream",
+            a.file.display()
+        ),
         "dom" => {
             let body = std::fs::read(&a.file)
                 .with_context(|| format!("cannot read {}", a.file.display()))?;

@@ -314,6 +314,33 @@ impl FhirRules {
         self.safe_extensions.contains(url) || (trusted && !url.contains(':'))
     }
 
+    /// Whether an object or array (`object`: which), itself an array element or not
+    /// (`in_array`), contradicts the model at `ty`: FHIR JSON writes a primitive as
+    /// a scalar (a repeating one as an array of scalars) and `resourceType` or an
+    /// extension's `url` as a string. Such a value (malformed or hostile FHIR) must
+    /// not pass under the primitive's rule (a `keep` on `code` would copy a name
+    /// nested in it): it is read as [`Self::misplaced_ctx`], whole.
+    #[inline]
+    pub fn misplaced(&self, ty: TypeCtx, object: bool, in_array: bool) -> bool {
+        if ty.sealed {
+            return false;
+        }
+        ty.role != Role::Plain
+            || (ty.ty != UNKNOWN && self.model.is_primitive(ty.ty) && (object || in_array))
+    }
+
+    /// The type context and rule of a misplaced value's subtree: sealed under the
+    /// default rule (redact or drop), so no path or type rule inside it counts.
+    pub fn misplaced_ctx(&self) -> (TypeCtx, u32) {
+        let ty = TypeCtx {
+            ty: UNKNOWN,
+            role: Role::Plain,
+            trusted: false,
+            sealed: true,
+        };
+        (ty, self.default_rule)
+    }
+
     /// Steps into member `key` of an object in `parent`; `url_safe`: the object is an
     /// extension whose url was read and is on the allow-list. Returns the child's
     /// context and the rule its type gives (`None`: inherit).
@@ -328,6 +355,19 @@ impl FhirRules {
         };
         if parent.ty == UNKNOWN || parent.sealed {
             return (child, None);
+        }
+        if m.is_primitive(parent.ty) {
+            // FHIR XML: a primitive element's children are its extensions (JSON's
+            // `_name`), under the default rule, not the primitive's. Anything else
+            // there (an `id` attribute, an element FHIR has not) is not read by type.
+            // (JSON never gets here: an object where a primitive belongs is sealed
+            // whole, see `misplaced`.)
+            if key == "extension" {
+                child.ty = m.extension;
+            } else {
+                child.sealed = true;
+            }
+            return (child, Some(self.default_rule));
         }
         if key == "resourceType" && m.is_resource(parent.ty) {
             child.role = Role::ResourceType;
