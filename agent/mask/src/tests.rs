@@ -1395,6 +1395,17 @@ fn a_container_where_a_primitive_belongs_is_masked_whole() {
     }
     assert!(text.contains(r#"<gender value="male">"#), "{text}");
     assert!(text.contains(r#"<system value="urn:x">"#), "{text}");
+
+    // A boolean passes as in JSON; anything else in a boolean's value is text.
+    let input = br#"<Patient xmlns="http://hl7.org/fhir"><active value="false"/><deceasedBoolean value="true"/><multipleBirthBoolean value="Jane Roe"/></Patient>"#;
+    let (out, _) = mask_body(&p, &ctx(), BodyKind::Xml, None, input).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(text.contains(r#"<active value="false"/>"#), "{text}");
+    assert!(
+        text.contains(r#"<deceasedBoolean value="true"/>"#),
+        "{text}"
+    );
+    assert!(!text.contains("Jane"), "{text}");
 }
 
 proptest! {

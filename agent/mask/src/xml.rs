@@ -517,9 +517,15 @@ impl XmlStream {
         }
         let fhir = self.profile.fhir.clone();
         if key == b"value" {
-            let numeric = fhir
+            let type_name = fhir
                 .as_ref()
-                .is_some_and(|f| ctx.ty.ty != UNKNOWN && numeric(f.model().name(ctx.ty.ty)));
+                .filter(|_| ctx.ty.ty != UNKNOWN)
+                .map(|f| f.model().name(ctx.ty.ty));
+            // A boolean is one bit, as JSON's `true`/`false` literals, which pass.
+            if type_name == Some("boolean") && matches!(value, "true" | "false") {
+                return None;
+            }
+            let numeric = type_name.is_some_and(numeric);
             if numeric {
                 return match self.scalar.number(
                     &self.profile,
