@@ -1106,37 +1106,36 @@ mod tests;
 
 /// `principal.container`, `container_runtime`, `pod_uid` ("" when not in one).
 fn container_attrs(w: &Workload) -> Vec<(String, RestrictedExpression)> {
-    [
+    optional_strings([
         ("container", &w.container_id),
         ("container_runtime", &w.container_runtime),
         ("pod_uid", &w.pod_uid),
-    ]
-    .into_iter()
-    .map(|(name, value)| {
-        (
-            name.to_owned(),
-            RestrictedExpression::new_string(value.clone().unwrap_or_default()),
-        )
-    })
-    .collect()
+    ])
 }
 
 /// `principal.pod_namespace`, `pod_name`, `image` ("" when the runtime's state does
 /// not say).
 fn runtime_attrs(w: &Workload) -> Vec<(String, RestrictedExpression)> {
-    [
+    optional_strings([
         ("pod_namespace", &w.pod_namespace),
         ("pod_name", &w.pod_name),
         ("image", &w.container_image),
-    ]
-    .into_iter()
-    .map(|(name, value)| {
-        (
-            name.to_owned(),
-            RestrictedExpression::new_string(value.clone().unwrap_or_default()),
-        )
-    })
-    .collect()
+    ])
+}
+
+/// Named string attributes, "" for an unknown value.
+fn optional_strings<const N: usize>(
+    attrs: [(&str, &Option<String>); N],
+) -> Vec<(String, RestrictedExpression)> {
+    attrs
+        .into_iter()
+        .map(|(name, value)| {
+            (
+                name.to_owned(),
+                RestrictedExpression::new_string(value.clone().unwrap_or_default()),
+            )
+        })
+        .collect()
 }
 
 /// A token's entity: issuer, subject, groups, expiry, and its configured claims as tags.
