@@ -202,6 +202,8 @@ pub struct JournalThread {
     /// Set by the store on close: drain what is queued, sync, stop.
     shutdown: Arc<AtomicBool>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// The SIEM stream, handed every committed batch, when configured.
+    feed: Option<Arc<super::siem::Feed>>,
 }
 
 impl JournalThread {
@@ -229,7 +231,14 @@ impl JournalThread {
             downstream,
             shutdown,
             metrics,
+            feed: None,
         })
+    }
+
+    /// Committed entries also go to the SIEM stream (never waiting for it).
+    pub fn feed_to(mut self, feed: Arc<super::siem::Feed>) -> JournalThread {
+        self.feed = Some(feed);
+        self
     }
 
     /// Runs until the store closes (or every sender is gone), then syncs and returns;
@@ -331,6 +340,10 @@ impl JournalThread {
                         );
                         let _ = d.send(Ok(()));
                     }
+                }
+                // Only durable entries are streamed, in journal order.
+                if let Some(f) = &self.feed {
+                    f.offer(&entries);
                 }
                 // Blocks when the Parquet writer is far behind: backpressure, not loss.
                 let _ = self.downstream.send(entries);
