@@ -17,6 +17,7 @@ use serde_json::Value;
 
 const UP: &str = "127.0.0.2:9443";
 const SIEM: &str = "127.0.0.1:6514";
+const METRICS: &str = "127.0.0.1:9464";
 
 /// rsyslogd in the foreground in the world's netns, receiving syslog over TLS on
 /// SIEM and writing `app-name TAB msgid TAB structured-data TAB msg` per message to
@@ -238,7 +239,8 @@ fn siem_world(tag: &str, siem_extra: &str, ca: &Path, policies: &str) -> (World,
     let up = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &[]);
     w.write_config(&format!(
         "{}\n[records.siem]\naddress = \"{SIEM}\"\nca_file = \"{}\"\napp_name = \"phigate-test\"\n{siem_extra}\n\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
-        w.agent_and_records("", ""),
+        w.agent_and_records("", "")
+            .replace("[admin]\n", &format!("[admin]\nmetrics_listen = \"{METRICS}\"\n")),
         ca.display(),
         pki.ca.display()
     ));
@@ -272,6 +274,29 @@ fn curl(w: &World, ca: &Path, extra: &[&str], path: &str) -> String {
     argv.extend(extra);
     argv.push(&url);
     stdout(&output(w.inside(), &argv))
+}
+
+/// The agent's `phigate_siem_*` metrics, scraped: name -> value.
+fn siem_metrics(w: &World) -> HashMap<String, f64> {
+    let out = output(
+        w.outside(),
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            &format!("http://{METRICS}/metrics"),
+        ],
+    );
+    assert!(out.status.success(), "scrape failed: {}", stderr(&out));
+    stdout(&out)
+        .lines()
+        .filter(|l| l.starts_with("phigate_siem_"))
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_owned(), v.trim().parse().ok()?))
+        })
+        .collect()
 }
 
 fn siem_status(w: &World) -> Value {
@@ -457,6 +482,10 @@ fn each_durable_exchange_streams_as_one_line_with_its_metadata_and_no_phi_and_wa
         st["connected"] == true && st["buffered"] == 0
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", w.status()));
+    let m = siem_metrics(&w);
+    assert_eq!(m["phigate_siem_connected"], 1.0, "{m:?}");
+    assert!(m["phigate_siem_sent_lines"] >= lines.len() as f64, "{m:?}");
+    assert_eq!(m["phigate_siem_dropped_lines"], 0.0, "{m:?}");
     for outcome in ["failed", "ok"] {
         w.wait_row("events", &format!("siem {outcome}"), |e| {
             e["kind"] == "siem" && e["outcome"] == outcome
@@ -491,6 +520,14 @@ fn a_receiver_whose_certificate_is_from_another_ca_gets_nothing_and_requests_pas
         err.contains("certificate failed verification") && err.contains("UnknownIssuer"),
         "{err}"
     );
+    let m = siem_metrics(&w);
+    assert!(m["phigate_siem_failures"] >= 2.0, "{m:?}");
+    assert_eq!(
+        (m["phigate_siem_connected"], m["phigate_siem_sent_lines"]),
+        (0.0, 0.0),
+        "{m:?}"
+    );
+    assert!(m["phigate_siem_buffered_lines"] >= 3.0, "{m:?}");
     // Nothing reached the receiver, not even a partial message.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(rs.raw(), "", "the untrusted receiver got lines");
@@ -541,6 +578,7 @@ fn a_full_buffer_drops_the_oldest_lines_counts_them_and_says_so_in_events() {
     .unwrap_or_else(|e| panic!("{e:#}: {}", w.status()));
     let st = siem_status(&w);
     assert!(st["buffered"].as_u64().unwrap() <= 4, "{st}");
+    assert!(siem_metrics(&w)["phigate_siem_dropped_lines"] > 0.0);
     let rs = Rsyslog::start(&w, "rsyslog", &siem_pki, None);
     wait_until("caught up", Duration::from_secs(20), || {
         let st = siem_status(&w);
