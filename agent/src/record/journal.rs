@@ -500,6 +500,42 @@ mod tests {
     }
 
     #[test]
+    fn committed_entries_are_handed_to_the_siem_feed_in_order_after_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (down_tx, down_rx) = std::sync::mpsc::channel();
+        let siem = Arc::new(super::super::siem::SiemState::default());
+        let feed = Arc::new(super::super::siem::Feed::new(10, siem));
+        let mut j = JournalThread::open(
+            dir.path(),
+            Durability::Strict,
+            5,
+            Arc::new(JournalState::default()),
+            down_tx,
+            Arc::new(AtomicBool::new(false)),
+            Default::default(),
+        )
+        .unwrap()
+        .feed_to(feed.clone());
+        let sub = |i: i64| Submission {
+            table: Table::Events,
+            time_us: i,
+            json: b"{}".to_vec(),
+            done: None,
+        };
+        let mut buf = Vec::new();
+        j.commit(vec![sub(1), sub(2)], &mut buf);
+        j.commit(vec![sub(3)], &mut buf);
+        assert_eq!(feed.waiting(), [5, 6, 7]);
+        // A commit that fails hands nothing on: only durable entries are streamed.
+        j.file = File::open(dir.path().join(format!("{:020}.wal", 5))).unwrap();
+        j.commit(vec![sub(4)], &mut buf);
+        assert!(j.state.failing.load(Ordering::Relaxed));
+        assert_eq!(feed.waiting(), [5, 6, 7]);
+        drop(j);
+        assert_eq!(down_rx.try_iter().flatten().count(), 3);
+    }
+
+    #[test]
     fn commits_reuse_preallocated_space_and_replay_reads_them_all() {
         let dir = tempfile::tempdir().unwrap();
         let state = Arc::new(JournalState::default());

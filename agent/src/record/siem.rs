@@ -242,6 +242,12 @@ impl Feed {
     fn take(&self) -> VecDeque<Committed> {
         std::mem::take(&mut *lock(&self.inbox))
     }
+
+    /// The journal seqs waiting, oldest first.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> Vec<u64> {
+        lock(&self.inbox).iter().map(|c| c.seq).collect()
+    }
 }
 
 /// The fixed parts of every line's header.
@@ -537,7 +543,8 @@ impl Siem {
         })
     }
 
-    /// Runs until the store closes; then what is buffered gets FLUSH_AT_STOP.
+    /// Runs until the store closes; then, if connected, what is buffered gets
+    /// FLUSH_AT_STOP.
     pub fn run(mut self) {
         let rt = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -560,8 +567,10 @@ impl Siem {
         loop {
             self.fill();
             if self.deps.shutdown.load(Ordering::Relaxed) {
+                // Connected: what waits gets FLUSH_AT_STOP; not: no new attempt holds
+                // up the stop (the lines are in the records).
                 let by = *stop_by.get_or_insert_with(|| Instant::now() + FLUSH_AT_STOP);
-                if self.pending.is_empty() || Instant::now() >= by {
+                if self.pending.is_empty() || conn.is_none() || Instant::now() >= by {
                     break;
                 }
             }
