@@ -18,6 +18,7 @@ use crate::outbound::Outbound;
 use crate::preflight;
 use crate::proxy::namespaces::Namespaces;
 use crate::proxy::Proxy;
+use crate::record::siem::SiemTarget;
 use crate::record::store::{RecordStore, StoreConfig};
 use crate::record::{EventRecord, Origin, RecordSink};
 use crate::redirect::Redirector;
@@ -145,7 +146,7 @@ async fn open_records(
     sockets: &SocketFactory,
     metrics: &Arc<crate::metrics::Metrics>,
 ) -> anyhow::Result<(Arc<RecordStore>, Arc<Approvals>, crate::pipeline::Pipeline)> {
-    let (store, replay) = open_store(config, metrics.clone())?;
+    let (store, replay) = open_store(config, metrics.clone(), sockets)?;
     let store = Arc::new(store);
     let records: Arc<dyn RecordSink> = store.clone();
     let approvals = Arc::new(
@@ -461,6 +462,13 @@ fn sample(m: &crate::metrics::Metrics, s: &crate::admin::Status) {
         m.ship_failures.set(gauge(sh.failures));
         m.ship_lag.set(gauge(sh.lag_secs));
     }
+    if let Some(si) = &s.records.siem {
+        m.siem_sent.set(gauge(si.sent));
+        m.siem_buffered.set(gauge(si.buffered));
+        m.siem_dropped.set(gauge(si.dropped));
+        m.siem_failures.set(gauge(si.failures));
+        m.siem_connected.set(i64::from(si.connected));
+    }
     m.records_writable.set(i64::from(s.records_writable));
     for (name, v) in &s.ebpf_maps {
         m.ebpf_map_entries
@@ -531,6 +539,7 @@ async fn verify_periodically(store: Arc<RecordStore>, every: std::time::Duration
 pub fn open_store(
     config: &Config,
     metrics: Arc<crate::metrics::Metrics>,
+    sockets: &SocketFactory,
 ) -> anyhow::Result<(RecordStore, crate::record::store::Replay)> {
     let r = &config.records;
     let durability = r.durability;
@@ -546,6 +555,10 @@ pub fn open_store(
             retention_days: r.retention_days,
             metrics: metrics.clone(),
             shipping: r.shipping.clone(),
+            siem: r.siem.clone().map(|section| SiemTarget {
+                section,
+                sockets: sockets.clone(),
+            }),
         },
         Origin::this_host(),
     )

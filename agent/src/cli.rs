@@ -809,6 +809,25 @@ fn status(
                 .unwrap_or_default()
         );
     }
+    if let Some(si) = &r.siem {
+        println!(
+            "siem:          {} to {}, {} sent, {} waiting, {} dropped, {} failed connections{}",
+            if si.connected {
+                "connected"
+            } else {
+                "NOT CONNECTED"
+            },
+            si.destination,
+            si.sent,
+            si.buffered,
+            si.dropped,
+            si.failures,
+            si.last_error
+                .as_deref()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
     if r.held_entries > 0 {
         println!(
             "               {} journal entr{} would not decode: not in Parquet, kept in <records_dir>/_journal/held/",

@@ -939,6 +939,97 @@ mod tests {
     }
 
     #[test]
+    fn records_siem_is_checked_where_it_is_written() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("phigate.toml");
+        let parse = |text: &str| Config::parse(&file, text);
+        let ck = rcgen::generate_simple_self_signed(vec!["siem.test".into()]).unwrap();
+        std::fs::write(d.path().join("ca.pem"), ck.cert.pem()).unwrap();
+        std::fs::write(d.path().join("client.pem"), ck.cert.pem()).unwrap();
+        let key = d.path().join("client.key");
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::write(d.path().join("empty.pem"), "").unwrap();
+
+        let ok = "[records.siem]\naddress = \"siem.test:6514\"\nca_file = \"ca.pem\"\nclient_cert_file = \"client.pem\"\nclient_key_file = \"client.key\"\nfacility = \"local4\"\napp_name = \"phigate-ward\"\nbuffer_records = 10\n";
+        let si = parse(ok).unwrap().records.siem.expect("siem");
+        assert_eq!((si.host.as_str(), si.port), ("siem.test", 6514));
+        assert_eq!(si.server_name, "siem.test");
+        assert_eq!(si.ca_file, d.path().join("ca.pem"));
+        assert_eq!((si.facility, si.buffer_records), (20, 10));
+        let si = parse("[records.siem]\naddress = \"[::1]:6514\"\nca_file = \"ca.pem\"\n")
+            .unwrap()
+            .records
+            .siem
+            .unwrap();
+        assert_eq!((si.server_name.as_str(), si.facility), ("::1", 13));
+        assert_eq!(si.app_name, "phigate");
+
+        let bad = |text: &str, key: &str, what: &str| {
+            let e = parse(&format!("[records.siem]\n{text}")).unwrap_err();
+            let s = e.to_string();
+            assert!(s.starts_with(&file.display().to_string()), "{s}");
+            assert_eq!(e.key.as_deref(), Some(key), "{s}");
+            assert!(s.contains(what), "{s}");
+        };
+        bad(
+            "address = \"siem.test\"\nca_file = \"ca.pem\"\n",
+            "records.siem.address",
+            "HOST:PORT",
+        );
+        bad(
+            "address = \"::1:6514\"\nca_file = \"ca.pem\"\n",
+            "records.siem.address",
+            "HOST:PORT",
+        );
+        bad(
+            "address = \"h:6514\"\nca_file = \"none.pem\"\n",
+            "records.siem.ca_file",
+            "cannot read",
+        );
+        bad(
+            "address = \"h:6514\"\nca_file = \"empty.pem\"\n",
+            "records.siem.ca_file",
+            "no certificate",
+        );
+        bad(
+            "address = \"h:6514\"\nca_file = \"ca.pem\"\nfacility = \"loud\"\n",
+            "records.siem.facility",
+            "local7",
+        );
+        bad(
+            "address = \"h:6514\"\nca_file = \"ca.pem\"\napp_name = \"a b\"\n",
+            "records.siem.app_name",
+            "APP-NAME",
+        );
+        bad(
+            "address = \"h:6514\"\nca_file = \"ca.pem\"\nbuffer_records = 0\n",
+            "records.siem.buffer_records",
+            "between 1",
+        );
+        bad(
+            "address = \"h:6514\"\nca_file = \"ca.pem\"\nclient_cert_file = \"client.pem\"\n",
+            "records.siem.client_cert_file",
+            "neither",
+        );
+        bad(
+            "address = \"h:6514\"\nca_file = \"ca.pem\"\nserver_name = \"a b\"\n",
+            "records.siem.server_name",
+            "DNS name",
+        );
+        let e =
+            parse("[records.siem]\naddress = \"h:6514\"\nca_file = \"ca.pem\"\nverify = false\n")
+                .unwrap_err();
+        assert!(
+            e.message.contains("unknown field") && e.message.contains("verify"),
+            "{e}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        bad("address = \"h:6514\"\nca_file = \"ca.pem\"\nclient_cert_file = \"client.pem\"\nclient_key_file = \"client.key\"\n", "records.siem.client_key_file", "chmod 600");
+    }
+
+    #[test]
     fn bad_fail_mode_value() {
         let e = parse("[agent]\nfail_mode = \"sometimes\"\n").unwrap_err();
         assert_eq!(e.line, Some(2));

@@ -114,6 +114,11 @@ pub struct Metrics {
     pub unshipped_files: Gauge,
     pub ship_failures: Gauge,
     pub ship_lag: Gauge,
+    pub siem_sent: Gauge,
+    pub siem_buffered: Gauge,
+    pub siem_dropped: Gauge,
+    pub siem_failures: Gauge,
+    pub siem_connected: Gauge,
     pub records_writable: Gauge,
     pub ebpf_map_entries: Family<NameLabels, Gauge>,
     pub ebpf_counters: Family<NameLabels, Gauge>,
@@ -169,6 +174,11 @@ impl Metrics {
             unshipped_files: Gauge::default(),
             ship_failures: Gauge::default(),
             ship_lag: Gauge::default(),
+            siem_sent: Gauge::default(),
+            siem_buffered: Gauge::default(),
+            siem_dropped: Gauge::default(),
+            siem_failures: Gauge::default(),
+            siem_connected: Gauge::default(),
             records_writable: Gauge::default(),
             ebpf_map_entries: Family::default(),
             ebpf_counters: Family::default(),
@@ -406,7 +416,7 @@ async fn answer(stream: &mut tokio::net::TcpStream, metrics: &Metrics) -> std::i
     stream.shutdown().await
 }
 
-/// The records' gauges: journal, Parquet, shipping, writability.
+/// The records' gauges: journal, Parquet, shipping, the SIEM stream, writability.
 fn register_records(reg: &mut Registry, m: &Metrics) {
     reg.register(
         "journal_entries",
@@ -452,6 +462,31 @@ fn register_records(reg: &mut Registry, m: &Metrics) {
         "records_ship_lag_seconds",
         "How long the oldest sealed, unshipped file has waited",
         m.ship_lag.clone(),
+    );
+    reg.register(
+        "siem_sent_lines",
+        "Record lines written to the SIEM receiver since start",
+        m.siem_sent.clone(),
+    );
+    reg.register(
+        "siem_buffered_lines",
+        "Record lines waiting for the SIEM receiver",
+        m.siem_buffered.clone(),
+    );
+    reg.register(
+        "siem_dropped_lines",
+        "Record lines dropped since start because the SIEM buffer was full (oldest first)",
+        m.siem_dropped.clone(),
+    );
+    reg.register(
+        "siem_failures",
+        "Failed connections to the SIEM receiver (unreachable, certificate not verified, lost)",
+        m.siem_failures.clone(),
+    );
+    reg.register(
+        "siem_connected",
+        "1 while a verified TLS connection to the SIEM receiver is open",
+        m.siem_connected.clone(),
     );
     reg.register(
         "records_writable",

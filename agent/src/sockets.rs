@@ -33,6 +33,15 @@ pub struct SocketFactory {
     exemptions: Option<Arc<dyn Exemptions>>,
 }
 
+impl std::fmt::Debug for SocketFactory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketFactory")
+            .field("mark", &self.mark)
+            .field("exempt", &self.exemptions.is_some())
+            .finish()
+    }
+}
+
 impl SocketFactory {
     /// `mark`: SO_MARK for the host's firewall (0: none). `exemptions`: the redirect's
     /// own-socket registry, if a redirect is attached.

@@ -35,6 +35,10 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "runc",
     "conmon",
     "netavark",
+    // A real syslog receiver over TLS (imtcp with the gtls stream driver) for the
+    // SIEM stream: tests/tests/siem.rs.
+    "rsyslog",
+    "rsyslog-gnutls",
 ];
 
 /// Python modules (import name, pip name).

@@ -60,7 +60,12 @@ async fn a_request_flows_through_the_pipeline_with_a_static_lookup() {
     .unwrap();
     let config = Config::parse(&dir.path().join("phigate.toml"), &cfg).unwrap();
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let (store, _) = crate::app::open_store(&config, metrics.clone()).unwrap();
+    let (store, _) = crate::app::open_store(
+        &config,
+        metrics.clone(),
+        &crate::sockets::SocketFactory::new(0, None),
+    )
+    .unwrap();
     let store = Arc::new(store);
     let records: Arc<dyn RecordSink> = store.clone();
     let ca = Arc::new(crate::app::load_ca(&config).unwrap());

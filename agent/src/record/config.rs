@@ -34,6 +34,193 @@ pub struct RecordsSection {
     pub headers: Vec<String>,
     /// `[records.shipping]`: sealed files, manifests and heads copied off the host.
     pub shipping: Option<ShippingSection>,
+    /// `[records.siem]`: each durable record's metadata streamed as syslog over TLS.
+    pub siem: Option<SiemSection>,
+}
+
+/// Where and how record metadata is streamed: RFC 5424 syslog over TLS (RFC 5425)
+/// to a SIEM's receiver, verified against `ca_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiemSection {
+    /// `host:port` as written (a name is resolved at each connect), and its parts.
+    pub address: String,
+    pub host: String,
+    pub port: u16,
+    /// The receiver's certificate must chain to one of these (PEM); nothing else is
+    /// trusted, and there is no switch to skip verification.
+    pub ca_file: PathBuf,
+    /// The name (DNS or IP) the certificate must be for; default: `host`.
+    pub server_name: String,
+    /// Mutual TLS: the chain phigate presents and its key (0600).
+    pub client_cert: Option<crate::config::upstream_auth::ClientCert>,
+    /// RFC 5424 APP-NAME and facility code (0..=23).
+    pub app_name: String,
+    pub facility: u8,
+    /// Lines held while the receiver is slow or away; past this the oldest are
+    /// dropped (and counted).
+    pub buffer_records: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSiem {
+    address: Spanned<String>,
+    ca_file: Spanned<PathBuf>,
+    server_name: Option<Spanned<String>>,
+    client_cert_file: Option<Spanned<PathBuf>>,
+    client_key_file: Option<Spanned<PathBuf>>,
+    app_name: Option<Spanned<String>>,
+    facility: Option<Spanned<String>>,
+    buffer_records: Option<Spanned<u64>>,
+}
+
+/// RFC 5424's facility names (section 6.2.1), by code; `audit` is "log audit".
+pub(crate) const FACILITIES: [&str; 24] = [
+    "kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp", "cron", "authpriv",
+    "ftp", "ntp", "audit", "alert", "clock", "local0", "local1", "local2", "local3", "local4",
+    "local5", "local6", "local7",
+];
+
+const DEFAULT_SIEM_BUFFER: u64 = 100_000;
+const MAX_SIEM_BUFFER: u64 = 10_000_000;
+
+/// `host:port`, IPv6 in brackets.
+fn split_address(a: &str) -> Option<(String, u16)> {
+    let (host, port) = a.rsplit_once(':')?;
+    let host = match host.strip_prefix('[') {
+        Some(h) => h.strip_suffix(']')?,
+        None if host.contains(':') => return None,
+        None => host,
+    };
+    let port: u16 = port.parse().ok().filter(|p| *p != 0)?;
+    (!host.is_empty()).then(|| (host.to_owned(), port))
+}
+
+/// Why a PEM certificate file cannot be used, if it cannot.
+fn certs_problem(path: &std::path::Path) -> Option<String> {
+    use rustls_pki_types::pem::PemObject as _;
+    use rustls_pki_types::CertificateDer;
+    match CertificateDer::pem_file_iter(path) {
+        Err(e) => Some(format!("{}: cannot read: {e}", path.display())),
+        Ok(it) => match it.collect::<Result<Vec<_>, _>>() {
+            Err(e) => Some(format!("{}: not PEM certificates: {e}", path.display())),
+            Ok(v) if v.is_empty() => Some(format!("{}: holds no certificate", path.display())),
+            Ok(_) => None,
+        },
+    }
+}
+
+fn siem_section(src: &TomlSource<'_>, raw: RawSiem) -> Result<SiemSection, ConfigError> {
+    let key = |k: &str| Some(format!("records.siem.{k}"));
+    let (host, port) = split_address(raw.address.get_ref()).ok_or_else(|| {
+        src.err(
+            Some(raw.address.span()),
+            key("address"),
+            "expected HOST:PORT (an IPv6 address in brackets), e.g. \"siem.example.org:6514\""
+                .into(),
+        )
+    })?;
+    let ca_file = src.resolve(raw.ca_file.get_ref().clone());
+    if let Some(m) = certs_problem(&ca_file) {
+        return Err(src.err(Some(raw.ca_file.span()), key("ca_file"), m));
+    }
+    let server_name = match raw.server_name {
+        None => host.clone(),
+        Some(n) => {
+            if rustls_pki_types::ServerName::try_from(n.get_ref().as_str()).is_err() {
+                return Err(src.err(
+                    Some(n.span()),
+                    key("server_name"),
+                    "not a DNS name or IP address".into(),
+                ));
+            }
+            n.into_inner()
+        }
+    };
+    if rustls_pki_types::ServerName::try_from(server_name.as_str()).is_err() {
+        return Err(src.err(
+            Some(raw.address.span()),
+            key("address"),
+            "its host is not a DNS name or IP address: set server_name".into(),
+        ));
+    }
+    let client_cert = match (raw.client_cert_file, raw.client_key_file) {
+        (None, None) => None,
+        (Some(c), Some(k)) => {
+            let cert = src.resolve(c.get_ref().clone());
+            if let Some(m) = certs_problem(&cert) {
+                return Err(src.err(Some(c.span()), key("client_cert_file"), m));
+            }
+            let keyf = src.resolve(k.get_ref().clone());
+            let owner = crate::config::upstream_auth::agent_uid();
+            if let Some(m) = crate::config::upstream_auth::secret_file_problem(&keyf, owner) {
+                return Err(src.err(Some(k.span()), key("client_key_file"), m));
+            }
+            Some(crate::config::upstream_auth::ClientCert { cert, key: keyf })
+        }
+        (c, k) => {
+            let span = c.map(|c| c.span()).or(k.map(|k| k.span()));
+            return Err(src.err(
+                span,
+                key("client_cert_file"),
+                "give both client_cert_file and client_key_file, or neither".into(),
+            ));
+        }
+    };
+    let app_name = match raw.app_name {
+        None => "phigate".to_owned(),
+        Some(a) => {
+            let ok = (1..=48).contains(&a.get_ref().len())
+                && a.get_ref().bytes().all(|b| (33..=126).contains(&b));
+            if !ok {
+                return Err(src.err(
+                    Some(a.span()),
+                    key("app_name"),
+                    "1 to 48 printable ASCII characters, no spaces (RFC 5424 APP-NAME)".into(),
+                ));
+            }
+            a.into_inner()
+        }
+    };
+    let facility = match raw.facility {
+        None => 13,
+        Some(f) => match FACILITIES.iter().position(|n| *n == f.get_ref().as_str()) {
+            Some(i) => i as u8,
+            None => {
+                return Err(src.err(
+                    Some(f.span()),
+                    key("facility"),
+                    format!(
+                        "`{}`: expected one of {}",
+                        f.get_ref(),
+                        FACILITIES.join(", ")
+                    ),
+                ))
+            }
+        },
+    };
+    let buffer_records = match raw.buffer_records {
+        None => DEFAULT_SIEM_BUFFER,
+        Some(b) if !(1..=MAX_SIEM_BUFFER).contains(b.get_ref()) => {
+            return Err(src.err(
+                Some(b.span()),
+                key("buffer_records"),
+                format!("must be between 1 and {MAX_SIEM_BUFFER}"),
+            ))
+        }
+        Some(b) => b.into_inner(),
+    } as usize;
+    Ok(SiemSection {
+        address: raw.address.into_inner(),
+        host,
+        port,
+        ca_file,
+        server_name,
+        client_cert,
+        app_name,
+        facility,
+        buffer_records,
+    })
 }
 
 /// Where and how sealed records are shipped: S3-compatible object storage.
@@ -166,6 +353,7 @@ impl Default for RecordsSection {
             .map(String::from)
             .to_vec(),
             shipping: None,
+            siem: None,
         }
     }
 }
@@ -185,6 +373,7 @@ pub(crate) struct RawRecords {
     patient_query_params: Option<Vec<String>>,
     headers: Option<Vec<String>>,
     shipping: Option<RawShipping>,
+    siem: Option<RawSiem>,
 }
 
 /// `[records]`, validated.
@@ -266,6 +455,7 @@ pub(crate) fn records_section(
                 patient_query_params: r.patient_query_params.unwrap_or(d.patient_query_params),
                 headers: r.headers.map(lower).unwrap_or(d.headers),
                 shipping: r.shipping.map(|s| shipping_section(src, s)).transpose()?,
+                siem: r.siem.map(|s| siem_section(src, s)).transpose()?,
             }
         }
     })

@@ -202,6 +202,8 @@ pub struct JournalThread {
     /// Set by the store on close: drain what is queued, sync, stop.
     shutdown: Arc<AtomicBool>,
     metrics: Arc<crate::metrics::Metrics>,
+    /// The SIEM stream, handed every committed batch, when configured.
+    feed: Option<Arc<super::siem::Feed>>,
 }
 
 impl JournalThread {
@@ -229,7 +231,14 @@ impl JournalThread {
             downstream,
             shutdown,
             metrics,
+            feed: None,
         })
+    }
+
+    /// Committed entries also go to the SIEM stream (never waiting for it).
+    pub fn feed_to(mut self, feed: Arc<super::siem::Feed>) -> JournalThread {
+        self.feed = Some(feed);
+        self
     }
 
     /// Runs until the store closes (or every sender is gone), then syncs and returns;
@@ -331,6 +340,10 @@ impl JournalThread {
                         );
                         let _ = d.send(Ok(()));
                     }
+                }
+                // Only durable entries are streamed, in journal order.
+                if let Some(f) = &self.feed {
+                    f.offer(&entries);
                 }
                 // Blocks when the Parquet writer is far behind: backpressure, not loss.
                 let _ = self.downstream.send(entries);
@@ -484,6 +497,42 @@ mod tests {
         let (es, tail) = decode(&bytes);
         assert_eq!(es.len(), 1);
         assert!(matches!(tail, Tail::Torn { .. }), "{tail:?}");
+    }
+
+    #[test]
+    fn committed_entries_are_handed_to_the_siem_feed_in_order_after_the_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (down_tx, down_rx) = std::sync::mpsc::channel();
+        let siem = Arc::new(super::super::siem::SiemState::default());
+        let feed = Arc::new(super::super::siem::Feed::new(10, siem));
+        let mut j = JournalThread::open(
+            dir.path(),
+            Durability::Strict,
+            5,
+            Arc::new(JournalState::default()),
+            down_tx,
+            Arc::new(AtomicBool::new(false)),
+            Default::default(),
+        )
+        .unwrap()
+        .feed_to(feed.clone());
+        let sub = |i: i64| Submission {
+            table: Table::Events,
+            time_us: i,
+            json: b"{}".to_vec(),
+            done: None,
+        };
+        let mut buf = Vec::new();
+        j.commit(vec![sub(1), sub(2)], &mut buf);
+        j.commit(vec![sub(3)], &mut buf);
+        assert_eq!(feed.waiting(), [5, 6, 7]);
+        // A commit that fails hands nothing on: only durable entries are streamed.
+        j.file = File::open(dir.path().join(format!("{:020}.wal", 5))).unwrap();
+        j.commit(vec![sub(4)], &mut buf);
+        assert!(j.state.failing.load(Ordering::Relaxed));
+        assert_eq!(feed.waiting(), [5, 6, 7]);
+        drop(j);
+        assert_eq!(down_rx.try_iter().flatten().count(), 3);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! the ticket resolves. [`store::RecordStore`] is the sink: a write-ahead
 //! [`journal`] with group commit, and a background [`writer`] that turns the journal
 //! into hash-chained ([`chain`]), signed ([`seal`]) Parquet files. [`verify`] checks
-//! them, on this host or on a copy elsewhere with only the public key.
+//! them, on this host or on a copy elsewhere with only the public key. Off the host,
+//! [`ship`] copies sealed files to object storage and [`siem`] streams each durable
+//! record's metadata to a SIEM as it is committed.
 //!
 //! The format itself (the tables' columns, the chain, the seals) and its reader and
 //! verifier are the `phigate-record` crate (`agent/record/`), what auditors' tools
@@ -27,6 +29,7 @@ pub(crate) mod config;
 pub mod journal;
 pub mod pseudonym;
 pub mod ship;
+pub mod siem;
 pub mod store;
 pub mod writer;
 
@@ -206,7 +209,8 @@ pub struct EventRecord {
     #[serde(flatten)]
     pub origin: Origin,
     /// agent_start, agent_stop, config_reload, policy_reload, retention_delete,
-    /// verify, journal_replay.
+    /// verify, journal_replay, shipping, siem (the stream's receiver lost or back),
+    /// siem_drops (the stream's buffer overflowing, and caught up).
     pub kind: &'static str,
     /// ok, rejected, failed.
     pub outcome: &'static str,

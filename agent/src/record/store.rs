@@ -18,6 +18,7 @@ use tracing::{info, warn};
 use super::journal::{self, Durability, JournalState, JournalThread, Submission};
 use super::seal::Signer;
 use super::ship::{self, ShipDeps, ShipProgress, ShipState, Shipper};
+use super::siem::{self, Feed, Siem, SiemDeps, SiemProgress, SiemState, SiemTarget};
 use super::writer::{self, Writer, WriterConfig};
 use super::{micros, Durable, EventRecord, Origin, Record, RecordError, RecordSink};
 
@@ -35,6 +36,8 @@ pub struct StoreConfig {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Sealed files, manifests and heads copied to object storage.
     pub shipping: Option<super::config::ShippingSection>,
+    /// Each durable record's metadata streamed to a SIEM.
+    pub siem: Option<SiemTarget>,
 }
 
 pub const JOURNAL_DIR: &str = "_journal";
@@ -67,6 +70,11 @@ pub struct RecordStore {
     /// Stops the shipper once the writer has sealed its last file.
     ship_stop: Arc<AtomicBool>,
     ship_thread: Mutex<Option<JoinHandle<()>>>,
+    /// The SIEM stream's progress and receiver, when configured; stopped after the
+    /// journal's last commit.
+    siem: Option<(Arc<SiemState>, String)>,
+    siem_stop: Arc<AtomicBool>,
+    siem_thread: Mutex<Option<JoinHandle<()>>>,
     /// Held for the store's life: one agent per records_dir.
     _lock: File,
 }
@@ -89,6 +97,9 @@ pub struct Progress {
     /// Off-host shipping, when configured.
     #[serde(default)]
     pub shipping: Option<ShipProgress>,
+    /// The SIEM stream, when configured.
+    #[serde(default)]
+    pub siem: Option<SiemProgress>,
 }
 
 /// What opening found in the journal.
@@ -187,6 +198,12 @@ impl RecordStore {
                 (Some((state, ship::destination(sc))), Some(t))
             }
         };
+        let siem_stop = Arc::new(AtomicBool::new(false));
+        let (feed, siem, siem_thread) = start_siem(&cfg, &siem_stop, &tx, &origin)?;
+        let jt = match feed {
+            Some(f) => jt.feed_to(f),
+            None => jt,
+        };
         let j = std::thread::Builder::new()
             .name("phigate-journal".into())
             .spawn(move || jt.run(rx))?;
@@ -211,6 +228,9 @@ impl RecordStore {
             ship,
             ship_stop,
             ship_thread: Mutex::new(ship_thread),
+            siem,
+            siem_stop,
+            siem_thread: Mutex::new(siem_thread),
             _lock: lock,
         };
         Ok((
@@ -244,6 +264,16 @@ impl RecordStore {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(t) = shipper {
+            let _ = t.join();
+        }
+        // After the journal's last commit (the agent's stop event included).
+        self.siem_stop.store(true, Ordering::Relaxed);
+        let streamer = self
+            .siem_thread
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(t) = streamer {
             let _ = t.join();
         }
     }
@@ -314,6 +344,7 @@ impl RecordStore {
             journal_failing: j.failing.load(Ordering::Relaxed),
             parquet_failing: self.parquet_failing(),
             shipping: self.ship.as_ref().map(|(s, dest)| s.progress(dest)),
+            siem: self.siem.as_ref().map(|(s, dest)| s.progress(dest)),
         }
     }
 
@@ -395,6 +426,47 @@ impl RecordSink for RecordStore {
     fn origin(&self) -> &Origin {
         &self.origin
     }
+}
+
+/// The SIEM stream's parts: the journal's feed, the progress and receiver for
+/// `status`, the sender's thread.
+type SiemParts = (
+    Option<Arc<Feed>>,
+    Option<(Arc<SiemState>, String)>,
+    Option<JoinHandle<()>>,
+);
+
+/// Starts the SIEM stream's sender, when `[records.siem]` is configured.
+fn start_siem(
+    cfg: &StoreConfig,
+    stop: &Arc<AtomicBool>,
+    events: &Sender<Submission>,
+    origin: &Origin,
+) -> anyhow::Result<SiemParts> {
+    let Some(SiemTarget {
+        section: sc,
+        sockets,
+    }) = &cfg.siem
+    else {
+        return Ok((None, None, None));
+    };
+    let state = Arc::new(SiemState::default());
+    let feed = Arc::new(Feed::new(sc.buffer_records, state.clone()));
+    let sender = Siem::new(
+        sc,
+        SiemDeps {
+            feed: feed.clone(),
+            state: state.clone(),
+            sockets: sockets.clone(),
+            shutdown: stop.clone(),
+            events: events.clone(),
+            origin: origin.clone(),
+        },
+    )?;
+    let t = std::thread::Builder::new()
+        .name("phigate-siem".into())
+        .spawn(move || sender.run())?;
+    Ok((Some(feed), Some((state, siem::destination(sc))), Some(t)))
 }
 
 /// One agent per records_dir: two writers would interleave chains and sequence numbers.

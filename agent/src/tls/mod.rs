@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 pub use accept::{negotiated_alpn, server_config, sniff_client_hello, tls_version, Sniffed};
 pub use ca::{install_into_trust_store, CertAuthority};
 pub use mint::{LeafMinter, LeafName};
+pub(crate) use upstream::client_identity;
 pub use upstream::{UpstreamTls, UpstreamTlsError, UpstreamTlsStream};
 
 #[derive(Debug, thiserror::Error)]

@@ -137,7 +137,7 @@ impl UpstreamTls {
 }
 
 /// The client certificate chain and its key, the key checked like every secret.
-fn client_identity(
+pub(crate) fn client_identity(
     c: &ClientCert,
 ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
     let fail = |path: &Path, message: String| TlsError::File {
