@@ -753,57 +753,98 @@ fn fdatasync_latency(dir: &Path, n: usize) -> anyhow::Result<(f64, f64)> {
 }
 
 /// Committed floor of phigate/nginx throughput, 1 KB keep-alive over 64
-/// connections, for the guard in `cargo xtask test`. Measured on main at 0.28-0.36
-/// on the 2-core machines (docs/benchmarks.md); the floor leaves room for their
-/// noise. Raise it as the performance work lands.
-pub const GUARD_FLOOR: f64 = 0.20;
+/// connections, for the guard in `cargo xtask test` (the median of its rounds).
+/// Measured on main: 0.21-0.27 on this 2-core machine when quiet, and 0.19 in a CI
+/// run whose nginx was a third faster than here (44k req/s): the ratio moves with
+/// the machine. The floor catches a loss of a quarter or more; raise it as the
+/// performance work lands (docs/benchmarks.md).
+pub const GUARD_FLOOR: f64 = 0.15;
+
+/// One round of the guard: phigate's figures, nginx's, and the CPU seconds phigate
+/// used for its part.
+type Round = (Figures, Figures, f64);
+
+/// Rounds of the guard: phigate then nginx, back to back, so a burst of load from
+/// elsewhere on the machine weighs on both sides of one round's ratio.
+const GUARD_ROUNDS: u64 = 3;
 
 /// `cargo xtask bench guard`: the 1 KB keep-alive case, phigate and nginx in turn,
-/// `duration` seconds each; fails below [`GUARD_FLOOR`] or when phigate's records
-/// do not match what went through it.
+/// [`GUARD_ROUNDS`] rounds of `duration / GUARD_ROUNDS` seconds each; fails when the
+/// median round's ratio is below [`GUARD_FLOOR`] or when phigate's records do not
+/// match what went through it.
 fn guard(duration: u64) -> anyhow::Result<()> {
     require_root("the guard attaches phigate's eBPF programs")?;
     ensure_bpffs()?;
     if crate::util::reexec_in_netns("phigate-guard")? {
         return Ok(());
     }
+    let secs = (duration / GUARD_ROUNDS).max(1);
     let mut rig = Rig::start(false)?;
-    let run = (|| -> anyhow::Result<[Figures; 3]> {
+    let run = (|| -> anyhow::Result<(Figures, Vec<Round>)> {
         // A short warm-up through both, so neither pays for first connections.
         let warm = rig.wrk(Path3::Phigate, None, "1k.json", 1, CONNECTIONS)?;
         rig.wrk(Path3::Nginx, None, "1k.json", 1, CONNECTIONS)?;
-        let p = rig.wrk(Path3::Phigate, None, "1k.json", duration, CONNECTIONS)?;
-        let n = rig.wrk(Path3::Nginx, None, "1k.json", duration, CONNECTIONS)?;
-        Ok([warm, p, n])
+        let pid = rig.phigate.as_ref().map_or(0, Child::id);
+        let mut rounds = Vec::new();
+        for _ in 0..GUARD_ROUNDS {
+            let cpu0 = cpu_secs(pid)?;
+            let p = rig.wrk(Path3::Phigate, None, "1k.json", secs, CONNECTIONS)?;
+            let cpu = cpu_secs(pid)? - cpu0;
+            let n = rig.wrk(Path3::Nginx, None, "1k.json", secs, CONNECTIONS)?;
+            rounds.push((p, n, cpu));
+        }
+        Ok((warm, rounds))
     })();
-    let [warm, p, n] = match run {
+    let (warm, rounds) = match run {
         Ok(v) => v,
         Err(e) => {
             rig.log_tails();
             return Err(e);
         }
     };
-    println!(
-        "warm-up through phigate: {} responses, {} errors; measured: {} responses, {} errors",
-        warm.requests, warm.errors, p.requests, p.errors
-    );
-    let ratio = p.rps / n.rps;
-    println!(
-        "phigate {:.0} req/s, nginx {:.0} req/s: {ratio:.2}x (floor {GUARD_FLOOR:.2}x)",
-        p.rps, n.rps
-    );
+    let mut ratios = Vec::new();
+    for (i, (p, n, cpu)) in rounds.iter().enumerate() {
+        let ratio = p.rps / n.rps;
+        println!(
+            "round {}: phigate {:.0} req/s ({} errors, {:.0} µs of its CPU per request), nginx {:.0} req/s: {ratio:.2}x",
+            i + 1,
+            p.rps,
+            p.errors,
+            cpu * 1e6 / p.requests.max(1) as f64,
+            n.rps
+        );
+        ratios.push(ratio);
+    }
+    ratios.sort_by(f64::total_cmp);
+    let ratio = ratios[ratios.len() / 2];
+    println!("median {ratio:.2}x (floor {GUARD_FLOOR:.2}x)");
     let (all, ok) = rig.stop_and_count_rows()?;
     let answered = |f: &Figures| f.requests - f.errors.min(f.requests);
-    let through = answered(&warm) + answered(&p);
+    let through = answered(&warm) + rounds.iter().map(|(p, _, _)| answered(p)).sum::<u64>();
     println!("phigate recorded {all} requests ({ok} answered 200); wrk counted {through} answered through it");
-    if let Err(e) = check_rows(ok, through, 2 * u64::from(CONNECTIONS)) {
+    let runs = 1 + GUARD_ROUNDS;
+    if let Err(e) = check_rows(ok, through, runs * u64::from(CONNECTIONS)) {
         rig.log_tails();
         return Err(e);
     }
     if ratio < GUARD_FLOOR {
-        bail!("phigate/nginx throughput fell to {ratio:.2}x, below the committed floor {GUARD_FLOOR:.2}x (xtask/src/bench.rs)");
+        bail!("phigate/nginx throughput fell to {ratio:.2}x (median of {GUARD_ROUNDS} rounds), below the committed floor {GUARD_FLOOR:.2}x (xtask/src/bench.rs)");
     }
     Ok(())
+}
+
+/// CPU time (user + system, all threads) process `pid` has used so far, in seconds.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesized name; utime and stime are the 14th and 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> {
+        Ok(f.get(i).context("short /proc/PID/stat")?.parse::<f64>()?)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok((ticks(11)? + ticks(12)?) / hz)
 }
 
 /// Runs wrk (inside `cgroup` when given) and parses its figures.

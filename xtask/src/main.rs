@@ -332,7 +332,7 @@ fn test(filter: Option<&str>) -> anyhow::Result<()> {
                     "bench",
                     "guard",
                     "--duration",
-                    "10",
+                    "15",
                 ]))
             })?;
         }
