@@ -779,12 +779,21 @@ impl PolicySet {
                 "it declares no action \"{OTHER_ACTION}\" (methods without an action of their own map to it)"
             ));
         }
-        let (_, entities) =
-            self.cedar_request(&req, self.action_for(req.method), Some(&self.schema))?;
+        let (_, entities) = self.cedar_request(
+            &req,
+            self.action_for(req.method),
+            Some(&self.schema),
+            index::ContextReads::ALL,
+        )?;
         for p in Passage::ALL {
             if self.action_names.contains(p.action()) {
-                self.cedar_request(&req, p.action(), Some(&self.schema))
-                    .map_err(|e| format!("action \"{}\": {e}", p.action()))?;
+                self.cedar_request(
+                    &req,
+                    p.action(),
+                    Some(&self.schema),
+                    index::ContextReads::ALL,
+                )
+                .map_err(|e| format!("action \"{}\": {e}", p.action()))?;
             }
         }
         Entities::from_entities(entities.iter().cloned(), Some(&self.schema))
@@ -862,6 +871,7 @@ impl PolicySet {
         req: &AccessRequest<'_>,
         action: &str,
         schema: Option<&Schema>,
+        reads: index::ContextReads,
     ) -> Result<(Request, Entities), String> {
         let workload = self
             .principals
@@ -881,19 +891,10 @@ impl PolicySet {
             )
             .map_err(|e| e.to_string())
         };
-        let query = multi("Params", req.query)?;
-        let headers = multi("Headers", req.headers)?;
+        let mut entities = vec![workload];
         let mut ctx: Vec<(String, RestrictedExpression)> = vec![
             ("method".into(), s(req.method)),
             ("path".into(), s(req.path)),
-            (
-                "query".into(),
-                RestrictedExpression::new_entity_uid(query.uid()),
-            ),
-            (
-                "headers".into(),
-                RestrictedExpression::new_entity_uid(headers.uid()),
-            ),
             (
                 "hour".into(),
                 RestrictedExpression::new_long(req.clock.hour.into()),
@@ -916,7 +917,17 @@ impl PolicySet {
                 ctx.push(("sni".into(), s(n)));
             }
         }
-        let mut entities = vec![workload, query, headers];
+        // Only what the policies may read (see `index::ContextReads`).
+        for (read, name, kind, pairs) in [
+            (reads.query, "query", "Params", req.query),
+            (reads.headers, "headers", "Headers", req.headers),
+        ] {
+            if read {
+                let e = multi(kind, pairs)?;
+                ctx.push((name.into(), RestrictedExpression::new_entity_uid(e.uid())));
+                entities.push(e);
+            }
+        }
         if let Some(t) = req.token {
             let token = self.tokens.get_or_build(t, || token_entity(t))?;
             ctx.push((
@@ -949,7 +960,7 @@ impl PolicySet {
     pub fn decide(&self, req: &AccessRequest<'_>) -> Decision {
         let action = self.action_for(req.method);
         let candidates = self.index.candidates(req, action);
-        self.decide_among(req, action, &candidates)
+        self.decide_among(req, action, &candidates.set, candidates.reads)
     }
 
     /// Decides a passage: `req` describes the connection (no method or path for a
@@ -970,7 +981,7 @@ impl PolicySet {
             };
         }
         let candidates = self.index.candidates(req, action);
-        self.decide_among(req, action, &candidates)
+        self.decide_among(req, action, &candidates.set, candidates.reads)
     }
 
     /// Decides with `policies`: the candidates for `req`, or (in tests) the whole set.
@@ -979,6 +990,7 @@ impl PolicySet {
         req: &AccessRequest<'_>,
         action: &str,
         policies: &cedar_policy::PolicySet,
+        reads: index::ContextReads,
     ) -> Decision {
         let deny = |reason: Reason, policy_ids: Vec<String>, errors: Vec<String>| Decision {
             allowed: false,
@@ -988,7 +1000,7 @@ impl PolicySet {
             reason,
             errors,
         };
-        let (request, entities) = match self.cedar_request(req, action, None) {
+        let (request, entities) = match self.cedar_request(req, action, None, reads) {
             Ok(r) => r,
             Err(e) => return deny(Reason::EvaluationError, Vec::new(), vec![e]),
         };
@@ -1057,7 +1069,12 @@ impl PolicySet {
         &self,
         req: &AccessRequest<'_>,
     ) -> Result<(&cedar_policy::PolicySet, Request, Entities), String> {
-        let (r, e) = self.cedar_request(req, self.action_for(req.method), None)?;
+        let (r, e) = self.cedar_request(
+            req,
+            self.action_for(req.method),
+            None,
+            index::ContextReads::ALL,
+        )?;
         Ok((&self.policies, r, e))
     }
 }

@@ -615,7 +615,7 @@ when { context.has_approval && context.method == "POST" };
                 has_approval,
             };
             let fast = set.decide(&req);
-            let full = set.decide_among(&req, set.action_for(method), &set.policies);
+            let full = set.decide_among(&req, set.action_for(method), &set.policies, index::ContextReads::ALL);
             prop_assert_eq!(fast, full);
         }
     }
@@ -640,7 +640,11 @@ when { context.has_approval && context.method == "POST" };
             has_approval: false,
         };
         let candidates = set.index.candidates(&req, "GET");
-        let mut ids: Vec<String> = candidates.policies().map(|p| p.id().to_string()).collect();
+        let mut ids: Vec<String> = candidates
+            .set
+            .policies()
+            .map(|p| p.id().to_string())
+            .collect();
         ids.sort();
         // unit (wrong unit), night (noon), query (no _type), uid (wrong action and
         // destination), unless (wrong action), approved (no approval) are skipped;
@@ -917,4 +921,79 @@ fn cached_entities_never_stand_in_for_another_caller() {
     }
     assert_eq!(set.principals.len(), 2, "one entity per workload");
     assert_eq!(set.tokens.len(), 2, "one entity per token");
+}
+
+/// A request is decided without the `query` and `headers` entities only when none
+/// of the candidate policies can observe them; any other use of `context` keeps them.
+#[test]
+fn the_context_holds_query_and_headers_only_where_a_policy_reads_them() {
+    use index::ContextReads;
+    let reads = |text: &str| {
+        let p = cedar_policy::Policy::from_str(text).unwrap_or_else(|e| panic!("{e}"));
+        ContextReads::of(&p.to_json().unwrap_or_default())
+    };
+    let none = ContextReads {
+        query: false,
+        headers: false,
+    };
+    assert_eq!(reads("permit (principal, action, resource);"), none);
+    assert_eq!(
+        reads(r#"permit (principal, action, resource) when { context.path like "/a*" };"#),
+        none
+    );
+    assert_eq!(
+        reads(r#"permit (principal, action, resource) when { context.headers.hasTag("x") };"#),
+        ContextReads {
+            query: false,
+            headers: true
+        }
+    );
+    assert_eq!(
+        reads(r#"forbid (principal, action, resource) when { context has query };"#),
+        ContextReads {
+            query: true,
+            headers: false
+        }
+    );
+    assert_eq!(
+        reads(r#"permit (principal, action, resource) when { context["headers"].hasTag("x") };"#),
+        ContextReads {
+            query: false,
+            headers: true
+        }
+    );
+    // `context` compared or passed whole: everything.
+    assert_eq!(
+        reads(r#"permit (principal, action, resource) when { context == {"path": "/"} };"#),
+        ContextReads::ALL
+    );
+    // And the decision sees the headers when a candidate reads them.
+    const POLICY: &str = r#"
+@id("by-header")
+permit (principal, action == Phigate::Action::"GET", resource)
+when { context.headers.hasTag("x-purpose") };
+"#;
+    let d = dir_with(&[("p.cedar", POLICY)]);
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    let w = workload("alice", "ehr.service");
+    let with = [("x-purpose".to_owned(), "treatment".to_owned())];
+    let req = |headers: &[(String, String)]| {
+        set.decide(&AccessRequest {
+            workload: &w,
+            token: None,
+            token_error: Some(TokenError::Missing),
+            destination: "patients-api",
+            method: "GET",
+            path: "/",
+            query: &[],
+            headers,
+            host: None,
+            sni: None,
+            clock: NOON_MON,
+            has_approval: false,
+        })
+        .allowed
+    };
+    assert!(req(&with));
+    assert!(!req(&[]));
 }

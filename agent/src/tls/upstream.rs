@@ -219,6 +219,18 @@ impl tokio::io::AsyncWrite for UpstreamTlsStream {
     ) -> std::task::Poll<io::Result<usize>> {
         std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
     }
+    // Forwarded so hyper queues a request's head and body as separate buffers for one
+    // vectored TLS write, instead of first copying them into one.
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
