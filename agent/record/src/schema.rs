@@ -232,6 +232,9 @@ fn requests() -> Vec<Field> {
         bool_("upgraded"),
         text_req("outcome"),
         text("error"),
+        // Sealed originals (HPKE to a reviewer key; see `original`), nullable, added.
+        text("response_original_sealed"),
+        text("response_original_key_id"),
     ]);
     f
 }
