@@ -152,6 +152,25 @@ enum AuditCommand {
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// On the reviewer's machine: make a review key pair for sealed originals,
+    /// `review.key` (private, 0600: keep it off the host) and `review.pub` (for the
+    /// host's `seal_originals_to`).
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// On the reviewer's machine: print the original response body sealed for a
+    /// request (from a copy of the records), opened with `review.key`.
+    Unseal {
+        /// The reviewer's private key (`phigate audit keygen`).
+        #[arg(long)]
+        key: PathBuf,
+        /// The records directory (a copy works too).
+        #[arg(long, default_value = "/var/lib/phigate/records")]
+        records: PathBuf,
+        #[arg(long)]
+        request_id: String,
+    },
 }
 
 #[derive(clap::Args)]
@@ -350,6 +369,12 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         AuditCommand::Verify(args) => audit_verify(*args),
+        AuditCommand::Keygen { out } => audit_keygen(&out),
+        AuditCommand::Unseal {
+            key,
+            records,
+            request_id,
+        } => audit_unseal(&key, &records, &request_id),
         AuditCommand::Pubkey { config } => {
             let config = Config::load(&config)?;
             let signer = crate::record::seal::Signer::load_or_create(&config.agent.state_dir)?;
@@ -357,6 +382,55 @@ fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+fn audit_keygen(out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::create_dir_all(out)?;
+    let (secret, public) = phigate_record::original::generate();
+    let key = out.join("review.key");
+    // create_new: an existing private key (and what was sealed to it) is never overwritten.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .and_then(|mut f| f.write_all(secret.as_bytes()))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let public_path = out.join("review.pub");
+    std::fs::write(&public_path, public)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", public_path.display()))?;
+    println!(
+        "wrote {} (keep it off the host) and {}",
+        key.display(),
+        public_path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn audit_unseal(
+    key: &std::path::Path,
+    records: &std::path::Path,
+    request_id: &str,
+) -> anyhow::Result<ExitCode> {
+    use std::io::Write as _;
+    let secret = phigate_record::original::ReviewSecret::load(key)?;
+    let rows = phigate_record::read::rows(records, phigate_record::Table::Requests)?;
+    let row = rows
+        .iter()
+        .find(|r| r["request_id"].as_str() == Some(request_id))
+        .ok_or_else(|| anyhow::anyhow!("no request `{request_id}` in {}", records.display()))?;
+    let Some(blob) = row["response_original_sealed"].as_str() else {
+        anyhow::bail!("request `{request_id}` has no sealed original");
+    };
+    let key_id = row["response_original_key_id"].as_str().unwrap_or("");
+    let original = secret.open(request_id, blob, key_id)?;
+    std::io::stdout().write_all(&original.body)?;
+    if original.truncated {
+        eprintln!("(truncated at the record body size)");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn ca(command: CaCommand) -> anyhow::Result<ExitCode> {

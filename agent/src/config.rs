@@ -222,6 +222,9 @@ pub struct Destination {
     /// destination's bodies; checked against the loaded profiles when the pipeline
     /// is built.
     pub mask_profile: Option<String>,
+    /// The reviewer key (`review.pub`) this destination's unmasked response bodies
+    /// are sealed to (HPKE); loaded at config load, so a bad key refuses the config.
+    pub seal_originals_to: Option<Arc<phigate_record::original::ReviewKey>>,
     /// The credential phigate presents to this upstream, in the apps' stead.
     pub upstream_auth: Option<upstream_auth::UpstreamAuth>,
 }
@@ -327,6 +330,7 @@ pub(crate) struct RawDestination {
     alpn: Option<Spanned<Vec<String>>>,
     mask_profile: Option<Spanned<String>>,
     upstream_auth: Option<Spanned<upstream_auth::RawUpstreamAuth>>,
+    seal_originals_to: Option<Spanned<PathBuf>>,
 }
 
 /// The destination protecting `addr`, with its index (the id the eBPF maps carry).
@@ -747,8 +751,24 @@ pub(crate) fn destinations_section(
             .upstream_auth
             .map(|a| upstream_auth::upstream_auth_section(src, i, d.protocol, a))
             .transpose()?;
+        let seal_originals_to = match d.seal_originals_to {
+            None => None,
+            Some(p) => {
+                let span = p.span();
+                let path = src.resolve(p.into_inner());
+                let key = phigate_record::original::ReviewKey::load(&path).map_err(|e| {
+                    src.err(
+                        Some(span),
+                        Some(format!("destinations[{i}].seal_originals_to")),
+                        e.to_string(),
+                    )
+                })?;
+                Some(Arc::new(key))
+            }
+        };
         destinations.push(Destination {
             upstream_auth,
+            seal_originals_to,
             name,
             addresses,
             protocol: d.protocol,
@@ -903,6 +923,32 @@ mod tests {
         );
         assert_eq!(c.timeouts, Timeouts::default());
         assert!(c.destinations.is_empty());
+    }
+
+    #[test]
+    fn a_bad_review_key_refuses_the_config_naming_file_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let bad = dir.path().join("review.pub");
+        std::fs::write(&bad, "not a key\n").unwrap();
+        let dest = |path: &Path| {
+            format!(
+                "[[destinations]]\nname = \"api\"\naddresses = [\"127.0.0.2:443\"]\nprotocol = \"https\"\nseal_originals_to = \"{}\"\n",
+                path.display()
+            )
+        };
+        for path in [bad.clone(), dir.path().join("missing.pub")] {
+            let e = parse(&dest(&path)).unwrap_err();
+            assert_eq!(
+                e.key.as_deref(),
+                Some("destinations[0].seal_originals_to"),
+                "{e}"
+            );
+            assert!(e.to_string().contains(&*path.to_string_lossy()), "{e}");
+        }
+        let (_, public) = phigate_record::original::generate();
+        std::fs::write(&bad, public).unwrap();
+        let c = parse(&dest(&bad)).unwrap();
+        assert!(c.destinations[0].seal_originals_to.is_some());
     }
 
     #[test]

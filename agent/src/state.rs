@@ -349,7 +349,13 @@ pub fn build_masking(
             "masking profiles loaded"
         );
     }
+    let seal_by_destination = config
+        .destinations
+        .iter()
+        .map(|d| d.seal_originals_to.clone())
+        .collect();
     Ok(crate::pipeline::Masking {
+        seal_by_destination,
         ctx: Arc::new(crate::mask::MaskContext::new(pseudonyms)),
         settings: config.masking.clone(),
         by_destination,

@@ -25,6 +25,10 @@ fn start(tag: &str) -> Masked {
 }
 
 fn start_with(tag: &str, masking_section: &str) -> Masked {
+    start_full(tag, masking_section, "")
+}
+
+fn start_full(tag: &str, masking_section: &str, destination_extra: &str) -> Masked {
     let mut w = World::new(tag);
     let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
     // The data: a Bundle, a bulk export, one Patient, a text file.
@@ -55,7 +59,7 @@ fn start_with(tag: &str, masking_section: &str) -> Masked {
     );
     // With the small buffer: the Bundle and the export stream, the Patient is buffered.
     w.write_config(&format!(
-        "{}\n{masking_section}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\nmask_profile = \"safe_harbor\"\n",
+        "{}\n{masking_section}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\nmask_profile = \"safe_harbor\"\n{destination_extra}",
         w.agent_section(""),
         pki.ca.display()
     ));
@@ -555,4 +559,99 @@ fn a_real_world_corpus_as_fhir_xml_leaks_nothing() {
     let rows = all_record_rows(&m);
     scan(&identifiers, "records", &rows);
     scan(&identifiers, "records", &xml_unescape(&rows));
+}
+
+/// Sealed originals: the client and every column of the records see only the masked
+/// body, while `phigate audit unseal` with the reviewer's private key (made by
+/// `audit keygen`, never given to the agent) returns the upstream's exact bytes; a
+/// blob moved to another row, or another key, does not open.
+#[test]
+fn sealed_originals_open_only_with_the_review_key_and_only_in_their_row() {
+    require_root();
+    let review = tempfile::tempdir().unwrap();
+    let phigate = |args: &[&str]| Command::new(phigate_bin()).args(args).output().unwrap();
+    let out = phigate(&["audit", "keygen", "--out", review.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let key = review.path().join("review.key");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // The agent gets the public key only (the private one stays in `review`).
+    let public = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        review.path().join("review.pub"),
+        public.path().join("review.pub"),
+    )
+    .unwrap();
+    let mut m = start_full(
+        "mask-sealed",
+        "[masking]\nbuffer_bytes = 16384\nrecord_body_bytes = 1000000\n",
+        &format!(
+            "seal_originals_to = \"{}\"\n",
+            public.path().join("review.pub").display()
+        ),
+    );
+    // One buffered (masked whole), one streamed (larger than buffer_bytes).
+    let files = ["patient.json", "bundle.json"];
+    let mut ids = Vec::new();
+    for (i, f) in files.iter().enumerate() {
+        let (body, head) = curl(&m, &[&format!("https://{UP}/files/{f}")]);
+        assert!(head.starts_with("HTTP/2 200"), "{head}\n{body}");
+        assert!(body.contains("[REDACTED:NAME]"), "{f}");
+        assert_no_identifier(&m, "client", &body);
+        let recs = m.w.wait_records("requests", i + 1);
+        let r = &recs[i];
+        let original = std::fs::read(m.w.path(&format!("files/{f}"))).unwrap();
+        assert!(r["response_original_sealed"].as_str().unwrap().len() > original.len());
+        assert_eq!(
+            r["response_original_key_id"].as_str().unwrap().len(),
+            16,
+            "{r}"
+        );
+        ids.push((r["request_id"].as_str().unwrap().to_owned(), original));
+    }
+    assert!(
+        std::fs::metadata(m.w.path("files/bundle.json"))
+            .unwrap()
+            .len()
+            > 16384
+    );
+    assert!(m.w.sigterm(Duration::from_secs(20)).success());
+    let rows = all_record_rows(&m);
+    assert!(rows.contains("REDACTED:NAME"));
+    assert_no_identifier(&m, "records", &rows);
+
+    let records = m.w.records_dir();
+    let unseal = |key: &std::path::Path, id: &str| {
+        phigate(&[
+            "audit",
+            "unseal",
+            "--key",
+            key.to_str().unwrap(),
+            "--records",
+            records.to_str().unwrap(),
+            "--request-id",
+            id,
+        ])
+    };
+    for (id, original) in &ids {
+        let out = unseal(&key, id);
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(out.stdout == *original, "{id}: not the exact upstream body");
+    }
+    let id = &ids[0].0;
+
+    // Another reviewer's key does not open it, and says so.
+    let other = tempfile::tempdir().unwrap();
+    assert!(
+        phigate(&["audit", "keygen", "--out", other.path().to_str().unwrap()])
+            .status
+            .success()
+    );
+    let out = unseal(&other.path().join("review.key"), id);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not open"), "{}", stderr(&out));
+    assert!(out.stdout.is_empty());
 }

@@ -22,6 +22,7 @@
 pub mod anchor;
 pub mod chain;
 pub mod keyfile;
+pub mod original;
 pub mod read;
 pub mod schema;
 pub mod seal;

@@ -232,6 +232,9 @@ fn requests() -> Vec<Field> {
         bool_("upgraded"),
         text_req("outcome"),
         text("error"),
+        // Sealed originals (HPKE to a reviewer key; see `original`), nullable, added.
+        text("response_original_sealed"),
+        text("response_original_key_id"),
     ]);
     f
 }
@@ -326,8 +329,9 @@ mod tests {
             // files read them as null through union_by_name); + container_id,
             // container_runtime, pod_uid, upstream_credential,
             // upstream_credential_source (nullable, added); + pod_namespace, pod_name,
-            // container_image (nullable, added).
-            ("requests", "2b0213f1f7e808be"),
+            // container_image (nullable, added); + response_original_sealed,
+            // response_original_key_id (nullable, added: sealed originals).
+            ("requests", "95396ff7982c4ce0"),
             // + decision, policy_ids, policy_set_hash (nullable, added: a TCP or
             // TUNNEL passage is decided per connection); + container_id,
             // container_runtime, pod_uid (nullable, added); + pod_namespace, pod_name,

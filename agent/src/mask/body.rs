@@ -23,6 +23,31 @@ pub struct MaskReport {
     pub truncated: bool,
     /// Masking failed: the body was cut off at this point (never passed raw).
     pub error: Option<String>,
+    /// A streamed body's original, kept (up to the record limit) to be sealed to the
+    /// destination's review key when the record is written; never recorded in clear.
+    pub original: Option<OriginalCapture>,
+}
+
+/// The unmasked bytes of a body, up to a limit, for sealing.
+pub struct OriginalCapture {
+    pub key: Arc<phigate_record::original::ReviewKey>,
+    pub body: Vec<u8>,
+    pub truncated: bool,
+}
+
+impl std::fmt::Debug for OriginalCapture {
+    // The raw body is PHI: never in a Debug string.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "OriginalCapture({} bytes)", self.body.len())
+    }
+}
+
+impl OriginalCapture {
+    pub fn keep(&mut self, bytes: &[u8], limit: usize) {
+        let room = limit.saturating_sub(self.body.len());
+        self.truncated |= bytes.len() > room;
+        self.body.extend_from_slice(&bytes[..bytes.len().min(room)]);
+    }
 }
 
 impl MaskReport {
@@ -114,6 +139,9 @@ where
                 }
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
+                        if let Some(o) = &mut this.report.lock().expect("report lock").original {
+                            o.keep(&data, this.record_limit);
+                        }
                         if let Err(e) = this.masker.push(&data, &mut out) {
                             return Poll::Ready(Some(Err(this.fail(e.to_string()))));
                         }

@@ -49,6 +49,8 @@ pub struct Masking {
     pub settings: MaskingSection,
     /// By destination index: its `mask_profile`.
     pub by_destination: Vec<Option<Arc<Profile>>>,
+    /// By destination index: the review key its unmasked response bodies are sealed to.
+    pub seal_by_destination: Vec<Option<Arc<phigate_record::original::ReviewKey>>>,
 }
 
 pub struct Pipeline {
@@ -764,6 +766,8 @@ impl Exchange {
                 upgraded: false,
                 outcome: RequestOutcome::Complete,
                 error: None,
+                response_original_sealed: None,
+                response_original_key_id: None,
             },
         }
     }
@@ -1050,6 +1054,15 @@ impl Exchange {
         self.mask_report = Some(report.clone());
         let mut out = Vec::new();
         let mut raw = profile.pass_unparsable.then(Vec::new);
+        // The original as the upstream sent it, up to the record body size, for the
+        // destination's review key (only ever leaves here sealed).
+        let seal_key = masking
+            .seal_by_destination
+            .get(self.conn.dest_index)
+            .cloned()
+            .flatten();
+        let mut original = seal_key.as_ref().map(|_| Vec::new());
+        let mut original_truncated = false;
         // Bodies announced to fit buffer_bytes are masked whole. Any other (larger,
         // or of unknown length) is still held until its first STREAM_HEAD_BYTES
         // are masked, so that a body that is not what it claims (an error page, a
@@ -1078,11 +1091,21 @@ impl Exchange {
                         if let Some(r) = &mut raw {
                             r.extend_from_slice(&data);
                         }
+                        if let Some(o) = &mut original {
+                            let room = settings.record_body_bytes.saturating_sub(o.len());
+                            original_truncated |= data.len() > room;
+                            o.extend_from_slice(&data[..data.len().min(room)]);
+                        }
                         masker.push(&data, &mut out).map(|()| false)
                     }
                     Err(_) => Ok(false),
                 },
             };
+            if let (Ok(true), Some(key), Some(o)) = (&step, &seal_key, &original) {
+                if let Err(r) = self.seal_original(key, o, original_truncated) {
+                    return self.refuse(r).await;
+                }
+            }
             match step {
                 Ok(true) => {
                     {
@@ -1117,10 +1140,18 @@ impl Exchange {
             }
         }
         // Too large to hold: stream; a failure from here on aborts the response.
-        report
-            .lock()
-            .expect("report lock")
-            .keep(&out, settings.record_body_bytes);
+        {
+            let mut r = report.lock().expect("report lock");
+            r.keep(&out, settings.record_body_bytes);
+            // The original goes on being kept as it streams; sealed with the record.
+            if let (Some(key), Some(body)) = (seal_key, original) {
+                r.original = Some(crate::mask::body::OriginalCapture {
+                    key,
+                    body,
+                    truncated: original_truncated,
+                });
+            }
+        }
         let masked = MaskedBody::new(
             body,
             masker,
@@ -1130,6 +1161,27 @@ impl Exchange {
             self.metrics.clone(),
         );
         self.stream_response(parts, masked).await
+    }
+
+    /// Seals the original body to the destination's review key into the record.
+    /// Fails closed: a body that cannot be sealed is not passed on.
+    fn seal_original(
+        &mut self,
+        key: &phigate_record::original::ReviewKey,
+        body: &[u8],
+        truncated: bool,
+    ) -> Result<(), Refusal> {
+        match key.seal(&self.record.request_id, body, truncated) {
+            Ok(blob) => {
+                self.record.response_original_sealed = Some(blob);
+                self.record.response_original_key_id = Some(key.key_id());
+                Ok(())
+            }
+            Err(e) => Err(Refusal::new(
+                Code::MaskingFailed,
+                format!("the original response could not be sealed to the review key: {e}"),
+            )),
+        }
     }
 
     /// The masked response's head: the profile noted in the record, its header rules
@@ -1253,7 +1305,22 @@ impl Exchange {
         ];
         for (report, side) in reports {
             let Some(r) = report else { continue };
-            let r = r.lock().expect("report lock");
+            let mut r = r.lock().expect("report lock");
+            if let Some(o) = r.original.take() {
+                // Streamed: the client has its masked body; a seal that fails leaves
+                // no original (never one in clear) and marks the record.
+                match o.key.seal(&self.record.request_id, &o.body, o.truncated) {
+                    Ok(blob) => {
+                        self.record.response_original_sealed = Some(blob);
+                        self.record.response_original_key_id = Some(o.key.key_id());
+                    }
+                    Err(e) => {
+                        self.record.outcome = RequestOutcome::MaskingFailed;
+                        self.record.error =
+                            Some(format!("the original response could not be sealed: {e}"));
+                    }
+                }
+            }
             for (k, v) in &r.counts {
                 *self.record.masking_counts.entry(k.clone()).or_default() += v;
             }

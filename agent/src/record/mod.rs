@@ -174,6 +174,11 @@ pub struct RequestRecord {
     /// How the exchange ended.
     pub outcome: RequestOutcome,
     pub error: Option<String>,
+    /// The response body as the upstream sent it (up to the record body size),
+    /// HPKE-sealed to the destination's review key (`seal_originals_to`), base64;
+    /// only the holder of the private key opens it. None when not configured.
+    pub response_original_sealed: Option<String>,
+    pub response_original_key_id: Option<String>,
 }
 
 /// One row of the `approvals` table: a state change of an approval.
