@@ -300,6 +300,8 @@ fn sample_request(store: &RecordStore, workload: &Arc<Workload>) -> RequestRecor
                 .into(),
         ),
         response_body_truncated: false,
+        response_original_sealed: None,
+        response_original_key_id: None,
         patient_refs: vec!["p:4f1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e".into()],
         status: 200,
         request_bytes: 0,
