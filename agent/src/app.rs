@@ -284,6 +284,15 @@ impl Agent {
         let proxy = &self.proxy;
         systemd::stopping();
         info!(drain = ?drain, "stopping: no new connections, draining open ones");
+        // The listeners leave the redirect before they close. A connect the programs
+        // checked against a registered listener that then closed before its SYN
+        // arrived was refused by the kernel (ECONNREFUSED) rather than by phigate's
+        // decision at the hook; with the entry gone first, new connects get the
+        // stopped agent's answer at the hook and those already past it still find a
+        // listener that accepts.
+        self.redirector
+            .forget_netns_listeners(self.redirector.home_netns());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         proxy.stop_accepting.cancel();
         for s in serving {
             let _ = s.await;
