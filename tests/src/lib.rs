@@ -964,6 +964,15 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// The agent's Prometheus text at `addr` (`[metrics] listen`), scraped by a curl
+/// outside the protected cgroup.
+pub fn scrape_metrics(w: &World, addr: &str) -> String {
+    let url = format!("http://{addr}/metrics");
+    let out = output(w.outside(), &["curl", "-sS", "--max-time", "10", &url]);
+    assert!(out.status.success(), "scrape failed: {}", stderr(&out));
+    stdout(&out)
+}
+
 pub fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }

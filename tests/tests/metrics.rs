@@ -110,20 +110,7 @@ fn metrics_scrape_and_status_report_real_traffic() {
     for _ in 0..2 {
         assert_eq!(get("/headers"), 403);
     }
-    let scrape = || -> String {
-        let out = output(
-            w.outside(),
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "10",
-                &format!("http://{METRICS}/metrics"),
-            ],
-        );
-        assert!(out.status.success(), "scrape failed: {}", stderr(&out));
-        stdout(&out)
-    };
+    let scrape = || scrape_metrics(&w, METRICS);
     // Connection rows are counted when the connection ends; curl has closed.
     let mut samples = Vec::new();
     wait_until(

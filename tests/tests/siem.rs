@@ -278,18 +278,7 @@ fn curl(w: &World, ca: &Path, extra: &[&str], path: &str) -> String {
 
 /// The agent's `phigate_siem_*` metrics, scraped: name -> value.
 fn siem_metrics(w: &World) -> HashMap<String, f64> {
-    let out = output(
-        w.outside(),
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            &format!("http://{METRICS}/metrics"),
-        ],
-    );
-    assert!(out.status.success(), "scrape failed: {}", stderr(&out));
-    stdout(&out)
+    scrape_metrics(w, METRICS)
         .lines()
         .filter(|l| l.starts_with("phigate_siem_"))
         .filter_map(|l| {
