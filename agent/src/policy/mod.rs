@@ -251,6 +251,8 @@ pub struct PolicySet {
     /// Workload and token entities, built once per caller (see `entities`).
     principals: entities::EntityCache<Workload>,
     tokens: entities::EntityCache<TokenIdentity>,
+    /// Decisions for requests that repeat every part Cedar sees (see `memo`).
+    decisions: memo::DecisionMemo,
 }
 
 /// Parts of the request model added after schemas were first shipped. A schema
@@ -672,11 +674,13 @@ impl PolicySet {
             features: SchemaFeatures::ALL,
             principals: entities::EntityCache::new(),
             tokens: entities::EntityCache::new(),
+            decisions: memo::DecisionMemo::new(),
         };
         ps.fit_request_model(schema_path)?;
         // The shape checks' made-up caller is no caller: start from nothing.
         ps.principals.clear();
         ps.tokens.clear();
+        ps.decisions.clear();
         Ok(ps)
     }
 
@@ -749,6 +753,7 @@ impl PolicySet {
         // Each try may declare other attributes: no entity built for another stays.
         self.principals.clear();
         self.tokens.clear();
+        self.decisions.clear();
         let w = Workload::default();
         let token = TokenIdentity {
             claims: [("client_id".to_owned(), "x".to_owned())].into(),
@@ -959,8 +964,7 @@ impl PolicySet {
     /// Decides one request. Deny by default; see the module docs for obligations.
     pub fn decide(&self, req: &AccessRequest<'_>) -> Decision {
         let action = self.action_for(req.method);
-        let candidates = self.index.candidates(req, action);
-        self.decide_among(req, action, &candidates.set, candidates.reads)
+        self.decide_remembered(req, action)
     }
 
     /// Decides a passage: `req` describes the connection (no method or path for a
@@ -980,8 +984,17 @@ impl PolicySet {
                 )],
             };
         }
+        self.decide_remembered(req, action)
+    }
+
+    /// Decides among the candidates for `req`, or answers what an identical request
+    /// was answered (see `memo`).
+    fn decide_remembered(&self, req: &AccessRequest<'_>, action: &str) -> Decision {
         let candidates = self.index.candidates(req, action);
-        self.decide_among(req, action, &candidates.set, candidates.reads)
+        self.decisions
+            .get_or_decide(action, req, candidates.reads, || {
+                self.decide_among(req, action, &candidates.set, candidates.reads)
+            })
     }
 
     /// Decides with `policies`: the candidates for `req`, or (in tests) the whole set.
@@ -1118,6 +1131,7 @@ fn locate(text: &str, needle: &str, from: usize) -> Option<usize> {
 }
 
 mod entities;
+mod memo;
 #[cfg(test)]
 mod tests;
 

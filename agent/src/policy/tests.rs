@@ -997,3 +997,178 @@ when { context.headers.hasTag("x-purpose") };
     assert!(req(&with));
     assert!(!req(&[]));
 }
+
+/// A remembered decision is answered only to a request identical in every part
+/// Cedar sees: each variant below differs from the base in one part, and its
+/// decision (asked right after the base's was remembered) is the one Cedar gives it.
+/// The condition sits under an `||` the prefilter does not index, so every variant
+/// has the same candidates and only the memo's key tells them apart.
+#[test]
+fn a_remembered_decision_is_never_handed_to_a_request_that_differs() {
+    let d = dir_with(&[(
+        "p.cedar",
+        r#"@id("exact")
+permit (principal, action == Phigate::Action::"GET", resource == Phigate::Destination::"patients-api")
+when { principal.uid == 99999 || (
+  principal.user == "ehr" && context.path == "/fhir/Patient/1" && context.hour == 12 &&
+  context.minute == 0 && context.weekday == "Mon" && !context.has_approval &&
+  context has host && context.host == "api.test" && context has sni && context.sni == "api.test" &&
+  context.headers.hasTag("x-purpose") && context.headers.getTag("x-purpose").contains("treatment") &&
+  context.query.hasTag("_count") && context has token && context.token.subject == "dr-alice")
+};
+@id("tokens") @require_token
+forbid (principal, action == Phigate::Action::"POST", resource) unless { context has token };
+"#,
+    )]);
+    let set = PolicySet::load(d.path()).unwrap_or_else(|e| panic!("{e}"));
+    let ehr = workload("ehr", "ehr.service");
+    let billing = workload("billing", "ehr.service");
+    let alice = token(&[]);
+    let bob = TokenIdentity {
+        subject: "dr-bob".into(),
+        ..token(&[])
+    };
+    let headers = vec![("x-purpose".to_owned(), "treatment".to_owned())];
+    let marketing = vec![("x-purpose".to_owned(), "marketing".to_owned())];
+    let count = vec![("_count".to_owned(), "10".to_owned())];
+    let base = AccessRequest {
+        workload: &ehr,
+        token: Some(&alice),
+        token_error: None,
+        destination: "patients-api",
+        method: "GET",
+        path: "/fhir/Patient/1",
+        query: &count,
+        headers: &headers,
+        host: Some("api.test"),
+        sni: Some("api.test"),
+        clock: NOON_MON,
+        has_approval: false,
+    };
+    let variants: Vec<(&str, AccessRequest<'_>)> = vec![
+        (
+            "workload",
+            AccessRequest {
+                workload: &billing,
+                ..base
+            },
+        ),
+        (
+            "token",
+            AccessRequest {
+                token: Some(&bob),
+                ..base
+            },
+        ),
+        (
+            "no token",
+            AccessRequest {
+                token: None,
+                ..base
+            },
+        ),
+        (
+            "destination",
+            AccessRequest {
+                destination: "other-api",
+                ..base
+            },
+        ),
+        (
+            "method",
+            AccessRequest {
+                method: "HEAD",
+                ..base
+            },
+        ),
+        (
+            "path",
+            AccessRequest {
+                path: "/fhir/Patient/2",
+                ..base
+            },
+        ),
+        ("query", AccessRequest { query: &[], ..base }),
+        (
+            "headers",
+            AccessRequest {
+                headers: &marketing,
+                ..base
+            },
+        ),
+        (
+            "host",
+            AccessRequest {
+                host: Some("other.test"),
+                ..base
+            },
+        ),
+        ("sni", AccessRequest { sni: None, ..base }),
+        (
+            "hour",
+            AccessRequest {
+                clock: Clock {
+                    hour: 13,
+                    ..NOON_MON
+                },
+                ..base
+            },
+        ),
+        (
+            "minute",
+            AccessRequest {
+                clock: Clock {
+                    minute: 1,
+                    ..NOON_MON
+                },
+                ..base
+            },
+        ),
+        (
+            "weekday",
+            AccessRequest {
+                clock: Clock {
+                    weekday: 2,
+                    ..NOON_MON
+                },
+                ..base
+            },
+        ),
+        (
+            "approval",
+            AccessRequest {
+                has_approval: true,
+                ..base
+            },
+        ),
+    ];
+    for (what, v) in &variants {
+        let remembered = set.decide(&base);
+        assert!(remembered.allowed, "{remembered:?}");
+        assert_eq!(set.decide(&base), remembered, "a repeat gets the same");
+        let got = set.decide(v);
+        assert!(!got.allowed, "{what}: {got:?}");
+        assert_eq!(got.reason, Reason::NoPermit, "{what}: {got:?}");
+    }
+    // Why a token is missing is part of the answer (the 401's reason).
+    let post = AccessRequest {
+        method: "POST",
+        token: None,
+        token_error: Some(TokenError::Missing),
+        ..base
+    };
+    assert_eq!(
+        set.decide(&post).reason,
+        Reason::TokenRequired(TokenError::Missing)
+    );
+    let expired = AccessRequest {
+        token_error: Some(TokenError::Expired),
+        ..post
+    };
+    assert_eq!(
+        set.decide(&expired).reason,
+        Reason::TokenRequired(TokenError::Expired)
+    );
+    // One entry per distinct request, none for a repeat.
+    assert_eq!(set.decisions.len(), 1 + variants.len() + 2);
+}
