@@ -245,8 +245,8 @@ impl Drop for Rig {
 
 impl Rig {
     /// `build`: build the agent first (the bench); the guard in `cargo xtask test`
-    /// uses the build that step made.
-    fn start(build: bool) -> anyhow::Result<Rig> {
+    /// uses the build that step made. `policies`: what the agent decides with.
+    fn start(build: bool, policies: Policies) -> anyhow::Result<Rig> {
         if build {
             // The same feature resolution as `cargo xtask test`'s build, so the two
             // share one build of the agent instead of rebuilding its dependencies.
@@ -288,6 +288,7 @@ impl Rig {
         for (name, size) in [("1k.json", 1024usize), ("64k.json", 64 * 1024)] {
             std::fs::write(dir.join("www").join(name), json_of(size))?;
         }
+        std::fs::write(dir.join("www").join(FHIR_1K), fhir_of(1024))?;
         std::fs::write(dir.join("nginx.conf"), nginx_conf(&dir))?;
         std::fs::create_dir_all(dir.join("nginx-tmp"))?;
         procs.0.push(
@@ -328,7 +329,10 @@ upstream_ca = "{d}/upstream-ca.pem"
                 cg = cgroup.display()
             ),
         )?;
-        crate::util::allow_all_policies(&dir.join("policies"))?;
+        match policies {
+            Policies::AllowAll => crate::util::allow_all_policies(&dir.join("policies"))?,
+            Policies::Realistic => realistic_policies(&dir.join("policies"))?,
+        }
         let log = std::fs::File::create(dir.join("phigate.log"))?;
         // PHIGATE_BENCH_WRAP runs the agent under a profiler (e.g. "heaptrack -o
         // /tmp/ht/phigate" with PHIGATE_BENCH_AGENT naming a build without
@@ -381,6 +385,27 @@ upstream_ca = "{d}/upstream-ca.pem"
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(rig)
+    }
+
+    /// One GET of `file` through phigate (curl in the protected cgroup): the body.
+    /// `-k`: this checks what phigate did to the body, not its certificate.
+    fn fetch_through_phigate(&self, file: &str) -> anyhow::Result<String> {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "echo $$ > {} && exec curl -sSk --fail \"$0\"",
+                self.cgroup.join("cgroup.procs").display()
+            ))
+            .arg(format!("https://{UPSTREAM}/{file}"))
+            .output()
+            .context("running curl")?;
+        if !out.status.success() {
+            bail!(
+                "curl through phigate failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// wrk to `file` direct (`None`), through phigate (the protected cgroup) or
@@ -569,7 +594,7 @@ fn proxy(duration: u64) -> anyhow::Result<()> {
     if crate::util::reexec_in_netns("phigate-bench")? {
         return Ok(());
     }
-    let mut rig = Rig::start(true)?;
+    let mut rig = Rig::start(true, Policies::AllowAll)?;
     println!(
         "\nworkload: wrk (2 threads; 1 for the 1-connection case), {duration}s each; upstream nginx (TLS) serving static JSON; all on this 2-core machine"
     );
@@ -624,17 +649,132 @@ fn proxy(duration: u64) -> anyhow::Result<()> {
         );
     }
     let (all, ok) = rig.stop_and_count_rows()?;
-    let wrk_ok: u64 = rows
-        .iter()
-        .map(|(_, _, _, p, _)| p.requests - p.errors.min(p.requests))
-        .sum();
+    let wrk_ok = answered(&rows);
     let in_flight: u64 = rows.iter().map(|(_, c, _, _, _)| u64::from(*c)).sum();
     println!("\nphigate recorded {all} requests ({ok} answered 200); wrk counted {wrk_ok} answered through it");
     // In strict mode a response's end waits for its record's fsync: the disk's own
     // floor, beside the figures above.
     let (p50, p99) = fdatasync_latency(&rig.dir, 300)?;
     println!("the disk alone (1 KiB write + fdatasync, where records live): p50 {p50:.0} µs, p99 {p99:.0} µs");
-    check_rows(ok, wrk_ok, in_flight)
+    check_rows(ok, wrk_ok, in_flight)?;
+    drop(rig);
+    realistic_case(duration)
+}
+
+/// The issue's second 1 KiB target: the same keep-alive load, but phigate decides
+/// among 200 policies (the `bench policy` mix) and masks a FHIR Bundle with the
+/// shipped safe_harbor profile; nginx passes the same bytes unmasked.
+fn realistic_case(duration: u64) -> anyhow::Result<()> {
+    let mut rig = Rig::start(false, Policies::Realistic)?;
+    let label = format!("keep-alive, 64 conns, {FHIR_1K}, 200 policies + safe_harbor masking");
+    let measured = (|| -> anyhow::Result<CaseRow> {
+        // One request first: the body that comes back through phigate is masked.
+        let body = rig.fetch_through_phigate(FHIR_1K)?;
+        if body.contains(FHIR_NAME) || !body.contains("REDACTED") {
+            bail!("the FHIR body through phigate was not masked: {body}");
+        }
+        let direct = rig.wrk(Path3::Direct, None, FHIR_1K, duration, CONNECTIONS)?;
+        let phigate = rig.wrk(Path3::Phigate, None, FHIR_1K, duration, CONNECTIONS)?;
+        let nginx = rig.wrk(Path3::Nginx, None, FHIR_1K, duration, CONNECTIONS)?;
+        Ok((label.clone(), CONNECTIONS, direct, phigate, nginx))
+    })();
+    let row = match measured {
+        Ok(r) => r,
+        Err(e) => {
+            rig.log_tails();
+            return Err(e);
+        }
+    };
+    let (w, _, d, p, n) = &row;
+    println!("\n| workload | path | req/s | p50 | p99 | errors |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for (path, f) in [("direct", d), ("phigate", p), ("nginx proxy", n)] {
+        println!(
+            "| {w} | {path} | {:.0} | {:.0} µs | {:.0} µs | {} |",
+            f.rps, f.p50_us, f.p99_us, f.errors
+        );
+    }
+    println!(
+        "\nphigate/nginx throughput {:.2}x; added p50 vs direct: phigate {:+.0} µs, nginx {:+.0} µs",
+        p.rps / n.rps,
+        p.p50_us - d.p50_us,
+        n.p50_us - d.p50_us
+    );
+    let (all, ok) = rig.stop_and_count_rows()?;
+    let rows = [row];
+    // The one fetch above is a row too.
+    let wrk_ok = answered(&rows) + 1;
+    println!("phigate recorded {all} requests ({ok} answered 200); wrk counted {wrk_ok} answered through it (with the masked fetch)");
+    check_rows(ok, wrk_ok, u64::from(CONNECTIONS))
+}
+
+/// Requests wrk counted answered through phigate.
+fn answered(rows: &[CaseRow]) -> u64 {
+    rows.iter()
+        .map(|(_, _, _, p, _)| p.requests - p.errors.min(p.requests))
+        .sum()
+}
+
+/// What the bench agent decides with.
+#[derive(Clone, Copy)]
+enum Policies {
+    /// One permit for everything: the proxy's own cost.
+    AllowAll,
+    /// 200 policies of `bench policy`'s mix, the bench's permit masking with the
+    /// shipped safe_harbor profile.
+    Realistic,
+}
+
+/// The file the realistic case fetches, and a name in it masking must remove.
+const FHIR_1K: &str = "fhir-1k.json";
+const FHIR_NAME: &str = "Wexford";
+
+/// 200 policies as `cargo xtask bench policy` generates them (per-team permits on
+/// paths, units, users, groups, claims, hours; forbids at night), plus the one that
+/// permits the bench's client with the shipped safe_harbor profile.
+fn realistic_policies(dir: &Path) -> anyhow::Result<()> {
+    crate::util::allow_all_policies(dir)?;
+    std::fs::remove_file(dir.join("allow-all.cedar"))?;
+    let profiles = dir.join("profiles");
+    std::fs::create_dir_all(&profiles)?;
+    std::fs::copy(
+        root_dir().join("policies/profiles/safe_harbor.toml"),
+        profiles.join("safe_harbor.toml"),
+    )?;
+    let mut text = String::from(
+        "@id(\"bench\")\n@mask(\"safe_harbor\")\npermit (principal, action in Phigate::Action::\"read\", resource == Phigate::Destination::\"bench-api\");\n",
+    );
+    for i in 0..199 {
+        text.push_str(&match i % 4 {
+            0 => format!("@id(\"g{i}\")\n@mask(\"safe_harbor\")\npermit (principal, action in Phigate::Action::\"read\", resource == Phigate::Destination::\"api-{i}\")\nwhen {{ context has token && context.token.groups.contains(\"team-{i}\") && context.path like \"/fhir/R{i}/*\" }};\n"),
+            1 => format!("@id(\"u{i}\")\npermit (principal, action == Phigate::Action::\"GET\", resource)\nwhen {{ principal.unit == \"svc-{i}.service\" && principal.user == \"svc{i}\" && context.path == \"/export/{i}\" }};\n"),
+            2 => format!("@id(\"h{i}\")\nforbid (principal, action, resource == Phigate::Destination::\"api-{i}\")\nwhen {{ context.hour < 6 && !(context has token && context.token.groups.contains(\"oncall\")) }};\n"),
+            _ => format!("@id(\"q{i}\")\npermit (principal, action == Phigate::Action::\"GET\", resource)\nwhen {{ context.query.hasTag(\"_type\") && context.query.getTag(\"_type\").contains(\"T{i}\") && context has token && context.token.hasTag(\"client_id\") && context.token.getTag(\"client_id\") == \"c{i}\" }};\n"),
+        });
+    }
+    std::fs::write(dir.join("generated.cedar"), text)?;
+    Ok(())
+}
+
+/// A FHIR R4 searchset Bundle of Patients of about `size` bytes, every one full of
+/// identifiers (names, MRNs, phones, addresses, birth dates).
+fn fhir_of(size: usize) -> String {
+    let mut s = String::from("{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"entry\":[");
+    let mut i = 0;
+    while s.len() + 420 < size || i == 0 {
+        if i > 0 {
+            s.push(',');
+        }
+        s.push_str(&format!(
+            "{{\"fullUrl\":\"urn:uuid:5c1e{i:04}-0000-4000-8000-00000000{i:04}\",\"resource\":{{\"resourceType\":\"Patient\",\"id\":\"mrn-77{i:04}\",\"identifier\":[{{\"system\":\"http://hospital.example/mrn\",\"value\":\"77{i:04}\"}}],\"name\":[{{\"family\":\"{FHIR_NAME}\",\"given\":[\"Ada{i}\"]}}],\"telecom\":[{{\"system\":\"phone\",\"value\":\"555-01{i:02}\"}}],\"gender\":\"female\",\"birthDate\":\"1961-03-17\",\"address\":[{{\"line\":[\"{i} Main St\"],\"city\":\"Springfield\",\"state\":\"MA\",\"postalCode\":\"01101\"}}]}}}}"
+        ));
+        i += 1;
+    }
+    s.push_str("]}");
+    while s.len() < size {
+        s.push(' ');
+    }
+    s
 }
 
 /// Idle keep-alive TLS client connections held open at once for `bench rss`.
@@ -652,7 +792,7 @@ fn rss() -> anyhow::Result<()> {
     if crate::util::reexec_in_netns("phigate-bench")? {
         return Ok(());
     }
-    let mut rig = Rig::start(true)?;
+    let mut rig = Rig::start(true, Policies::AllowAll)?;
     let phigate_pid = rig.phigate.as_ref().expect("started").id();
     let nginx_pids = || -> Vec<u32> {
         let pid = std::fs::read_to_string(rig.dir.join("nginx.pid")).unwrap_or_default();
@@ -779,7 +919,7 @@ fn guard(duration: u64) -> anyhow::Result<()> {
         return Ok(());
     }
     let secs = (duration / GUARD_ROUNDS).max(1);
-    let mut rig = Rig::start(false)?;
+    let mut rig = Rig::start(false, Policies::AllowAll)?;
     let run = (|| -> anyhow::Result<(Figures, Vec<Round>)> {
         // A short warm-up through both, so neither pays for first connections.
         let warm = rig.wrk(Path3::Phigate, None, "1k.json", 1, CONNECTIONS)?;
