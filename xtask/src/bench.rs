@@ -759,22 +759,11 @@ fn realistic_policies(dir: &Path) -> anyhow::Result<()> {
 /// A FHIR R4 searchset Bundle of Patients of about `size` bytes, every one full of
 /// identifiers (names, MRNs, phones, addresses, birth dates).
 fn fhir_of(size: usize) -> String {
-    let mut s = String::from("{\"resourceType\":\"Bundle\",\"type\":\"searchset\",\"entry\":[");
-    let mut i = 0;
-    while s.len() + 420 < size || i == 0 {
-        if i > 0 {
-            s.push(',');
-        }
-        s.push_str(&format!(
-            "{{\"fullUrl\":\"urn:uuid:5c1e{i:04}-0000-4000-8000-00000000{i:04}\",\"resource\":{{\"resourceType\":\"Patient\",\"id\":\"mrn-77{i:04}\",\"identifier\":[{{\"system\":\"http://hospital.example/mrn\",\"value\":\"77{i:04}\"}}],\"name\":[{{\"family\":\"{FHIR_NAME}\",\"given\":[\"Ada{i}\"]}}],\"telecom\":[{{\"system\":\"phone\",\"value\":\"555-01{i:02}\"}}],\"gender\":\"female\",\"birthDate\":\"1961-03-17\",\"address\":[{{\"line\":[\"{i} Main St\"],\"city\":\"Springfield\",\"state\":\"MA\",\"postalCode\":\"01101\"}}]}}}}"
-        ));
-        i += 1;
-    }
-    s.push_str("]}");
-    while s.len() < size {
-        s.push(' ');
-    }
-    s
+    bundle_of(size, "\"type\":\"searchset\",", |i| {
+        format!(
+        "{{\"fullUrl\":\"urn:uuid:5c1e{i:04}-0000-4000-8000-00000000{i:04}\",\"resource\":{{\"resourceType\":\"Patient\",\"id\":\"mrn-77{i:04}\",\"identifier\":[{{\"system\":\"http://hospital.example/mrn\",\"value\":\"77{i:04}\"}}],\"name\":[{{\"family\":\"{FHIR_NAME}\",\"given\":[\"Ada{i}\"]}}],\"telecom\":[{{\"system\":\"phone\",\"value\":\"555-01{i:02}\"}}],\"gender\":\"female\",\"birthDate\":\"1961-03-17\",\"address\":[{{\"line\":[\"{i} Main St\"],\"city\":\"Springfield\",\"state\":\"MA\",\"postalCode\":\"01101\"}}]}}}}"
+    )
+    })
 }
 
 /// Idle keep-alive TLS client connections held open at once for `bench rss`.
@@ -1086,15 +1075,24 @@ fn duration_us(v: &str) -> Option<f64> {
 }
 
 fn json_of(size: usize) -> String {
-    let mut s = String::from("{\"resourceType\":\"Bundle\",\"entry\":[");
+    bundle_of(size, "", |i| {
+        format!("{{\"id\":\"p{i}\",\"name\":\"Family{i}\",\"birthDate\":\"1970-01-01\"}}")
+    })
+}
+
+/// A Bundle of at least one entry, as many as fit in `size` bytes, padded to it.
+fn bundle_of(size: usize, fields: &str, entry: impl Fn(usize) -> String) -> String {
+    let mut s = format!("{{\"resourceType\":\"Bundle\",{fields}\"entry\":[");
     let mut i = 0;
-    while s.len() + 80 < size {
+    loop {
+        let e = entry(i);
+        if i > 0 && s.len() + e.len() + 3 > size {
+            break;
+        }
         if i > 0 {
             s.push(',');
         }
-        s.push_str(&format!(
-            "{{\"id\":\"p{i}\",\"name\":\"Family{i}\",\"birthDate\":\"1970-01-01\"}}"
-        ));
+        s.push_str(&e);
         i += 1;
     }
     s.push_str("]}");
@@ -1191,5 +1189,19 @@ mod tests {
             check_rows(2000, 1000, 64).is_err(),
             "more than went through"
         );
+    }
+
+    #[test]
+    fn bench_bodies_are_json_of_their_size() {
+        for (body, size) in [
+            (json_of(1024), 1024),
+            (json_of(64 * 1024), 64 * 1024),
+            (fhir_of(1024), 1024),
+        ] {
+            assert_eq!(body.len(), size);
+            let v: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            assert!(!v["entry"].as_array().expect("entries").is_empty());
+        }
+        assert!(fhir_of(1024).contains(FHIR_NAME));
     }
 }
