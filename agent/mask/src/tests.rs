@@ -1726,3 +1726,25 @@ fn text_attachment_options_are_checked() {
     let p = Profile::parse(Path::new("/p/profiles/t.toml"), &ok).unwrap();
     assert!(p.entities.contains(&"TEXT_ATTACHMENT".to_owned()));
 }
+
+#[test]
+fn fhir_xml_drops_text_attachments_under_the_option() {
+    let p = text_attachments_profile("");
+    let note = b64("Patient Wilhelmina Grubb, SSN 999-41-7733");
+    let input = format!(
+        r#"<DocumentReference xmlns="http://hl7.org/fhir"><status value="current"/><content><attachment><contentType value="text/plain"/><data value="{note}"/><size value="41"/></attachment></content></DocumentReference>"#
+    );
+    let (out, counts) = mask_body(&p, &ctx(), BodyKind::Xml, None, input.as_bytes()).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        !text.contains(&note) && !text.contains("<data") && !text.contains("<size"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"<contentType value="text/plain"/>"#),
+        "{text}"
+    );
+    let c = counts.by_entity(&p);
+    assert_eq!(c.get("TEXT_ATTACHMENT"), None, "{c:?}");
+    assert_eq!(c.get("ATTACHMENT"), Some(&2), "{c:?}");
+}
