@@ -29,7 +29,25 @@ fn start_with(tag: &str, masking_section: &str) -> Masked {
 }
 
 fn start_full(tag: &str, masking_section: &str, destination_extra: &str) -> Masked {
+    start_profile(tag, masking_section, destination_extra, None)
+}
+
+/// `profile`: the destination's masking profile, written as `notes.toml` (else the
+/// shipped `safe_harbor`).
+fn start_profile(
+    tag: &str,
+    masking_section: &str,
+    destination_extra: &str,
+    profile: Option<&str>,
+) -> Masked {
     let mut w = World::new(tag);
+    let profile_name = match profile {
+        Some(text) => {
+            std::fs::write(w.policies_dir().join("profiles/notes.toml"), text).unwrap();
+            "notes"
+        }
+        None => "safe_harbor",
+    };
     let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
     // The data: a Bundle, a bulk export, one Patient, a text file.
     let files = w.path("files");
@@ -59,7 +77,7 @@ fn start_full(tag: &str, masking_section: &str, destination_extra: &str) -> Mask
     );
     // With the small buffer: the Bundle and the export stream, the Patient is buffered.
     w.write_config(&format!(
-        "{}\n{masking_section}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\nmask_profile = \"safe_harbor\"\n{destination_extra}",
+        "{}\n{masking_section}\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\nmask_profile = \"{profile_name}\"\n{destination_extra}",
         w.agent_section(""),
         pki.ca.display()
     ));
@@ -392,6 +410,129 @@ fn a_real_world_corpus_leaks_nothing() {
         "the masked bodies are in the records"
     );
     scan(&identifiers, "records", &rows);
+}
+
+/// `text` with every run that reads as base64 (16 characters or more) decoded and
+/// appended: an identifier inside an attachment is found too.
+fn with_base64_decoded(text: &str) -> String {
+    use base64::engine::general_purpose::STANDARD_NO_PAD as B64;
+    use base64::Engine as _;
+    let b64 = |c: char| c.is_ascii_alphanumeric() || c == '+' || c == '/';
+    let mut out = text.to_owned();
+    for run in text.split(|c| !b64(c)).filter(|r| r.len() >= 16) {
+        // Padding ends a run; one cut short is decoded as far as it aligns.
+        let b = B64
+            .decode(run)
+            .or_else(|_| B64.decode(&run[..run.len() - run.len() % 4]));
+        if let Ok(b) = b {
+            out.push('\n');
+            out.push_str(&String::from_utf8_lossy(&b));
+        }
+    }
+    out
+}
+
+/// `safe_harbor` with text attachments decoded and masked, and the detectors the
+/// notes need (names have no detector: a pattern for capitalized words, labelled
+/// patterns for MRNs and phone numbers).
+fn notes_profile() -> String {
+    let base =
+        std::fs::read_to_string(shipped_policies().join("profiles/safe_harbor.toml")).unwrap();
+    let rule = "fhir = \"base64Binary\"\nop = \"drop\"\nentity = \"ATTACHMENT\"\n";
+    assert!(base.contains(rule));
+    base.replace(rule, &format!("{rule}text_attachments = \"mask\"\n"))
+        + r#"
+[[rule]]
+detector = "date"
+op = "generalize_date"
+max_age = 89
+[[rule]]
+detector = "ssn"
+op = "redact"
+[[rule]]
+detector = "phone"
+op = "redact"
+[[rule]]
+detector = "phone_labelled"
+op = "redact"
+entity = "PHONE"
+[[rule]]
+detector = "mrn"
+op = "pseudonymize"
+[[rule]]
+detector = "email"
+op = "redact"
+[[rule]]
+detector = "capitalized"
+op = "redact"
+entity = "NAME"
+[[pattern]]
+name = "phone_labelled"
+regex = '(?i:phone|tel|fax)[:. ]*\+?[0-9][0-9 ().-]{5,}[0-9]'
+[[pattern]]
+name = "mrn"
+regex = '(?i:mrn)[-:# ]*[0-9]{6,10}'
+[[pattern]]
+name = "capitalized"
+regex = '(?-u:\b)[A-Z][a-z0-9][A-Za-z0-9]*(?:[- ][A-Z][a-z0-9][A-Za-z0-9]*)*'
+requires_digit = false
+"#
+}
+
+/// The real-world corpus under a profile that decodes text attachments and masks
+/// them with detectors: the clinical notes come back (decoded, masked), and no raw
+/// identifier is in the client's bytes, in the base64 of any attachment, nor in the
+/// records.
+#[test]
+fn a_real_world_corpus_with_text_attachments_leaks_nothing() {
+    require_root();
+    let m = start_profile(
+        "mask-notes",
+        "[masking]\nbuffer_bytes = 16384\nrecord_body_bytes = 1000000\n",
+        "",
+        Some(&notes_profile()),
+    );
+    let (identifiers, bundles) = real_world_corpus(&m);
+    let mut paths: Vec<String> = bundles.iter().map(|b| format!("/files/{b}")).collect();
+    paths.push("/files/history-export.ndjson?gzip=1&chunked=1".into());
+    let mut notes = 0;
+    for path in &paths {
+        let (body, head) = curl(&m, &["--compressed", &format!("https://{UP}{path}")]);
+        assert!(head.starts_with("HTTP/2 200"), "{path}: {head}\n{body}");
+        let decoded = with_base64_decoded(&body);
+        scan(&identifiers, path, &decoded);
+        notes += decoded.matches(" was seen on ").count();
+    }
+    // Each history's note, masked: 6 Bundles and the same 6 in the export.
+    assert_eq!(notes, 12);
+    let (body, _) = curl(&m, &[&format!("https://{UP}/files/history-0.json")]);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let doc = v["entry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["resource"]["resourceType"] == "DocumentReference")
+        .unwrap();
+    let att = &doc["resource"]["content"][0]["attachment"];
+    use base64::Engine as _;
+    let note = base64::engine::general_purpose::STANDARD
+        .decode(att["data"].as_str().unwrap())
+        .unwrap();
+    let note = String::from_utf8(note).unwrap();
+    assert!(note.contains("[REDACTED:NAME]"), "{note}");
+    assert!(note.contains("was seen on 20"), "{note}");
+    // Not text: the PDFs and the photo are still dropped.
+    assert!(!body.contains("JVBERi0x"), "{body}");
+
+    let mut m = m;
+    m.w.wait_records("requests", paths.len() + 1);
+    assert!(m.w.sigterm(Duration::from_secs(20)).success());
+    let rows = all_record_rows(&m);
+    assert!(
+        rows.contains("TEXT_ATTACHMENT"),
+        "the counts are in the records"
+    );
+    scan(&identifiers, "records", &with_base64_decoded(&rows));
 }
 
 /// Turns each JSON Bundle named on the command line into FHIR XML with

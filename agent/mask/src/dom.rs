@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::attach;
 use super::fhir::{FhirRules, Role, TypeCtx};
 use super::ops::{Op, Scalar};
 use super::path::{PathDfa, Trans};
@@ -64,7 +65,9 @@ impl Walker<'_> {
         };
         if let Some(m) = own {
             let r = &self.profile.rules[m as usize];
-            if r.op == Op::Drop {
+            // A text-attachment rule decides at the value (its `contentType`).
+            let text = ty.is_some_and(|t| t.role == Role::AttachmentData) && r.text.is_some();
+            if r.op == Op::Drop && !text {
                 self.counts.add(r.entity);
                 return None;
             }
@@ -124,6 +127,11 @@ impl Walker<'_> {
                     (Some(f), Some(t), Some(Value::String(u))) => f.extension_allowed(u, t.trusted),
                     _ => false,
                 };
+                // As the stream reads it: a string, or none.
+                let content_type = map
+                    .get("contentType")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
                 let mut dropped = Vec::new();
                 for (k, c) in map.iter_mut() {
                     let t = self.dfa.key(node.state, k);
@@ -139,7 +147,11 @@ impl Walker<'_> {
                         .and_then(|n| self.misplaced(c, n, false))
                     {
                         None => dropped.push(k.clone()),
-                        Some(n) => self.member(c, n),
+                        Some(n) => {
+                            if !self.attachment(c, n, content_type.as_deref()) {
+                                dropped.push(k.clone());
+                            }
+                        }
                     }
                 }
                 for k in dropped {
@@ -197,13 +209,55 @@ impl Walker<'_> {
         }
     }
 
+    /// A member's value, or an attachment's `data` under a text-attachment rule
+    /// (masked as text, else what the rule makes of it). Whether it stays.
+    fn attachment(&mut self, c: &mut Value, n: Node, content_type: Option<&str>) -> bool {
+        let text_rule =
+            n.ty.filter(|t| t.role == Role::AttachmentData)
+                .and(n.rule)
+                .and_then(|r| Some((r, self.profile.rules[r as usize].text?)));
+        let Some((r, text)) = text_rule else {
+            self.member(c, n);
+            return true;
+        };
+        let rule = &self.profile.rules[r as usize];
+        let masked = match &*c {
+            Value::String(s) => attach::mask_data(
+                self.profile,
+                self.ctx,
+                &mut self.scalar,
+                text,
+                rule.entity,
+                content_type,
+                s,
+                self.counts,
+            ),
+            // Not base64 text: not masked as text, not kept.
+            _ => {
+                self.counts.add(rule.entity);
+                None
+            }
+        };
+        match masked {
+            Some(m) => *c = Value::String(m),
+            None if rule.op == Op::Redact => {
+                *c = Value::String(super::ops::placeholder(&self.profile.entities[rule.entity]))
+            }
+            None => return false,
+        }
+        true
+    }
+
     /// A member's value: `resourceType` naming a resource stays as is.
     fn member(&mut self, c: &mut Value, n: Node) {
         if let (Some(f), Some(ty), Value::String(s)) = (&self.profile.fhir, n.ty, &*c) {
             if ty.role == Role::ResourceType {
-                let known = f.model().resource_type(s).is_some();
+                // As the stream: a known type is structure, not scanned.
+                if f.model().resource_type(s).is_some() {
+                    return;
+                }
                 let node = Node {
-                    rule: if known { None } else { Some(f.default_rule) },
+                    rule: Some(f.default_rule),
                     ..n
                 };
                 return self.walk(c, node);

@@ -18,6 +18,7 @@ use memchr::memchr2;
 use super::path::PathDfa;
 use super::profile::Profile;
 use super::{Counts, MaskContext, MaskError, ScalarMasker};
+use crate::attach;
 use crate::fhir::{Role, TypeCtx, UNKNOWN};
 use crate::lookahead::{Lookahead, Scan};
 use crate::ops::{Op, Scalar};
@@ -42,6 +43,21 @@ struct Frame {
     next_index: usize,
     /// An extension whose `url` was read and is on the profile's allow-list.
     url_safe: bool,
+    /// An attachment's `contentType` as read (profiles masking text attachments).
+    content_type: Option<Box<str>>,
+    /// An attachment's `data` read before its `contentType`: written when the
+    /// object ends.
+    deferred: Option<Box<Deferred>>,
+}
+
+/// A text attachment's `data` waiting for its object's `contentType`.
+#[derive(Debug)]
+struct Deferred {
+    /// The member name, raw.
+    key: Vec<u8>,
+    /// The string's raw content (at most the rule's bound).
+    raw: Vec<u8>,
+    rule: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -187,6 +203,7 @@ impl JsonStream {
                     };
                     match end {
                         None => {
+                            let kind = self.attachment_bound(kind, n - start);
                             if kind != Str::Skip {
                                 self.hold(&b[start..], i)?;
                             }
@@ -494,6 +511,8 @@ impl JsonStream {
                     emitted: false,
                     next_index: 0,
                     url_safe: false,
+                    content_type: None,
+                    deferred: None,
                 });
                 self.lex = if c == b'{' {
                     self.maybe_look_ahead(ctx, at);
@@ -503,7 +522,8 @@ impl JsonStream {
                 };
             }
             b'"' => {
-                let skip = ctx.suppressed
+                // A dropped `contentType` is still read: `data` is decided by it.
+                let skip = (ctx.suppressed && ctx.ty.role != Role::ContentType)
                     || (ctx.ty.role == Role::Plain
                         && ctx
                             .rule
@@ -521,6 +541,13 @@ impl JsonStream {
     }
 
     fn close(&mut self, out: &mut Vec<u8>) -> Result<(), MaskError> {
+        if let Some(d) = self.stack.last_mut().and_then(|f| f.deferred.take()) {
+            self.key.clone_from(&d.key);
+            let mut buf = String::new();
+            // Validated when it was read.
+            let b64 = decode(&d.raw, &mut buf).ok();
+            self.attachment_out(d.rule, b64, out);
+        }
         let f = self.stack.pop().expect("a container is open");
         if !f.ctx.suppressed {
             out.push(if f.obj { b'}' } else { b']' });
@@ -579,50 +606,166 @@ impl JsonStream {
                     out.extend_from_slice(&self.profile.placeholders[entity]);
                 }
             }
-            Str::Value if self.vctx.ty.role != Role::Plain && !self.vctx.suppressed => {
-                self.structure_value(raw, out, at)?;
-            }
-            Str::Value => {
-                let ctx = self.vctx;
-                let off = self.offset + at as u64;
-                let rule = ctx.rule.map(|r| r as usize);
-                let (plain, scan) = self.profile.detectors.classify(raw);
-                let keep = rule.is_some_and(|r| self.profile.rules[r].op == Op::Keep);
-                let masked = if keep || (rule.is_none() && !scan) {
-                    // Copied as is: only validated.
-                    if !plain {
-                        decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?;
+            Str::Value
+                if self.vctx.ty.role != Role::Plain
+                    && (!self.vctx.suppressed || self.vctx.ty.role == Role::ContentType) =>
+            {
+                match self.vctx.ty.role {
+                    Role::ResourceType | Role::ExtensionUrl => {
+                        self.structure_value(raw, out, at)?
                     }
-                    None
-                } else {
-                    let text = if plain {
-                        // SAFETY: `classify` found only printable ASCII bytes.
-                        unsafe { std::str::from_utf8_unchecked(raw) }
-                    } else {
-                        decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?
-                    };
-                    self.scalar.text_scanned(
-                        &self.profile,
-                        &self.ctx,
-                        rule,
-                        text,
-                        scan,
-                        &mut self.counts,
-                    )
-                };
-                self.prefix(out);
-                match masked {
-                    None => {
-                        out.push(b'"');
-                        out.extend_from_slice(raw);
-                        out.push(b'"');
+                    Role::AttachmentData => self.attachment(raw, out, at)?,
+                    Role::ContentType => {
+                        let off = self.offset + at as u64;
+                        let text = decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?;
+                        let f = self.stack.last_mut().expect("inside an object");
+                        f.content_type = Some(text.into());
+                        if !self.vctx.suppressed {
+                            self.plain_value(raw, out, at)?;
+                        }
                     }
-                    Some(m) => write_str(out, &m),
+                    Role::Plain => unreachable!("guarded"),
                 }
             }
+            Str::Value => self.plain_value(raw, out, at)?,
         }
         self.after_value(out, self.vctx.suppressed);
         Ok(())
+    }
+
+    /// A string value masked by the rule in force, or the detectors.
+    #[inline]
+    fn plain_value(&mut self, raw: &[u8], out: &mut Vec<u8>, at: usize) -> Result<(), MaskError> {
+        let ctx = self.vctx;
+        let off = self.offset + at as u64;
+        let rule = ctx.rule.map(|r| r as usize);
+        let (plain, scan) = self.profile.detectors.classify(raw);
+        let keep = rule.is_some_and(|r| self.profile.rules[r].op == Op::Keep);
+        let masked = if keep || (rule.is_none() && !scan) {
+            // Copied as is: only validated.
+            if !plain {
+                decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?;
+            }
+            None
+        } else {
+            let text = if plain {
+                // SAFETY: `classify` found only printable ASCII bytes.
+                unsafe { std::str::from_utf8_unchecked(raw) }
+            } else {
+                decode(raw, &mut self.decoded).map_err(|m| syntax(off, m))?
+            };
+            self.scalar
+                .text_scanned(&self.profile, &self.ctx, rule, text, scan, &mut self.counts)
+        };
+        self.prefix(out);
+        match masked {
+            None => {
+                out.push(b'"');
+                out.extend_from_slice(raw);
+                out.push(b'"');
+            }
+            Some(m) => write_str(out, &m),
+        }
+        Ok(())
+    }
+
+    /// The text-attachment rule in force at an attachment's `data`, if any.
+    fn text_rule(&self) -> Option<(u32, attach::TextAttachments)> {
+        let r = self.vctx.rule?;
+        Some((r, self.profile.rules[r as usize].text?))
+    }
+
+    /// An attachment's `data` string cut by a chunk boundary: past what its rule
+    /// masks it is not held but dropped (counted here, or by `Skip` when the rule
+    /// redacts). `more`: the bytes about to be held.
+    #[inline]
+    fn attachment_bound(&mut self, kind: Str, more: usize) -> Str {
+        if kind != Str::Value || self.vctx.ty.role != Role::AttachmentData {
+            return kind;
+        }
+        let Some((r, t)) = self.text_rule() else {
+            return kind;
+        };
+        if self.pending.len() + more <= self.raw_bound(t) {
+            return kind;
+        }
+        self.pending.clear();
+        let rule = &self.profile.rules[r as usize];
+        if rule.op == Op::Drop {
+            self.counts.add(rule.entity);
+            self.vctx.suppressed = true;
+        }
+        Str::Skip
+    }
+
+    /// The longest raw `data` string held: room for JSON escapes and line breaks
+    /// (`attach` checks the exact bound on the decoded text). Longer is dropped
+    /// whether a chunk boundary cuts it or not.
+    fn raw_bound(&self, t: attach::TextAttachments) -> usize {
+        (t.max_encoded() + t.max_encoded() / 8 + 64).min(self.max_value_bytes)
+    }
+
+    /// An attachment's `data` under a rule that may mask it as text: masked now when
+    /// the object's `contentType` was read, else once the object ends.
+    fn attachment(&mut self, raw: &[u8], out: &mut Vec<u8>, at: usize) -> Result<(), MaskError> {
+        let Some((r, t)) = self.text_rule() else {
+            return self.plain_value(raw, out, at);
+        };
+        if raw.len() > self.raw_bound(t) {
+            self.attachment_out(r, None, out);
+            return Ok(());
+        }
+        let off = self.offset + at as u64;
+        let b64 = decode(raw, &mut self.decoded)
+            .map_err(|m| syntax(off, m))?
+            .to_owned();
+        let f = self.stack.last_mut().expect("inside an object");
+        if f.content_type.is_none() {
+            f.deferred = Some(Box::new(Deferred {
+                key: self.key.clone(),
+                raw: raw.to_vec(),
+                rule: r,
+            }));
+            return Ok(());
+        }
+        self.attachment_out(r, Some(&b64), out);
+        Ok(())
+    }
+
+    /// Writes an attachment's `data` (`b64`; `None`: too long) under text rule `r`:
+    /// its masked text, else what the rule makes of other attachments.
+    fn attachment_out(&mut self, r: u32, b64: Option<&str>, out: &mut Vec<u8>) {
+        let rule = &self.profile.rules[r as usize];
+        let text = rule.text.expect("a text rule");
+        let f = self.stack.last().expect("inside an object");
+        let masked = match b64 {
+            Some(b64) => attach::mask_data(
+                &self.profile,
+                &self.ctx,
+                &mut self.scalar,
+                text,
+                rule.entity,
+                f.content_type.as_deref(),
+                b64,
+                &mut self.counts,
+            ),
+            None => {
+                self.counts.add(rule.entity);
+                None
+            }
+        };
+        match masked {
+            Some(m) => {
+                self.prefix(out);
+                write_str(out, &m);
+            }
+            None if rule.op == Op::Redact => {
+                let e = rule.entity;
+                self.prefix(out);
+                out.extend_from_slice(&self.profile.placeholders[e]);
+            }
+            None => {}
+        }
     }
 
     /// A `resourceType` or an extension's `url`: read for structure (the object's
@@ -653,7 +796,9 @@ impl JsonStream {
             Role::ExtensionUrl => {
                 frame.url_safe = fhir.extension_allowed(text, frame.ctx.ty.trusted)
             }
-            Role::Plain => unreachable!("plain values are masked by string_done"),
+            Role::Plain | Role::ContentType | Role::AttachmentData => {
+                unreachable!("masked by string_done")
+            }
         }
         let masked = match rule {
             Some(r) if self.profile.rules[r].op == Op::Keep => None,
@@ -678,6 +823,17 @@ impl JsonStream {
 
     fn scalar_done(&mut self, tok: &[u8], out: &mut Vec<u8>, at: usize) -> Result<(), MaskError> {
         let ctx = self.vctx;
+        if ctx.ty.role == Role::AttachmentData && !ctx.suppressed {
+            // Not base64 text: not masked as text, not kept.
+            if let Some((r, _)) = self.text_rule() {
+                if !matches!(tok, b"true" | b"false" | b"null") && !valid_number(tok) {
+                    return Err(self.err(at, "not a JSON number or literal"));
+                }
+                self.attachment_out(r, None, out);
+                self.after_value(out, false);
+                return Ok(());
+            }
+        }
         match tok {
             b"true" | b"false" | b"null" => {
                 if !ctx.suppressed {
@@ -728,7 +884,8 @@ pub(crate) fn child_ctx(
     let mut suppressed = false;
     if let Some(m) = own {
         let r = &profile.rules[m as usize];
-        if r.op == Op::Drop {
+        // A text-attachment rule decides at the value (its `contentType`).
+        if r.op == Op::Drop && !(ty.role == Role::AttachmentData && r.text.is_some()) {
             counts.add(r.entity);
             suppressed = true;
         }

@@ -7,6 +7,7 @@
 //! * [`fhir`]: FHIR R4 datatypes (from the official definitions) for type rules and
 //!   the allow-list.
 //! * [`detect`]: detectors for identifiers inside text, with checksums.
+//! * [`attach`]: text attachments decoded, masked by the detectors, re-encoded.
 //! * [`ops`]: the operators (redact, partial, pseudonymize, generalize_date, zip3,
 //!   age_cap, drop, keep).
 //! * [`json`]: the single-pass streaming transform of JSON and NDJSON bytes.
@@ -20,6 +21,7 @@
 //! Entry points: [`BodyMasker`] (a body, chunk by chunk), [`mask_body`] (a whole
 //! body), [`mask_headers`].
 
+pub mod attach;
 pub mod detect;
 pub mod dom;
 pub mod encoding;

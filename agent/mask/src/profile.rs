@@ -12,6 +12,11 @@
 //! op = "generalize_date"
 //! max_age = 89
 //!
+//! [[rule]]                        # FHIR type rules (with a [fhir] table)
+//! fhir = "base64Binary"
+//! op = "drop"
+//! text_attachments = "mask"       # text attachments decoded, masked by the detectors
+//!
 //! [[rule]]                        # detector rules: text values no path rule covers
 //! detector = "ssn"
 //! op = "redact"
@@ -36,6 +41,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+use super::attach::{self, TextAttachments};
 use super::detect::{Detector, Detectors, BUILTIN};
 use super::fhir::{self, FhirRules, Target};
 use super::ops::{Op, OP_NAMES, RESTRICTED_ZIP3};
@@ -84,6 +90,8 @@ pub struct Rule {
     pub path: Option<JsonPath>,
     pub op: Op,
     pub entity: usize,
+    /// `text_attachments = "mask"`: text attachments are masked, not dropped.
+    pub text: Option<TextAttachments>,
 }
 
 /// What a detector's finds become.
@@ -277,6 +285,11 @@ struct RawRule {
     keep_last: Option<Spanned<u32>>,
     split_last: Option<Spanned<String>>,
     max_age: Option<Spanned<u32>>,
+    /// `"drop"` (default) or `"mask"`: on an attachment rule, decode text attachments
+    /// and mask them with the detectors.
+    text_attachments: Option<Spanned<String>>,
+    /// Longest decoded text attachment masked (bytes).
+    text_max_bytes: Option<Spanned<u64>>,
 }
 
 #[derive(Deserialize)]
@@ -343,6 +356,8 @@ struct Rules {
     /// Parallel to `detector_rules`.
     detectors: Vec<Detector>,
     detector_rules: Vec<DetectorRule>,
+    /// Where the first `text_attachments = "mask"` is (it needs detector rules).
+    text_mask: Option<(Range<usize>, String)>,
 }
 
 /// Configured detectors by name, with their default entity.
@@ -496,26 +511,52 @@ impl Source<'_> {
             };
             match (&r.path, &r.detector, &r.fhir) {
                 (Some(p), None, None) => {
+                    self.no_text_option(r, &field)?;
                     let path = self.rule_path(p, &field)?;
                     let ent = explicit.unwrap_or_else(|| path_entity(&path));
                     rules.paths.push(Rule {
                         path: Some(path),
                         op,
                         entity: entities.index(&ent),
+                        text: None,
                     });
                 }
                 (None, None, Some(t)) => {
                     let target = Target::parse(fhir::r4(), t.get_ref())
                         .map_err(|m| self.err(Some(t.span()), Some(format!("{field}.fhir")), m))?;
                     let ent = explicit.unwrap_or_else(|| fhir_entity(t.get_ref()));
-                    let rule = Rule {
-                        path: None,
-                        op,
-                        entity: entities.index(&ent),
-                    };
-                    rules.types.push((target, rule));
+                    let entity = entities.index(&ent);
+                    let text = self.text_option(r, &field, &op, entities)?;
+                    if let (Some(_), Some(m)) = (text, &r.text_attachments) {
+                        rules.text_mask.get_or_insert((m.span(), field.clone()));
+                        // The original's size and hash would describe (and the hash
+                        // identify) the text before masking: removed from every
+                        // attachment, whether its data was masked or dropped. First, so
+                        // they beat any rule of the file on them.
+                        for (k, el) in ["Attachment.size", "Attachment.hash"].iter().enumerate() {
+                            let target =
+                                Target::parse(fhir::r4(), el).expect("R4 has Attachment.size/hash");
+                            let drop = Rule {
+                                path: None,
+                                op: Op::Drop,
+                                entity,
+                                text: None,
+                            };
+                            rules.types.insert(k, (target, drop));
+                        }
+                    }
+                    rules.types.push((
+                        target,
+                        Rule {
+                            path: None,
+                            op,
+                            entity,
+                            text,
+                        },
+                    ));
                 }
                 (None, Some(d), None) => {
+                    self.no_text_option(r, &field)?;
                     if matches!(op, Op::Keep | Op::Drop | Op::AgeCap) {
                         return Err(self.err(
                             Some(r.op.span()),
@@ -541,6 +582,95 @@ impl Source<'_> {
             }
         }
         Ok(rules)
+    }
+
+    /// `text_attachments` / `text_max_bytes` on a rule that is not a `fhir` rule.
+    fn no_text_option(&self, r: &RawRule, field: &str) -> Result<(), ProfileError> {
+        match (&r.text_attachments, &r.text_max_bytes) {
+            (Some(s), _) => Err(self.err(
+                Some(s.span()),
+                Some(format!("{field}.text_attachments")),
+                "only on a `fhir` rule for base64Binary, Attachment.data or Binary.data".into(),
+            )),
+            (None, Some(s)) => Err(self.err(
+                Some(s.span()),
+                Some(format!("{field}.text_max_bytes")),
+                "only with text_attachments = \"mask\"".into(),
+            )),
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// A `fhir` rule's `text_attachments` and `text_max_bytes`: `Some` when text
+    /// attachments are masked.
+    fn text_option(
+        &self,
+        r: &RawRule,
+        field: &str,
+        op: &Op,
+        entities: &mut Entities,
+    ) -> Result<Option<TextAttachments>, ProfileError> {
+        let mask = match &r.text_attachments {
+            None => false,
+            Some(m) => match m.get_ref().as_str() {
+                "drop" => false,
+                "mask" => true,
+                other => {
+                    return Err(self.err(
+                        Some(m.span()),
+                        Some(format!("{field}.text_attachments")),
+                        format!("`{other}`: \"drop\" (the default) or \"mask\""),
+                    ))
+                }
+            },
+        };
+        if !mask {
+            if let Some(n) = &r.text_max_bytes {
+                return Err(self.err(
+                    Some(n.span()),
+                    Some(format!("{field}.text_max_bytes")),
+                    "only with text_attachments = \"mask\"".into(),
+                ));
+            }
+            return Ok(None);
+        }
+        let m = r.text_attachments.as_ref().expect("mask");
+        let target = r.fhir.as_ref().map(|t| t.get_ref().as_str());
+        if !matches!(
+            target,
+            Some("base64Binary" | "Attachment.data" | "Binary.data")
+        ) {
+            return Err(self.err(
+                Some(m.span()),
+                Some(format!("{field}.text_attachments")),
+                "only on a `fhir` rule for base64Binary, Attachment.data or Binary.data".into(),
+            ));
+        }
+        if !matches!(op, Op::Drop | Op::Redact) {
+            return Err(self.err(
+                Some(r.op.span()),
+                Some(format!("{field}.op")),
+                "with text_attachments = \"mask\", what other attachments become: `drop` or `redact`".into(),
+            ));
+        }
+        let max_bytes = match &r.text_max_bytes {
+            None => attach::DEFAULT_MAX_BYTES,
+            Some(n) => {
+                let v = *n.get_ref();
+                if v == 0 || v > attach::LIMIT_MAX_BYTES as u64 {
+                    return Err(self.err(
+                        Some(n.span()),
+                        Some(format!("{field}.text_max_bytes")),
+                        format!("bytes, from 1 to {}", attach::LIMIT_MAX_BYTES),
+                    ));
+                }
+                v as usize
+            }
+        };
+        Ok(Some(TextAttachments {
+            max_bytes,
+            entity: entities.index("TEXT_ATTACHMENT"),
+        }))
     }
 
     /// A path rule's `path`: a JSONPath naming fields (not the whole document).
@@ -710,11 +840,13 @@ impl Source<'_> {
             path: None,
             op,
             entity: entities.index(&default_entity),
+            text: None,
         });
         rules.paths.push(Rule {
             path: None,
             op: Op::Redact,
             entity: entities.index(&extension_entity),
+            text: None,
         });
         Ok(FhirRules::new(
             fhir::r4(),
@@ -722,6 +854,7 @@ impl Source<'_> {
             default_rule,
             default_rule + 1,
             urls,
+            rules.paths.iter().any(|r| r.text.is_some()),
         ))
     }
 
@@ -851,6 +984,13 @@ impl Profile {
         let patterns = src.patterns(&raw.pattern)?;
         let mut rules = src.rules(&raw.rule, &patterns, &mut entities)?;
         src.every_pattern_used(&raw.pattern, &patterns, &rules.detectors)?;
+        if let (Some((span, field)), true) = (&rules.text_mask, rules.detectors.is_empty()) {
+            return Err(src.err(
+                Some(span.clone()),
+                Some(format!("{field}.text_attachments")),
+                "masking text attachments needs detector rules (`[[rule]] detector = ...`): without them the text would pass as is".into(),
+            ));
+        }
         let headers = src.headers(&raw.header, &mut entities)?;
         let pass_through = src.pass_through(&raw.pass_through)?;
         let restricted_zip3 = src.restricted_zip3(&raw.restricted_zip3)?;

@@ -1439,3 +1439,312 @@ proptest! {
         }
     }
 }
+
+/// `safe_harbor` with text attachments decoded and masked: the shipped attachment
+/// rule with `text_attachments = "mask"`, and the detectors a clinical note needs
+/// (names have no built-in detector: a pattern for capitalized words finds them,
+/// over-redacting the first word of a sentence; all-caps words such as the
+/// placeholders' are not names to it, so masking stays idempotent).
+fn text_attachments_profile(extra: &str) -> Arc<Profile> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/profiles");
+    let base = std::fs::read_to_string(dir.join("safe_harbor.toml")).unwrap();
+    let rule = "fhir = \"base64Binary\"\nop = \"drop\"\nentity = \"ATTACHMENT\"\n";
+    assert!(base.contains(rule));
+    let text =
+        base.replace(rule, &format!("{rule}text_attachments = \"mask\"\n{extra}")) + NOTE_DETECTORS;
+    Arc::new(Profile::parse(Path::new("/p/profiles/notes.toml"), &text).unwrap())
+}
+
+const NOTE_DETECTORS: &str = r#"
+[[rule]]
+detector = "ssn_labelled"
+op = "redact"
+entity = "SSN"
+[[rule]]
+detector = "ssn"
+op = "redact"
+[[rule]]
+detector = "date"
+op = "generalize_date"
+max_age = 89
+[[rule]]
+detector = "phone"
+op = "redact"
+[[rule]]
+detector = "email"
+op = "redact"
+[[rule]]
+detector = "zip"
+op = "redact"
+[[rule]]
+detector = "npi"
+op = "redact"
+[[rule]]
+detector = "url"
+op = "redact"
+[[rule]]
+detector = "uuid"
+op = "redact"
+[[rule]]
+detector = "capitalized"
+op = "redact"
+entity = "NAME"
+[[pattern]]
+name = "ssn_labelled"
+regex = '(?i:ssn)[: #]*[0-9]{3}-?[0-9]{2}-?[0-9]{4}'
+[[rule]]
+detector = "npi_labelled"
+op = "redact"
+entity = "NPI"
+[[pattern]]
+name = "npi_labelled"
+regex = '(?i:npi)[: #]*[0-9]{10}'
+[[pattern]]
+name = "uuid"
+regex = '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}'
+[[pattern]]
+name = "capitalized"
+regex = '(?-u:\b)[A-Z][a-z0-9][A-Za-z0-9]*(?:[- ][A-Z][a-z0-9][A-Za-z0-9]*)*'
+requires_digit = false
+"#;
+
+/// A clinical note that repeats the real-world bundle's identifiers.
+const NOTE: &str = "Patient: Quinton872 Krajcik437 (id 8c7a4b1e-2f3d-4e5a-9b6c-7d8e9f0a1b2c)\n\
+Born 1961-03-17T04:12:00-05:00 in Quonsetville, Vermontia. SSN 999-41-7733.\n\
+Home: 744 Wiza Mill, Fitchburgia MA 01420; phone 555-412-7788.\n\
+Mother: Wilhelmina Grubb. Race (self-described): Wexford.\n\
+Seen 2023-04-05T10:11:12-04:00 by Dr. Ophelia Brakus, NPI 9999948794.\n\
+Assessment: stable; follow up in three months.\n";
+
+/// Every attachment `data` of a document, base64-decoded (lossy).
+fn decoded_attachments(v: &Value, out: &mut Vec<String>) {
+    use base64::Engine as _;
+    match v {
+        Value::Object(m) => {
+            if let Some(Value::String(d)) = m.get("data") {
+                if let Ok(b) = base64::engine::general_purpose::STANDARD.decode(d) {
+                    out.push(String::from_utf8_lossy(&b).into_owned());
+                }
+            }
+            m.values().for_each(|c| decoded_attachments(c, out));
+        }
+        Value::Array(a) => a.iter().for_each(|c| decoded_attachments(c, out)),
+        _ => {}
+    }
+}
+
+fn b64(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+#[test]
+fn text_attachments_are_decoded_and_masked() {
+    let p = text_attachments_profile("");
+    let mut bundle = real_world_bundle();
+    let att = &mut bundle["entry"][1]["resource"]["content"][0]["attachment"];
+    att["data"] = b64(NOTE).into();
+    att["size"] = NOTE.len().into();
+    att["hash"] = "2jmj7l5rSw0yVb/vlWAYkK/YBwk=".into();
+    let input = fhir_json(&bundle);
+    let (out, counts) = mask_body(&p, &ctx(), BodyKind::Json, None, &input).unwrap();
+    let text = String::from_utf8(out.clone()).unwrap();
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    let mut notes = Vec::new();
+    decoded_attachments(&v, &mut notes);
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    for secret in REAL_WORLD_SECRETS.iter().chain(&["Brakus", "3-17", "Mill"]) {
+        assert!(!text.contains(secret), "{secret} leaked: {text}");
+        assert!(!notes[0].contains(secret), "{secret} leaked: {}", notes[0]);
+    }
+    // Masked, not dropped: what is not identifying stays.
+    assert!(
+        notes[0].contains("stable; follow up in three months."),
+        "{}",
+        notes[0]
+    );
+    assert!(notes[0].contains("[REDACTED:SSN]"), "{}", notes[0]);
+    assert!(notes[0].contains(" 2023 by "), "{}", notes[0]);
+    // The original's size and hash are gone; the contentType stays.
+    let att = &v["entry"][1]["resource"]["content"][0]["attachment"];
+    assert_eq!(att["contentType"], "text/plain; charset=utf-8");
+    assert!(
+        att.get("size").is_none() && att.get("hash").is_none(),
+        "{att}"
+    );
+    // Not text: the PDF Binary and the JPEG Media are dropped as before.
+    assert!(v["entry"][2]["resource"].get("data").is_none());
+    assert!(v["entry"][3]["resource"]["content"].get("data").is_none());
+    let c = counts.by_entity(&p);
+    assert_eq!(c.get("TEXT_ATTACHMENT"), Some(&1), "{c:?}");
+    assert!(c.get("ATTACHMENT").copied().unwrap_or(0) >= 2, "{c:?}");
+    assert!(c.get("SSN").copied().unwrap_or(0) >= 1, "{c:?}");
+    // The reference engine agrees, masking is idempotent, chunking changes nothing.
+    let (dom, dom_counts) = dom::mask_document(&p, &ctx(), BodyKind::Json, &input).unwrap();
+    assert_eq!(serde_json::from_slice::<Value>(&dom).unwrap(), v);
+    assert_eq!(dom_counts, counts);
+    assert_eq!(stream(&p, BodyKind::Json, &out).unwrap(), out);
+    for cut in [1, 7, 64, 1000] {
+        let cuts: Vec<usize> = (cut..input.len()).step_by(cut.max(1) * 3 + 1).collect();
+        assert_eq!(
+            stream_chunked(&p, BodyKind::Json, &input, &cuts).unwrap(),
+            out,
+            "cut every {cut}"
+        );
+    }
+    // Without the option, the shipped profile still drops the note.
+    let (out, _) = mask_body(
+        &shipped("safe_harbor"),
+        &ctx(),
+        BodyKind::Json,
+        None,
+        &input,
+    )
+    .unwrap();
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    assert!(v["entry"][1]["resource"]["content"][0]["attachment"]
+        .get("data")
+        .is_none());
+}
+
+/// Masks `attachment` (an Attachment's members, as JSON text) inside a
+/// DocumentReference, whole and cut at every byte, and checks the DOM agrees.
+fn mask_attachment(p: &Arc<Profile>, attachment: &str) -> Value {
+    let input = format!(
+        r#"{{"resourceType":"DocumentReference","status":"current","content":[{{"attachment":{attachment}}}]}}"#
+    );
+    let input = input.as_bytes();
+    let (out, counts) = mask_body(p, &ctx(), BodyKind::Json, None, input).unwrap();
+    for cut in 1..input.len() {
+        assert_eq!(
+            stream_chunked(p, BodyKind::Json, input, &[cut]).unwrap(),
+            out,
+            "cut at {cut}"
+        );
+    }
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    let (dom, dom_counts) = dom::mask_document(p, &ctx(), BodyKind::Json, input).unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&dom).unwrap(),
+        v,
+        "{attachment}"
+    );
+    assert_eq!(dom_counts, counts, "{attachment}");
+    assert_eq!(stream(p, BodyKind::Json, &out).unwrap(), out, "idempotent");
+    v["content"][0]["attachment"].clone()
+}
+
+#[test]
+fn text_attachments_fail_closed() {
+    let p = text_attachments_profile("text_max_bytes = 64\n");
+    let note = b64("SSN 999-41-7733, seen 2023-04-05.");
+    let masked = b64("[REDACTED:SSN], seen 2023.");
+    // contentType before or after data; a charset; escaped slashes.
+    for a in [
+        format!(r#"{{"contentType":"text/plain","data":"{note}"}}"#),
+        format!(r#"{{"data":"{note}","contentType":"text/plain"}}"#),
+        format!(
+            r#"{{"data":"{note}","title":"x","contentType":"text/markdown; charset=UTF-8","size":33}}"#
+        ),
+    ] {
+        let got = mask_attachment(&p, &a);
+        assert_eq!(got["data"], masked, "{a}: {got}");
+        assert!(got.get("size").is_none(), "{got}");
+    }
+    // Not text for sure: dropped.
+    for a in [
+        format!(r#"{{"contentType":"application/pdf","data":"{note}"}}"#),
+        format!(r#"{{"data":"{note}","contentType":"text/html"}}"#),
+        format!(r#"{{"data":"{note}"}}"#),
+        format!(r#"{{"contentType":"text/plain; charset=iso-8859-1","data":"{note}"}}"#),
+        format!(r#"{{"contentType":{{"x":"text/plain"}},"data":"{note}"}}"#),
+        r#"{"contentType":"text/plain","data":"not base64!"}"#.to_owned(),
+        r#"{"contentType":"text/plain","data":12345}"#.to_owned(),
+        r#"{"data":null,"contentType":"text/plain"}"#.to_owned(),
+        format!(r#"{{"contentType":"text/plain","data":"{}"}}"#, {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD.encode([b'a', 0xff, 0xfe])
+        }),
+        format!(
+            r#"{{"contentType":"text/plain","data":"{}"}}"#,
+            b64(&"SSN 999-41-7733 ".repeat(5))
+        ),
+        format!(
+            r#"{{"data":"{}","contentType":"text/plain"}}"#,
+            b64(&"SSN 999-41-7733 ".repeat(12))
+        ),
+    ] {
+        let got = mask_attachment(&p, &a);
+        assert!(got.get("data").is_none(), "{a}: {got}");
+    }
+    // A Binary resource, and a rule that redacts what it does not mask.
+    let input = format!(r#"{{"resourceType":"Binary","contentType":"text/csv","data":"{note}"}}"#);
+    let (out, _) = mask_body(&p, &ctx(), BodyKind::Json, None, input.as_bytes()).unwrap();
+    let v: Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["data"], masked);
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies/profiles/safe_harbor.toml"),
+    )
+    .unwrap()
+    .replace(
+        "fhir = \"base64Binary\"\nop = \"drop\"",
+        "fhir = \"base64Binary\"\nop = \"redact\"\ntext_attachments = \"mask\"",
+    ) + NOTE_DETECTORS;
+    let redact = Arc::new(Profile::parse(Path::new("/p/profiles/r.toml"), &text).unwrap());
+    let got = mask_attachment(
+        &redact,
+        &format!(r#"{{"data":"{note}","contentType":"image/png"}}"#),
+    );
+    assert_eq!(got["data"], "[REDACTED:ATTACHMENT]");
+    let got = mask_attachment(
+        &redact,
+        &format!(r#"{{"data":"{note}","contentType":"text/plain"}}"#),
+    );
+    assert_eq!(got["data"], masked);
+}
+
+#[test]
+fn text_attachment_options_are_checked() {
+    let base = "[fhir]\ndefault = \"redact\"\n";
+    let det = "[[rule]]\ndetector = \"ssn\"\nop = \"redact\"\n";
+    let cases = [
+        (format!("{base}[[rule]]\nfhir = \"base64Binary\"\nop = \"drop\"\ntext_attachments = \"yes\"\n{det}"), 6, "rule[0].text_attachments", "\"mask\""),
+        (format!("{base}[[rule]]\nfhir = \"Coding.code\"\nop = \"drop\"\ntext_attachments = \"mask\"\n{det}"), 6, "rule[0].text_attachments", "Attachment.data"),
+        (format!("{base}[[rule]]\npath = \"$..data\"\nop = \"drop\"\ntext_attachments = \"mask\"\n{det}"), 6, "rule[0].text_attachments", "`fhir` rule"),
+        (format!("{base}[[rule]]\nfhir = \"Attachment.data\"\nop = \"keep\"\ntext_attachments = \"mask\"\n{det}"), 5, "rule[0].op", "drop"),
+        (format!("{base}[[rule]]\nfhir = \"Binary.data\"\nop = \"drop\"\ntext_max_bytes = 10\n{det}"), 6, "rule[0].text_max_bytes", "only with"),
+        (format!("{base}[[rule]]\nfhir = \"Binary.data\"\nop = \"drop\"\ntext_attachments = \"mask\"\ntext_max_bytes = 0\n{det}"), 7, "rule[0].text_max_bytes", "from 1"),
+        (format!("{base}[[rule]]\nfhir = \"Binary.data\"\nop = \"drop\"\ntext_attachments = \"mask\"\n"), 6, "rule[0].text_attachments", "detector rules"),
+    ];
+    for (text, line, field, needle) in cases {
+        let e = Profile::parse(Path::new("/p/profiles/t.toml"), &text).unwrap_err();
+        assert_eq!(e.line, Some(line), "{text}: {e}");
+        assert_eq!(e.key.as_deref(), Some(field), "{text}: {e}");
+        assert!(e.message.contains(needle), "{text}: {e}");
+    }
+    let ok = format!("{base}[[rule]]\nfhir = \"Attachment.data\"\nop = \"drop\"\ntext_attachments = \"mask\"\ntext_max_bytes = 4096\n{det}");
+    let p = Profile::parse(Path::new("/p/profiles/t.toml"), &ok).unwrap();
+    assert!(p.entities.contains(&"TEXT_ATTACHMENT".to_owned()));
+}
+
+#[test]
+fn fhir_xml_drops_text_attachments_under_the_option() {
+    let p = text_attachments_profile("");
+    let note = b64("Patient Wilhelmina Grubb, SSN 999-41-7733");
+    let input = format!(
+        r#"<DocumentReference xmlns="http://hl7.org/fhir"><status value="current"/><content><attachment><contentType value="text/plain"/><data value="{note}"/><size value="41"/></attachment></content></DocumentReference>"#
+    );
+    let (out, counts) = mask_body(&p, &ctx(), BodyKind::Xml, None, input.as_bytes()).unwrap();
+    let text = String::from_utf8(out).unwrap();
+    assert!(
+        !text.contains(&note) && !text.contains("<data") && !text.contains("<size"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"<contentType value="text/plain"/>"#),
+        "{text}"
+    );
+    let c = counts.by_entity(&p);
+    assert_eq!(c.get("TEXT_ATTACHMENT"), None, "{c:?}");
+    assert_eq!(c.get("ATTACHMENT"), Some(&2), "{c:?}");
+}

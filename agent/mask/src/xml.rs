@@ -91,6 +91,15 @@ pub struct XmlStream {
     finished: bool,
 }
 
+/// FHIR XML does not mask text attachments (yet): its `data` and `contentType` are
+/// plain elements, so the attachment rule drops or redacts `data` as written.
+fn xml_role(mut ty: crate::fhir::TypeCtx) -> crate::fhir::TypeCtx {
+    if matches!(ty.role, Role::AttachmentData | Role::ContentType) {
+        ty.role = Role::Plain;
+    }
+    ty
+}
+
 fn is_xml_ws(s: &str) -> bool {
     s.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
 }
@@ -387,6 +396,7 @@ impl XmlStream {
             Some(f) => f.key(p.ty, local, url_safe),
             None => (p.ty, None),
         };
+        let ty = xml_role(ty);
         let ctx = child_ctx(
             &self.profile,
             &mut self.counts,
@@ -545,6 +555,7 @@ impl XmlStream {
             Some(f) => f.key(ctx.ty, &name, false),
             None => (ctx.ty, None),
         };
+        let ty = xml_role(ty);
         let c = child_ctx(
             &self.profile,
             &mut self.counts,

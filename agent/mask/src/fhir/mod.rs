@@ -195,6 +195,11 @@ pub enum Role {
     ResourceType,
     /// An extension's `url`: decides whether its value is on the allow-list.
     ExtensionUrl,
+    /// `Attachment.contentType`, `Binary.contentType` (profiles masking text
+    /// attachments): says whether `data` is text.
+    ContentType,
+    /// `Attachment.data`, `Binary.data` (profiles masking text attachments).
+    AttachmentData,
 }
 
 /// Where the stream is, as far as types go.
@@ -232,6 +237,13 @@ pub struct FhirRules {
     /// The rule for an extension's value whose url is not on the allow-list.
     pub extension_rule: u32,
     safe_extensions: FxHashSet<Box<str>>,
+    /// Some rule masks text attachments: `data` and `contentType` of Attachment and
+    /// Binary get their roles.
+    text_attachments: bool,
+    /// Element ids of `Attachment.data`, `Binary.data`.
+    data_elements: [u32; 2],
+    /// Element ids of `Attachment.contentType`, `Binary.contentType`.
+    content_type_elements: [u32; 2],
 }
 
 /// A type rule as written: `Type` or `Type.element` (backbone paths included).
@@ -268,6 +280,7 @@ impl FhirRules {
         default_rule: u32,
         extension_rule: u32,
         safe_extensions: impl IntoIterator<Item = String>,
+        text_attachments: bool,
     ) -> FhirRules {
         let mut by_type: FxHashMap<TypeId, u32> = FxHashMap::default();
         let mut by_element: FxHashMap<(TypeId, &str), u32> = FxHashMap::default();
@@ -291,12 +304,24 @@ impl FhirRules {
                     .or_else(|| model.bases(ty).find_map(|b| by_type.get(&b).copied()))
             })
             .collect();
+        let element = |t: &str, e: &str| {
+            model
+                .type_id(t)
+                .and_then(|t| model.element(t, e))
+                .map_or(NO_ELEMENT, |(_, id)| id)
+        };
         FhirRules {
             model,
             element_rule,
             default_rule,
             extension_rule,
             safe_extensions: safe_extensions.into_iter().map(Into::into).collect(),
+            text_attachments,
+            data_elements: [element("Attachment", "data"), element("Binary", "data")],
+            content_type_elements: [
+                element("Attachment", "contentType"),
+                element("Binary", "contentType"),
+            ],
         }
     }
 
@@ -382,6 +407,13 @@ impl FhirRules {
             return (child, None);
         };
         child.ty = ty;
+        if self.text_attachments && e != NO_ELEMENT {
+            if self.data_elements.contains(&e) {
+                child.role = Role::AttachmentData;
+            } else if self.content_type_elements.contains(&e) {
+                child.role = Role::ContentType;
+            }
+        }
         if parent.ty == m.extension {
             match key {
                 "url" => child.role = Role::ExtensionUrl,
@@ -464,6 +496,7 @@ mod tests {
             10,
             11,
             ["http://x/safe".to_owned()],
+            false,
         );
         let root = rules.root();
         let patient = TypeCtx {
