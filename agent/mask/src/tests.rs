@@ -1182,7 +1182,9 @@ fn fhir_xml(v: &Value) -> Vec<u8> {
     }
     fn element(k: &str, v: &Value, under: Option<&Value>, out: &mut String) {
         match v {
-            Value::Object(m) if m.contains_key("resourceType") => {
+            // A hostile generator may give `resourceType` a non-string value: then
+            // it is no resource, just an object (and the key is left out).
+            Value::Object(m) if m.get("resourceType").is_some_and(Value::is_string) => {
                 out.push_str(&format!("<{k}>"));
                 resource(m, out, false);
                 out.push_str(&format!("</{k}>"));
@@ -1747,4 +1749,21 @@ fn fhir_xml_drops_text_attachments_under_the_option() {
     let c = counts.by_entity(&p);
     assert_eq!(c.get("TEXT_ATTACHMENT"), None, "{c:?}");
     assert_eq!(c.get("ATTACHMENT"), Some(&2), "{c:?}");
+}
+
+/// Found by the property test (seed 11601351367575075750): the hostile generator
+/// gave an object a non-string `resourceType`, and the test's own XML writer
+/// panicked on it instead of writing the object.
+#[test]
+fn the_xml_writer_takes_a_hostile_resource_type() {
+    let mut g = ResourceGen {
+        model: fhir::r4(),
+        state: 11601351367575075750,
+        leaves: 0,
+        markers: Vec::new(),
+        hostile: Hostile::Xml,
+    };
+    let input = fhir_xml(&g.resource(0));
+    let p = shipped("safe_harbor");
+    mask_body(&p, &ctx(), BodyKind::Xml, None, &input).unwrap();
 }
