@@ -175,61 +175,6 @@ fn parse_line(l: &str) -> Line {
     }
 }
 
-/// A client certificate from `pki`'s CA (`clientAuth`), its key 0600.
-fn client_cert(pki: &TestPki) -> (PathBuf, PathBuf) {
-    let d = pki.ca.parent().unwrap();
-    std::fs::write(
-        d.join("client.cnf"),
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(d)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
-    };
-    openssl(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "client.key",
-        "-out",
-        "client.csr",
-        "-subj",
-        "/CN=phigate",
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "client.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "client.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "client.cnf",
-    ]);
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(d.join("client.key"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
-    }
-    (d.join("client.pem"), d.join("client.key"))
-}
-
 /// A world with the test upstream, the given policies and `[records.siem]` toward
 /// SIEM trusting `ca`; the agent started.
 fn siem_world(tag: &str, siem_extra: &str, ca: &Path, policies: &str) -> (World, Background) {
