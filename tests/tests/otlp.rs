@@ -144,34 +144,11 @@ when { context.path like "/admin*" };
 
 /// curl through the redirect: the status code.
 fn curl(w: &World, ca: &Path, extra: &[&str], path: &str) -> String {
-    let url = format!("https://{UP}{path}");
-    let mut argv = vec![
-        "curl",
-        "-sS",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--max-time",
-        "20",
-        "--cacert",
-        ca.to_str().unwrap(),
-    ];
-    argv.extend(extra);
-    argv.push(&url);
-    stdout(&output(w.inside(), &argv))
+    curl_status(w, ca, extra, &format!("https://{UP}{path}"))
 }
 
-/// The agent's `phigate_otlp_*` metrics, scraped: name -> value.
 fn otlp_metrics(w: &World) -> HashMap<String, f64> {
-    scrape_metrics(w, METRICS)
-        .lines()
-        .filter(|l| l.starts_with("phigate_otlp_"))
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_owned(), v.trim().parse().ok()?))
-        })
-        .collect()
+    metrics_with_prefix(w, METRICS, "phigate_otlp_")
 }
 
 fn otlp_status(w: &World) -> Value {
