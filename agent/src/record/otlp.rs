@@ -319,9 +319,14 @@ impl Otlp {
                 }
             }
             self.reports.caught_up(&self.deps, self.pending.len());
-            let wait = retry_at
-                .saturating_duration_since(Instant::now())
-                .clamp(Duration::from_millis(1), POLL);
+            // Idle: until new records (or the stop flag); backing off: until the retry.
+            let wait = if self.pending.is_empty() {
+                POLL
+            } else {
+                retry_at
+                    .saturating_duration_since(Instant::now())
+                    .clamp(Duration::from_millis(1), POLL)
+            };
             tokio::select! {
                 _ = self.deps.feed.wake.notified() => {}
                 _ = tokio::time::sleep(wait) => {}
