@@ -112,6 +112,7 @@ fn open(dir: &Path, durability: Durability) -> anyhow::Result<Arc<RecordStore>> 
             metrics: Default::default(),
             shipping: None,
             siem: None,
+            otlp: None,
         },
         Origin::this_host(),
     )?;

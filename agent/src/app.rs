@@ -18,6 +18,7 @@ use crate::outbound::Outbound;
 use crate::preflight;
 use crate::proxy::namespaces::Namespaces;
 use crate::proxy::Proxy;
+use crate::record::otlp::OtlpTarget;
 use crate::record::siem::SiemTarget;
 use crate::record::store::{RecordStore, StoreConfig};
 use crate::record::{EventRecord, Origin, RecordSink};
@@ -478,6 +479,14 @@ fn sample(m: &crate::metrics::Metrics, s: &crate::admin::Status) {
         m.siem_failures.set(gauge(si.failures));
         m.siem_connected.set(i64::from(si.connected));
     }
+    if let Some(o) = &s.records.otlp {
+        m.otlp_sent.set(gauge(o.sent));
+        m.otlp_buffered.set(gauge(o.buffered));
+        m.otlp_dropped.set(gauge(o.dropped));
+        m.otlp_failures.set(gauge(o.failures));
+        m.otlp_rejected.set(gauge(o.rejected));
+        m.otlp_up.set(i64::from(o.connected));
+    }
     m.records_writable.set(i64::from(s.records_writable));
     for (name, v) in &s.ebpf_maps {
         m.ebpf_map_entries
@@ -565,6 +574,10 @@ pub fn open_store(
             metrics: metrics.clone(),
             shipping: r.shipping.clone(),
             siem: r.siem.clone().map(|section| SiemTarget {
+                section,
+                sockets: sockets.clone(),
+            }),
+            otlp: r.otlp.clone().map(|section| OtlpTarget {
                 section,
                 sockets: sockets.clone(),
             }),

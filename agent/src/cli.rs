@@ -884,23 +884,15 @@ fn status(
         );
     }
     if let Some(si) = &r.siem {
-        println!(
-            "siem:          {} to {}, {} sent, {} waiting, {} dropped, {} failed connections{}",
-            if si.connected {
-                "connected"
-            } else {
-                "NOT CONNECTED"
-            },
-            si.destination,
-            si.sent,
-            si.buffered,
-            si.dropped,
-            si.failures,
-            si.last_error
-                .as_deref()
-                .map(|e| format!("; last error: {e}"))
-                .unwrap_or_default()
+        print_stream(
+            "siem",
+            si,
+            ("connected", "NOT CONNECTED"),
+            "failed connections",
         );
+    }
+    if let Some(o) = &r.otlp {
+        print_stream("otlp", o, ("up", "NOT UP"), "failed exports");
     }
     if r.held_entries > 0 {
         println!(
@@ -997,4 +989,32 @@ fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
     }
+}
+
+/// One live stream's line of `phigate status`.
+fn print_stream(
+    name: &str,
+    p: &crate::record::stream::StreamProgress,
+    (up, down): (&str, &str),
+    failures: &str,
+) {
+    let rejected = if p.rejected > 0 {
+        format!(", {} rejected by the receiver", p.rejected)
+    } else {
+        String::new()
+    };
+    println!(
+        "{:<15}{} to {}, {} sent, {} waiting, {} dropped{rejected}, {} {failures}{}",
+        format!("{name}:"),
+        if p.connected { up } else { down },
+        p.destination,
+        p.sent,
+        p.buffered,
+        p.dropped,
+        p.failures,
+        p.last_error
+            .as_deref()
+            .map(|e| format!("; last error: {e}"))
+            .unwrap_or_default()
+    );
 }

@@ -1076,6 +1076,117 @@ mod tests {
     }
 
     #[test]
+    fn records_otlp_is_checked_where_it_is_written() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let file = d.path().join("phigate.toml");
+        let parse = |text: &str| Config::parse(&file, text);
+        let ck = rcgen::generate_simple_self_signed(vec!["otel.test".into()]).unwrap();
+        std::fs::write(d.path().join("ca.pem"), ck.cert.pem()).unwrap();
+        std::fs::write(d.path().join("client.pem"), ck.cert.pem()).unwrap();
+        let key = d.path().join("client.key");
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let headers = d.path().join("headers");
+        std::fs::write(&headers, "# key\nX-Api-Key: SECRET-VALUE\n\n").unwrap();
+        std::fs::set_permissions(&headers, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let bad_headers = d.path().join("bad-headers");
+        std::fs::write(&bad_headers, "X-Api-Key SECRET-VALUE\n").unwrap();
+        std::fs::set_permissions(&bad_headers, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+        let ok = "[records.otlp]\nendpoint = \"https://otel.test:4318\"\nca_file = \"ca.pem\"\nclient_cert_file = \"client.pem\"\nclient_key_file = \"client.key\"\nheaders_file = \"headers\"\nbuffer_records = 10\nbatch_records = 3\n";
+        let o = parse(ok).unwrap().records.otlp.expect("otlp");
+        assert_eq!(o.url, "https://otel.test:4318/v1/logs");
+        assert_eq!(o.ca_file, Some(d.path().join("ca.pem")));
+        assert_eq!(o.headers_file, Some(headers.clone()));
+        assert_eq!((o.buffer_records, o.batch_records), (10, 3));
+        assert!(o.client_cert.is_some());
+        // A path is kept; plain http to loopback needs no CA.
+        let o = parse("[records.otlp]\nendpoint = \"http://127.0.0.1:4318/otlp/v1/logs\"\n")
+            .unwrap()
+            .records
+            .otlp
+            .unwrap();
+        assert_eq!(o.url, "http://127.0.0.1:4318/otlp/v1/logs");
+        assert_eq!((o.ca_file, o.batch_records), (None, 512));
+
+        let bad = |text: &str, key: &str, what: &str| {
+            let e = parse(&format!("[records.otlp]\n{text}")).unwrap_err();
+            let s = e.to_string();
+            assert!(s.starts_with(&file.display().to_string()), "{s}");
+            assert_eq!(e.key.as_deref(), Some(key), "{s}");
+            assert!(s.contains(what), "{s}");
+            assert!(!s.contains("SECRET-VALUE"), "{s}");
+        };
+        let ca = "ca_file = \"ca.pem\"\n";
+        bad(
+            &format!("endpoint = \"http://10.0.0.1:4318\"\n{ca}"),
+            "records.otlp.endpoint",
+            "loopback",
+        );
+        bad(
+            &format!("endpoint = \"otel.test:4318\"\n{ca}"),
+            "records.otlp.endpoint",
+            "https",
+        );
+        bad(
+            &format!("endpoint = \"https://otel.test/v1/logs?x=1\"\n{ca}"),
+            "records.otlp.endpoint",
+            "no query",
+        );
+        bad(
+            "endpoint = \"https://otel.test\"\n",
+            "records.otlp.ca_file",
+            "required",
+        );
+        bad(
+            "endpoint = \"https://otel.test\"\nca_file = \"none.pem\"\n",
+            "records.otlp.ca_file",
+            "cannot read",
+        );
+        let e = "endpoint = \"https://otel.test\"\n";
+        bad(
+            &format!("{e}{ca}buffer_records = 0\n"),
+            "records.otlp.buffer_records",
+            "between 1",
+        );
+        bad(
+            &format!("{e}{ca}batch_records = 100000\n"),
+            "records.otlp.batch_records",
+            "between 1",
+        );
+        bad(
+            &format!("{e}{ca}client_key_file = \"client.key\"\n"),
+            "records.otlp.client_cert_file",
+            "neither",
+        );
+        bad(
+            &format!("{e}{ca}headers_file = \"bad-headers\"\n"),
+            "records.otlp.headers_file",
+            "line 1: expected `Name: value`",
+        );
+        std::fs::set_permissions(&headers, std::fs::Permissions::from_mode(0o644)).unwrap();
+        bad(
+            &format!("{e}{ca}headers_file = \"headers\"\n"),
+            "records.otlp.headers_file",
+            "chmod 600",
+        );
+        let err = parse(&format!("[records.otlp]\n{e}{ca}verify = false\n")).unwrap_err();
+        assert!(
+            err.message.contains("unknown field") && err.message.contains("verify"),
+            "{err}"
+        );
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        bad(
+            &format!(
+                "{e}{ca}client_cert_file = \"client.pem\"\nclient_key_file = \"client.key\"\n"
+            ),
+            "records.otlp.client_key_file",
+            "chmod 600",
+        );
+    }
+
+    #[test]
     fn bad_fail_mode_value() {
         let e = parse("[agent]\nfail_mode = \"sometimes\"\n").unwrap_err();
         assert_eq!(e.line, Some(2));

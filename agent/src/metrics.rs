@@ -119,6 +119,12 @@ pub struct Metrics {
     pub siem_dropped: Gauge,
     pub siem_failures: Gauge,
     pub siem_connected: Gauge,
+    pub otlp_sent: Gauge,
+    pub otlp_buffered: Gauge,
+    pub otlp_dropped: Gauge,
+    pub otlp_failures: Gauge,
+    pub otlp_rejected: Gauge,
+    pub otlp_up: Gauge,
     pub records_writable: Gauge,
     pub ebpf_map_entries: Family<NameLabels, Gauge>,
     pub ebpf_counters: Family<NameLabels, Gauge>,
@@ -179,6 +185,12 @@ impl Metrics {
             siem_dropped: Gauge::default(),
             siem_failures: Gauge::default(),
             siem_connected: Gauge::default(),
+            otlp_sent: Gauge::default(),
+            otlp_buffered: Gauge::default(),
+            otlp_dropped: Gauge::default(),
+            otlp_failures: Gauge::default(),
+            otlp_rejected: Gauge::default(),
+            otlp_up: Gauge::default(),
             records_writable: Gauge::default(),
             ebpf_map_entries: Family::default(),
             ebpf_counters: Family::default(),
@@ -487,6 +499,36 @@ fn register_records(reg: &mut Registry, m: &Metrics) {
         "siem_connected",
         "1 while a verified TLS connection to the SIEM receiver is open",
         m.siem_connected.clone(),
+    );
+    reg.register(
+        "otlp_sent_records",
+        "Log records the OTLP receiver accepted (2xx) since start",
+        m.otlp_sent.clone(),
+    );
+    reg.register(
+        "otlp_buffered_records",
+        "Log records waiting for the OTLP receiver",
+        m.otlp_buffered.clone(),
+    );
+    reg.register(
+        "otlp_dropped_records",
+        "Log records dropped since start because the OTLP buffer was full (oldest first)",
+        m.otlp_dropped.clone(),
+    );
+    reg.register(
+        "otlp_failures",
+        "Failed OTLP exports (unreachable, certificate not verified, broken off, not 2xx)",
+        m.otlp_failures.clone(),
+    );
+    reg.register(
+        "otlp_rejected_records",
+        "Log records an OTLP receiver rejected in a partial success since start",
+        m.otlp_rejected.clone(),
+    );
+    reg.register(
+        "otlp_up",
+        "1 while the OTLP receiver accepted the last export",
+        m.otlp_up.clone(),
     );
     reg.register(
         "records_writable",

@@ -43,6 +43,7 @@ fn store_config(root: &Path, rotate_rows: usize, rotate_age: Duration) -> StoreC
         metrics: Default::default(),
         shipping: None,
         siem: None,
+        otlp: None,
     }
 }
 

@@ -7,6 +7,7 @@
 
 pub mod fhir;
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
@@ -899,6 +900,61 @@ impl TestPki {
     }
 }
 
+/// A client certificate from `pki`'s CA (`clientAuth`), its key 0600.
+pub fn client_cert(pki: &TestPki) -> (PathBuf, PathBuf) {
+    let d = pki.ca.parent().unwrap();
+    std::fs::write(
+        d.join("client.cnf"),
+        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    };
+    openssl(&[
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        "client.key",
+        "-out",
+        "client.csr",
+        "-subj",
+        "/CN=phigate",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "client.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "client.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "client.cnf",
+    ]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(d.join("client.key"), std::fs::Permissions::from_mode(0o600))
+            .unwrap();
+    }
+    (d.join("client.pem"), d.join("client.key"))
+}
+
 /// Starts the Node upstream (tests/upstream/server.js) in the netns.
 pub fn node_upstream(
     world: &World,
@@ -971,6 +1027,38 @@ pub fn scrape_metrics(w: &World, addr: &str) -> String {
     let out = output(w.outside(), &["curl", "-sS", "--max-time", "10", &url]);
     assert!(out.status.success(), "scrape failed: {}", stderr(&out));
     stdout(&out)
+}
+
+/// The agent's metrics whose names start with `prefix`, scraped: name -> value.
+pub fn metrics_with_prefix(w: &World, addr: &str, prefix: &str) -> HashMap<String, f64> {
+    scrape_metrics(w, addr)
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_owned(), v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// curl from the protected cgroup (through the redirect), trusting `ca`: the
+/// status code.
+pub fn curl_status(w: &World, ca: &Path, extra: &[&str], url: &str) -> String {
+    let mut argv = vec![
+        "curl",
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "20",
+        "--cacert",
+        ca.to_str().unwrap(),
+    ];
+    argv.extend(extra);
+    argv.push(url);
+    stdout(&output(w.inside(), &argv))
 }
 
 pub fn stdout(o: &Output) -> String {

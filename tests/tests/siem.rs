@@ -175,61 +175,6 @@ fn parse_line(l: &str) -> Line {
     }
 }
 
-/// A client certificate from `pki`'s CA (`clientAuth`), its key 0600.
-fn client_cert(pki: &TestPki) -> (PathBuf, PathBuf) {
-    let d = pki.ca.parent().unwrap();
-    std::fs::write(
-        d.join("client.cnf"),
-        "basicConstraints=CA:FALSE\nextendedKeyUsage=clientAuth\n",
-    )
-    .unwrap();
-    let openssl = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(d)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
-    };
-    openssl(&[
-        "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        "client.key",
-        "-out",
-        "client.csr",
-        "-subj",
-        "/CN=phigate",
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "client.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-out",
-        "client.pem",
-        "-days",
-        "2",
-        "-extfile",
-        "client.cnf",
-    ]);
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(d.join("client.key"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
-    }
-    (d.join("client.pem"), d.join("client.key"))
-}
-
 /// A world with the test upstream, the given policies and `[records.siem]` toward
 /// SIEM trusting `ca`; the agent started.
 fn siem_world(tag: &str, siem_extra: &str, ca: &Path, policies: &str) -> (World, Background) {
@@ -258,34 +203,11 @@ when { context.path like "/admin*" };
 
 /// curl through the redirect: the status code.
 fn curl(w: &World, ca: &Path, extra: &[&str], path: &str) -> String {
-    let url = format!("https://{UP}{path}");
-    let mut argv = vec![
-        "curl",
-        "-sS",
-        "-o",
-        "/dev/null",
-        "-w",
-        "%{http_code}",
-        "--max-time",
-        "20",
-        "--cacert",
-        ca.to_str().unwrap(),
-    ];
-    argv.extend(extra);
-    argv.push(&url);
-    stdout(&output(w.inside(), &argv))
+    curl_status(w, ca, extra, &format!("https://{UP}{path}"))
 }
 
-/// The agent's `phigate_siem_*` metrics, scraped: name -> value.
 fn siem_metrics(w: &World) -> HashMap<String, f64> {
-    scrape_metrics(w, METRICS)
-        .lines()
-        .filter(|l| l.starts_with("phigate_siem_"))
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_owned(), v.trim().parse().ok()?))
-        })
-        .collect()
+    metrics_with_prefix(w, METRICS, "phigate_siem_")
 }
 
 fn siem_status(w: &World) -> Value {

@@ -58,6 +58,12 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("lxml", "lxml==6.2.0"),
     // The Kubernetes manifests' schema check (`cargo xtask check` and `test`).
     ("kubernetes_validate", "kubernetes-validate==1.37.0"),
+    // The official OTLP protobuf classes: the OTLP logs receiver of tests/tests/otlp.rs
+    // decodes what phigate exports with them (no OpenTelemetry collector installs here).
+    (
+        "opentelemetry.proto.collector.logs.v1.logs_service_pb2",
+        "opentelemetry-proto==1.39.1",
+    ),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

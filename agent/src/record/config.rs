@@ -36,6 +36,225 @@ pub struct RecordsSection {
     pub shipping: Option<ShippingSection>,
     /// `[records.siem]`: each durable record's metadata streamed as syslog over TLS.
     pub siem: Option<SiemSection>,
+    /// `[records.otlp]`: the same metadata exported as OTLP logs over HTTPS.
+    pub otlp: Option<OtlpSection>,
+}
+
+/// Where and how record metadata is exported as OTLP logs: protobuf
+/// `ExportLogsServiceRequest`s POSTed over HTTPS (OTLP/HTTP), the receiver verified
+/// against `ca_file`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtlpSection {
+    /// The URL exports are POSTed to: `https://...` (plain `http://` only to a
+    /// loopback address); a URL without a path gets OTLP's `/v1/logs`.
+    pub url: String,
+    /// The receiver's certificate must chain to one of these (PEM); nothing else is
+    /// trusted, and there is no switch to skip verification. Required for https.
+    pub ca_file: Option<PathBuf>,
+    /// Mutual TLS: the chain phigate presents and its key (0600).
+    pub client_cert: Option<crate::config::upstream_auth::ClientCert>,
+    /// A file (0600) of `Name: value` lines sent with every export (an API key);
+    /// its values are never logged.
+    pub headers_file: Option<PathBuf>,
+    /// Records held while the receiver is slow or away; past this the oldest are
+    /// dropped (and counted).
+    pub buffer_records: usize,
+    /// At most this many log records per export.
+    pub batch_records: usize,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawOtlp {
+    endpoint: Spanned<String>,
+    ca_file: Option<Spanned<PathBuf>>,
+    client_cert_file: Option<Spanned<PathBuf>>,
+    client_key_file: Option<Spanned<PathBuf>>,
+    headers_file: Option<Spanned<PathBuf>>,
+    buffer_records: Option<Spanned<u64>>,
+    batch_records: Option<Spanned<u64>>,
+}
+
+const DEFAULT_OTLP_BATCH: u64 = 512;
+const MAX_OTLP_BATCH: u64 = 10_000;
+
+/// A headers file's `Name: value` lines (blank lines and `#` comments skipped);
+/// the error names a line, never a value.
+pub(crate) fn parse_headers(
+    text: &str,
+) -> Result<Vec<(http::HeaderName, http::HeaderValue)>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let bad = |what: &str| format!("line {}: {what}", i + 1);
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| bad("expected `Name: value`"))?;
+        let name = http::HeaderName::from_bytes(name.trim().as_bytes())
+            .map_err(|_| bad("not a header name"))?;
+        if matches!(
+            name.as_str(),
+            "host" | "content-type" | "content-length" | "transfer-encoding" | "connection"
+        ) {
+            return Err(bad("phigate sets this header itself"));
+        }
+        let mut value = http::HeaderValue::from_str(value.trim())
+            .map_err(|_| bad("the value is not header text"))?;
+        value.set_sensitive(true);
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+/// A headers file: 0600, and every line a header.
+fn headers_file_problem(path: &std::path::Path) -> Option<String> {
+    let owner = crate::config::upstream_auth::agent_uid();
+    if let Some(m) = crate::config::upstream_auth::secret_file_problem(path, owner) {
+        return Some(m);
+    }
+    match std::fs::read_to_string(path) {
+        Err(e) => Some(format!("{}: cannot read: {e}", path.display())),
+        Ok(t) => parse_headers(&t)
+            .err()
+            .map(|e| format!("{}: {e}", path.display())),
+    }
+}
+
+fn otlp_section(src: &TomlSource<'_>, raw: RawOtlp) -> Result<OtlpSection, ConfigError> {
+    let key = |k: &str| Some(format!("records.otlp.{k}"));
+    let endpoint = raw.endpoint.get_ref().trim();
+    let bad_endpoint = |what: String| src.err(Some(raw.endpoint.span()), key("endpoint"), what);
+    if let Some(what) = endpoint_problem(endpoint) {
+        return Err(bad_endpoint(what.into()));
+    }
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| bad_endpoint(format!("not a URL: {e}")))?;
+    if uri.host().is_none() || uri.query().is_some() {
+        return Err(bad_endpoint(
+            "expected a URL with a host and no query, e.g. \"https://otel.example.org:4318\""
+                .into(),
+        ));
+    }
+    let url = match uri.path() {
+        "" | "/" => format!("{}/v1/logs", endpoint.trim_end_matches('/')),
+        _ => endpoint.to_owned(),
+    };
+    let https = uri.scheme_str() == Some("https");
+    let ca_file = match raw.ca_file {
+        None if https => {
+            return Err(src.err(
+                Some(raw.endpoint.span()),
+                key("ca_file"),
+                "required for an https endpoint: the CA certificate(s) the receiver's certificate must chain to".into(),
+            ))
+        }
+        None => None,
+        Some(c) => {
+            let path = src.resolve(c.get_ref().clone());
+            if let Some(m) = certs_problem(&path) {
+                return Err(src.err(Some(c.span()), key("ca_file"), m));
+            }
+            Some(path)
+        }
+    };
+    let client_cert = client_cert(
+        src,
+        "records.otlp",
+        raw.client_cert_file,
+        raw.client_key_file,
+    )?;
+    let headers_file = match raw.headers_file {
+        None => None,
+        Some(h) => {
+            let path = src.resolve(h.get_ref().clone());
+            if let Some(m) = headers_file_problem(&path) {
+                return Err(src.err(Some(h.span()), key("headers_file"), m));
+            }
+            Some(path)
+        }
+    };
+    Ok(OtlpSection {
+        url,
+        ca_file,
+        client_cert,
+        headers_file,
+        buffer_records: bounded(
+            src,
+            "records.otlp.buffer_records",
+            raw.buffer_records,
+            DEFAULT_SIEM_BUFFER,
+            MAX_SIEM_BUFFER,
+        )?,
+        batch_records: bounded(
+            src,
+            "records.otlp.batch_records",
+            raw.batch_records,
+            DEFAULT_OTLP_BATCH,
+            MAX_OTLP_BATCH,
+        )?,
+    })
+}
+
+/// A count between 1 and `max`, `default` when left out.
+fn bounded(
+    src: &TomlSource<'_>,
+    key: &str,
+    v: Option<Spanned<u64>>,
+    default: u64,
+    max: u64,
+) -> Result<usize, ConfigError> {
+    Ok(match v {
+        None => default,
+        Some(b) if !(1..=max).contains(b.get_ref()) => {
+            return Err(src.err(
+                Some(b.span()),
+                Some(key.to_owned()),
+                format!("must be between 1 and {max}"),
+            ))
+        }
+        Some(b) => b.into_inner(),
+    } as usize)
+}
+
+/// `client_cert_file` and `client_key_file` of `section`: both or neither, the
+/// certificate PEM, the key 0600.
+fn client_cert(
+    src: &TomlSource<'_>,
+    section: &str,
+    cert: Option<Spanned<PathBuf>>,
+    key_file: Option<Spanned<PathBuf>>,
+) -> Result<Option<crate::config::upstream_auth::ClientCert>, ConfigError> {
+    let key = |k: &str| Some(format!("{section}.{k}"));
+    match (cert, key_file) {
+        (None, None) => Ok(None),
+        (Some(c), Some(k)) => {
+            let cert = src.resolve(c.get_ref().clone());
+            if let Some(m) = certs_problem(&cert) {
+                return Err(src.err(Some(c.span()), key("client_cert_file"), m));
+            }
+            let keyf = src.resolve(k.get_ref().clone());
+            let owner = crate::config::upstream_auth::agent_uid();
+            if let Some(m) = crate::config::upstream_auth::secret_file_problem(&keyf, owner) {
+                return Err(src.err(Some(k.span()), key("client_key_file"), m));
+            }
+            Ok(Some(crate::config::upstream_auth::ClientCert {
+                cert,
+                key: keyf,
+            }))
+        }
+        (c, k) => {
+            let span = c.map(|c| c.span()).or(k.map(|k| k.span()));
+            Err(src.err(
+                span,
+                key("client_cert_file"),
+                "give both client_cert_file and client_key_file, or neither".into(),
+            ))
+        }
+    }
 }
 
 /// Where and how record metadata is streamed: RFC 5424 syslog over TLS (RFC 5425)
@@ -144,29 +363,12 @@ fn siem_section(src: &TomlSource<'_>, raw: RawSiem) -> Result<SiemSection, Confi
             "its host is not a DNS name or IP address: set server_name".into(),
         ));
     }
-    let client_cert = match (raw.client_cert_file, raw.client_key_file) {
-        (None, None) => None,
-        (Some(c), Some(k)) => {
-            let cert = src.resolve(c.get_ref().clone());
-            if let Some(m) = certs_problem(&cert) {
-                return Err(src.err(Some(c.span()), key("client_cert_file"), m));
-            }
-            let keyf = src.resolve(k.get_ref().clone());
-            let owner = crate::config::upstream_auth::agent_uid();
-            if let Some(m) = crate::config::upstream_auth::secret_file_problem(&keyf, owner) {
-                return Err(src.err(Some(k.span()), key("client_key_file"), m));
-            }
-            Some(crate::config::upstream_auth::ClientCert { cert, key: keyf })
-        }
-        (c, k) => {
-            let span = c.map(|c| c.span()).or(k.map(|k| k.span()));
-            return Err(src.err(
-                span,
-                key("client_cert_file"),
-                "give both client_cert_file and client_key_file, or neither".into(),
-            ));
-        }
-    };
+    let client_cert = client_cert(
+        src,
+        "records.siem",
+        raw.client_cert_file,
+        raw.client_key_file,
+    )?;
     let app_name = match raw.app_name {
         None => "phigate".to_owned(),
         Some(a) => {
@@ -199,17 +401,13 @@ fn siem_section(src: &TomlSource<'_>, raw: RawSiem) -> Result<SiemSection, Confi
             }
         },
     };
-    let buffer_records = match raw.buffer_records {
-        None => DEFAULT_SIEM_BUFFER,
-        Some(b) if !(1..=MAX_SIEM_BUFFER).contains(b.get_ref()) => {
-            return Err(src.err(
-                Some(b.span()),
-                key("buffer_records"),
-                format!("must be between 1 and {MAX_SIEM_BUFFER}"),
-            ))
-        }
-        Some(b) => b.into_inner(),
-    } as usize;
+    let buffer_records = bounded(
+        src,
+        "records.siem.buffer_records",
+        raw.buffer_records,
+        DEFAULT_SIEM_BUFFER,
+        MAX_SIEM_BUFFER,
+    )?;
     Ok(SiemSection {
         address: raw.address.into_inner(),
         host,
@@ -354,6 +552,7 @@ impl Default for RecordsSection {
             .to_vec(),
             shipping: None,
             siem: None,
+            otlp: None,
         }
     }
 }
@@ -374,6 +573,7 @@ pub(crate) struct RawRecords {
     headers: Option<Vec<String>>,
     shipping: Option<RawShipping>,
     siem: Option<RawSiem>,
+    otlp: Option<RawOtlp>,
 }
 
 /// `[records]`, validated.
@@ -456,6 +656,7 @@ pub(crate) fn records_section(
                 headers: r.headers.map(lower).unwrap_or(d.headers),
                 shipping: r.shipping.map(|s| shipping_section(src, s)).transpose()?,
                 siem: r.siem.map(|s| siem_section(src, s)).transpose()?,
+                otlp: r.otlp.map(|s| otlp_section(src, s)).transpose()?,
             }
         }
     })

@@ -202,8 +202,8 @@ pub struct JournalThread {
     /// Set by the store on close: drain what is queued, sync, stop.
     shutdown: Arc<AtomicBool>,
     metrics: Arc<crate::metrics::Metrics>,
-    /// The SIEM stream, handed every committed batch, when configured.
-    feed: Option<Arc<super::siem::Feed>>,
+    /// The live streams (SIEM, OTLP), each handed every committed batch.
+    feeds: Vec<Arc<super::stream::Feed>>,
 }
 
 impl JournalThread {
@@ -231,13 +231,13 @@ impl JournalThread {
             downstream,
             shutdown,
             metrics,
-            feed: None,
+            feeds: Vec::new(),
         })
     }
 
-    /// Committed entries also go to the SIEM stream (never waiting for it).
-    pub fn feed_to(mut self, feed: Arc<super::siem::Feed>) -> JournalThread {
-        self.feed = Some(feed);
+    /// Committed entries also go to a live stream (never waiting for it).
+    pub fn feed_to(mut self, feed: Arc<super::stream::Feed>) -> JournalThread {
+        self.feeds.push(feed);
         self
     }
 
@@ -342,7 +342,7 @@ impl JournalThread {
                     }
                 }
                 // Only durable entries are streamed, in journal order.
-                if let Some(f) = &self.feed {
+                for f in &self.feeds {
                     f.offer(&entries);
                 }
                 // Blocks when the Parquet writer is far behind: backpressure, not loss.
@@ -503,8 +503,8 @@ mod tests {
     fn committed_entries_are_handed_to_the_siem_feed_in_order_after_the_commit() {
         let dir = tempfile::tempdir().unwrap();
         let (down_tx, down_rx) = std::sync::mpsc::channel();
-        let siem = Arc::new(super::super::siem::SiemState::default());
-        let feed = Arc::new(super::super::siem::Feed::new(10, siem));
+        let siem = Arc::new(super::super::stream::StreamState::default());
+        let feed = Arc::new(super::super::stream::Feed::new(10, siem));
         let mut j = JournalThread::open(
             dir.path(),
             Durability::Strict,

@@ -7,8 +7,9 @@
 //! [`journal`] with group commit, and a background [`writer`] that turns the journal
 //! into hash-chained ([`chain`]), signed ([`seal`]) Parquet files. [`verify`] checks
 //! them, on this host or on a copy elsewhere with only the public key. Off the host,
-//! [`ship`] copies sealed files to object storage and [`siem`] streams each durable
-//! record's metadata to a SIEM as it is committed.
+//! [`ship`] copies sealed files to object storage, and [`siem`] (syslog) and
+//! [`otlp`] (OTLP logs) stream each durable record's metadata ([`stream`]) as it is
+//! committed.
 //!
 //! The format itself (the tables' columns, the chain, the seals) and its reader and
 //! verifier are the `phigate-record` crate (`agent/record/`), what auditors' tools
@@ -27,10 +28,12 @@ use crate::identity::Workload;
 
 pub(crate) mod config;
 pub mod journal;
+pub mod otlp;
 pub mod pseudonym;
 pub mod ship;
 pub mod siem;
 pub mod store;
+pub mod stream;
 pub mod writer;
 
 pub use phigate_record::{anchor, chain, keyfile, read, schema, seal, verify};
@@ -215,7 +218,8 @@ pub struct EventRecord {
     pub origin: Origin,
     /// agent_start, agent_stop, config_reload, policy_reload, retention_delete,
     /// verify, journal_replay, shipping, siem (the stream's receiver lost or back),
-    /// siem_drops (the stream's buffer overflowing, and caught up).
+    /// siem_drops (the stream's buffer overflowing, and caught up), otlp and
+    /// otlp_drops (the same for the OTLP logs stream).
     pub kind: &'static str,
     /// ok, rejected, failed.
     pub outcome: &'static str,

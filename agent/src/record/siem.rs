@@ -11,29 +11,27 @@
 //! lost connection the unwritten ones are sent again: at least once, a line may
 //! arrive twice, never out of order.
 //!
-//! What a line holds is a fixed list of each table's columns ([`REQUEST_FIELDS`],
-//! ...): ids, who, where, the pseudonymized path, the decision and the outcome.
-//! Bodies, header values, queries, free text a person typed and error texts are not
-//! in those lists and are never sent; the path is the record's, in which patient
-//! ids are already pseudonyms. The fields are SD-PARAMs of one SD-ELEMENT
+//! What a line holds is [`super::stream::metadata`], shared with the OTLP stream: a
+//! fixed list of each table's columns (ids, who, where, the pseudonymized path, the
+//! decision and the outcome), never bodies, header values, queries or raw patient
+//! ids. The fields are SD-PARAMs of one SD-ELEMENT
 //! `phigate@32473` (32473: the enterprise number RFC 5612 reserves for examples,
 //! until phigate has its own), so a SIEM parses them without a custom parser; MSG
 //! is a short summary for people.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
 use super::config::SiemSection;
-use super::journal::{Entry, Submission};
-use super::{micros, EventRecord, Origin, Record, Table};
+use super::stream::{self, lock, Failure, Level, Reports, StreamDeps};
+use super::{Origin, Table};
 use crate::sockets::SocketFactory;
 
 /// The SD-ID every line's fields are under.
@@ -51,203 +49,10 @@ const FLUSH_AT_STOP: Duration = Duration::from_secs(2);
 /// One write carries at most this many lines or bytes.
 const BATCH_LINES: usize = 512;
 const BATCH_BYTES: usize = 256 << 10;
-/// An event's message is cut here (it is agent-written text).
-const MAX_MESSAGE: usize = 1024;
-
-/// The `requests` columns a line carries (never bodies, headers, query or errors).
-pub const REQUEST_FIELDS: &[&str] = &[
-    "request_id",
-    "connection_id",
-    "destination",
-    "original_dst",
-    "client_addr",
-    "pid",
-    "uid",
-    "user",
-    "comm",
-    "systemd_unit",
-    "container_id",
-    "container_runtime",
-    "pod_uid",
-    "pod_namespace",
-    "pod_name",
-    "container_image",
-    "exe_path",
-    "exe_sha256",
-    "oidc_issuer",
-    "oidc_subject",
-    "sni",
-    "method",
-    "authority",
-    "path",
-    "status",
-    "decision",
-    "policy_ids",
-    "policy_set_hash",
-    "masking_profile",
-    "approval_id",
-    "approvers",
-    "upstream_credential",
-    "request_bytes",
-    "response_bytes",
-    "duration_ms",
-    "outcome",
-];
-
-/// The `connections` columns a line carries.
-pub const CONNECTION_FIELDS: &[&str] = &[
-    "connection_id",
-    "destination",
-    "protocol",
-    "original_dst",
-    "client_addr",
-    "pid",
-    "uid",
-    "user",
-    "comm",
-    "systemd_unit",
-    "container_id",
-    "container_runtime",
-    "pod_uid",
-    "pod_namespace",
-    "pod_name",
-    "container_image",
-    "exe_path",
-    "sni",
-    "tls_version",
-    "requests",
-    "bytes_up",
-    "bytes_down",
-    "decision",
-    "policy_ids",
-    "duration_ms",
-    "outcome",
-];
-
-/// The `approvals` columns a line carries (not the reason: text a person typed).
-pub const APPROVAL_FIELDS: &[&str] = &[
-    "approval_id",
-    "state",
-    "rule",
-    "request_id",
-    "requester",
-    "requester_person",
-    "reviewer",
-    "reviewer_person",
-];
-
-/// The `events` columns a line carries (the message is the agent's own text).
-pub const EVENT_FIELDS: &[&str] = &[
-    "event_id",
-    "kind",
-    "outcome",
-    "config_hash",
-    "policy_set_hash",
-    "table_name",
-    "file",
-    "first_chain_seq",
-    "last_chain_seq",
-    "message",
-];
-
-/// The stream's counters, shared with the store (`phigate status`, metrics).
-#[derive(Default)]
-pub struct SiemState {
-    pub sent: AtomicU64,
-    pub dropped: AtomicU64,
-    pub failures: AtomicU64,
-    pub buffered: AtomicU64,
-    pub connected: AtomicBool,
-    pub last_error: Mutex<Option<String>>,
-}
-
-/// `phigate status` view of the stream.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct SiemProgress {
-    pub destination: String,
-    pub connected: bool,
-    pub sent: u64,
-    pub buffered: u64,
-    pub dropped: u64,
-    pub failures: u64,
-    pub last_error: Option<String>,
-}
-
-impl SiemState {
-    pub fn progress(&self, destination: &str) -> SiemProgress {
-        SiemProgress {
-            destination: destination.to_owned(),
-            connected: self.connected.load(Ordering::Relaxed),
-            sent: self.sent.load(Ordering::Relaxed),
-            buffered: self.buffered.load(Ordering::Relaxed),
-            dropped: self.dropped.load(Ordering::Relaxed),
-            failures: self.failures.load(Ordering::Relaxed),
-            last_error: lock(&self.last_error).clone(),
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Where the stream goes, as `status` shows it.
 pub fn destination(cfg: &SiemSection) -> String {
     format!("syslog+tls://{}", cfg.address)
-}
-
-/// A committed journal entry waiting to become a line.
-struct Committed {
-    seq: u64,
-    table: Table,
-    json: Vec<u8>,
-}
-
-/// The journal's hand-over: committed entries wait here, bounded, for the sender.
-pub struct Feed {
-    inbox: Mutex<VecDeque<Committed>>,
-    wake: Notify,
-    cap: usize,
-    state: Arc<SiemState>,
-}
-
-impl Feed {
-    pub fn new(cap: usize, state: Arc<SiemState>) -> Feed {
-        Feed {
-            inbox: Mutex::new(VecDeque::new()),
-            wake: Notify::new(),
-            cap,
-            state,
-        }
-    }
-
-    /// Called by the journal thread after a commit; never waits for the receiver.
-    /// Past the bound the oldest entries are dropped and counted.
-    pub fn offer(&self, entries: &[Entry]) {
-        let mut q = lock(&self.inbox);
-        q.extend(entries.iter().map(|e| Committed {
-            seq: e.seq,
-            table: e.table,
-            json: e.json.clone(),
-        }));
-        let over = q.len().saturating_sub(self.cap);
-        if over > 0 {
-            q.drain(..over);
-            self.state.dropped.fetch_add(over as u64, Ordering::Relaxed);
-        }
-        drop(q);
-        self.wake.notify_one();
-    }
-
-    fn take(&self) -> VecDeque<Committed> {
-        std::mem::take(&mut *lock(&self.inbox))
-    }
-
-    /// The journal seqs waiting, oldest first.
-    #[cfg(test)]
-    pub(crate) fn waiting(&self) -> Vec<u64> {
-        lock(&self.inbox).iter().map(|c| c.seq).collect()
-    }
 }
 
 /// The fixed parts of every line's header.
@@ -295,20 +100,6 @@ pub fn escape_param(v: &str, out: &mut String) {
     }
 }
 
-/// A column's value as an SD-PARAM value; None for null, empty and nested values.
-fn param_value(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) if !s.is_empty() => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        Value::Array(a) if !a.is_empty() => {
-            let parts: Vec<String> = a.iter().filter_map(param_value).collect();
-            (!parts.is_empty()).then(|| parts.join(","))
-        }
-        _ => None,
-    }
-}
-
 /// RFC 3339 UTC with microseconds, as RFC 5424 TIMESTAMP; `-` when absent.
 fn timestamp(us: Option<i64>) -> String {
     let Some(t) = us
@@ -323,110 +114,41 @@ fn timestamp(us: Option<i64>) -> String {
 }
 
 /// RFC 5424 severities: 3 error, 4 warning, 5 notice, 6 informational.
-fn severity(table: Table, row: &Value) -> u8 {
-    let s = |k: &str| row.get(k).and_then(Value::as_str).unwrap_or("");
-    match table {
-        Table::Requests => match s("decision") {
-            "allow" | "approved" => 6,
-            _ => 5,
-        },
-        Table::Connections => match (s("decision"), s("outcome")) {
-            ("deny", _) => 5,
-            (_, "closed" | "uninspected" | "idle_timeout" | "drained") => 6,
-            _ => 5,
-        },
-        Table::Approvals => match s("state") {
-            "denied" | "expired" => 5,
-            _ => 6,
-        },
-        Table::Events => match s("outcome") {
-            "ok" => 6,
-            "rejected" => 4,
-            _ => 3,
-        },
-    }
-}
-
-/// A short summary for people (MSG), ASCII only.
-fn summary(table: Table, row: &Value) -> String {
-    let s = |k: &str| {
-        row.get(k)
-            .and_then(param_value)
-            .unwrap_or_else(|| "-".into())
-    };
-    let text = match table {
-        Table::Requests => format!(
-            "{} {} {} {} -> {} {}",
-            s("destination"),
-            s("method"),
-            s("path"),
-            s("decision"),
-            s("status"),
-            s("outcome")
-        ),
-        Table::Connections => format!("{} {} {}", s("destination"), s("protocol"), s("outcome")),
-        Table::Approvals => format!("approval {} {} {}", s("approval_id"), s("state"), s("rule")),
-        Table::Events => format!("{} {}", s("kind"), s("outcome")),
-    };
-    text.chars()
-        .map(|c| {
-            if c.is_ascii() && !c.is_ascii_control() {
-                c
-            } else {
-                '?'
-            }
-        })
-        .collect()
-}
-
-fn fields(table: Table) -> &'static [&'static str] {
-    match table {
-        Table::Requests => REQUEST_FIELDS,
-        Table::Connections => CONNECTION_FIELDS,
-        Table::Approvals => APPROVAL_FIELDS,
-        Table::Events => EVENT_FIELDS,
+fn severity(l: Level) -> u8 {
+    match l {
+        Level::Info => 6,
+        Level::Notice => 5,
+        Level::Warning => 4,
+        Level::Error => 3,
     }
 }
 
 /// One record's syslog message (RFC 5424, unframed), from its journal encoding;
 /// None when the JSON is not an object (the entry is skipped).
 pub fn message(h: &Header, seq: u64, table: Table, json: &[u8]) -> Option<String> {
-    let row: Value = serde_json::from_slice(json).ok()?;
-    if !row.is_object() {
-        return None;
-    }
-    let time_col = match table {
-        Table::Requests | Table::Connections => "end_time",
-        Table::Approvals | Table::Events => "time",
-    };
-    let pri = u16::from(h.facility) * 8 + u16::from(severity(table, &row));
+    let row = stream::row(json)?;
+    let meta = stream::metadata(table, &row);
+    let pri = u16::from(h.facility) * 8 + u16::from(severity(meta.level));
     let mut out = String::with_capacity(1024);
     let _ = write!(
         out,
         "<{pri}>1 {} {} {} {} {} [{SD_ID} seq=\"{seq}\"",
-        timestamp(row.get(time_col).and_then(Value::as_i64)),
+        timestamp(meta.time_us),
         h.hostname,
         h.app_name,
         h.procid,
         table.name(),
     );
-    for name in fields(table) {
-        let Some(mut v) = row.get(*name).and_then(param_value) else {
+    for (name, v) in &meta.fields {
+        let Some(v) = stream::text(v).map(stream::clip) else {
             continue;
         };
-        if v.len() > MAX_MESSAGE {
-            let mut cut = MAX_MESSAGE;
-            while !v.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            v.truncate(cut);
-        }
         let _ = write!(out, " {name}=\"");
         escape_param(&v, &mut out);
         out.push('"');
     }
     out.push_str("] ");
-    out.push_str(&summary(table, &row));
+    out.push_str(&meta.summary);
     Some(out)
 }
 
@@ -437,39 +159,6 @@ pub fn frame(msg: &str) -> Vec<u8> {
     out.push(b' ');
     out.extend_from_slice(msg.as_bytes());
     out
-}
-
-/// Why a connection could not be made or was lost, by kind: an event is recorded
-/// when an outage starts, and when a certificate fails verification during one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Failure {
-    Unreachable(String),
-    /// The receiver's certificate failed verification.
-    Untrusted(String),
-    Handshake(String),
-    Lost(String),
-}
-
-impl Failure {
-    fn text(&self) -> String {
-        match self {
-            Failure::Unreachable(m) => format!("cannot reach the receiver: {m}"),
-            Failure::Untrusted(m) => {
-                format!("the receiver's certificate failed verification: {m}")
-            }
-            Failure::Handshake(m) => format!("TLS handshake with the receiver failed: {m}"),
-            Failure::Lost(m) => format!("connection to the receiver lost: {m}"),
-        }
-    }
-
-    fn kind(&self) -> u8 {
-        match self {
-            Failure::Unreachable(_) => 0,
-            Failure::Untrusted(_) => 1,
-            Failure::Handshake(_) => 2,
-            Failure::Lost(_) => 3,
-        }
-    }
 }
 
 type TlsWrite = tokio::io::WriteHalf<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
@@ -499,47 +188,41 @@ pub struct SiemTarget {
     pub sockets: SocketFactory,
 }
 
-/// Shared parts the store hands the sender.
-pub struct SiemDeps {
-    pub feed: Arc<Feed>,
-    pub state: Arc<SiemState>,
-    pub sockets: SocketFactory,
-    pub shutdown: Arc<AtomicBool>,
-    pub events: std::sync::mpsc::Sender<Submission>,
-    pub origin: Origin,
-}
-
 /// The sender: one thread, its own small runtime.
 pub struct Siem {
     cfg: SiemSection,
     tls: tokio_rustls::TlsConnector,
     server_name: rustls_pki_types::ServerName<'static>,
     header: Header,
-    deps: SiemDeps,
+    deps: StreamDeps,
     /// Framed lines not yet written, oldest first.
     pending: VecDeque<Vec<u8>>,
-    /// The outage in progress, if any (its first failure's kind).
-    outage: Option<u8>,
-    /// A run of drops is in progress (reported), and the drops counted when the
-    /// last run ended.
-    dropping: bool,
-    drops_seen: u64,
+    reports: Reports,
 }
 
 impl Siem {
-    pub fn new(cfg: &SiemSection, deps: SiemDeps) -> anyhow::Result<Siem> {
+    pub fn new(cfg: &SiemSection, deps: StreamDeps) -> anyhow::Result<Siem> {
         let server_name = rustls_pki_types::ServerName::try_from(cfg.server_name.clone())
             .map_err(|e| anyhow::anyhow!("records.siem.server_name: {e}"))?;
         Ok(Siem {
-            tls: connector(cfg)?,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(stream::client_tls(
+                "records.siem",
+                &cfg.ca_file,
+                cfg.client_cert.as_ref(),
+                &[],
+            )?)),
             server_name,
             header: Header::new(cfg, &deps.origin),
+            reports: Reports::new(
+                "SIEM stream",
+                ("siem", "siem_drops"),
+                "line",
+                cfg.address.clone(),
+                cfg.buffer_records,
+            ),
             cfg: cfg.clone(),
             deps,
             pending: VecDeque::new(),
-            outage: None,
-            dropping: false,
-            drops_seen: 0,
         })
     }
 
@@ -636,50 +319,13 @@ impl Siem {
                 self.pending.push_back(frame(&m));
             }
         }
-        let over = self.pending.len().saturating_sub(self.cfg.buffer_records);
-        if over > 0 {
-            self.pending.drain(..over);
-            self.deps
-                .state
-                .dropped
-                .fetch_add(over as u64, Ordering::Relaxed);
-        }
-        self.deps
-            .state
-            .buffered
-            .store(self.pending.len() as u64, Ordering::Relaxed);
-        let dropped = self.deps.state.dropped.load(Ordering::Relaxed);
-        if dropped > self.drops_seen && !self.dropping {
-            self.dropping = true;
-            warn!(
-                buffer = self.cfg.buffer_records,
-                "SIEM stream: buffer full; the oldest lines are dropped"
-            );
-            self.event(
-                "siem_drops",
-                "failed",
-                format!(
-                    "buffer of {} lines full: the oldest are dropped ({dropped} so far)",
-                    self.cfg.buffer_records
-                ),
-            );
-        }
+        stream::bound(&mut self.pending, self.cfg.buffer_records, &self.deps.state);
+        self.reports.after_fill(&self.deps);
     }
 
     /// Everything buffered was sent: a run of drops is over.
     fn caught_up(&mut self) {
-        if self.dropping && self.pending.is_empty() && self.outage.is_none() {
-            self.dropping = false;
-            let dropped = self.deps.state.dropped.load(Ordering::Relaxed);
-            let run = dropped - self.drops_seen;
-            self.drops_seen = dropped;
-            info!(dropped = run, "SIEM stream: caught up; no more drops");
-            self.event(
-                "siem_drops",
-                "ok",
-                format!("caught up: {run} line(s) dropped ({dropped} since start)"),
-            );
-        }
+        self.reports.caught_up(&self.deps, self.pending.len());
     }
 
     async fn connect(&self) -> Result<Conn, Failure> {
@@ -703,7 +349,7 @@ impl Siem {
             )
             .await
             .map_err(|_| Failure::Handshake(format!("{addr}: timed out")))?
-            .map_err(|e| classify(e, addr))?;
+            .map_err(|e| Failure::of_handshake(&e, addr))?;
             let (mut r, w) = tokio::io::split(tls);
             let closed = Arc::new(AtomicBool::new(false));
             let closed_wake = Arc::new(Notify::new());
@@ -768,99 +414,13 @@ impl Siem {
     }
 
     fn connected(&mut self) {
-        let s = &self.deps.state;
-        s.connected.store(true, Ordering::Relaxed);
-        *lock(&s.last_error) = None;
-        if self.outage.take().is_some() {
-            info!(receiver = %self.cfg.address, "SIEM stream: connected again");
-            self.event(
-                "siem",
-                "ok",
-                format!(
-                    "connected to {}; {} line(s) waiting are sent",
-                    self.cfg.address,
-                    self.pending.len()
-                ),
-            );
-        } else {
-            info!(receiver = %self.cfg.address, "SIEM stream: connected");
-        }
+        info!(receiver = %self.cfg.address, "SIEM stream: connected");
+        self.reports.reached(&self.deps, self.pending.len());
     }
 
     fn failed(&mut self, f: Failure) {
-        let s = &self.deps.state;
-        s.connected.store(false, Ordering::Relaxed);
-        s.failures.fetch_add(1, Ordering::Relaxed);
-        let text = f.text();
-        *lock(&s.last_error) = Some(text.clone());
-        // Once per outage, and again if the receiver's certificate stops verifying.
-        let before = self.outage.replace(f.kind());
-        let untrusted = matches!(f, Failure::Untrusted(_));
-        if before.is_none() || (untrusted && before != Some(f.kind())) {
-            warn!(receiver = %self.cfg.address, error = %text, "SIEM stream: lines wait in the buffer and are sent when the receiver is back");
-            self.event("siem", "failed", text);
-        }
+        self.reports.failed(&self.deps, &f);
     }
-
-    /// An `events` row (not awaited: it is streamed like the rest once committed).
-    fn event(&self, kind: &'static str, outcome: &'static str, message: String) {
-        let mut ev = EventRecord::new(&self.deps.origin, kind, outcome);
-        ev.message = Some(message);
-        if let Ok(json) = Record::Event(ev).to_json() {
-            let _ = self.deps.events.send(Submission {
-                table: Table::Events,
-                time_us: micros::of(SystemTime::now()),
-                json,
-                done: None,
-            });
-        }
-    }
-}
-
-/// A failed handshake: a certificate that does not verify is told apart.
-fn classify(e: std::io::Error, addr: std::net::SocketAddr) -> Failure {
-    match e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-        Some(rustls::Error::InvalidCertificate(c)) => Failure::Untrusted(format!("{addr}: {c:?}")),
-        Some(other) => Failure::Handshake(format!("{addr}: {other}")),
-        None => Failure::Handshake(format!("{addr}: {e}")),
-    }
-}
-
-/// TLS toward the receiver: only `ca_file` is trusted (not the system roots), and
-/// the optional client certificate is presented.
-fn connector(cfg: &SiemSection) -> anyhow::Result<tokio_rustls::TlsConnector> {
-    use rustls_pki_types::pem::PemObject as _;
-    use rustls_pki_types::CertificateDer;
-    let mut roots = rustls::RootCertStore::empty();
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cfg.ca_file)
-        .and_then(|i| i.collect::<Result<_, _>>())
-        .map_err(|e| anyhow::anyhow!("{}: records.siem.ca_file: {e}", cfg.ca_file.display()))?;
-    for c in certs {
-        roots.add(c).map_err(|e| {
-            anyhow::anyhow!(
-                "{}: records.siem.ca_file: certificate rejected: {e}",
-                cfg.ca_file.display()
-            )
-        })?;
-    }
-    anyhow::ensure!(
-        !roots.is_empty(),
-        "{}: records.siem.ca_file holds no certificate",
-        cfg.ca_file.display()
-    );
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots);
-    let config = match &cfg.client_cert {
-        None => builder.with_no_client_auth(),
-        Some(c) => {
-            let (chain, key) = crate::tls::client_identity(c)?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-    };
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
 }
 
 #[cfg(test)]
@@ -980,7 +540,7 @@ mod tests {
 
     #[test]
     fn a_long_event_message_is_cut_on_a_character_boundary() {
-        let long = "é".repeat(MAX_MESSAGE);
+        let long = "é".repeat(stream::MAX_VALUE);
         let json = serde_json::to_vec(&serde_json::json!({
             "event_id": "e", "kind": "k", "outcome": "ok", "message": long,
         }))
@@ -993,24 +553,6 @@ mod tests {
             .split('"')
             .next()
             .unwrap();
-        assert_eq!(v.len(), MAX_MESSAGE);
-    }
-
-    #[test]
-    fn a_full_feed_drops_the_oldest_and_counts_them() {
-        let state = Arc::new(SiemState::default());
-        let feed = Feed::new(3, state.clone());
-        let entries: Vec<Entry> = (1..=5)
-            .map(|seq| Entry {
-                seq,
-                time_us: 0,
-                table: Table::Events,
-                json: b"{}".to_vec(),
-            })
-            .collect();
-        feed.offer(&entries);
-        let kept: Vec<u64> = feed.take().into_iter().map(|c| c.seq).collect();
-        assert_eq!(kept, [3, 4, 5]);
-        assert_eq!(state.dropped.load(Ordering::Relaxed), 2);
+        assert_eq!(v.len(), stream::MAX_VALUE);
     }
 }

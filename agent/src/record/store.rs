@@ -16,9 +16,11 @@ use anyhow::Context as _;
 use tracing::{info, warn};
 
 use super::journal::{self, Durability, JournalState, JournalThread, Submission};
+use super::otlp::{self, Otlp, OtlpTarget};
 use super::seal::Signer;
 use super::ship::{self, ShipDeps, ShipProgress, ShipState, Shipper};
-use super::siem::{self, Feed, Siem, SiemDeps, SiemProgress, SiemState, SiemTarget};
+use super::siem::{self, Siem, SiemTarget};
+use super::stream::{Feed, StreamDeps, StreamProgress, StreamState};
 use super::writer::{self, Writer, WriterConfig};
 use super::{micros, Durable, EventRecord, Origin, Record, RecordError, RecordSink};
 
@@ -38,6 +40,8 @@ pub struct StoreConfig {
     pub shipping: Option<super::config::ShippingSection>,
     /// Each durable record's metadata streamed to a SIEM.
     pub siem: Option<SiemTarget>,
+    /// Each durable record's metadata exported as OTLP logs.
+    pub otlp: Option<OtlpTarget>,
 }
 
 pub const JOURNAL_DIR: &str = "_journal";
@@ -72,9 +76,12 @@ pub struct RecordStore {
     ship_thread: Mutex<Option<JoinHandle<()>>>,
     /// The SIEM stream's progress and receiver, when configured; stopped after the
     /// journal's last commit.
-    siem: Option<(Arc<SiemState>, String)>,
+    siem: Option<(Arc<StreamState>, String)>,
+    /// The OTLP stream's, likewise.
+    otlp: Option<(Arc<StreamState>, String)>,
+    /// Stops both streams' senders.
     siem_stop: Arc<AtomicBool>,
-    siem_thread: Mutex<Option<JoinHandle<()>>>,
+    stream_threads: Mutex<Vec<JoinHandle<()>>>,
     /// Held for the store's life: one agent per records_dir.
     _lock: File,
 }
@@ -99,7 +106,10 @@ pub struct Progress {
     pub shipping: Option<ShipProgress>,
     /// The SIEM stream, when configured.
     #[serde(default)]
-    pub siem: Option<SiemProgress>,
+    pub siem: Option<StreamProgress>,
+    /// The OTLP logs stream, when configured.
+    #[serde(default)]
+    pub otlp: Option<StreamProgress>,
 }
 
 /// What opening found in the journal.
@@ -204,6 +214,11 @@ impl RecordStore {
             Some(f) => jt.feed_to(f),
             None => jt,
         };
+        let (feed, otlp, otlp_thread) = start_otlp(&cfg, &siem_stop, &tx, &origin)?;
+        let jt = match feed {
+            Some(f) => jt.feed_to(f),
+            None => jt,
+        };
         let j = std::thread::Builder::new()
             .name("phigate-journal".into())
             .spawn(move || jt.run(rx))?;
@@ -229,8 +244,9 @@ impl RecordStore {
             ship_stop,
             ship_thread: Mutex::new(ship_thread),
             siem,
+            otlp,
             siem_stop,
-            siem_thread: Mutex::new(siem_thread),
+            stream_threads: Mutex::new(siem_thread.into_iter().chain(otlp_thread).collect()),
             _lock: lock,
         };
         Ok((
@@ -268,12 +284,13 @@ impl RecordStore {
         }
         // After the journal's last commit (the agent's stop event included).
         self.siem_stop.store(true, Ordering::Relaxed);
-        let streamer = self
-            .siem_thread
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some(t) = streamer {
+        let streamers = std::mem::take(
+            &mut *self
+                .stream_threads
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for t in streamers {
             let _ = t.join();
         }
     }
@@ -345,6 +362,7 @@ impl RecordStore {
             parquet_failing: self.parquet_failing(),
             shipping: self.ship.as_ref().map(|(s, dest)| s.progress(dest)),
             siem: self.siem.as_ref().map(|(s, dest)| s.progress(dest)),
+            otlp: self.otlp.as_ref().map(|(s, dest)| s.progress(dest)),
         }
     }
 
@@ -428,13 +446,32 @@ impl RecordSink for RecordStore {
     }
 }
 
-/// The SIEM stream's parts: the journal's feed, the progress and receiver for
-/// `status`, the sender's thread.
-type SiemParts = (
+/// A stream's parts: the journal's feed, the progress and receiver for `status`,
+/// the sender's thread.
+type StreamParts = (
     Option<Arc<Feed>>,
-    Option<(Arc<SiemState>, String)>,
+    Option<(Arc<StreamState>, String)>,
     Option<JoinHandle<()>>,
 );
+
+/// A stream's shared parts, its counters and the feed the journal fills.
+fn stream_deps(
+    buffer: usize,
+    sockets: &crate::sockets::SocketFactory,
+    stop: &Arc<AtomicBool>,
+    events: &Sender<Submission>,
+    origin: &Origin,
+) -> StreamDeps {
+    let state = Arc::new(StreamState::default());
+    StreamDeps {
+        feed: Arc::new(Feed::new(buffer, state.clone())),
+        state,
+        sockets: sockets.clone(),
+        shutdown: stop.clone(),
+        events: events.clone(),
+        origin: origin.clone(),
+    }
+}
 
 /// Starts the SIEM stream's sender, when `[records.siem]` is configured.
 fn start_siem(
@@ -442,7 +479,7 @@ fn start_siem(
     stop: &Arc<AtomicBool>,
     events: &Sender<Submission>,
     origin: &Origin,
-) -> anyhow::Result<SiemParts> {
+) -> anyhow::Result<StreamParts> {
     let Some(SiemTarget {
         section: sc,
         sockets,
@@ -450,23 +487,36 @@ fn start_siem(
     else {
         return Ok((None, None, None));
     };
-    let state = Arc::new(SiemState::default());
-    let feed = Arc::new(Feed::new(sc.buffer_records, state.clone()));
-    let sender = Siem::new(
-        sc,
-        SiemDeps {
-            feed: feed.clone(),
-            state: state.clone(),
-            sockets: sockets.clone(),
-            shutdown: stop.clone(),
-            events: events.clone(),
-            origin: origin.clone(),
-        },
-    )?;
+    let deps = stream_deps(sc.buffer_records, sockets, stop, events, origin);
+    let (feed, state) = (deps.feed.clone(), deps.state.clone());
+    let sender = Siem::new(sc, deps)?;
     let t = std::thread::Builder::new()
         .name("phigate-siem".into())
         .spawn(move || sender.run())?;
     Ok((Some(feed), Some((state, siem::destination(sc))), Some(t)))
+}
+
+/// Starts the OTLP stream's sender, when `[records.otlp]` is configured.
+fn start_otlp(
+    cfg: &StoreConfig,
+    stop: &Arc<AtomicBool>,
+    events: &Sender<Submission>,
+    origin: &Origin,
+) -> anyhow::Result<StreamParts> {
+    let Some(OtlpTarget {
+        section: oc,
+        sockets,
+    }) = &cfg.otlp
+    else {
+        return Ok((None, None, None));
+    };
+    let deps = stream_deps(oc.buffer_records, sockets, stop, events, origin);
+    let (feed, state) = (deps.feed.clone(), deps.state.clone());
+    let sender = Otlp::new(oc, deps)?;
+    let t = std::thread::Builder::new()
+        .name("phigate-otlp".into())
+        .spawn(move || sender.run())?;
+    Ok((Some(feed), Some((state, otlp::destination(oc))), Some(t)))
 }
 
 /// One agent per records_dir: two writers would interleave chains and sequence numbers.
