@@ -112,6 +112,14 @@ fn any_value(v: &Value) -> Option<AnyValue> {
     Some(AnyValue { value: Some(value) })
 }
 
+/// A refusal that sending the same batch again cannot change (OTLP/HTTP: only 429,
+/// 502, 503 and 504 are retryable). Authentication and routing answers (401, 403,
+/// 404) and timeouts (408) are kept for retry instead: they are the receiver's or
+/// the configuration's to fix, and nothing should be lost meanwhile.
+fn never_accepted(status: u16) -> bool {
+    (400..500).contains(&status) && ![401, 403, 404, 408, 429].contains(&status)
+}
+
 /// One record's log record, from its journal encoding; None when the JSON is not
 /// an object (the entry is skipped).
 pub fn log_record(seq: u64, table: Table, json: &[u8], observed: SystemTime) -> Option<LogRecord> {
@@ -357,6 +365,22 @@ impl Otlp {
         .encode_to_vec();
         let (status, answer) = self.post(body).await?;
         if !(200..300).contains(&status) {
+            if never_accepted(status) {
+                // OTLP/HTTP: such a batch must not be sent again as it is; it is
+                // dropped and counted (the Parquet records still hold every row),
+                // so one bad batch cannot stall the stream.
+                self.pending.drain(..n);
+                let s = &self.deps.state;
+                s.rejected.fetch_add(n as u64, Ordering::Relaxed);
+                s.buffered
+                    .store(self.pending.len() as u64, Ordering::Relaxed);
+                warn!(
+                    status,
+                    records = n,
+                    receiver = %self.cfg.url,
+                    "OTLP stream: the receiver refused a batch for good; it is dropped"
+                );
+            }
             return Err(Failure::Refused(status));
         }
         self.pending.drain(..n);
@@ -469,6 +493,16 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_answers_that_cannot_change_drop_a_batch() {
+        for s in [400, 413, 415, 422] {
+            assert!(never_accepted(s), "{s}");
+        }
+        for s in [401, 403, 404, 408, 429, 500, 502, 503, 504, 200] {
+            assert!(!never_accepted(s), "{s}");
+        }
+    }
 
     fn request_json() -> Vec<u8> {
         serde_json::to_vec(&serde_json::json!({
