@@ -58,6 +58,10 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
     ("lxml", "lxml==6.2.0"),
     // The Kubernetes manifests' schema check (`cargo xtask check` and `test`).
     ("kubernetes_validate", "kubernetes-validate==1.37.0"),
+    // An S3 server that implements Object Lock (moto's server mode) and the client
+    // that sets its buckets up and inspects retention: tests/tests/shipping.rs.
+    ("moto.server", "moto[server]==5.2.1"),
+    ("boto3", "boto3==1.43.11"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

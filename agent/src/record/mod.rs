@@ -27,6 +27,7 @@ use crate::identity::Workload;
 
 pub(crate) mod config;
 pub mod journal;
+mod lock;
 pub mod pseudonym;
 pub mod ship;
 pub mod siem;
