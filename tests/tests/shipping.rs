@@ -692,9 +692,12 @@ fn shipped_objects_are_locked_in_compliance_mode_and_a_store_without_object_lock
     assert_eq!(curl_status(&w, &ca, "/fhir/Patient/7"), "404");
     w.wait_records("requests", 3);
     wait_until("the refusal reported", Duration::from_secs(30), || {
-        w.status()["records"]["shipping"]["last_error"]
+        let st = w.status();
+        let sh = &st["records"]["shipping"];
+        sh["last_error"]
             .as_str()
             .is_some_and(|e| e.contains("Object Lock"))
+            && sh["unshipped_files"].as_u64() >= Some(1)
     })
     .unwrap_or_else(|e| panic!("{e:#}: {}", w.status()));
     let st = w.status();
