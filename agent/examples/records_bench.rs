@@ -111,6 +111,7 @@ fn open(dir: &Path, durability: Durability) -> anyhow::Result<Arc<RecordStore>> 
             retention_days: 0,
             metrics: Default::default(),
             shipping: None,
+            ship_sockets: None,
             siem: None,
             otlp: None,
         },

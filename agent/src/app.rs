@@ -149,6 +149,7 @@ async fn open_records(
 ) -> anyhow::Result<(Arc<RecordStore>, Arc<Approvals>, crate::pipeline::Pipeline)> {
     let (store, replay) = open_store(config, metrics.clone(), sockets)?;
     let store = Arc::new(store);
+    report_start_anchor(config, &store).await?;
     let records: Arc<dyn RecordSink> = store.clone();
     let approvals = Arc::new(
         Approvals::open(
@@ -192,6 +193,44 @@ async fn open_records(
     }
     crate::approval::spawn_sweeper(&approvals);
     Ok((store, approvals, pipeline))
+}
+
+/// Reports what the start found against the off-host anchor (log, `events` row
+/// `anchor`; `status` and the metric read it from the store). Records here behind
+/// what was shipped stop the start unless `anchor_at_start = "warn"` (fail closed);
+/// a store that cannot be read is no rollback: the start goes on.
+async fn report_start_anchor(config: &Config, store: &Arc<RecordStore>) -> anyhow::Result<()> {
+    use crate::record::config::AnchorAtStart;
+    use crate::record::ship::StartAnchor;
+    let (Some(sc), Some(found)) = (&config.records.shipping, store.start_anchor()) else {
+        return Ok(());
+    };
+    let summary = found.summary();
+    let outcome = match &found {
+        StartAnchor::Matches | StartAnchor::NothingShipped => "ok",
+        StartAnchor::Unreachable(_) => {
+            warn!(error = %summary, "records shipping: the off-host anchor could not be read at start; starting without that check");
+            "unchecked"
+        }
+        StartAnchor::Behind(_) => {
+            warn!(problems = %summary, "records: the records here are behind what was shipped off the host (deleted or rolled back)");
+            "failed"
+        }
+    };
+    let mut ev = EventRecord::new(store.origin(), "anchor", outcome);
+    ev.message = Some(summary.clone());
+    let recorded = store.event(ev).await;
+    if matches!(found, StartAnchor::Behind(_)) && sc.anchor_at_start == AnchorAtStart::Refuse {
+        let s = store.clone();
+        let _ = tokio::task::spawn_blocking(move || s.close()).await;
+        anyhow::bail!(
+            "records in {} are {summary}. Deleted or rolled-back records look like this: restore them from the store (`phigate audit pull`), or set records.shipping.anchor_at_start = \"warn\" in {} to start anyway",
+            config.agent.records_dir.display(),
+            config.source.display()
+        );
+    }
+    recorded.context("cannot record the anchor check: records are not writable")?;
+    Ok(())
 }
 
 impl Agent {
@@ -471,6 +510,7 @@ fn sample(m: &crate::metrics::Metrics, s: &crate::admin::Status) {
         m.unshipped_files.set(gauge(sh.unshipped_files));
         m.ship_failures.set(gauge(sh.failures));
         m.ship_lag.set(gauge(sh.lag_secs));
+        m.anchor_behind.set(i64::from(sh.anchor_behind));
     }
     if let Some(si) = &s.records.siem {
         m.siem_sent.set(gauge(si.sent));
@@ -573,6 +613,7 @@ pub fn open_store(
             retention_days: r.retention_days,
             metrics: metrics.clone(),
             shipping: r.shipping.clone(),
+            ship_sockets: Some(sockets.clone()),
             siem: r.siem.clone().map(|section| SiemTarget {
                 section,
                 sockets: sockets.clone(),

@@ -882,6 +882,12 @@ fn status(
                 .map(|e| format!("; last error: {e}"))
                 .unwrap_or_default()
         );
+        if let Some(a) = &sh.anchor {
+            println!(
+                "anchor:        {}{a}",
+                if sh.anchor_behind { "WARNING: " } else { "" }
+            );
+        }
     }
     if let Some(si) = &r.siem {
         print_stream(

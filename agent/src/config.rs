@@ -985,6 +985,79 @@ mod tests {
     }
 
     #[test]
+    fn records_shipping_encryption_and_object_lock_are_checked_naming_the_field() {
+        use crate::record::config::Sse;
+        let base = "[records.shipping]\nendpoint = \"https://s3.example.org\"\nbucket = \"b\"\n";
+        let c = parse(&format!(
+            "{base}sse = \"AES256\"\nobject_lock_days = 2190\n"
+        ))
+        .unwrap();
+        let sh = c.records.shipping.unwrap();
+        assert_eq!(sh.sse, Some(Sse::Aes256));
+        assert_eq!(sh.object_lock_days, Some(2190));
+        let c = parse(&format!(
+            "{base}sse = \"aws:kms\"\nsse_kms_key_id = \"arn:aws:kms:eu-west-1:1:key/k\"\n"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.records.shipping.unwrap().sse,
+            Some(Sse::Kms {
+                key_id: Some("arn:aws:kms:eu-west-1:1:key/k".into())
+            })
+        );
+        let c = parse(&format!("{base}sse = \"aws:kms\"\n")).unwrap();
+        assert_eq!(
+            c.records.shipping.unwrap().sse,
+            Some(Sse::Kms { key_id: None })
+        );
+        let c = parse(base).unwrap();
+        let sh = c.records.shipping.unwrap();
+        assert_eq!((sh.sse, sh.object_lock_days), (None, None));
+        for (extra, field, says) in [
+            (
+                "sse = \"aes256\"\n",
+                "sse",
+                "expected \"AES256\" or \"aws:kms\"",
+            ),
+            ("sse = \"sse-c\"\n", "sse", "expected"),
+            (
+                "sse_kms_key_id = \"k\"\n",
+                "sse_kms_key_id",
+                "goes with sse",
+            ),
+            (
+                "sse = \"AES256\"\nsse_kms_key_id = \"k\"\n",
+                "sse_kms_key_id",
+                "goes with sse",
+            ),
+            (
+                "sse = \"aws:kms\"\nsse_kms_key_id = \" \"\n",
+                "sse_kms_key_id",
+                "empty",
+            ),
+            (
+                "object_lock_days = 0\n",
+                "object_lock_days",
+                "between 1 and 36500",
+            ),
+            (
+                "object_lock_days = 36501\n",
+                "object_lock_days",
+                "between 1 and 36500",
+            ),
+        ] {
+            let e = parse(&format!("{base}{extra}")).unwrap_err();
+            assert_eq!(
+                e.key.as_deref(),
+                Some(format!("records.shipping.{field}").as_str()),
+                "{extra}: {e}"
+            );
+            assert_eq!(e.line, Some(3 + extra.lines().count()), "{extra}: {e}");
+            assert!(e.message.contains(says), "{extra}: {e}");
+        }
+    }
+
+    #[test]
     fn records_siem_is_checked_where_it_is_written() {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();

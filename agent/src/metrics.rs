@@ -114,6 +114,7 @@ pub struct Metrics {
     pub unshipped_files: Gauge,
     pub ship_failures: Gauge,
     pub ship_lag: Gauge,
+    pub anchor_behind: Gauge,
     pub siem_sent: Gauge,
     pub siem_buffered: Gauge,
     pub siem_dropped: Gauge,
@@ -180,6 +181,7 @@ impl Metrics {
             unshipped_files: Gauge::default(),
             ship_failures: Gauge::default(),
             ship_lag: Gauge::default(),
+            anchor_behind: Gauge::default(),
             siem_sent: Gauge::default(),
             siem_buffered: Gauge::default(),
             siem_dropped: Gauge::default(),
@@ -474,6 +476,11 @@ fn register_records(reg: &mut Registry, m: &Metrics) {
         "records_ship_lag_seconds",
         "How long the oldest sealed, unshipped file has waited",
         m.ship_lag.clone(),
+    );
+    reg.register(
+        "records_anchor_behind",
+        "1 when the agent started with records behind what it had shipped (deleted or rolled back)",
+        m.anchor_behind.clone(),
     );
     reg.register(
         "siem_sent_lines",

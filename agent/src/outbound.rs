@@ -62,6 +62,24 @@ impl Outbound {
         serde_json::from_slice(&body).map_err(|e| format!("{url}: not JSON: {e}"))
     }
 
+    /// PUTs `body` with `headers` as given (a presigned request: the caller signed
+    /// them); returns the status and up to `limit` bytes of the answer.
+    pub async fn put(
+        &self,
+        url: &str,
+        headers: &[(String, String)],
+        body: Vec<u8>,
+        limit: usize,
+    ) -> Result<(u16, Bytes), String> {
+        let body = Some((body, "application/octet-stream"));
+        tokio::time::timeout(
+            self.timeout,
+            self.exchange(Method::PUT, url, body, headers, limit),
+        )
+        .await
+        .map_err(|_| format!("no answer within {:?}", self.timeout))?
+    }
+
     /// One exchange within the timeout: the status and up to `limit` bytes of body.
     async fn call(
         &self,
@@ -70,7 +88,7 @@ impl Outbound {
         body: Option<(Vec<u8>, &'static str)>,
         limit: usize,
     ) -> Result<(u16, Bytes), String> {
-        tokio::time::timeout(self.timeout, self.exchange(method, url, body, limit))
+        tokio::time::timeout(self.timeout, self.exchange(method, url, body, &[], limit))
             .await
             .map_err(|_| format!("{url}: no answer within {:?}", self.timeout))?
     }
@@ -80,6 +98,7 @@ impl Outbound {
         method: Method,
         url: &str,
         body: Option<(Vec<u8>, &'static str)>,
+        headers: &[(String, String)],
         limit: usize,
     ) -> Result<(u16, Bytes), String> {
         let uri: Uri = url.parse().map_err(|e| format!("bad URL: {e}"))?;
@@ -117,6 +136,9 @@ impl Outbound {
                 concat!("phigate/", env!("CARGO_PKG_VERSION")),
             );
         req = req.header(header::ACCEPT, "application/json");
+        for (name, value) in headers {
+            req = req.header(name.as_str(), value.as_str());
+        }
         let body = match body {
             Some((bytes, content_type)) => {
                 req = req.header(header::CONTENT_TYPE, content_type);

@@ -42,6 +42,7 @@ fn store_config(root: &Path, rotate_rows: usize, rotate_age: Duration) -> StoreC
         retention_days: 0,
         metrics: Default::default(),
         shipping: None,
+        ship_sockets: None,
         siem: None,
         otlp: None,
     }

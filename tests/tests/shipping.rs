@@ -548,3 +548,324 @@ fn a_two_host_fleet_is_verified_from_the_store_with_each_hosts_key() {
     assert!(!ok && text.contains("FAIL ward-b: "), "{text}");
     assert!(!text.contains("FAIL ward-a"), "{text}");
 }
+
+const MOTO: &str = "127.0.0.1:9569";
+const METRICS: &str = "127.0.0.1:9465";
+
+/// moto (PyPI) in server mode in the world's netns: an S3 that implements Object
+/// Lock (versioned buckets, per-object retention, deletes refused while locked).
+fn moto(w: &World) -> Background {
+    let (host, port) = MOTO.split_once(':').unwrap();
+    let bg = Background::spawn(
+        w.outside(),
+        &["python3", "-m", "moto.server", "-H", host, "-p", port],
+        w.path(&unique("moto.log")),
+    );
+    assert!(
+        w.netns
+            .wait_port(MOTO.parse().unwrap(), Duration::from_secs(30)),
+        "moto did not start: {}",
+        bg.log_text()
+    );
+    bg
+}
+
+/// Runs boto3 against moto in the world's netns: `s3` is the client, `args` in
+/// `sys.argv[1:]`; the script prints JSON, returned parsed.
+fn boto(w: &World, script: &str, args: &[&str]) -> Value {
+    let full = format!(
+        "import boto3, datetime, json, sys\ns3 = boto3.client('s3', endpoint_url='http://{MOTO}', region_name='us-east-1', aws_access_key_id='moto', aws_secret_access_key='moto')\n{script}"
+    );
+    let mut argv = vec!["python3", "-c", &full];
+    argv.extend(args);
+    let out = output(w.outside(), &argv);
+    assert!(out.status.success(), "boto3: {}", stderr(&out));
+    serde_json::from_str(stdout(&out).trim()).unwrap_or_else(|e| panic!("{e}: {}", stdout(&out)))
+}
+
+/// Every version of every object under a prefix, with its lock and encryption,
+/// and whether deleting the version (what would really remove it) is refused.
+const INSPECT: &str = r#"
+bucket, prefix = sys.argv[1], sys.argv[2]
+out = []
+for page in s3.get_paginator('list_object_versions').paginate(Bucket=bucket, Prefix=prefix):
+    for v in page.get('Versions', []):
+        h = s3.head_object(Bucket=bucket, Key=v['Key'], VersionId=v['VersionId'])
+        until = h.get('ObjectLockRetainUntilDate')
+        out.append({'key': v['Key'], 'version': v['VersionId'], 'mode': h.get('ObjectLockMode'),
+                    'until': until.timestamp() if until else None, 'sse': h.get('ServerSideEncryption')})
+if len(sys.argv) > 3:
+    v = [o for o in out if o['key'] == sys.argv[3]][0]
+    try:
+        s3.delete_object(Bucket=bucket, Key=v['key'], VersionId=v['version'])
+        v['delete'] = 'deleted'
+    except Exception as e:
+        v['delete'] = str(e)
+print(json.dumps(out))
+"#;
+
+#[test]
+fn shipped_objects_are_locked_in_compliance_mode_and_a_store_without_object_lock_is_a_failure() {
+    let mut w = World::new("objlock");
+    let _moto = moto(&w);
+    boto(
+        &w,
+        "s3.create_bucket(Bucket='locked', ObjectLockEnabledForBucket=True)\ns3.create_bucket(Bucket='unlocked')\nprint('{}')",
+        &[],
+    );
+    let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
+    let _up = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &[]);
+    let id = secret(&w, "s3-id", "moto\n");
+    let key = secret(&w, "s3-secret", "moto\n");
+    let base = w.agent_and_records("", "").replace(
+        "[admin]\n",
+        &format!("[admin]\nmetrics_listen = \"{METRICS}\"\n"),
+    );
+    let config = |bucket: &str| {
+        format!(
+            "{}\n[records.shipping]\nendpoint = \"http://{MOTO}\"\nbucket = \"{bucket}\"\nprefix = \"fleet\"\naccess_key_file = \"{}\"\nsecret_key_file = \"{}\"\nobject_lock_days = 3\nsse = \"AES256\"\n\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
+            base,
+            id.display(),
+            key.display(),
+            pki.ca.display()
+        )
+    };
+    w.write_config(&config("locked"));
+    w.start_agent(false);
+    let ca = w.public_copy(&w.path("state/ca.pem"));
+    let records = w.records_dir();
+    let heads: Value =
+        serde_json::from_slice(&std::fs::read(records.join("_heads.json")).unwrap()).unwrap();
+    let root = format!("fleet/{}", heads["host"].as_str().unwrap());
+    for i in 0..2 {
+        assert_eq!(curl_status(&w, &ca, &format!("/fhir/Patient/{i}")), "404");
+    }
+    w.wait_records("requests", 2);
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    // The last pass at stop ships everything sealed.
+    assert!(w.sigterm(Duration::from_secs(30)).success());
+    let mut want = sealed(&records);
+    want.push("_heads.json".into());
+    want.push("requests/_head.json".into());
+    let data = want
+        .iter()
+        .find(|f| f.starts_with("requests/date=") && f.ends_with(".parquet"))
+        .unwrap()
+        .clone();
+    let objects = boto(&w, INSPECT, &["locked", &root, &format!("{root}/{data}")]);
+    let objects = objects.as_array().unwrap();
+    let keys: std::collections::BTreeSet<String> = objects
+        .iter()
+        .map(|o| o["key"].as_str().unwrap().to_owned())
+        .collect();
+    for rel in &want {
+        assert!(
+            keys.contains(&format!("{root}/{rel}")),
+            "{rel} not shipped: {keys:?}"
+        );
+    }
+    let three_days = 3.0 * 86_400.0;
+    for o in objects {
+        assert_eq!(o["mode"], "COMPLIANCE", "{o}");
+        assert_eq!(o["sse"], "AES256", "{o}");
+        let until = o["until"]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no retain-until: {o}"));
+        assert!(
+            until > started + three_days - 600.0 && until < started + three_days + 60.0,
+            "retain-until {until} not about now + 3 days ({started}): {o}"
+        );
+    }
+    let deleted = objects.iter().find(|o| o.get("delete").is_some()).unwrap();
+    assert!(
+        deleted["delete"].as_str().unwrap().contains("AccessDenied"),
+        "a locked version cannot be deleted: {deleted}"
+    );
+
+    // A bucket without Object Lock: the store refuses the lock headers, and that is
+    // a shipping failure (status, metric, event), never an unlocked upload.
+    w.write_config(&config("unlocked"));
+    w.start_agent(false);
+    assert_eq!(curl_status(&w, &ca, "/fhir/Patient/7"), "404");
+    w.wait_records("requests", 3);
+    wait_until("the refusal reported", Duration::from_secs(30), || {
+        let st = w.status();
+        let sh = &st["records"]["shipping"];
+        sh["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Object Lock"))
+            && sh["unshipped_files"].as_u64() >= Some(1)
+    })
+    .unwrap_or_else(|e| panic!("{e:#}: {}", w.status()));
+    let st = w.status();
+    let sh = &st["records"]["shipping"];
+    assert!(sh["failures"].as_u64().unwrap() >= 1, "{st}");
+    assert!(
+        sh["unshipped_files"].as_u64().unwrap() >= 1,
+        "files wait: {st}"
+    );
+    assert!(
+        sh["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("ObjectLockConfiguration"),
+        "the store's reason: {st}"
+    );
+    let metrics = scrape_metrics(&w, METRICS);
+    let failures = metrics
+        .lines()
+        .find(|l| l.starts_with("phigate_records_ship_failures"))
+        .unwrap_or_else(|| panic!("no failures metric: {metrics}"));
+    assert!(!failures.ends_with(" 0"), "{failures}");
+    let unlocked = boto(
+        &w,
+        "print(json.dumps(s3.list_object_versions(Bucket='unlocked').get('Versions', [])))",
+        &[],
+    );
+    assert_eq!(unlocked, serde_json::json!([]), "nothing shipped unlocked");
+    assert!(w.sigterm(Duration::from_secs(30)).success());
+    let events = w.all_records("events");
+    assert!(
+        events.iter().any(|e| e["kind"] == "shipping"
+            && e["outcome"] == "failed"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("Object Lock"))),
+        "a shipping failure event naming the refusal"
+    );
+}
+
+/// `phigate run` expected to refuse to start: its exit code and output (bounded: a
+/// start that does not refuse is ended by `timeout`, exit 124).
+fn run_expecting_refusal(w: &World) -> (Option<i32>, String) {
+    let bin = phigate_bin();
+    let out = output(
+        w.outside(),
+        &[
+            "timeout",
+            "60",
+            bin.to_str().unwrap(),
+            "run",
+            "--config",
+            w.config_path().to_str().unwrap(),
+        ],
+    );
+    (
+        out.status.code(),
+        format!("{}{}", stdout(&out), stderr(&out)),
+    )
+}
+
+#[test]
+fn a_start_behind_the_shipped_anchor_is_refused_unless_told_to_warn() {
+    let mut w = World::new("startanchor");
+    let store_dir = w.path("s3");
+    std::fs::create_dir_all(&store_dir).unwrap();
+    let mut s3 = Some(s3rver(&w, &store_dir));
+    let pki = TestPki::new(w.dir.path(), "upstream", "IP:127.0.0.2");
+    let _up = node_upstream(&w, "127.0.0.2", 9443, Some(&pki), &[]);
+    let id = secret(&w, "s3-id", "S3RVER\n");
+    let key = secret(&w, "s3-secret", "S3RVER\n");
+    let base = w.agent_and_records("", "").replace(
+        "[admin]\n",
+        &format!("[admin]\nmetrics_listen = \"{METRICS}\"\n"),
+    );
+    let config = |extra: &str| {
+        format!(
+            "{}\n[records.shipping]\nendpoint = \"http://{S3}\"\nbucket = \"{BUCKET}\"\nprefix = \"fleet\"\naccess_key_file = \"{}\"\nsecret_key_file = \"{}\"\n{extra}\n\n[[destinations]]\nname = \"patients-api\"\naddresses = [\"{UP}\"]\nprotocol = \"https\"\nupstream_ca = \"{}\"\n",
+            base,
+            id.display(),
+            key.display(),
+            pki.ca.display()
+        )
+    };
+    let anchor = |w: &World| w.status()["records"]["shipping"].clone();
+    w.write_config(&config(""));
+    w.start_agent(false);
+    let sh = anchor(&w);
+    assert!(
+        sh["anchor"].as_str().unwrap().contains("nothing shipped"),
+        "{sh}"
+    );
+    let ca = w.public_copy(&w.path("state/ca.pem"));
+    let records = w.records_dir();
+    for i in 0..2 {
+        assert_eq!(curl_status(&w, &ca, &format!("/fhir/Patient/{i}")), "404");
+        w.wait_records("requests", i + 1);
+    }
+    assert!(w.sigterm(Duration::from_secs(30)).success());
+    let heads: Value =
+        serde_json::from_slice(&std::fs::read(records.join("_heads.json")).unwrap()).unwrap();
+    let root = format!("fleet/{}", heads["host"].as_str().unwrap());
+    assert!(missing(&records, &store_dir, &root).is_empty());
+
+    // Untampered, the start checks and goes on.
+    w.start_agent(false);
+    let sh = anchor(&w);
+    assert!(
+        sh["anchor"]
+            .as_str()
+            .unwrap()
+            .starts_with("ok: the records here hold"),
+        "{sh}"
+    );
+    assert_eq!(sh["anchor_behind"], false, "{sh}");
+    assert!(w.sigterm(Duration::from_secs(30)).success());
+
+    // The newest requests file and its manifest deleted while the agent was down:
+    // the start is refused, naming it, and the refusal is an `events` row.
+    let files = request_files(&records);
+    let newest = files.last().unwrap().1.clone();
+    remove_file_and_manifest(&records, &newest);
+    let (code, text) = run_expecting_refusal(&w);
+    assert!(
+        code.is_some_and(|c| c != 0 && c != 124),
+        "refused, not started: {code:?}\n{text}"
+    );
+    assert!(
+        text.contains("behind the off-host anchor")
+            && text.contains("truncated")
+            && text.contains("anchor_at_start"),
+        "{text}"
+    );
+    let events = w.all_records("events");
+    assert!(
+        events.iter().any(|e| e["kind"] == "anchor"
+            && e["outcome"] == "failed"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("truncated"))),
+        "an anchor failure event: {events:?}"
+    );
+
+    // Told to warn: it starts and says so (status, metric).
+    w.write_config(&config("anchor_at_start = \"warn\""));
+    w.start_agent(false);
+    let sh = anchor(&w);
+    assert_eq!(sh["anchor_behind"], true, "{sh}");
+    assert!(sh["anchor"].as_str().unwrap().contains("truncated"), "{sh}");
+    let metrics = scrape_metrics(&w, METRICS);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("phigate_records_anchor_behind") && l.ends_with(" 1")),
+        "{metrics}"
+    );
+    assert!(w.sigterm(Duration::from_secs(30)).success());
+
+    // The store unreachable at start is no rollback: the default (refuse) starts,
+    // the check reported as not done.
+    w.write_config(&config(""));
+    drop(s3.take());
+    w.start_agent(false);
+    let sh = anchor(&w);
+    assert!(
+        sh["anchor"].as_str().unwrap().starts_with("unchecked"),
+        "{sh}"
+    );
+    assert_eq!(sh["anchor_behind"], false, "{sh}");
+    assert!(w.sigterm(Duration::from_secs(30)).success());
+}

@@ -64,6 +64,10 @@ const PYTHON_PACKAGES: &[(&str, &str)] = &[
         "opentelemetry.proto.collector.logs.v1.logs_service_pb2",
         "opentelemetry-proto==1.39.1",
     ),
+    // An S3 server that implements Object Lock (moto's server mode) and the client
+    // that sets its buckets up and inspects retention: tests/tests/shipping.rs.
+    ("moto.server", "moto[server]==5.2.1"),
+    ("boto3", "boto3==1.43.11"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -437,7 +437,48 @@ pub struct ShippingSection {
     /// Past this long with a sealed file not shipped, new exchanges are refused as
     /// when records cannot be written; None: never.
     pub max_unshipped: Option<Duration>,
+    /// Server-side encryption asked for on every object; None: the bucket's default.
+    pub sse: Option<Sse>,
+    /// S3 Object Lock: every object is put with compliance-mode retention for this
+    /// many days (nobody, the root account included, can delete or overwrite it
+    /// before then). None: the bucket's default retention, if any.
+    pub object_lock_days: Option<u32>,
+    /// At start, when the records here are behind what was shipped (files deleted,
+    /// an older head restored, a table gone): refuse to start, or start and report.
+    pub anchor_at_start: AnchorAtStart,
 }
+
+/// What the agent does when it starts behind its off-host anchor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AnchorAtStart {
+    /// Fail closed: the agent does not start, naming what is missing (the default).
+    #[default]
+    Refuse,
+    /// Start, and report it (log, `events` row, `status`, metric).
+    Warn,
+}
+
+/// Server-side encryption of shipped objects (`sse` in `[records.shipping]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sse {
+    /// `AES256`: keys managed by the store (SSE-S3).
+    Aes256,
+    /// `aws:kms`: a KMS key, the given one or the account's default for S3.
+    Kms { key_id: Option<String> },
+}
+
+impl Sse {
+    /// The `x-amz-server-side-encryption` value.
+    pub fn header(&self) -> &'static str {
+        match self {
+            Sse::Aes256 => "AES256",
+            Sse::Kms { .. } => "aws:kms",
+        }
+    }
+}
+
+/// The longest Object Lock retention accepted (100 years, as S3 allows).
+pub(crate) const MAX_OBJECT_LOCK_DAYS: u64 = 36_500;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -449,6 +490,10 @@ pub(crate) struct RawShipping {
     access_key_file: Option<PathBuf>,
     secret_key_file: Option<PathBuf>,
     max_unshipped_secs: Option<Spanned<u64>>,
+    sse: Option<Spanned<String>>,
+    sse_kms_key_id: Option<Spanned<String>>,
+    object_lock_days: Option<Spanned<u64>>,
+    anchor_at_start: Option<Spanned<String>>,
 }
 
 /// What is wrong with an object store endpoint, if anything: https, or plain http
@@ -504,6 +549,64 @@ fn shipping_section(
         }
         Some(v) => Some(Duration::from_secs(v.into_inner())),
     };
+    let key = |k: &str| Some(format!("records.shipping.{k}"));
+    let sse = match &raw.sse {
+        None => None,
+        Some(v) => match v.get_ref().as_str() {
+            "AES256" => Some(Sse::Aes256),
+            "aws:kms" => Some(Sse::Kms {
+                key_id: raw.sse_kms_key_id.as_ref().map(|k| k.get_ref().clone()),
+            }),
+            other => {
+                return Err(src.err(
+                    Some(v.span()),
+                    key("sse"),
+                    format!("`{other}`: expected \"AES256\" or \"aws:kms\""),
+                ))
+            }
+        },
+    };
+    if let Some(k) = &raw.sse_kms_key_id {
+        if !matches!(sse, Some(Sse::Kms { .. })) {
+            return Err(src.err(
+                Some(k.span()),
+                key("sse_kms_key_id"),
+                "a KMS key goes with sse = \"aws:kms\"".into(),
+            ));
+        }
+        if k.get_ref().trim().is_empty() {
+            return Err(src.err(
+                Some(k.span()),
+                key("sse_kms_key_id"),
+                "empty; leave it out for the account's default key".into(),
+            ));
+        }
+    }
+    let object_lock_days = match raw.object_lock_days {
+        None => None,
+        Some(v) if !(1..=MAX_OBJECT_LOCK_DAYS).contains(v.get_ref()) => {
+            return Err(src.err(
+                Some(v.span()),
+                key("object_lock_days"),
+                format!("must be between 1 and {MAX_OBJECT_LOCK_DAYS} (leave it out for the bucket's default)"),
+            ))
+        }
+        Some(v) => Some(v.into_inner() as u32),
+    };
+    let anchor_at_start = match raw.anchor_at_start {
+        None => AnchorAtStart::Refuse,
+        Some(v) => match v.get_ref().as_str() {
+            "refuse" => AnchorAtStart::Refuse,
+            "warn" => AnchorAtStart::Warn,
+            other => {
+                return Err(src.err(
+                    Some(v.span()),
+                    key("anchor_at_start"),
+                    format!("`{other}`: expected \"refuse\" or \"warn\""),
+                ))
+            }
+        },
+    };
     Ok(ShippingSection {
         endpoint,
         bucket: raw.bucket,
@@ -512,6 +615,9 @@ fn shipping_section(
         access_key_file: raw.access_key_file.map(|p| src.resolve(p)),
         secret_key_file: raw.secret_key_file.map(|p| src.resolve(p)),
         max_unshipped,
+        sse,
+        object_lock_days,
+        anchor_at_start,
     })
 }
 

@@ -28,6 +28,7 @@ use crate::identity::Workload;
 
 pub(crate) mod config;
 pub mod journal;
+mod lock;
 pub mod otlp;
 pub mod pseudonym;
 pub mod ship;

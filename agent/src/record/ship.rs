@@ -18,12 +18,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
-use object_store::aws::AmazonS3Builder;
+use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStore, PutPayload};
 use tracing::{info, warn};
 
-use super::config::ShippingSection;
+use super::config::{ShippingSection, Sse};
 use super::journal::Submission;
 use super::seal::{self, Heads, Manifest};
 use super::{micros, EventRecord, Origin, Record, Table};
@@ -43,6 +43,61 @@ pub struct ShipState {
     /// Set while the lag is past `max_unshipped`.
     pub too_far_behind: AtomicBool,
     pub last_error: Mutex<Option<String>>,
+    /// What the start found against the off-host anchor.
+    pub anchor: Mutex<Option<StartAnchor>>,
+}
+
+/// What the start found comparing the records here with the shipped anchor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StartAnchor {
+    /// The records here hold everything shipped (and maybe more, not yet shipped).
+    Matches,
+    /// The store holds nothing for this host yet.
+    NothingShipped,
+    /// The store could not be read: not a rollback; the start goes on.
+    Unreachable(String),
+    /// The records here are behind (or beside) what was shipped: each problem.
+    Behind(Vec<String>),
+}
+
+impl StartAnchor {
+    /// One line for `status` and the `events` row.
+    pub fn summary(&self) -> String {
+        match self {
+            StartAnchor::Matches => "ok: the records here hold everything shipped".into(),
+            StartAnchor::NothingShipped => "ok: nothing shipped for this host yet".into(),
+            StartAnchor::Unreachable(e) => {
+                format!("unchecked: the off-host anchor could not be read at start: {e}")
+            }
+            StartAnchor::Behind(p) => format!("behind the off-host anchor: {}", p.join("; ")),
+        }
+    }
+}
+
+/// Compares the records in `records_dir` with what was shipped for `host` (run on
+/// a thread of its own: the store client has its own runtime).
+pub(crate) fn check_start_anchor(
+    cfg: &ShippingSection,
+    records_dir: &Path,
+    host: &str,
+    key: &seal::PublicKey,
+) -> StartAnchor {
+    std::thread::scope(|s| {
+        s.spawn(|| match Remote::new(cfg).and_then(|r| r.shipped(host)) {
+            Err(e) => StartAnchor::Unreachable(format!("{e:#}")),
+            Ok(sh) if sh.heads.is_none() => StartAnchor::NothingShipped,
+            Ok(sh) => {
+                let r = super::anchor::compare(records_dir, key, &sh);
+                if r.ok() {
+                    StartAnchor::Matches
+                } else {
+                    StartAnchor::Behind(r.problems.iter().map(ToString::to_string).collect())
+                }
+            }
+        })
+        .join()
+        .unwrap_or_else(|_| StartAnchor::Unreachable("the check panicked".into()))
+    })
 }
 
 /// `phigate status` view of shipping.
@@ -55,6 +110,12 @@ pub struct ShipProgress {
     pub lag_secs: u64,
     pub failing_closed: bool,
     pub last_error: Option<String>,
+    /// The start's check against the off-host anchor, one line.
+    #[serde(default)]
+    pub anchor: Option<String>,
+    /// Set when the start found the records here behind what was shipped.
+    #[serde(default)]
+    pub anchor_behind: bool,
 }
 
 impl ShipState {
@@ -71,7 +132,16 @@ impl ShipState {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .clone(),
+            anchor: self.anchor().map(|a| a.summary()),
+            anchor_behind: matches!(self.anchor(), Some(StartAnchor::Behind(_))),
         }
+    }
+
+    pub fn anchor(&self) -> Option<StartAnchor> {
+        self.anchor
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -95,6 +165,8 @@ pub struct Shipper {
     shutdown: Arc<AtomicBool>,
     events: std::sync::mpsc::Sender<Submission>,
     origin: Origin,
+    /// Set with `object_lock_days`: every object goes through it, never unlocked.
+    locked: Option<super::lock::LockedPut>,
 }
 
 /// Shared parts the store hands the shipper.
@@ -106,6 +178,7 @@ pub struct ShipDeps {
     pub shutdown: Arc<AtomicBool>,
     pub events: std::sync::mpsc::Sender<Submission>,
     pub origin: Origin,
+    pub sockets: crate::sockets::SocketFactory,
 }
 
 impl Shipper {
@@ -118,8 +191,10 @@ impl Shipper {
             Err(e) => return Err(e).with_context(|| cursor_path.display().to_string()),
         };
         let root = host_root(&cfg.prefix, &deps.host);
+        let store = object_store(cfg)?;
+        let locked = super::lock::LockedPut::new(cfg, store.credentials().clone(), deps.sockets)?;
         Ok(Shipper {
-            store: Arc::new(object_store(cfg)?),
+            store: Arc::new(store),
             records_dir: deps.records_dir,
             cursor_path,
             root,
@@ -130,6 +205,7 @@ impl Shipper {
             shutdown: deps.shutdown,
             events: deps.events,
             origin: deps.origin,
+            locked,
         })
     }
 
@@ -166,7 +242,7 @@ impl Shipper {
                     let text = format!("{e:#}");
                     self.state.failures.fetch_add(1, Ordering::Relaxed);
                     if !std::mem::replace(&mut failing, true) {
-                        warn!(error = %text, "records shipping: cannot reach the object store; sealed files wait locally and ship in order when it is back");
+                        warn!(error = %text, "records shipping: the object store did not take a file; sealed files wait locally and ship in order once it does");
                         self.event("failed", format!("shipping failed: {text}"));
                     }
                     *self
@@ -256,6 +332,12 @@ impl Shipper {
 
     async fn put_bytes(&self, rel: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
         let key = ObjectPath::from(format!("{}/{rel}", self.root));
+        if let Some(locked) = &self.locked {
+            return locked
+                .put(key.as_ref(), bytes)
+                .await
+                .with_context(|| format!("uploading {key}"));
+        }
         self.store
             .put(&key, PutPayload::from(bytes))
             .await
@@ -351,6 +433,9 @@ pub(crate) fn remote_section(
         access_key_file: None,
         secret_key_file: None,
         max_unshipped: None,
+        sse: None,
+        object_lock_days: None,
+        anchor_at_start: Default::default(),
     })
 }
 
@@ -502,6 +587,15 @@ fn object_store(cfg: &ShippingSection) -> anyhow::Result<object_store::aws::Amaz
             .with_access_key_id(secret_file(id)?)
             .with_secret_access_key(secret_file(secret)?);
     }
+    // object_store does not export the encryption key enum; its config name does.
+    let sse_key: AmazonS3ConfigKey = "aws_server_side_encryption"
+        .parse()
+        .context("object_store's encryption setting")?;
+    b = match &cfg.sse {
+        None => b,
+        Some(Sse::Kms { key_id: Some(k) }) => b.with_sse_kms_encryption(k),
+        Some(sse) => b.with_config(sse_key, sse.header()),
+    };
     b.build()
         .context("records shipping: the object store client")
 }

@@ -15,10 +15,11 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context as _;
 use tracing::{info, warn};
 
+use super::config::AnchorAtStart;
 use super::journal::{self, Durability, JournalState, JournalThread, Submission};
 use super::otlp::{self, Otlp, OtlpTarget};
 use super::seal::Signer;
-use super::ship::{self, ShipDeps, ShipProgress, ShipState, Shipper};
+use super::ship::{self, ShipDeps, ShipProgress, ShipState, Shipper, StartAnchor};
 use super::siem::{self, Siem, SiemTarget};
 use super::stream::{Feed, StreamDeps, StreamProgress, StreamState};
 use super::writer::{self, Writer, WriterConfig};
@@ -38,6 +39,9 @@ pub struct StoreConfig {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Sealed files, manifests and heads copied to object storage.
     pub shipping: Option<super::config::ShippingSection>,
+    /// The agent's own outbound sockets, for the Object Lock puts (exempt from the
+    /// redirect, marked for the host's firewall).
+    pub ship_sockets: Option<crate::sockets::SocketFactory>,
     /// Each durable record's metadata streamed to a SIEM.
     pub siem: Option<SiemTarget>,
     /// Each durable record's metadata exported as OTLP logs.
@@ -133,6 +137,16 @@ impl RecordStore {
         let lock = lock(&cfg.records_dir)?;
         let signer =
             Arc::new(Signer::load_or_create(&cfg.state_dir).context("records signing key")?);
+        // Before anything here is written or shipped: shipping the heads of records
+        // that were rolled back would overwrite the anchor that shows it.
+        let start_anchor = cfg.shipping.as_ref().map(|sc| {
+            ship::check_start_anchor(
+                sc,
+                &cfg.records_dir,
+                &writer::file_host(&origin.host),
+                &signer.public,
+            )
+        });
         let (tx, rx) = journal::channel();
         let (down_tx, down_rx) = std::sync::mpsc::channel();
         let state = Arc::new(JournalState::default());
@@ -186,28 +200,7 @@ impl RecordStore {
         )
         .with_context(|| format!("cannot open a journal segment in {}", journal_dir.display()))?;
         let ship_stop = Arc::new(AtomicBool::new(false));
-        let (ship, ship_thread) = match &cfg.shipping {
-            None => (None, None),
-            Some(sc) => {
-                let state = Arc::new(ShipState::default());
-                let shipper = Shipper::new(
-                    sc,
-                    ShipDeps {
-                        records_dir: cfg.records_dir.clone(),
-                        state_dir: cfg.state_dir.clone(),
-                        host: writer::file_host(&origin.host),
-                        state: state.clone(),
-                        shutdown: ship_stop.clone(),
-                        events: tx.clone(),
-                        origin: origin.clone(),
-                    },
-                )?;
-                let t = std::thread::Builder::new()
-                    .name("phigate-ship".into())
-                    .spawn(move || shipper.run())?;
-                (Some((state, ship::destination(sc))), Some(t))
-            }
-        };
+        let (ship, ship_thread) = start_shipping(&cfg, start_anchor, &ship_stop, &tx, &origin)?;
         let siem_stop = Arc::new(AtomicBool::new(false));
         let (feed, siem, siem_thread) = start_siem(&cfg, &siem_stop, &tx, &origin)?;
         let jt = match feed {
@@ -256,6 +249,11 @@ impl RecordStore {
                 torn_tails: tails.len(),
             },
         ))
+    }
+
+    /// What the start found against the off-host anchor (with shipping).
+    pub fn start_anchor(&self) -> Option<StartAnchor> {
+        self.ship.as_ref().and_then(|(s, _)| s.anchor())
     }
 
     /// Records an agent event and waits until it is durable.
@@ -471,6 +469,51 @@ fn stream_deps(
         events: events.clone(),
         origin: origin.clone(),
     }
+}
+
+/// The shipper's state and destination, and its thread (none when refused).
+type ShipParts = (Option<(Arc<ShipState>, String)>, Option<JoinHandle<()>>);
+
+/// Starts the shipper, when `[records.shipping]` is configured and the start's
+/// anchor check lets it (records behind the anchor with `refuse`: the agent stops,
+/// and nothing is shipped over the anchor).
+fn start_shipping(
+    cfg: &StoreConfig,
+    start_anchor: Option<StartAnchor>,
+    stop: &Arc<AtomicBool>,
+    events: &Sender<Submission>,
+    origin: &Origin,
+) -> anyhow::Result<ShipParts> {
+    let Some(sc) = &cfg.shipping else {
+        return Ok((None, None));
+    };
+    let state = Arc::new(ShipState::default());
+    let refused = sc.anchor_at_start == AnchorAtStart::Refuse
+        && matches!(start_anchor, Some(StartAnchor::Behind(_)));
+    *state.anchor.lock().unwrap_or_else(|p| p.into_inner()) = start_anchor;
+    if refused {
+        return Ok((Some((state, ship::destination(sc))), None));
+    }
+    let shipper = Shipper::new(
+        sc,
+        ShipDeps {
+            records_dir: cfg.records_dir.clone(),
+            state_dir: cfg.state_dir.clone(),
+            host: writer::file_host(&origin.host),
+            state: state.clone(),
+            shutdown: stop.clone(),
+            events: events.clone(),
+            origin: origin.clone(),
+            sockets: cfg
+                .ship_sockets
+                .clone()
+                .unwrap_or_else(|| crate::sockets::SocketFactory::new(0, None)),
+        },
+    )?;
+    let t = std::thread::Builder::new()
+        .name("phigate-ship".into())
+        .spawn(move || shipper.run())?;
+    Ok((Some((state, ship::destination(sc))), Some(t)))
 }
 
 /// Starts the SIEM stream's sender, when `[records.siem]` is configured.
