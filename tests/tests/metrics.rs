@@ -83,26 +83,12 @@ fn metrics_scrape_and_status_report_real_traffic() {
         pki.ca.display()
     ));
     w.start_agent(false);
-    let ca = w.path("state/ca.pem").display().to_string();
+    let ca = w.path("state/ca.pem");
     let get = |path: &str| -> u16 {
-        let url = format!("https://{UP}{path}");
-        let out = output(
-            w.inside(),
-            &[
-                "curl",
-                "-sS",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "--max-time",
-                "20",
-                "--cacert",
-                &ca,
-                &url,
-            ],
-        );
-        stdout(&out).trim().parse().unwrap_or(0)
+        curl_status(&w, &ca, &[], &format!("https://{UP}{path}"))
+            .trim()
+            .parse()
+            .unwrap_or(0)
     };
     for _ in 0..3 {
         assert_eq!(get("/json"), 200);

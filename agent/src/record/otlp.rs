@@ -277,17 +277,7 @@ impl Otlp {
     /// Runs until the store closes; then, if the receiver is answering, what is
     /// buffered gets FLUSH_AT_STOP.
     pub fn run(mut self) {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                warn!(error = %e, "OTLP stream: cannot start its runtime");
-                return;
-            }
-        };
-        rt.block_on(self.serve());
+        stream::run_on_own_runtime("OTLP", self.serve());
     }
 
     async fn serve(&mut self) {

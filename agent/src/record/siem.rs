@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::info;
 
 use super::config::SiemSection;
 use super::stream::{self, lock, Failure, Level, Reports, StreamDeps};
@@ -229,17 +229,7 @@ impl Siem {
     /// Runs until the store closes; then, if connected, what is buffered gets
     /// FLUSH_AT_STOP.
     pub fn run(mut self) {
-        let rt = match tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                warn!(error = %e, "SIEM stream: cannot start its runtime");
-                return;
-            }
-        };
-        rt.block_on(self.serve());
+        stream::run_on_own_runtime("SIEM", self.serve());
     }
 
     async fn serve(&mut self) {

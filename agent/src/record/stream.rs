@@ -607,6 +607,18 @@ impl Failure {
     }
 }
 
+/// Runs a stream's sender on a runtime of its own (its thread's), so a slow
+/// receiver never takes time from the data plane's runtime.
+pub(super) fn run_on_own_runtime(what: &str, serve: impl std::future::Future<Output = ()>) {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(serve),
+        Err(e) => tracing::warn!(error = %e, "{what} stream: cannot start its runtime"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
