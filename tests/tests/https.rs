@@ -394,9 +394,36 @@ fn plain_http_destinations_are_proxied() {
         "{}",
         stderr(&out)
     );
-    let r = &w.wait_records("requests", 1)[0];
-    assert_eq!(r["status"], 200);
-    assert_eq!(r["upstream_tls_version"], Value::Null);
+    // In plaintext no ALPN says which HTTP: a client with prior knowledge of
+    // HTTP/2 (h2c) is told apart by its first bytes.
+    let out = output(
+        w.inside(),
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "--http2-prior-knowledge",
+            "http://127.0.0.2:9081/json",
+        ],
+    );
+    assert_eq!(
+        json(&stdout(&out))["resourceType"],
+        "Bundle",
+        "{}",
+        stderr(&out)
+    );
+    let rows = w.wait_records("requests", 2);
+    for r in &rows {
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["upstream_tls_version"], Value::Null);
+    }
+    let mut versions: Vec<&str> = rows
+        .iter()
+        .map(|r| r["http_version"].as_str().unwrap_or_default())
+        .collect();
+    versions.sort_unstable();
+    assert_eq!(versions, ["HTTP/1.1", "HTTP/2.0"], "{rows:?}");
 }
 
 #[test]
@@ -539,9 +566,18 @@ fn non_http_bytes_inside_tls_are_closed_and_recorded() {
         h.w.inside(),
         &["sh", "-c", &format!("printf 'this is not http at all\\r\\n\\r\\n' | timeout 5 openssl s_client -quiet -alpn http/1.1 -connect {UP} -CAfile {ca} 2>/dev/null")],
     );
-    let c = &h.w.wait_records("connections", 1)[0];
-    assert_eq!(c["outcome"], "not_http", "{c}");
-    assert_eq!(c["tls_version"], "TLSv1_3");
+    // HTTP/2 over TLS is negotiated by ALPN, never assumed: a client that agreed
+    // on http/1.1 and then sends HTTP/2's preface is not served as HTTP/2.
+    let _ = output(
+        h.w.inside(),
+        &["sh", "-c", &format!("printf 'PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n' | timeout 5 openssl s_client -quiet -alpn http/1.1 -connect {UP} -CAfile {ca} 2>/dev/null")],
+    );
+    let conns = h.w.wait_records("connections", 2);
+    for c in &conns {
+        assert_eq!(c["outcome"], "not_http", "{c}");
+        assert_eq!(c["tls_version"], "TLSv1_3");
+    }
+    assert!(h.w.records("requests").is_empty());
     assert!(
         h.curl(&[&format!("https://{UP}/json")]).status.success(),
         "the agent still serves"

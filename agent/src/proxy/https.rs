@@ -26,7 +26,9 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let t = &config.timeouts;
-    let (hello, start) = match tls::sniff_client_hello(client, t.tls_handshake).await {
+    // The handshake's stages are boxed (as is serving, below): this future lives as
+    // long as the connection, and should not keep room for states it has left.
+    let (hello, start) = match Box::pin(tls::sniff_client_hello(client, t.tls_handshake)).await {
         Err(e) => return (Outcome::TlsHandshakeFailed, Some(e.to_string())),
         Ok(Sniffed::NotTls) => {
             return (
@@ -63,7 +65,7 @@ where
             Err(refused) => return refused,
         };
         let (prefix, io) = start.into_passthrough();
-        let (outcome, error) = tcp::relay(
+        let (outcome, error) = Box::pin(tcp::relay(
             io,
             meter,
             &prefix,
@@ -71,7 +73,7 @@ where
             config,
             &proxy.sockets,
             open.conn.stop(),
-        )
+        ))
         .await;
         let (outcome, error) = open.conn.outcome(outcome, error);
         return match outcome {
@@ -95,7 +97,11 @@ where
         }
     };
     let handshake_t0 = std::time::Instant::now();
-    let stream = match tokio::time::timeout(t.tls_handshake, start.intercept(server_config)).await {
+    let handshake = Box::pin(tokio::time::timeout(
+        t.tls_handshake,
+        start.intercept(server_config),
+    ));
+    let stream = match handshake.await {
         Err(_) => {
             return (
                 Outcome::TlsHandshakeFailed,
@@ -119,16 +125,17 @@ where
     rec.tls_version = client_tls.version.clone();
     rec.alpn = client_tls.alpn.clone();
 
-    proxy
-        .serve_requests(
-            stream,
-            Some(client_tls),
-            meter,
-            conn,
-            dest_index,
-            dest,
-            config,
-            rec,
-        )
-        .await
+    // Boxed, the stream is one allocation its owners pass along by pointer, and
+    // this function's handshake state is not kept beside the serving state.
+    Box::pin(proxy.serve_requests(
+        Box::new(stream),
+        Some(client_tls),
+        meter,
+        conn,
+        dest_index,
+        dest,
+        config,
+        rec,
+    ))
+    .await
 }

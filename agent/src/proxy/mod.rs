@@ -179,7 +179,10 @@ impl Proxy {
     }
 
     async fn handle(self: Arc<Self>, client: TcpStream, peer: SocketAddr, netns: u64) {
-        let Some(inbound) = self.attribute(client, peer, netns).await else {
+        // Every stage below is boxed: a task holds its future's largest state for
+        // the connection's whole life, and an idle keep-alive connection should
+        // hold only what serving it needs (docs/benchmarks.md, memory).
+        let Some(inbound) = Box::pin(self.attribute(client, peer, netns)).await else {
             return;
         };
         let config = self.config();
@@ -209,19 +212,25 @@ impl Proxy {
         let client = Metered::new(client, Arc::clone(&meter));
         let (outcome, error) = match dest.protocol {
             Protocol::Tcp => {
-                self.relay_tcp(client, &meter, &conn, dest, &config, &mut rec)
-                    .await
+                Box::pin(self.relay_tcp(client, &meter, &conn, dest, &config, &mut rec)).await
             }
             Protocol::Https => {
-                https::serve(
+                Box::pin(https::serve(
                     &self, client, &meter, &conn, dest_index, dest, &config, &mut rec,
-                )
+                ))
                 .await
             }
             Protocol::Http | Protocol::HttpToHttps => {
-                self.serve_requests(
-                    client, None, &meter, &conn, dest_index, dest, &config, &mut rec,
-                )
+                Box::pin(self.serve_requests(
+                    Box::new(client),
+                    None,
+                    &meter,
+                    &conn,
+                    dest_index,
+                    dest,
+                    &config,
+                    &mut rec,
+                ))
                 .await
             }
         };

@@ -5,7 +5,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::service::service_fn;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::{service_fn, Service};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -31,30 +38,18 @@ pub async fn serve<IO>(
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(timeouts.request.min(Duration::from_secs(30)))
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
     let ctx_idle = Arc::clone(&ctx);
+    let version = HttpVersion::of(&ctx);
     // Boxed: hyper keeps room for one service future in every connection, idle or
     // not, and the pipeline's future is large; boxed, an idle connection holds a
     // pointer and a request allocates it only while it runs.
     let service =
         service_fn(move |req| Box::pin(Arc::clone(&pipeline).handle(Arc::clone(&ctx), req)));
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
+    let mut conn = Connection::new(version, TokioIo::new(io), service, timeouts, limits);
 
     let lifetime = tokio::time::sleep(timeouts.max_connection_lifetime);
     let ended_by = tokio::select! {
-        r = conn.as_mut() => return match r {
+        r = &mut conn => return match r {
             Ok(()) => (Outcome::Closed, None),
             Err(e) => classify(&*e),
         },
@@ -69,9 +64,128 @@ where
     };
     // Finish in-flight requests (HTTP/2 GOAWAY; HTTP/1 closes after the current
     // response), bounded.
-    conn.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn.as_mut()).await;
+    conn.graceful_shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut conn).await;
     (ended_by, None)
+}
+
+/// The client's HTTP version, as far as it is known before the first byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HttpVersion {
+    Http1,
+    Http2,
+    /// Plaintext: a client may speak HTTP/2 with prior knowledge; read its first
+    /// bytes to tell.
+    Detect,
+}
+
+impl HttpVersion {
+    /// Over TLS, ALPN decides (RFC 9113 3.2: HTTP/2 over TLS is negotiated, never
+    /// assumed), so the connection is served without reading ahead. Reading ahead
+    /// costs an idle connection twice hyper's read buffer (docs/benchmarks.md).
+    fn of(ctx: &ConnContext) -> HttpVersion {
+        match &ctx.tls {
+            Some(tls) if tls.alpn.as_deref() == Some("h2") => HttpVersion::Http2,
+            Some(_) => HttpVersion::Http1,
+            None => HttpVersion::Detect,
+        }
+    }
+}
+
+/// One client connection in hyper, by version, boxed (it lives as long as the
+/// connection, beside the state the select below keeps).
+enum Connection<IO, S>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<body::PhiBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    Http1(Pin<Box<http1::UpgradeableConnection<TokioIo<IO>, S>>>),
+    Http2(Pin<Box<http2::Connection<TokioIo<IO>, S, TokioExecutor>>>),
+    Detect(Pin<Box<auto::UpgradeableConnection<'static, TokioIo<IO>, S, TokioExecutor>>>),
+}
+
+impl<IO, S> Connection<IO, S>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<body::PhiBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn new(
+        version: HttpVersion,
+        io: TokioIo<IO>,
+        service: S,
+        timeouts: &Timeouts,
+        limits: &Limits,
+    ) -> Self {
+        let header_read_timeout = timeouts.request.min(Duration::from_secs(30));
+        let max_buf_size = limits.max_header_bytes.max(8192);
+        let max_header_list_size = limits.max_header_bytes as u32;
+        let h2_keep_alive = Some(Duration::from_secs(30));
+        match version {
+            HttpVersion::Http1 => {
+                let mut h1 = http1::Builder::new();
+                h1.timer(TokioTimer::new())
+                    .header_read_timeout(header_read_timeout)
+                    .max_buf_size(max_buf_size)
+                    .keep_alive(true);
+                Connection::Http1(Box::pin(h1.serve_connection(io, service).with_upgrades()))
+            }
+            HttpVersion::Http2 => {
+                let mut h2 = http2::Builder::new(TokioExecutor::new());
+                h2.timer(TokioTimer::new())
+                    .max_header_list_size(max_header_list_size)
+                    .keep_alive_interval(h2_keep_alive);
+                Connection::Http2(Box::pin(h2.serve_connection(io, service)))
+            }
+            HttpVersion::Detect => {
+                let mut auto = auto::Builder::new(TokioExecutor::new());
+                auto.http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_read_timeout)
+                    .max_buf_size(max_buf_size)
+                    .keep_alive(true);
+                auto.http2()
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(max_header_list_size)
+                    .keep_alive_interval(h2_keep_alive);
+                Connection::Detect(Box::pin(
+                    auto.serve_connection_with_upgrades(io, service)
+                        .into_owned(),
+                ))
+            }
+        }
+    }
+
+    /// Finish in-flight requests and close: a GOAWAY on HTTP/2, `Connection:
+    /// close` after the current response on HTTP/1.
+    fn graceful_shutdown(&mut self) {
+        match self {
+            Connection::Http1(c) => c.as_mut().graceful_shutdown(),
+            Connection::Http2(c) => c.as_mut().graceful_shutdown(),
+            Connection::Detect(c) => c.as_mut().graceful_shutdown(),
+        }
+    }
+}
+
+impl<IO, S> Future for Connection<IO, S>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<body::PhiBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Connection::Http1(c) => c.as_mut().poll(cx).map_err(Into::into),
+            Connection::Http2(c) => c.as_mut().poll(cx).map_err(Into::into),
+            Connection::Detect(c) => c.as_mut().poll(cx),
+        }
+    }
 }
 
 /// Idle: no bytes either way for `limit` while no request is in flight (a request
