@@ -378,41 +378,27 @@ fn plain_http_destinations_are_proxied() {
         w.agent_section("")
     ));
     w.start_agent(false);
-    let out = output(
-        w.inside(),
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "http://127.0.0.2:9081/json",
-        ],
-    );
-    assert_eq!(
-        json(&stdout(&out))["resourceType"],
-        "Bundle",
-        "{}",
-        stderr(&out)
-    );
     // In plaintext no ALPN says which HTTP: a client with prior knowledge of
-    // HTTP/2 (h2c) is told apart by its first bytes.
-    let out = output(
-        w.inside(),
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "--http2-prior-knowledge",
-            "http://127.0.0.2:9081/json",
-        ],
-    );
-    assert_eq!(
-        json(&stdout(&out))["resourceType"],
-        "Bundle",
-        "{}",
-        stderr(&out)
-    );
+    // HTTP/2 (h2c) is told apart from HTTP/1.1 by its first bytes.
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let out = output(
+            w.inside(),
+            &[
+                "curl",
+                "-sS",
+                "--max-time",
+                "10",
+                version,
+                "http://127.0.0.2:9081/json",
+            ],
+        );
+        assert_eq!(
+            json(&stdout(&out))["resourceType"],
+            "Bundle",
+            "{version}: {}",
+            stderr(&out)
+        );
+    }
     let rows = w.wait_records("requests", 2);
     for r in &rows {
         assert_eq!(r["status"], 200, "{r}");
