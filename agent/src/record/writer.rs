@@ -47,12 +47,70 @@ pub struct WriterConfig {
     pub retention_days: u32,
 }
 
+/// A table's rows not yet in a file. Entries are decoded into Arrow as they arrive
+/// (every [`DECODE_EVERY`]) and their JSON is dropped then: a decoded row holds a
+/// fraction of its JSON's memory, and the data path's allocations are reused while
+/// their pages are still mapped instead of waiting for the file to close.
 struct Pending {
     head: Head,
+    /// Rows decoded so far, in journal order.
+    decoded: Vec<RecordBatch>,
+    /// Entries not decoded yet, in journal order.
     buf: Vec<Entry>,
+    /// Undecodable entries met so far: copied to `held/`, reported once the file
+    /// that leaves them out is written.
+    bad: Vec<u64>,
+    /// Entries taken (decoded, undecodable or waiting) and their JSON bytes.
+    rows: usize,
     bytes: usize,
+    /// The lowest and highest journal seqs taken.
+    seq_first: Option<u64>,
+    seq_last: u64,
     date: Option<Date>,
     since: Option<Instant>,
+}
+
+/// Entries are decoded into Arrow this many at a time.
+const DECODE_EVERY: usize = 256;
+
+impl Pending {
+    fn new(head: Head) -> Pending {
+        Pending {
+            head,
+            decoded: Vec::new(),
+            buf: Vec::new(),
+            bad: Vec::new(),
+            rows: 0,
+            bytes: 0,
+            seq_first: None,
+            seq_last: 0,
+            date: None,
+            since: None,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Decodes the waiting entries. Undecodable ones are copied to `held/` before
+    /// their JSON goes (the head will move past them). On an error the entries
+    /// stay, to be decoded again.
+    fn decode_waiting(&mut self, t: Table, journal_dir: &Path) -> anyhow::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let (batch, bad) = decode(t, &self.buf)?;
+        for e in self.buf.iter().filter(|e| bad.contains(&e.seq)) {
+            hold(journal_dir, e)?;
+        }
+        if batch.num_rows() > 0 {
+            self.decoded.push(batch);
+        }
+        self.bad.extend(bad);
+        self.buf.clear();
+        Ok(())
+    }
 }
 
 pub struct Writer {
@@ -97,16 +155,7 @@ impl Writer {
         let mut tables = BTreeMap::new();
         for t in Table::ALL {
             let head = recover(&cfg.records_dir, t, &signer)?;
-            tables.insert(
-                t,
-                Pending {
-                    head,
-                    buf: Vec::new(),
-                    bytes: 0,
-                    date: None,
-                    since: None,
-                },
-            );
+            tables.insert(t, Pending::new(head));
         }
         check_against_list(&cfg.records_dir, &signer, &tables)?;
         publish_heads(&cfg, &signer, &tables)?;
@@ -141,7 +190,7 @@ impl Writer {
     }
 
     pub fn buffered(&self) -> usize {
-        self.tables.values().map(|p| p.buf.len()).sum()
+        self.tables.values().map(|p| p.rows).sum()
     }
 
     /// Runs until the journal thread is gone, then writes what is left.
@@ -170,10 +219,11 @@ impl Writer {
 
     fn accept(&mut self, entries: Vec<Entry>) {
         for e in entries {
+            let e_table = e.table;
             let date = date_of(e.time_us);
             let due_for_date = {
                 let p = &self.tables[&e.table];
-                p.date.is_some_and(|d| d != date) && !p.buf.is_empty()
+                p.date.is_some_and(|d| d != date) && !p.is_empty()
             };
             if due_for_date {
                 // A file holds one day: close the previous day's first.
@@ -183,7 +233,15 @@ impl Writer {
             p.date.get_or_insert(date);
             p.since.get_or_insert_with(Instant::now);
             p.bytes += e.json.len();
+            p.rows += 1;
+            p.seq_first.get_or_insert(e.seq);
+            p.seq_last = p.seq_last.max(e.seq);
             p.buf.push(e);
+            if p.buf.len() >= DECODE_EVERY {
+                // A failure here (held/ not writable) leaves the entries waiting;
+                // the flush decodes them again and reports it.
+                let _ = p.decode_waiting(e_table, &self.cfg.journal_dir);
+            }
         }
     }
 
@@ -205,11 +263,11 @@ impl Writer {
         let mut flushed = false;
         for t in Table::ALL {
             let p = &self.tables[&t];
-            if p.buf.is_empty() {
+            if p.is_empty() {
                 continue;
             }
             let due = all
-                || p.buf.len() >= self.cfg.rotate_rows
+                || p.rows >= self.cfg.rotate_rows
                 || p.bytes >= self.cfg.rotate_bytes
                 || p.since.is_some_and(|s| s.elapsed() >= self.cfg.rotate_age);
             if !due {
@@ -241,17 +299,15 @@ impl Writer {
     /// Writes table `t`'s buffered rows as one Parquet file and advances its head.
     fn flush(&mut self, t: Table) -> anyhow::Result<()> {
         let p = self.tables.get_mut(&t).expect("every table");
-        if p.buf.is_empty() {
+        if p.is_empty() {
             return Ok(());
         }
         let date = p.date.unwrap_or_else(|| OffsetDateTime::now_utc().date());
-        let (batch, bad) = decode(t, &p.buf)?;
-        // Kept before the head moves past them: once it has, replay skips them.
-        let held: Vec<&Entry> = p.buf.iter().filter(|e| bad.contains(&e.seq)).collect();
-        for e in &held {
-            hold(&self.cfg.journal_dir, e)?;
-        }
-        let journal_seq_last = p.buf.iter().map(|e| e.seq).max().unwrap_or(0);
+        // Undecodable entries are kept in held/ before the head moves past them:
+        // once it has, replay skips them.
+        p.decode_waiting(t, &self.cfg.journal_dir)?;
+        let batch = arrow_select_concat(&t.record_schema(), &p.decoded)?;
+        let journal_seq_last = p.seq_last;
         let written = write_file(
             &self.cfg,
             &self.signer,
@@ -261,14 +317,11 @@ impl Writer {
             &batch,
             journal_seq_last,
         )?;
-        p.head = written;
+        let bad = std::mem::take(&mut p.bad);
+        *p = Pending::new(written);
         self.journal
             .parquet_rows
             .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
-        p.buf.clear();
-        p.bytes = 0;
-        p.date = None;
-        p.since = None;
         for seq in bad {
             self.report_held(t, seq);
         }
@@ -312,7 +365,7 @@ impl Writer {
         let low = self
             .tables
             .values()
-            .filter_map(|p| p.buf.iter().map(|e| e.seq).min())
+            .filter_map(|p| p.seq_first)
             .chain(held.first().copied())
             .min()
             .unwrap_or(u64::MAX);
@@ -804,16 +857,17 @@ mod tests {
         let journal_dir = records.join("_journal");
         fs::create_dir_all(&journal_dir).unwrap();
         let signer = Arc::new(Signer::load_or_create(&dir.path().join("state")).unwrap());
-        // Stands in for the journal thread: acknowledges the writer's own events at
-        // once and hands them back, to be written like any journal entry.
+        // Stands in for the journal thread: hands the writer's own events back, to
+        // be written like any journal entry, and then acknowledges them (in that
+        // order, so an acknowledged event is already there to be read back).
         let (tx, rx) = std::sync::mpsc::channel::<Submission>();
         let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         std::thread::spawn(move || {
             for s in rx {
+                let _ = back_tx.send(s.json);
                 if let Some(done) = s.done {
                     let _ = done.send(Ok(()));
                 }
-                let _ = back_tx.send(s.json);
             }
         });
         let cfg = WriterConfig {
@@ -937,6 +991,71 @@ mod tests {
         let report = verify(&records, &signer.public).unwrap();
         assert!(report.ok(), "{:?}", report.problems);
         assert_eq!(report.tables["events"].rows, 5);
+    }
+
+    /// Rows are decoded as they arrive, in chunks: a file still holds every good
+    /// row in journal order, whichever chunk an undecodable entry fell in, and the
+    /// JSON of decoded rows is not kept.
+    #[test]
+    fn rows_decoded_as_they_arrive_keep_their_order_and_hold_the_undecodable() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = dir.path().join("records");
+        let journal_dir = records.join("_journal");
+        fs::create_dir_all(&journal_dir).unwrap();
+        let signer = Arc::new(Signer::load_or_create(&dir.path().join("state")).unwrap());
+        let (tx, events) = std::sync::mpsc::channel::<Submission>();
+        let cfg = WriterConfig {
+            records_dir: records.clone(),
+            journal_dir: journal_dir.clone(),
+            host: "test-host".into(),
+            rotate_rows: 100_000,
+            rotate_bytes: 1 << 30,
+            rotate_age: Duration::from_secs(3600),
+            row_group_rows: 100,
+            retention_days: 0,
+        };
+        let state = Arc::new(JournalState::default());
+        let mut w = Writer::open(cfg, signer.clone(), state.clone(), tx, origin()).unwrap();
+        let n = DECODE_EVERY * 2 + 10;
+        // One bad entry in the first chunk, one among those still waiting at flush.
+        let bad_seqs = [3u64, (DECODE_EVERY * 2 + 5) as u64];
+        for seq in 1..=n as u64 {
+            let mut e = event_entry(seq, seq as usize);
+            if bad_seqs.contains(&seq) {
+                e.json = br#"{"event_id":"e","time":"yesterday"}"#.to_vec();
+            }
+            w.accept(vec![e]);
+        }
+        let p = &w.tables[&Table::Events];
+        assert!(
+            p.buf.len() < DECODE_EVERY,
+            "decoded on arrival: {}",
+            p.buf.len()
+        );
+        assert_eq!(w.buffered(), n);
+        w.flush(Table::Events).unwrap();
+        assert_eq!(w.buffered(), 0);
+
+        let rows = phigate_record::read::rows(&records, Table::Events).unwrap();
+        let got: Vec<String> = rows
+            .iter()
+            .map(|r| r["message"].as_str().unwrap().to_string())
+            .collect();
+        let want: Vec<String> = (1..=n as u64)
+            .filter(|s| !bad_seqs.contains(s))
+            .map(|s| format!("event {s}"))
+            .collect();
+        assert_eq!(got, want);
+        for seq in bad_seqs {
+            assert!(journal_dir
+                .join(HELD_DIR)
+                .join(held_name(Table::Events, seq))
+                .exists());
+        }
+        assert_eq!(events.try_iter().count(), 2, "each held entry reported");
+        assert_eq!(w.covered(Table::Events), n as u64);
+        let report = verify(&records, &signer.public).unwrap();
+        assert!(report.ok(), "{:?}", report.problems);
     }
 
     /// Found by the `verify` fuzz target: a byte inserted into an events file made
