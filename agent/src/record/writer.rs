@@ -839,6 +839,20 @@ mod tests {
         }
     }
 
+    /// A writer's configuration for tests: files rotate only when told to.
+    fn test_config(records: &Path, journal_dir: PathBuf) -> WriterConfig {
+        WriterConfig {
+            records_dir: records.to_path_buf(),
+            journal_dir,
+            host: "test-host".into(),
+            rotate_rows: 1000,
+            rotate_bytes: 1 << 30,
+            rotate_age: Duration::from_secs(3600),
+            row_group_rows: 100,
+            retention_days: 0,
+        }
+    }
+
     fn event_entry(seq: u64, n: usize) -> Entry {
         let mut ev = EventRecord::new(&origin(), "config_reload", "ok");
         ev.message = Some(format!("event {n}"));
@@ -871,14 +885,8 @@ mod tests {
             }
         });
         let cfg = WriterConfig {
-            records_dir: records.clone(),
-            journal_dir,
-            host: "test-host".into(),
-            rotate_rows: 1000,
-            rotate_bytes: 1 << 30,
-            rotate_age: Duration::from_secs(3600),
-            row_group_rows: 100,
             retention_days: 1,
+            ..test_config(&records, journal_dir)
         };
         let state = Arc::new(JournalState::default());
         let mut w = Writer::open(cfg, signer.clone(), state, tx, origin()).unwrap();
@@ -933,16 +941,7 @@ mod tests {
         }
         let signer = Arc::new(Signer::load_or_create(&dir.path().join("state")).unwrap());
         let (tx, events) = std::sync::mpsc::channel::<Submission>();
-        let cfg = WriterConfig {
-            records_dir: records.clone(),
-            journal_dir: journal_dir.clone(),
-            host: "test-host".into(),
-            rotate_rows: 1000,
-            rotate_bytes: 1 << 30,
-            rotate_age: Duration::from_secs(3600),
-            row_group_rows: 100,
-            retention_days: 0,
-        };
+        let cfg = test_config(&records, journal_dir.clone());
         let state = Arc::new(JournalState::default());
         let mut w = Writer::open(cfg.clone(), signer.clone(), state.clone(), tx, origin()).unwrap();
         let bad = br#"{"event_id":"e","time":"yesterday"}"#.to_vec();
@@ -1005,14 +1004,8 @@ mod tests {
         let signer = Arc::new(Signer::load_or_create(&dir.path().join("state")).unwrap());
         let (tx, events) = std::sync::mpsc::channel::<Submission>();
         let cfg = WriterConfig {
-            records_dir: records.clone(),
-            journal_dir: journal_dir.clone(),
-            host: "test-host".into(),
             rotate_rows: 100_000,
-            rotate_bytes: 1 << 30,
-            rotate_age: Duration::from_secs(3600),
-            row_group_rows: 100,
-            retention_days: 0,
+            ..test_config(&records, journal_dir.clone())
         };
         let state = Arc::new(JournalState::default());
         let mut w = Writer::open(cfg, signer.clone(), state.clone(), tx, origin()).unwrap();
@@ -1069,14 +1062,8 @@ mod tests {
         let signer = Arc::new(Signer::load_or_create(&dir.path().join("state")).unwrap());
         let (tx, _rx) = std::sync::mpsc::channel::<Submission>();
         let cfg = WriterConfig {
-            records_dir: records.clone(),
-            journal_dir,
-            host: "test-host".into(),
-            rotate_rows: 1000,
-            rotate_bytes: 1 << 30,
-            rotate_age: Duration::from_secs(3600),
             row_group_rows: 2,
-            retention_days: 0,
+            ..test_config(&records, journal_dir)
         };
         let state = Arc::new(JournalState::default());
         let mut w = Writer::open(cfg, signer.clone(), state, tx, origin()).unwrap();
