@@ -92,14 +92,38 @@ impl HttpVersion {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What hyper calls for each request of a client connection (the pipeline), with
+/// the bounds every hyper connection type asks of it, named once.
+trait ClientService:
+    Service<
+        Request<Incoming>,
+        Response = Response<body::PhiBody>,
+        Future: Send + 'static,
+        Error: Into<BoxError>,
+    > + Send
+    + 'static
+{
+}
+
+impl<S> ClientService for S where
+    S: Service<
+            Request<Incoming>,
+            Response = Response<body::PhiBody>,
+            Future: Send + 'static,
+            Error: Into<BoxError>,
+        > + Send
+        + 'static
+{
+}
+
 /// One client connection in hyper, by version, boxed (it lives as long as the
 /// connection, beside the state the select below keeps).
 enum Connection<IO, S>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<body::PhiBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ClientService,
 {
     Http1(Pin<Box<http1::UpgradeableConnection<TokioIo<IO>, S>>>),
     Http2(Pin<Box<http2::Connection<TokioIo<IO>, S, TokioExecutor>>>),
@@ -109,9 +133,7 @@ where
 impl<IO, S> Connection<IO, S>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<body::PhiBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ClientService,
 {
     fn new(
         version: HttpVersion,
@@ -173,11 +195,9 @@ where
 impl<IO, S> Future for Connection<IO, S>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<body::PhiBody>> + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    S: ClientService,
 {
-    type Output = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+    type Output = Result<(), BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.get_mut() {
